@@ -1,0 +1,1 @@
+"""blip: BLIP and BLIP-2 in modern PyTorch."""
