@@ -1,0 +1,287 @@
+"""Checkpoints are data: safe reading, key conversion as pure functions, and loading with an explicit report.
+
+- :func:`read_state_dict` reads ``.safetensors`` or ``.pth/.pt/.bin`` (``weights_only=True``: a checkpoint can never
+  run code), unwraps ``{"model": ...}``/``{"state_dict": ...}`` containers and strips DDP ``module.`` prefixes.
+- :func:`bert_to_ours` / :func:`ours_to_bert` map BERT/MED/Q-Former parameter names (original BLIP, LAVIS and HF all
+  use them) onto :class:`blip.nn.transformer.TextTransformer` — one mapping shared by BLIP and BLIP-2.
+- :func:`hf_vit_to_ours` / :func:`ours_to_hf_vit` map HF ``vision_model`` names onto :class:`blip.nn.vit.VisionTransformer`
+  (whose names are the original BLIP/EVA/timm ones).
+- :func:`load_into` loads with ``strict`` semantics against explicit lists of keys a format is expected to lack
+  (``expected_missing``) or to carry without use (``expected_unused``) and returns a :class:`LoadReport`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+StateDict = dict[str, Tensor]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model. The message names the file and the fix."""
+
+
+def read_state_dict(path: str | Path) -> StateDict:
+    """Read a state dict from a file or an HF model directory (single or sharded weights)."""
+    path = Path(path)
+    if path.is_dir():
+        return _read_hf_dir(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e}); re-download or re-export it") from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"{path}: cannot be read as a tensors-only torch checkpoint ({type(e).__name__}: {e}). blip never unpickles "
+            "arbitrary objects; if the file is truncated re-download it, if it holds objects re-save its state_dict "
+            "with torch.save(model.state_dict()) or safetensors") from e
+    return unwrap_state_dict(obj, path)
+
+
+def unwrap_state_dict(obj: object, path: str | Path = "<memory>") -> StateDict:
+    for key in ("model", "state_dict", "module"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a state dict (name -> tensor), found {type(obj).__name__}")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def _read_hf_dir(path: Path) -> StateDict:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = path / index_name
+        if index.exists():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            state: StateDict = {}
+            for shard in shards:
+                state.update(read_state_dict(path / shard))
+            return state
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).exists():
+            return read_state_dict(path / name)
+    raise CheckpointError(f"{path}: directory without model.safetensors or pytorch_model.bin (is it an HF model dir?)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# BERT / MED / Q-Former <-> TextTransformer
+
+_BERT_LAYER = [  # (BERT suffix, our suffix, fused slot or None)
+    ("attention.{s}.query", "self_attn.qkv", 0), ("attention.{s}.key", "self_attn.qkv", 1),
+    ("attention.{s}.value", "self_attn.qkv", 2),
+    ("attention.output.dense", "self_attn.out", None), ("attention.output.LayerNorm", "self_attn.norm", None),
+    ("crossattention.{s}.query", "cross_attn.q", None), ("crossattention.{s}.key", "cross_attn.kv", 0),
+    ("crossattention.{s}.value", "cross_attn.kv", 1),
+    ("crossattention.output.dense", "cross_attn.out", None), ("crossattention.output.LayerNorm", "cross_attn.norm", None),
+    ("intermediate.dense", "ffn.fc1", None), ("output.dense", "ffn.fc2", None), ("output.LayerNorm", "ffn.norm", None),
+    ("intermediate_query.dense", "ffn_query.fc1", None), ("output_query.dense", "ffn_query.fc2", None),
+    ("output_query.LayerNorm", "ffn_query.norm", None),
+]
+_BERT_EMB = [("embeddings.word_embeddings", "embeddings.word"), ("embeddings.position_embeddings", "embeddings.position"),
+             ("embeddings.LayerNorm", "embeddings.norm")]
+
+
+def bert_to_ours(sd: StateDict, src: str, dst: str, self_name: str = "self",
+                 embeddings: dict[str, str] | None = None) -> tuple[StateDict, set[str]]:
+    """Convert the BERT-named keys under prefix ``src`` (e.g. ``"text_decoder.bert."``) to ours under ``dst``.
+
+    ``self_name``: "self" (original/LAVIS/HF BLIP) or "attention" (HF Q-Former). ``embeddings`` overrides the
+    embedding key names (HF Q-Former: ``{"layernorm": "embeddings.norm"}`` with its own prefix). Fused projections
+    (q,k,v -> qkv; k,v -> kv) are concatenated. Returns (converted, consumed source keys).
+    """
+    out: StateDict = {}
+    used: set[str] = set()
+    fused: dict[str, dict[int, Tensor]] = {}
+    emb = embeddings if embeddings is not None else {s: d for s, d in _BERT_EMB}
+    for name, value in sd.items():
+        if not name.startswith(src):
+            continue
+        rest = name[len(src):]
+        for s_name, d_name in emb.items():
+            if rest.startswith(s_name + "."):
+                out[dst + d_name + rest[len(s_name):]] = value
+                used.add(name)
+        m = re.match(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$", rest)
+        if not m:
+            continue
+        idx, module, kind = m.groups()
+        for b_suffix, o_suffix, slot in _BERT_LAYER:
+            if module == b_suffix.format(s=self_name):
+                key = f"{dst}layers.{idx}.{o_suffix}.{kind}"
+                if slot is None:
+                    out[key] = value
+                else:
+                    fused.setdefault(key, {})[slot] = value
+                used.add(name)
+    for key, parts in fused.items():
+        n = 3 if ".self_attn.qkv." in key else 2
+        if sorted(parts) != list(range(n)):
+            raise CheckpointError(f"incomplete attention projections for {key}: found slots {sorted(parts)}")
+        out[key] = torch.cat([parts[i] for i in range(n)], dim=0)
+    return out, used
+
+
+def ours_to_bert(sd: StateDict, src: str, dst: str, self_name: str = "self",
+                 embeddings: dict[str, str] | None = None) -> StateDict:
+    """Inverse of :func:`bert_to_ours`: split fused projections back into BERT names."""
+    out: StateDict = {}
+    emb = embeddings if embeddings is not None else {s: d for s, d in _BERT_EMB}
+    for name, value in sd.items():
+        if not name.startswith(src):
+            continue
+        rest = name[len(src):]
+        for s_name, d_name in emb.items():
+            if rest.startswith(d_name + "."):
+                out[dst + s_name + rest[len(d_name):]] = value
+        m = re.match(r"layers\.(\d+)\.(.+)\.(weight|bias)$", rest)
+        if not m:
+            continue
+        idx, module, kind = m.groups()
+        targets = [(b, slot) for b, o, slot in _BERT_LAYER if o == module]
+        if not targets:
+            continue
+        chunks = value.chunk(len(targets), dim=0) if targets[0][1] is not None else [value]
+        for (b_suffix, _), chunk in zip(targets, chunks):
+            out[f"{dst}encoder.layer.{idx}.{b_suffix.format(s=self_name)}.{kind}"] = chunk.clone()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HF vision_model <-> VisionTransformer (original BLIP / EVA / timm names)
+
+_HF_VIT = [
+    (r"embeddings\.class_embedding$", "cls_token"), (r"embeddings\.position_embedding$", "pos_embed"),
+    (r"embeddings\.patch_embedding\.", "patch_embed.proj."), (r"encoder\.layers\.(\d+)\.layer_norm1\.", r"blocks.\1.norm1."),
+    (r"encoder\.layers\.(\d+)\.layer_norm2\.", r"blocks.\1.norm2."),
+    (r"encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"blocks.\1.attn.qkv."),
+    (r"encoder\.layers\.(\d+)\.self_attn\.projection\.", r"blocks.\1.attn.proj."),
+    (r"encoder\.layers\.(\d+)\.mlp\.", r"blocks.\1.mlp."), (r"post_layernorm\.", "norm."),
+]
+
+
+def hf_vit_to_ours(sd: StateDict, src: str, dst: str, qv_bias: bool = False) -> tuple[StateDict, set[str]]:
+    """HF ``vision_model.*`` -> ours. With ``qv_bias`` (EVA), HF's fused qkv bias is split into q_bias/v_bias."""
+    out: StateDict = {}
+    used: set[str] = set()
+    for name, value in sd.items():
+        if not name.startswith(src):
+            continue
+        rest = name[len(src):]
+        for pattern, repl in _HF_VIT:
+            new, hit = re.subn("^" + pattern, repl, rest)
+            if hit:
+                if qv_bias and new.endswith("attn.qkv.bias"):
+                    q, _, v = value.chunk(3)
+                    out[dst + new[:-len("qkv.bias")] + "q_bias"] = q
+                    out[dst + new[:-len("qkv.bias")] + "v_bias"] = v
+                else:
+                    out[dst + new] = value
+                used.add(name)
+                break
+    return out, used
+
+
+def ours_to_hf_vit(sd: StateDict, src: str, dst: str) -> StateDict:
+    """Inverse of :func:`hf_vit_to_ours`; EVA q_bias/v_bias become HF's fused bias with a zero k part."""
+    inverse = [
+        (r"cls_token$", "embeddings.class_embedding"), (r"pos_embed$", "embeddings.position_embedding"),
+        (r"patch_embed\.proj\.", "embeddings.patch_embedding."), (r"blocks\.(\d+)\.norm1\.", r"encoder.layers.\1.layer_norm1."),
+        (r"blocks\.(\d+)\.norm2\.", r"encoder.layers.\1.layer_norm2."),
+        (r"blocks\.(\d+)\.attn\.qkv\.", r"encoder.layers.\1.self_attn.qkv."),
+        (r"blocks\.(\d+)\.attn\.proj\.", r"encoder.layers.\1.self_attn.projection."),
+        (r"blocks\.(\d+)\.mlp\.", r"encoder.layers.\1.mlp."), (r"norm\.", "post_layernorm."),
+    ]
+    out: StateDict = {}
+    for name, value in sd.items():
+        if not name.startswith(src):
+            continue
+        rest = name[len(src):]
+        m = re.match(r"blocks\.(\d+)\.attn\.q_bias$", rest)
+        if m:
+            v = sd[f"{src}blocks.{m.group(1)}.attn.v_bias"]
+            out[f"{dst}encoder.layers.{m.group(1)}.self_attn.qkv.bias"] = torch.cat([value, torch.zeros_like(value), v])
+            continue
+        if rest.endswith("attn.v_bias"):
+            continue
+        for pattern, repl in inverse:
+            new, hit = re.subn("^" + pattern, repl, rest)
+            if hit:
+                out[dst + new] = value
+                break
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loading with a report
+
+@dataclass
+class LoadReport:
+    """What happened to every key: loaded, expected to be absent, carried but unused, or a real mismatch."""
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    expected_missing: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)
+    resized: list[str] = field(default_factory=list)
+    origins: dict[str, str] = field(default_factory=dict)   # our key prefix -> file it came from
+
+    def summary(self) -> str:
+        parts = [f"{self.source}: loaded {len(self.loaded)} tensors"]
+        if self.expected_missing:
+            parts.append(f"{len(self.expected_missing)} absent as expected for this format")
+        if self.unused:
+            parts.append(f"{len(self.unused)} unused (e.g. momentum encoders, queues)")
+        if self.resized:
+            parts.append(f"resized {', '.join(self.resized)}")
+        return "; ".join(parts)
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(re.fullmatch(p, name) for p in patterns)
+
+
+def load_into(model: nn.Module, sd: StateDict, source: str, expected_missing: Iterable[str] = (),
+              expected_unused: Iterable[str] = (), report: LoadReport | None = None) -> LoadReport:
+    """Load converted ``sd`` into ``model``; every model key must be loaded or match ``expected_missing`` (regexes),
+    every file key must be used or match ``expected_unused``. Anything else raises :class:`CheckpointError`."""
+    expected_missing, expected_unused = list(expected_missing), list(expected_unused)
+    own = model.state_dict()
+    report = report or LoadReport(source)
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    bad_missing = [k for k in missing if not _matches(k, expected_missing)]
+    bad_unexpected = [k for k in unexpected if not _matches(k, expected_unused)]
+    mismatched = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in sd if k in own and sd[k].shape != own[k].shape]
+    if bad_missing or bad_unexpected or mismatched:
+        lines = [f"{source} does not fit {type(model).__name__}:"]
+        if bad_missing:
+            lines.append(f"  missing ({len(bad_missing)}): {bad_missing[:8]}{' ...' if len(bad_missing) > 8 else ''}")
+        if bad_unexpected:
+            lines.append(f"  unexpected ({len(bad_unexpected)}): {bad_unexpected[:8]}{' ...' if len(bad_unexpected) > 8 else ''}")
+        if mismatched:
+            lines.append(f"  shape mismatch: {mismatched[:8]}")
+        lines.append("  Check the architecture (arch=...) and the image size / config the checkpoint was trained with.")
+        raise CheckpointError("\n".join(lines))
+    with torch.no_grad():
+        for k, v in sd.items():
+            if k in own:
+                own[k].copy_(v.to(own[k].dtype))
+    report.loaded += [k for k in sd if k in own]
+    report.expected_missing += missing
+    report.unused += unexpected
+    return report

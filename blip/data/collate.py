@@ -1,0 +1,17 @@
+"""Batching of decoded samples into the training batch dict every model takes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def collate_image_text(samples: Sequence[dict]) -> dict:
+    """[{"pixel_values": [3,H,W], "text": str, "image_id": int}] → {"pixel_values": [B,3,H,W], "text": list[str],
+    "image_ids": LongTensor [B]}. Models tokenize the text themselves."""
+    return {
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+        "text": [s["text"] for s in samples],
+        "image_ids": torch.tensor([s["image_id"] for s in samples], dtype=torch.long),
+    }

@@ -1,0 +1,188 @@
+"""Training and evaluation datasets: BLIP-style JSON annotation lists and the deterministic, resumable stream.
+
+`ImageTextStream` is the one training pipeline for every source (webdataset shards, JSON lists, mixtures):
+
+    per slot (rank r, worker w): units of each source (shards / chunks of annotations), permuted per (seed, epoch)
+    → shuffle buffer (seeded per slot) → weighted mix of sources → decode + transform (bad samples skipped, counted)
+    → batches.
+
+An epoch is a fixed number of batches per rank (equal on every rank, as DDP needs). Logical worker w of W makes the
+batches k ≡ w (mod W) of its rank, so the batch order is a function of (seed, epoch, rank, W) only; to resume at batch
+b, worker w skips the batches it made before b (decoding but not transforming them) and the workers are rotated by b
+so that the DataLoader's round robin hands out batch b first.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from blip.data.collate import collate_image_text
+from blip.data.mixing import Source, mixed, shuffled, slot_stream
+from blip.data.skips import SkipCounter
+from blip.data.webdataset import stable_id
+
+
+@dataclass
+class JsonSource:
+    """A BLIP-style annotation list: `[{"image": relative path, "caption": str | [str, ...], "image_id"?}, ...]`
+    (COCO Karpathy, VG, CC3M/CC12M, SBU as the BLIP repo ships them). One sample per (image, caption) pair."""
+
+    annotation: str | Path
+    image_root: str | Path = ""
+    unit_size: int = 256  # annotations per unit: the granularity of splitting across ranks/workers
+    pairs: list[tuple[str, str, int]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        entries = json.loads(Path(self.annotation).read_text())
+        self.pairs = []
+        for entry in entries:
+            captions = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
+            image_id = entry.get("image_id", entry["image"])
+            image_id = image_id if isinstance(image_id, int) else stable_id(str(image_id))
+            self.pairs += [(entry["image"], c, image_id) for c in captions]
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.pairs)
+
+    @property
+    def num_units(self) -> int:
+        return -(-len(self.pairs) // self.unit_size)
+
+    def iter_unit(self, index: int, skips: SkipCounter) -> Iterator[dict]:
+        for image, caption, image_id in self.pairs[index * self.unit_size:(index + 1) * self.unit_size]:
+            yield {"key": image, "image": Path(self.image_root) / image, "text": caption, "image_id": image_id}
+
+
+def _load_image(data):
+    from blip.data.images import load_image  # owned by the image-loading module
+
+    return load_image(data)
+
+
+def decode(raw: dict, transform: Callable | None, text_fn: Callable[[str], str], skips: SkipCounter) -> dict | None:
+    """Raw sample → {"pixel_values", "text", "image_id"}; None (counted, logged) if the image can't be read.
+
+    With `transform=None` the image is only decoded (used when fast-forwarding, to skip the same samples)."""
+    try:
+        image = _load_image(raw["image"])
+    except (ValueError, OSError) as exc:  # ImageDecodeError is a ValueError; a missing file an OSError
+        skips.add("bad_image", f"{raw['key']}: {exc}")
+        return None
+    text = text_fn(raw["text"])
+    if not text:
+        skips.add("empty_text", raw["key"])
+        return None
+    pixel_values = transform(image) if transform is not None else None
+    return {"pixel_values": pixel_values, "text": text, "image_id": raw["image_id"]}
+
+
+def _identity(text: str) -> str:
+    return text
+
+
+class ImageTextStream(IterableDataset):
+    """Batches `{"pixel_values", "text", "image_ids", "batch_index", "skipped"}` of one rank for one epoch."""
+
+    def __init__(self, sources: Sequence[Source], transform: Callable, *, batch_size: int, batches_per_epoch: int,
+                 weights: Sequence[float] | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 shuffle_buffer: int = 1000, text_fn: Callable[[str], str] = _identity) -> None:
+        self.sources, self.transform, self.text_fn = list(sources), transform, text_fn
+        self.weights = list(weights) if weights is not None else [s.num_samples for s in self.sources]
+        self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
+        self.seed, self.rank, self.world_size, self.shuffle_buffer = seed, rank, world_size, shuffle_buffer
+        self.epoch, self.start_batch = 0, 0
+
+    def set_position(self, epoch: int, start_batch: int = 0) -> None:
+        """Where the next iterator starts (set before creating the DataLoader iterator)."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _samples(self, slot: int, num_slots: int, skips: SkipCounter, seeds: list[int]) -> Iterator[dict]:
+        streams = [shuffled(slot_stream(s, seed=self.seed + 1000 * i, epoch=self.epoch, slot=slot,
+                                        num_slots=num_slots, skips=skips),
+                            self.shuffle_buffer, np.random.default_rng(seeds + [i]))
+                   for i, s in enumerate(self.sources)]
+        return mixed(streams, self.weights, np.random.default_rng(seeds + [-1]))
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        num_workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        logical = (worker + self.start_batch) % num_workers  # rotation: DataLoader worker 0 makes batch start_batch
+        slot, num_slots = self.rank * num_workers + logical, self.world_size * num_workers
+        seeds = [self.seed, self.epoch, slot, num_slots]
+        skips = SkipCounter()
+        raw = self._samples(slot, num_slots, skips, seeds)
+        counter = 0
+        for k in range(logical, self.batches_per_epoch, num_workers):
+            fast_forward = k < self.start_batch
+            skips.muted = fast_forward
+            samples = []
+            while len(samples) < self.batch_size:
+                sample = next(raw)
+                counter += 1
+                if fast_forward:
+                    ok = decode(sample, None, self.text_fn, skips) is not None
+                    samples += [None] if ok else []
+                    continue
+                # augmentation randomness is a function of the sample's place in the stream, not of worker state
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(hash((*seeds, counter)) & 0x7FFF_FFFF_FFFF_FFFF)
+                    out = decode(sample, self.transform, self.text_fn, skips)
+                if out is not None:
+                    samples.append(out)
+            if fast_forward:
+                continue
+            batch = collate_image_text(samples)
+            batch["batch_index"] = k
+            batch["skipped"] = skips.take()
+            yield batch
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoding workers must not compete with the training threads
+
+
+@dataclass
+class TrainData:
+    """The training stream of one rank plus what the trainer needs to know about it."""
+
+    dataset: ImageTextStream
+    num_workers: int = 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.dataset.batches_per_epoch
+
+    def iterate(self, epoch: int, start_batch: int = 0) -> Iterator[dict]:
+        self.dataset.set_position(epoch, start_batch)
+        if start_batch >= self.batches_per_epoch:
+            return iter(())
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                            worker_init_fn=_worker_init if self.num_workers else None,
+                            prefetch_factor=4 if self.num_workers else None)
+        return iter(loader)
+
+
+def eval_batches(source: Source, transform: Callable, batch_size: int,
+                 text_fn: Callable[[str], str] = _identity) -> Iterator[dict]:
+    """Every readable sample of `source` once, in order, unaugmented (for held-out evaluation on rank 0)."""
+    skips = SkipCounter()
+    samples = []
+    for unit in range(source.num_units):
+        for raw in source.iter_unit(unit, skips):
+            out = decode(raw, transform, text_fn, skips)
+            if out is not None:
+                samples.append(out)
+            if len(samples) == batch_size:
+                yield collate_image_text(samples)
+                samples = []
+    if samples:
+        yield collate_image_text(samples)

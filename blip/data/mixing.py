@@ -1,0 +1,80 @@
+"""Deterministic stream plumbing: per-epoch unit order, rank/worker slots, shuffle buffer, weighted mixing.
+
+Everything here is a pure function of its seeds, so the sample order of an epoch is a function of
+(seed, epoch, rank, worker) and a resumed run can replay it exactly.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from blip.data.skips import SkipCounter
+
+
+class Source(Protocol):
+    num_samples: int
+
+    @property
+    def num_units(self) -> int: ...
+
+    def iter_unit(self, index: int, skips: SkipCounter) -> Iterator[dict]: ...
+
+
+def slot_stream(source: Source, *, seed: int, epoch: int, slot: int, num_slots: int,
+                skips: SkipCounter) -> Iterator[dict]:
+    """Endless raw samples of one slot (= one worker of one rank): its share of the units, re-permuted every pass.
+
+    With at least as many units (shards) as slots each slot reads its own units; with fewer, every slot reads all
+    units and keeps every `num_slots`-th sample, so small datasets still split evenly.
+    """
+    for pass_index in itertools.count():
+        order = np.random.default_rng([seed, epoch, pass_index]).permutation(source.num_units)
+        produced = 0
+        if source.num_units >= num_slots:
+            for unit in order[slot::num_slots]:
+                for sample in source.iter_unit(int(unit), skips):
+                    produced += 1
+                    yield sample
+        else:
+            counter = 0
+            for unit in order:
+                for sample in source.iter_unit(int(unit), skips):
+                    if counter % num_slots == slot:
+                        produced += 1
+                        yield sample
+                    counter += 1
+        if produced == 0:
+            raise RuntimeError(f"slot {slot}/{num_slots} got no readable sample in a full pass over {source}")
+
+
+def shuffled(stream: Iterator[dict], buffer_size: int, rng: np.random.Generator) -> Iterator[dict]:
+    """Shuffle through a buffer of `buffer_size` samples (1 or less: no shuffling)."""
+    if buffer_size <= 1:
+        yield from stream
+        return
+    buffer: list[dict] = []
+    for sample in stream:
+        buffer.append(sample)
+        if len(buffer) >= buffer_size:
+            i = int(rng.integers(len(buffer)))
+            buffer[i], buffer[-1] = buffer[-1], buffer[i]
+            yield buffer.pop()
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def mixed(streams: Sequence[Iterator[dict]], weights: Sequence[float], rng: np.random.Generator) -> Iterator[dict]:
+    """Draw each sample from stream i with probability weights[i] / sum(weights) (streams must be endless)."""
+    if len(streams) == 1:
+        yield from streams[0]
+        return
+    p = np.asarray(weights, dtype=np.float64)
+    if (p < 0).any() or p.sum() <= 0:
+        raise ValueError(f"mixing weights must be >= 0 with a positive sum, got {list(weights)}")
+    p = p / p.sum()
+    while True:
+        yield next(streams[int(rng.choice(len(streams), p=p))])

@@ -1,0 +1,82 @@
+"""BLIP-2's Q-Former: learned query tokens + the library's one BERT-style transformer in Q-Former mode,
+and the frozen image encoder in front of it (a ViT configuration + ``ln_vision``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..nn.transformer import TextConfig, TextTransformer
+from ..nn.vit import LayerNorm, VisionConfig, VisionTransformer
+
+EVA_VIT_G = VisionConfig(image_size=224, patch_size=14, width=1408, depth=39, heads=16, mlp_dim=6144, qkv_bias="qv",
+                         final_norm=False, layer_norm_eps=1e-6)
+CLIP_VIT_L = VisionConfig(image_size=224, patch_size=14, width=1024, depth=23, heads=16, mlp_dim=4096, qkv_bias="qkv",
+                          final_norm=False, pre_norm=True, patch_bias=False, act="quick_gelu", layer_norm_eps=1e-5)
+
+
+def qformer_config(encoder_width: int = 1408, **overrides) -> TextConfig:
+    """bert-base Q-Former: 12 layers, cross-attention every 2nd layer, query FFN, vocab 30522 + [DEC]."""
+    cfg = dict(vocab_size=30523, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
+               encoder_width=encoder_width, cross_attention_freq=2, cross_attention_queries_only=True, query_ffn=True,
+               hidden_dropout=0.1, attention_dropout=0.1)
+    cfg.update(overrides)
+    return TextConfig(**cfg)
+
+
+@dataclass
+class QFormerConfig:
+    text: TextConfig = field(default_factory=qformer_config)
+    num_query_tokens: int = 32
+
+
+class QFormer(nn.Module):
+    """Query tokens [1, Q, D] + transformer. Queries (and optional text) attend to image features.
+
+    forward(image_embeds [B, S, E], input_ids [B, T] | None, ...) -> [B, Q + T, D]. The queries are always
+    present: a Q-Former call without an image is an error, never a silent text-only path.
+    """
+
+    def __init__(self, cfg: QFormerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_tokens, cfg.text.hidden_size))
+        nn.init.normal_(self.query_tokens, std=cfg.text.initializer_range)
+        self.transformer = TextTransformer(cfg.text)
+
+    @property
+    def num_queries(self) -> int:
+        return self.cfg.num_query_tokens
+
+    def forward(self, image_embeds: Tensor, image_mask: Tensor | None = None, input_ids: Tensor | None = None,
+                attention_mask: Tensor | None = None, causal: bool = False, cache=None) -> Tensor:
+        if image_embeds is None:
+            raise ValueError("the Q-Former needs image features: pass image_embeds")
+        b = image_embeds.shape[0]
+        queries = self.query_tokens.expand(b, -1, -1)
+        mask = None
+        if input_ids is not None:
+            text_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            mask = torch.cat([text_mask.new_ones(b, self.num_queries), text_mask], dim=1)
+        return self.transformer(input_ids, query_embeds=queries, attention_mask=mask, causal=causal,
+                                prefix_length=self.num_queries if causal else 0,
+                                encoder_hidden_states=image_embeds.to(queries.dtype), encoder_attention_mask=image_mask,
+                                cache=cache)
+
+
+class FrozenImageEncoder(nn.Module):
+    """ViT (EVA ViT-g or CLIP ViT-L configuration) followed by ``ln_vision`` (trainable, computed in fp32).
+
+    forward(pixel_values [B, 3, H, W]) -> [B, 1 + N, width]. The ViT may be frozen and kept in fp16/bf16
+    (see blip.train precision policy); ``ln_vision`` returns float32.
+    """
+
+    def __init__(self, cfg: VisionConfig, ln_eps: float = 1e-5):
+        super().__init__()
+        self.visual_encoder = VisionTransformer(cfg)
+        self.ln_vision = LayerNorm(cfg.width, eps=ln_eps)
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        feats = self.visual_encoder(pixel_values)
+        return self.ln_vision(feats.float())

@@ -1,0 +1,116 @@
+"""The one attention of the library: multi-head SDPA, additive masks, a preallocated KV cache.
+
+Every attention in blip (ViT, MED text encoder/decoder, Q-Former) goes through :func:`attention`,
+which calls ``torch.nn.functional.scaled_dot_product_attention``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def split_heads(x: Tensor, num_heads: int) -> Tensor:
+    """[B, T, H*Dh] -> [B, H, T, Dh]."""
+    b, t, d = x.shape
+    return x.view(b, t, num_heads, d // num_heads).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """[B, H, T, Dh] -> [B, T, H*Dh]."""
+    b, h, t, dh = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * dh)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout_p: float = 0.0) -> Tensor:
+    """Scaled dot-product attention.
+
+    q: [B, H, Tq, Dh]; k, v: [B, H, Tk, Dh]; mask: additive, broadcastable to [B, H, Tq, Tk]
+    (0 where attended, a large negative number where not). Returns [B, H, Tq, Dh].
+    """
+    if mask is not None and mask.dtype != q.dtype:
+        mask = mask.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def grouped_cross_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, group: int,
+                            dropout_p: float = 0.0) -> Tensor:
+    """Cross-attention where ``group`` consecutive query rows share one key/value set.
+
+    Beam search keeps one copy of the image K/V per image instead of one per beam: the queries of the
+    beams of an image are stacked along the time axis and attend to the same K/V (cross-attention has
+    no causal structure, so this is exact).
+    q: [B*group, H, Tq, Dh]; k, v: [B, H, Tk, Dh]; mask broadcastable to [B, 1, 1, Tk]. Returns [B*group, H, Tq, Dh].
+    """
+    if group == 1:
+        return attention(q, k, v, mask, dropout_p)
+    bg, h, tq, dh = q.shape
+    q = q.view(bg // group, group, h, tq, dh).transpose(1, 2).reshape(bg // group, h, group * tq, dh)
+    out = attention(q, k, v, mask, dropout_p)
+    return out.view(bg // group, h, group, tq, dh).transpose(1, 2).reshape(bg, h, tq, dh)
+
+
+def padding_mask(attention_mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Key-padding mask [B, Tk] (1 = token, 0 = pad) -> additive [B, 1, 1, Tk]."""
+    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+def causal_mask(attention_mask: Tensor, query_length: int, prefix_length: int = 0,
+                dtype: torch.dtype = torch.float32) -> Tensor:
+    """Additive mask [B, 1, Tq, Tk] for causal attention over Tk = ``attention_mask.shape[1]`` keys.
+
+    The last ``query_length`` keys are the new positions; key j is visible from query i when
+    j <= (Tk - Tq + i) and key j is not padding. The first ``prefix_length`` keys form a bidirectional
+    prefix that cannot see later keys (the Q-Former's "multimodal causal" mask: queries see only queries,
+    text sees queries and earlier text).
+    """
+    b, tk = attention_mask.shape
+    device = attention_mask.device
+    rows = torch.arange(tk - query_length, tk, device=device)[:, None]
+    cols = torch.arange(tk, device=device)[None, :]
+    allowed = cols <= rows
+    if prefix_length:
+        in_prefix_row = rows < prefix_length
+        allowed = torch.where(in_prefix_row, cols < prefix_length, allowed | (cols < prefix_length))
+    allowed = allowed[None, None] & attention_mask[:, None, None, :].bool()
+    return (~allowed).to(dtype) * torch.finfo(dtype).min
+
+
+class KVCache:
+    """Preallocated self-attention cache for all layers: k, v of shape [L, B, H, max_len, Dh].
+
+    ``length`` is a host-side int (the decode loop knows the step count without asking the device).
+    Reads return the filled prefix; :meth:`reorder` follows beam search.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, num_heads: int, max_length: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (num_layers, batch_size, num_heads, max_length, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+        self._pending = 0
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v [B, H, T, Dh] at the current position of ``layer``; return all keys/values so far."""
+        start, t = self.length, k.shape[2]
+        if start + t > self.max_length:
+            raise RuntimeError(f"KV cache overflow: {start + t} positions > max_length {self.max_length}")
+        self.k[layer, :, :, start:start + t] = k
+        self.v[layer, :, :, start:start + t] = v
+        self._pending = t
+        return self.k[layer, :, :, :start + t], self.v[layer, :, :, :start + t]
+
+    def advance(self) -> None:
+        """Commit the positions written by the last forward pass (called once per pass, after all layers)."""
+        self.length += self._pending
+        self._pending = 0
+
+    def reorder(self, index: Tensor) -> None:
+        """Select batch rows (beam search): index [B]."""
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)

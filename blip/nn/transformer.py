@@ -1,0 +1,244 @@
+"""The one BERT-style transformer: MED text encoder, image-grounded encoder, MED decoder and Q-Former.
+
+Post-LayerNorm BERT layers with
+- self-attention that is bidirectional, causal, or "multimodal causal" (a bidirectional prefix of
+  query tokens that text can see but that cannot see text) — chosen per call by the mask;
+- cross-attention to image features in every ``cross_attention_freq``-th layer, applied to all positions
+  (MED) or to the query positions only (Q-Former, ``cross_attention_queries_only``);
+- an optional second FFN for the leading query positions (Q-Former);
+- a preallocated KV cache for decoding, and cross-attention K/V that can be computed once per batch.
+
+Parameter names are our own (fused ``qkv`` and ``kv`` projections for fewer, larger GEMMs);
+``blip/checkpoints.py`` maps the BERT/MED/Q-Former names of the original, LAVIS and HF checkpoints onto them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import KVCache, attention, causal_mask, grouped_cross_attention, merge_heads, padding_mask, split_heads
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 30524
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    layer_norm_eps: float = 1e-12
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    encoder_width: int | None = 768      # width of the image features; None: no cross-attention at all
+    cross_attention_freq: int = 1        # cross-attention in layers i with i % freq == 0
+    cross_attention_queries_only: bool = False  # Q-Former: only query positions attend to the image
+    query_ffn: bool = False              # Q-Former: separate FFN for the leading query positions
+    text_ffn: bool = True                # BLIP-2 stage 2 drops the text FFN
+    word_embeddings: bool = True         # BLIP-2 stage 2 drops word/position embeddings
+    initializer_range: float = 0.02
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        if cfg.word_embeddings:
+            self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, input_ids: Tensor | None, query_embeds: Tensor | None, position_offset: int) -> Tensor:
+        """input_ids [B, T] and/or query_embeds [B, Q, D] -> [B, Q + T, D]. Queries get no position embedding."""
+        parts = [] if query_embeds is None else [query_embeds]
+        if input_ids is not None:
+            if not hasattr(self, "word"):
+                raise ValueError("this transformer has no word embeddings (BLIP-2 stage-2 Q-Former): pass queries only")
+            pos = torch.arange(position_offset, position_offset + input_ids.shape[1], device=input_ids.device)
+            parts.append(self.word(input_ids) + self.position(pos))
+        if not parts:
+            raise ValueError("pass input_ids, query_embeds or both")
+        return self.dropout(self.norm(torch.cat(parts, dim=1)))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.heads, self.dropout_p = cfg.num_heads, cfg.attention_dropout
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int) -> Tensor:
+        q, k, v = (split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        h = attention(q, k, v, mask, self.dropout_p if self.training else 0.0)
+        return self.norm(x + self.dropout(self.out(merge_heads(h))))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.heads, self.dropout_p = cfg.num_heads, cfg.attention_dropout
+        self.q = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.kv = nn.Linear(cfg.encoder_width, 2 * cfg.hidden_size)
+        self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def project_kv(self, encoder_hidden_states: Tensor) -> tuple[Tensor, Tensor]:
+        """[B, S, E] -> (k, v), each [B, H, S, Dh]."""
+        k, v = self.kv(encoder_hidden_states).chunk(2, dim=-1)
+        return split_heads(k, self.heads), split_heads(v, self.heads)
+
+    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], mask: Tensor | None, group: int = 1) -> Tensor:
+        q = split_heads(self.q(x), self.heads)
+        h = grouped_cross_attention(q, kv[0], kv[1], mask, group, self.dropout_p if self.training else 0.0)
+        return self.norm(x + self.dropout(self.out(merge_heads(h))))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x + self.dropout(self.fc2(F.gelu(self.fc1(x)))))
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, has_cross_attention: bool):
+        super().__init__()
+        self.cfg = cfg
+        self.self_attn = SelfAttention(cfg)
+        self.cross_attn = CrossAttention(cfg) if has_cross_attention else None
+        self.ffn = FeedForward(cfg) if cfg.text_ffn else None
+        self.ffn_query = FeedForward(cfg) if cfg.query_ffn else None
+
+    def forward(self, x: Tensor, mask: Tensor | None, cross_kv: tuple[Tensor, Tensor] | None,
+                cross_mask: Tensor | None, query_length: int, cache: KVCache | None, layer: int,
+                group: int) -> Tensor:
+        x = self.self_attn(x, mask, cache, layer)
+        if self.cross_attn is not None and cross_kv is not None:
+            if self.cfg.cross_attention_queries_only:
+                if query_length:
+                    x = torch.cat([self.cross_attn(x[:, :query_length], cross_kv, cross_mask, group),
+                                   x[:, query_length:]], dim=1)
+            else:
+                x = self.cross_attn(x, cross_kv, cross_mask, group)
+        if self.ffn_query is None or query_length == 0:
+            return self._text_ffn(x)
+        queries = self.ffn_query(x[:, :query_length])
+        if query_length == x.shape[1]:
+            return queries
+        return torch.cat([queries, self._text_ffn(x[:, query_length:])], dim=1)
+
+    def _text_ffn(self, x: Tensor) -> Tensor:
+        if self.ffn is None:
+            raise ValueError("this transformer has no text FFN (BLIP-2 stage-2 Q-Former): text positions are not supported")
+        return self.ffn(x)
+
+
+class TextTransformer(nn.Module):
+    """Embeddings + BERT layers. Returns hidden states [B, Q + T, D] of the current positions."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = Embeddings(cfg)
+        self.layers = nn.ModuleList(
+            TransformerLayer(cfg, cfg.encoder_width is not None and i % cfg.cross_attention_freq == 0)
+            for i in range(cfg.num_layers))
+        self.grad_checkpointing = False
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            m.weight.data.normal_(0.0, self.cfg.initializer_range)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            m.bias.data.zero_()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def cross_kv(self, encoder_hidden_states: Tensor) -> list[tuple[Tensor, Tensor] | None]:
+        """Project image features to every cross-attention layer's K/V once (reused across decode steps)."""
+        return [None if layer.cross_attn is None else layer.cross_attn.project_kv(encoder_hidden_states)
+                for layer in self.layers]
+
+    def new_cache(self, batch_size: int, max_length: int, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> KVCache:
+        p = self.layers[0].self_attn.qkv.weight
+        return KVCache(self.cfg.num_layers, batch_size, self.cfg.num_heads, max_length,
+                       self.cfg.hidden_size // self.cfg.num_heads, dtype or p.dtype, device or p.device)
+
+    def forward(self, input_ids: Tensor | None = None, *, query_embeds: Tensor | None = None,
+                attention_mask: Tensor | None = None, causal: bool = False, prefix_length: int = 0,
+                encoder_hidden_states: Tensor | None = None, encoder_attention_mask: Tensor | None = None,
+                cross_kv: list | None = None, beam_group: int = 1, cache: KVCache | None = None,
+                position_offset: int | None = None) -> Tensor:
+        """Run the stack on text tokens and/or query embeddings.
+
+        input_ids: [B, T]; query_embeds: [B, Q, D] (placed before the text).
+        attention_mask: [B, Tk] over all keys, cached ones included (1 = token, 0 = pad); default all ones.
+        causal: causal self-attention; ``prefix_length`` leading keys form a bidirectional prefix (Q-Former ITG).
+        encoder_hidden_states: [B', S, E] image features (or ``cross_kv`` from :meth:`cross_kv`), with B = B' * beam_group.
+        encoder_attention_mask: [B', S]. cache: a :class:`KVCache` (decoding); position_offset: first text position
+        (default: the number of text tokens already in the cache).
+        Returns [B, Q + T, D].
+        """
+        q_len = 0 if query_embeds is None else query_embeds.shape[1]
+        past = 0 if cache is None else cache.length
+        if position_offset is None:
+            position_offset = max(past - prefix_length, 0) if cache is not None else 0
+        x = self.embeddings(input_ids, query_embeds, position_offset)
+        b, t = x.shape[:2]
+        if attention_mask is None:
+            attention_mask = torch.ones(b, past + t, dtype=torch.long, device=x.device)
+        if attention_mask.shape[1] != past + t:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[1]} keys, expected {past + t} "
+                             f"({past} cached + {t} new)")
+        if causal:
+            mask = causal_mask(attention_mask, t, prefix_length, x.dtype)
+        else:
+            mask = padding_mask(attention_mask, x.dtype)
+        if cross_kv is None and encoder_hidden_states is not None:
+            cross_kv = self.cross_kv(encoder_hidden_states)
+        cross_mask = None if encoder_attention_mask is None else padding_mask(encoder_attention_mask, x.dtype)
+        for i, layer in enumerate(self.layers):
+            layer_kv = None if cross_kv is None else cross_kv[i]
+            args = (mask, layer_kv, cross_mask, q_len, cache, i, beam_group)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
+                x = torch.utils.checkpoint.checkpoint(layer, x, *args, use_reentrant=False)
+            else:
+                x = layer(x, *args)
+        if cache is not None:
+            cache.advance()
+        return x
+
+
+class LMHead(nn.Module):
+    """BERT prediction head: dense + GELU + LayerNorm, then logits with the (tied) word embedding matrix."""
+
+    def __init__(self, cfg: TextConfig, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.word_embeddings = [word_embeddings]  # a list: tied, not registered twice
+
+    @property
+    def weight(self) -> Tensor:
+        return self.word_embeddings[0].weight
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        """[B, T, D] -> logits [B, T, vocab]."""
+        return F.linear(self.norm(F.gelu(self.dense(hidden))), self.weight, self.bias)

@@ -1,0 +1,75 @@
+"""Optimizer construction: parameter groups for weight decay and layer-wise LR decay.
+
+- Frozen parameters (requires_grad=False) never enter the optimizer.
+- No weight decay on norms, biases (every parameter with ndim <= 1), embeddings (nn.Embedding weights, position /
+  cls / query tokens) and whatever the model lists in `no_weight_decay()`.
+- Layer-wise LR decay (BEiT/BLIP-2 fine-tuning): ViT layer i gets `lr_scale = decay ** (L + 1 - i)` where the patch
+  embedding / cls / pos embedding are layer 0, `visual_encoder.blocks.{j}` is layer j + 1, and everything else is
+  layer L + 1 (scale 1). Each group carries its `lr_scale`, which the schedule multiplies in at every step — the
+  scale LAVIS computes but never applies.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+EMBEDDING_NAMES = re.compile(r"(^|\.)(pos_embed|cls_token|query_tokens|position_embeddings?|token_type_embeddings"
+                             r"|word_embeddings|embed_tokens|embed_positions)(\.|$)")
+VIT_BLOCK = re.compile(r"^visual_encoder\.blocks\.(\d+)\.")
+VIT_EMBED = re.compile(r"^visual_encoder\.(cls_token|pos_embed|patch_embed)")
+
+
+def vit_depth(model: nn.Module) -> int:
+    ids = [int(m.group(1)) for n, _ in model.named_parameters() if (m := VIT_BLOCK.match(n))]
+    return max(ids) + 1 if ids else 0
+
+
+def layer_id(name: str, depth: int) -> int:
+    """0 for the ViT embeddings, i + 1 for ViT block i, depth + 1 for everything else."""
+    if m := VIT_BLOCK.match(name):
+        return int(m.group(1)) + 1
+    if VIT_EMBED.match(name):
+        return 0
+    return depth + 1
+
+
+def no_decay_names(model: nn.Module) -> set[str]:
+    names = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Embedding):
+            names |= {f"{module_name}.{n}" if module_name else n for n, _ in module.named_parameters(recurse=False)}
+    return names
+
+
+def param_groups(model: nn.Module, *, lr: float, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
+    """Groups keyed by (decay?, layer); each has `lr_scale` and `layer_id` besides the usual keys."""
+    depth = vit_depth(model) if layer_decay is not None and layer_decay != 1.0 else 0
+    skip = no_decay_names(model)
+    groups: dict[tuple[bool, int], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = not (p.ndim <= 1 or name in skip or EMBEDDING_NAMES.search(name))
+        lid = layer_id(name, depth) if depth else 0
+        scale = layer_decay ** (depth + 1 - lid) if depth else 1.0
+        group = groups.setdefault((decay, lid), {"params": [], "lr_scale": scale,
+                                                 "layer_id": lid, "weight_decay": weight_decay if decay else 0.0,
+                                                 "lr": lr * scale})
+        group["params"].append(p)
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    return [groups[k] for k in sorted(groups, key=lambda k: (k[1], k[0]))]
+
+
+def build_optimizer(model: nn.Module, *, name: str = "adamw", lr: float, weight_decay: float = 0.05,
+                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                    layer_decay: float | None = None, fused: bool | None = None) -> torch.optim.Optimizer:
+    groups = param_groups(model, lr=lr, weight_decay=weight_decay, layer_decay=layer_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=fused)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=betas[0], weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r} (adamw | sgd)")

@@ -1,0 +1,75 @@
+"""One precision policy for the whole run: autocast dtype, gradient scaling, and the dtype of frozen towers.
+
+- fp32: everything fp32, no autocast.
+- bf16: autocast to bf16; trainable weights stay fp32 (the optimizer's master copy); no scaler needed.
+- fp16: autocast to fp16 with a GradScaler (unscaled before clipping).
+Frozen towers (modules whose parameters are all frozen, e.g. BLIP-2's ViT and LLM) are stored in `frozen_dtype`
+(default: the autocast dtype) to halve their memory; their norm layers stay fp32, as the originals need.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+@dataclass
+class PrecisionPolicy:
+    precision: str = "fp32"
+    frozen_dtype: str | None = None  # None: follow `precision`
+    device_type: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.precision not in DTYPES:
+            raise ValueError(f"precision must be one of {list(DTYPES)}, got {self.precision!r}")
+        if self.frozen_dtype is not None and self.frozen_dtype not in DTYPES:
+            raise ValueError(f"frozen_dtype must be one of {list(DTYPES)} or null, got {self.frozen_dtype!r}")
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return DTYPES[self.precision]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.compute_dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        return torch.amp.GradScaler(self.device_type) if self.precision == "fp16" else None
+
+    def cast_frozen(self, model: nn.Module) -> list[str]:
+        """Cast maximal fully-frozen submodules to the frozen dtype; returns their names."""
+        dtype = DTYPES[self.frozen_dtype or self.precision]
+        if dtype == torch.float32:
+            return []
+        cast: list[str] = []
+        for name, module in frozen_towers(model):
+            for sub in module.modules():
+                if isinstance(sub, NORMS):
+                    continue
+                for pname, p in sub.named_parameters(recurse=False):
+                    p.data = p.data.to(dtype)
+            cast.append(name)
+        return cast
+
+
+def frozen_towers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Maximal submodules whose parameters are all frozen (requires_grad=False), outermost first."""
+    found: list[tuple[str, nn.Module]] = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params) and prefix:
+            found.append((prefix, module))
+            return
+        for child_name, child in module.named_children():
+            visit(f"{prefix}.{child_name}" if prefix else child_name, child)
+
+    visit("", model)
+    return found
