@@ -50,10 +50,9 @@ def test_eval_normalisation_by_hand():
 
 
 def test_eval_squashes_whole_image():
-    # left half black, right half white: a squash keeps the boundary in the middle, a centre crop would too, but a
-    # 4:1 image would lose its outer quarters with a crop. Check the extreme columns survive.
+    # a 4:1 image with a white band in its leftmost 10%: a squash keeps it, a centre crop would cut it off
     arr = np.zeros((10, 40, 3), np.uint8)
-    arr[:, :4] = 255  # a white band in the leftmost 10% only
+    arr[:, :4] = 255
     out = image_transform(20)(Image.fromarray(arr))
     assert out[:, :, 0].mean() > 1.5 and out[:, :, -1].mean() < -1.5
 
@@ -198,7 +197,7 @@ def test_randaugment_seeded_and_types():
     torch.manual_seed(3)
     b = aug(pil)
     assert isinstance(a, Image.Image) and a.size == (24, 16) and np.array_equal(np.asarray(a), np.asarray(b))
-    t = torch.from_numpy(np.asarray(pil)).permute(2, 0, 1).contiguous()
+    t = torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous()
     torch.manual_seed(3)
     c = aug(t)
     assert isinstance(c, torch.Tensor) and c.dtype == torch.uint8 and np.array_equal(c.permute(1, 2, 0).numpy(), a)
