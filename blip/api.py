@@ -1,0 +1,88 @@
+"""Public entry points: ``create_model``, ``list_models`` and ``load``.
+
+Families plug in through two modules each (no registry side effects at import time):
+- ``blip.models.<family>`` exposes ``ARCHS`` (arch name -> config) and ``create(arch, task, **overrides)``;
+- ``blip.convert.<family>`` exposes ``HF_LOADERS`` (HF class name in config.json -> ``fn(directory, **kw) -> model``),
+  ``owns(state_dict) -> bool`` (sentinel keys of its original/LAVIS formats) and
+  ``load_original(state_dict, source, arch=None, task=None, **kw) -> model``.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoints import CheckpointError, read_state_dict
+
+log = logging.getLogger(__name__)
+FAMILIES = ("blip", "blip2")
+
+
+def _family_module(kind: str, family: str):
+    return importlib.import_module(f"blip.{kind}.{family}")
+
+
+def _family_of(arch: str) -> str:
+    for family in FAMILIES:
+        if arch in _family_module("models", family).ARCHS:
+            return family
+    raise KeyError(f"unknown arch {arch!r}; known: {sorted(a for a, _ in list_models())}")
+
+
+def list_models() -> list[tuple[str, str]]:
+    """All (arch, task) pairs ``create_model`` can build."""
+    pairs = []
+    for family in FAMILIES:
+        module = _family_module("models", family)
+        pairs += [(arch, task) for arch in module.ARCHS for task in module.TASKS]
+    return pairs
+
+
+def create_model(arch: str, task: str, **overrides) -> nn.Module:
+    """Build a randomly initialised model, e.g. ``create_model("blip_base", "caption")``."""
+    return _family_module("models", _family_of(arch)).create(arch, task, **overrides)
+
+
+def load(source: str | Path, *, arch: str | None = None, task: str | None = None, llm: str | Path | None = None,
+         device: str | torch.device = "cpu", dtype: torch.dtype | None = None, **kwargs) -> nn.Module:
+    """Load a checkpoint into the matching model, in eval mode.
+
+    source: an HF model directory (``config.json["architectures"]`` picks the class), an original BLIP / LAVIS
+    ``.pth`` (``arch``/``task`` where the file can't tell), or a ``.safetensors`` exported by blip.
+    llm: HF directory of the language model for BLIP-2 checkpoints that carry no LLM weights.
+    """
+    path = Path(source)
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.exists():
+            raise CheckpointError(f"{path}: a model directory needs a config.json (HF layout)")
+        archs = json.loads(config_file.read_text()).get("architectures") or []
+        for family in FAMILIES:
+            loaders = _family_module("convert", family).HF_LOADERS
+            for name in archs:
+                if name in loaders:
+                    model = loaders[name](path, llm=llm, **kwargs)
+                    return _finish(model, device, dtype)
+        raise CheckpointError(f"{path}: architectures {archs} are not supported; supported: "
+                              f"{sorted(n for f in FAMILIES for n in _family_module('convert', f).HF_LOADERS)}")
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory (blip never downloads: pass a local path)")
+    state = read_state_dict(path)
+    for family in FAMILIES:
+        convert = _family_module("convert", family)
+        if convert.owns(state):
+            model = convert.load_original(state, str(path), arch=arch, task=task, llm=llm, **kwargs)
+            return _finish(model, device, dtype)
+    raise CheckpointError(f"{path}: not a BLIP / BLIP-2 checkpoint in any known layout (original BLIP, LAVIS, blip "
+                          f"export); first keys: {list(state)[:5]}")
+
+
+def _finish(model: nn.Module, device, dtype) -> nn.Module:
+    model = model.to(device)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
