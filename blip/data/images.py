@@ -48,10 +48,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in _SIXTEEN_BIT_MODES:
         levels = np.asarray(img, dtype=np.float64)
         gray = np.clip(np.rint(levels / 257.0), 0, 255).astype(np.uint8)  # 65535 / 257 = 255
-        return Image.fromarray(gray, mode="L").convert("RGB")
+        return Image.fromarray(gray).convert("RGB")
     if img.mode == "F":
         gray = np.clip(np.rint(np.asarray(img, dtype=np.float64)), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
+        return Image.fromarray(gray).convert("RGB")
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
