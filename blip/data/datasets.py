@@ -33,21 +33,28 @@ from blip.data.webdataset import stable_id
 @dataclass
 class JsonSource:
     """A BLIP-style annotation list: `[{"image": relative path, "caption": str | [str, ...], "image_id"?}, ...]`
-    (COCO Karpathy, VG, CC3M/CC12M, SBU as the BLIP repo ships them). One sample per (image, caption) pair."""
+    (COCO Karpathy, VG, CC3M/CC12M, SBU as the BLIP repo ships them). One sample per (image, caption) pair.
+
+    For VQA lists (`{"image", "question", "answer": [...]}`) use `text_field="question"`: the answers travel along
+    as the sample's "answers"."""
 
     annotation: str | Path
     image_root: str | Path = ""
+    text_field: str = "caption"
     unit_size: int = 256  # annotations per unit: the granularity of splitting across ranks/workers
-    pairs: list[tuple[str, str, int]] = field(init=False, repr=False)
+    pairs: list[tuple[str, str, int, dict]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         entries = json.loads(Path(self.annotation).read_text())
         self.pairs = []
         for entry in entries:
-            captions = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
+            texts = entry[self.text_field]
+            texts = texts if isinstance(texts, list) else [texts]
             image_id = entry.get("image_id", entry["image"])
             image_id = image_id if isinstance(image_id, int) else stable_id(str(image_id))
-            self.pairs += [(entry["image"], c, image_id) for c in captions]
+            extra = {"answers": list(entry["answer"]) if isinstance(entry["answer"], list) else [entry["answer"]]} \
+                if "answer" in entry else {}
+            self.pairs += [(entry["image"], t, image_id, extra) for t in texts]
 
     @property
     def num_samples(self) -> int:
@@ -58,8 +65,9 @@ class JsonSource:
         return -(-len(self.pairs) // self.unit_size)
 
     def iter_unit(self, index: int, skips: SkipCounter) -> Iterator[dict]:
-        for image, caption, image_id in self.pairs[index * self.unit_size:(index + 1) * self.unit_size]:
-            yield {"key": image, "image": Path(self.image_root) / image, "text": caption, "image_id": image_id}
+        for image, text, image_id, extra in self.pairs[index * self.unit_size:(index + 1) * self.unit_size]:
+            yield {"key": image, "image": Path(self.image_root) / image, "text": text, "image_id": image_id,
+                   "extra": extra}
 
 
 def _load_image(data):
@@ -82,7 +90,7 @@ def decode(raw: dict, transform: Callable | None, text_fn: Callable[[str], str],
         skips.add("empty_text", raw["key"])
         return None
     pixel_values = transform(image) if transform is not None else None
-    return {"pixel_values": pixel_values, "text": text, "image_id": raw["image_id"]}
+    return {"pixel_values": pixel_values, "text": text, "image_id": raw["image_id"], **raw.get("extra", {})}
 
 
 def _identity(text: str) -> str:
@@ -110,7 +118,7 @@ class ImageTextStream(IterableDataset):
                                         num_slots=num_slots, skips=skips),
                             self.shuffle_buffer, np.random.default_rng(seeds + [i]))
                    for i, s in enumerate(self.sources)]
-        return mixed(streams, self.weights, np.random.default_rng(seeds + [-1]))
+        return mixed(streams, self.weights, np.random.default_rng(seeds + [len(self.sources)]))
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()

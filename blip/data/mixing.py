@@ -48,7 +48,8 @@ def slot_stream(source: Source, *, seed: int, epoch: int, slot: int, num_slots: 
                         yield sample
                     counter += 1
         if produced == 0:
-            raise RuntimeError(f"slot {slot}/{num_slots} got no readable sample in a full pass over {source}")
+            raise RuntimeError(f"slot {slot}/{num_slots} got no readable sample in a full pass over "
+                               f"{type(source).__name__} with {source.num_units} units")
 
 
 def shuffled(stream: Iterator[dict], buffer_size: int, rng: np.random.Generator) -> Iterator[dict]:

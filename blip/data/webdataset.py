@@ -47,7 +47,7 @@ def iter_tar_samples(url: str, skips: SkipCounter) -> Iterator[dict]:
         on_error(exc)
         return
     try:
-        files = tar_file_iterator(stream, handler=on_error)
+        files = (dict(f, __url__=url) for f in tar_file_iterator(stream, handler=on_error))
         try:
             yield from group_by_keys(files, handler=on_error)
         except Exception as exc:  # noqa: BLE001 - e.g. tarfile.ReadError raised while opening the archive

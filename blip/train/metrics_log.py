@@ -41,9 +41,9 @@ class MetricLogger:
 
     def progress(self, n: int, postfix: dict[str, str] | None = None) -> None:
         if self.bar is not None:
-            self.bar.update(n)
             if postfix:
                 self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(n)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -1,0 +1,76 @@
+"""Held-out evaluation at the end of a run: retrieval recall@K and caption attribute accuracy."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+
+def retrieval_recall(sim: torch.Tensor, img_to_txt: Sequence[Iterable[int]], ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """Recall@K in both directions from a similarity matrix.
+
+    sim: [N_img, N_txt]; img_to_txt[i]: indices of the texts that correctly describe image i (a text may be
+    correct for several images). Returns percentages {"i2t_r1", ..., "t2i_r1", ...}; `chance_i2t_r1` /
+    `chance_t2i_r1` are the expected R@1 of random scores."""
+    n_img, n_txt = sim.shape
+    positives = torch.zeros(n_img, n_txt, dtype=torch.bool)
+    for i, texts in enumerate(img_to_txt):
+        positives[i, list(texts)] = True
+    if not positives.any(1).all() or not positives.any(0).all():
+        raise ValueError("every image and every text needs at least one positive")
+    out = {}
+    i2t_rank = torch.argsort(sim, dim=1, descending=True)
+    t2i_rank = torch.argsort(sim.t(), dim=1, descending=True)
+    for k in ks:
+        hit_i2t = positives.gather(1, i2t_rank[:, :k]).any(1).float().mean()
+        hit_t2i = positives.t().gather(1, t2i_rank[:, :k]).any(1).float().mean()
+        out[f"i2t_r{k}"] = 100 * hit_i2t.item()
+        out[f"t2i_r{k}"] = 100 * hit_t2i.item()
+    out["chance_i2t_r1"] = 100 * (positives.sum(1).float() / n_txt).mean().item()
+    out["chance_t2i_r1"] = 100 * (positives.sum(0).float() / n_img).mean().item()
+    return out
+
+
+@torch.no_grad()
+def retrieval_eval(model: nn.Module, batches: Iterable[dict], device: torch.device, max_length: int = 35) -> dict:
+    """Image→text and text→image recall over held-out pairs; texts with identical captions count as equivalent.
+
+    Uses the pinned model API: `encode_image(pixel_values) -> [B, D]`, `encode_text(input_ids, attention_mask)
+    -> [B, D]` (normalized) and `model.tokenizer`."""
+    model.eval()
+    image_feats, texts = [], []
+    for batch in batches:
+        image_feats.append(model.encode_image(batch["pixel_values"].to(device)).float().cpu())
+        texts += batch["text"]
+    unique = sorted(set(texts))
+    text_feats = []
+    for start in range(0, len(unique), 256):
+        tok = model.tokenizer(unique[start:start + 256], padding="longest", truncation=True,
+                              max_length=max_length, return_tensors="pt")
+        text_feats.append(model.encode_text(tok["input_ids"].to(device), tok["attention_mask"].to(device))
+                          .float().cpu())
+    sim = torch.cat(image_feats) @ torch.cat(text_feats).t()
+    index = {t: j for j, t in enumerate(unique)}
+    result = retrieval_recall(sim, [[index[t]] for t in texts])
+    result.update(num_images=len(texts), num_texts=len(unique))
+    return result
+
+
+def attribute_accuracy(generated: Sequence[str], references: Sequence[str], parse) -> dict:
+    """Per-attribute accuracy (%) of generated captions against reference captions, both read by `parse`."""
+    totals: dict[str, float] = {}
+    exact = 0
+    for gen, ref in zip(generated, references):
+        g, r = parse(gen), parse(ref)
+        ok_all = True
+        for name, value in r.items():
+            ok = g.get(name) == value
+            totals[name] = totals.get(name, 0) + ok
+            ok_all &= ok
+        exact += ok_all
+    n = max(1, len(references))
+    out = {f"acc_{k}": 100 * v / n for k, v in totals.items()}
+    out["acc_all_attributes"] = 100 * exact / n
+    return out

@@ -1,0 +1,266 @@
+"""Build a training run from its Hydra config and execute it: model, data, optimizer, trainer, held-out eval."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import re
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from blip.data.datasets import ImageTextStream, JsonSource, TrainData, eval_batches
+from blip.data.webdataset import WebDatasetSource
+from blip.train.checkpoint import list_checkpoints, load_checkpoint
+from blip.train.distributed import DistInfo, barrier, block_lists, init_distributed, unwrap, wrap_model
+from blip.train.loop import Trainer
+from blip.train.metrics_log import MetricLogger
+from blip.train.optim import build_optimizer
+from blip.train.precision import PrecisionPolicy
+from blip.train.schedule import IterationSchedule
+
+log = logging.getLogger("blip.train")
+
+
+def quote_stage_override(argv: list[str]) -> list[str]:
+    """`stage=1` → `stage='1'`: Hydra parses a bare 1 as an int, which cannot name a config-group option."""
+    return [re.sub(r"^(\+?stage)=(\d+)$", r"\1='\2'", a) for a in argv]
+
+
+# ---- model -------------------------------------------------------------------------------------------------
+def resolve(dotted: str):
+    """"pkg.mod:attr" or "pkg.mod.attr" → the object."""
+    module, _, attr = dotted.partition(":") if ":" in dotted else dotted.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+def build_model(model_cfg: DictConfig) -> nn.Module:
+    overrides = OmegaConf.to_container(model_cfg.overrides, resolve=True) if model_cfg.get("overrides") else {}
+    return resolve(model_cfg.builder)(model_cfg.arch, model_cfg.task, **overrides)
+
+
+def checkpoint_path(path: str | Path) -> Path:
+    """A checkpoint directory, or the newest checkpoint of a run directory."""
+    p = Path(path)
+    if (p / "state.pt").exists():
+        return p
+    found = list_checkpoints(p / "checkpoints")
+    if not found:
+        raise FileNotFoundError(f"no checkpoint in {p} (expected {p}/state.pt or {p}/checkpoints/step_*/)")
+    return found[-1]
+
+
+def load_init_weights(model: nn.Module, path: str | Path) -> None:
+    """Start from another run's weights (e.g. stage 1 → stage 2): matching keys load, the rest is listed."""
+    ckpt = checkpoint_path(path)
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)["model"]
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    missing, _ = model.load_state_dict(usable, strict=False)
+    log.info("init_from %s: loaded %d tensors, %d not in the checkpoint (kept at init), %d unused",
+             ckpt, len(usable), len(missing), len(state) - len(usable))
+
+
+# ---- data --------------------------------------------------------------------------------------------------
+def build_sources(data_cfg: DictConfig) -> tuple[list, list[float], object | None]:
+    """(train sources, mixing weights, held-out source or None)."""
+    if data_cfg.get("synthetic") is not None and not data_cfg.datasets:
+        from blip.data.synthetic import ensure_synthetic_shards
+
+        s = data_cfg.synthetic
+        shards = ensure_synthetic_shards(s.cache_dir, num_train=s.num_train, num_val=s.num_val,
+                                         shard_size=s.shard_size, image_size=s.render_size, seed=s.seed)
+        return ([WebDatasetSource(shards.train_urls, num_samples=shards.num_train)], [1.0],
+                WebDatasetSource(shards.val_urls, num_samples=shards.num_val))
+    sources, weights = [], []
+    for entry in data_cfg.datasets:
+        sources.append(make_source(entry))
+        weights.append(float(entry.get("weight", 1.0)))
+    eval_cfg = data_cfg.get("eval")
+    return sources, weights, make_source(eval_cfg) if eval_cfg else None
+
+
+def make_source(entry: DictConfig):
+    if entry.type == "json":
+        return JsonSource(entry.annotation, entry.get("image_root", ""), text_field=entry.get("text_field", "caption"))
+    if entry.type == "wds":
+        return WebDatasetSource(entry.urls, num_samples=int(entry.num_samples))
+    raise ValueError(f"unknown dataset type {entry.type!r} (json | wds)")
+
+
+def text_cleaner(max_words: int):
+    from blip.data.tokenizer import pre_caption
+
+    return partial(pre_caption, max_words=max_words)
+
+
+def build_train_data(cfg: DictConfig, info: DistInfo, sources: list, weights: list[float]) -> TrainData:
+    from blip.data.transforms import image_transform
+
+    d, t = cfg.data, cfg.trainer
+    transform = image_transform(cfg.model.image_size, train=bool(d.augment), kind=cfg.model.transform,
+                                min_scale=d.min_scale)
+    samples = d.get("samples_per_epoch") or sum(s.num_samples for s in sources)
+    batches = samples // (t.batch_size * info.world_size)
+    batches -= batches % t.grad_accum
+    stream = ImageTextStream(sources, transform, batch_size=t.batch_size, batches_per_epoch=batches, weights=weights,
+                             seed=cfg.seed, rank=info.rank, world_size=info.world_size,
+                             shuffle_buffer=d.shuffle_buffer, text_fn=text_cleaner(d.max_words))
+    return TrainData(stream, num_workers=d.num_workers)
+
+
+# ---- run ---------------------------------------------------------------------------------------------------
+def find_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
+    if cfg.resume in (None, "", "none"):
+        return None
+    if cfg.resume != "latest":
+        return checkpoint_path(cfg.resume)
+    runs = sorted(p for p in (Path(cfg.output_root) / cfg.name).glob("*") if p.is_dir() and p != run_dir)
+    for candidate in reversed(runs):
+        if list_checkpoints(candidate / "checkpoints"):
+            return list_checkpoints(candidate / "checkpoints")[-1]
+    log.warning("resume=latest: no earlier run of %s with a checkpoint; starting fresh", cfg.name)
+    return None
+
+
+def prepare_model(model: nn.Module, cfg: DictConfig, info: DistInfo, policy: PrecisionPolicy) -> nn.Module:
+    t = cfg.trainer
+    cast = policy.cast_frozen(model)
+    if cast:
+        log.info("frozen towers stored in %s: %s", policy.frozen_dtype or policy.precision, ", ".join(cast))
+    if t.activation_checkpointing:
+        if hasattr(model, "set_grad_checkpointing"):
+            model.set_grad_checkpointing(True)
+        else:
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+            blocks = set(map(id, block_lists(model)))
+            apply_activation_checkpointing(model, check_fn=lambda m: id(m) in blocks)
+    model.to(info.device)
+    mixed = policy.compute_dtype if t.distributed.strategy == "fsdp" and policy.precision != "fp32" else None
+    model = wrap_model(model, info, t.distributed.strategy, mixed_dtype=mixed,
+                       find_unused_parameters=t.distributed.find_unused_parameters)
+    if t.compile:
+        model = torch.compile(model)
+    return model
+
+
+def run(cfg: DictConfig) -> dict:
+    t = cfg.trainer
+    info = init_distributed(t.device, t.distributed.backend)
+    if t.get("threads"):
+        torch.set_num_threads(int(t.threads))
+    run_dir = Path(cfg.run_dir)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    started = time.perf_counter()
+
+    sources, weights, eval_source = build_sources(cfg.data)  # every rank: the cache write is atomic
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model)
+    if cfg.get("init_from"):
+        load_init_weights(model, cfg.init_from)
+    if cfg.stage.id == 2 and t.get("llm_warmup_steps"):
+        from blip.train.stage2 import warm_up_llm
+
+        warm_up_llm(model, sources, t, info)
+    torch.manual_seed(cfg.seed + info.rank)
+
+    policy = PrecisionPolicy(t.precision, t.frozen_dtype, device_type=info.device.type)
+    wrapped = prepare_model(model, cfg, info, policy)
+    data = build_train_data(cfg, info, sources, weights)
+    optimizer = build_optimizer(unwrap(wrapped), name=t.optimizer.name, lr=t.optimizer.lr,
+                                weight_decay=t.optimizer.weight_decay, betas=tuple(t.optimizer.betas),
+                                eps=t.optimizer.eps, layer_decay=t.optimizer.layer_decay)
+    steps_per_epoch = data.batches_per_epoch // t.grad_accum
+    trainer = Trainer(wrapped, optimizer, None, info=info, precision=policy, grad_accum=t.grad_accum,
+                      grad_clip=t.grad_clip, epochs=t.epochs, max_steps=t.max_steps, log_every=t.log_every,
+                      checkpoint_dir=run_dir / "checkpoints", checkpoint_every=t.checkpoint_every,
+                      keep_last=t.keep_last, fsdp=t.distributed.strategy == "fsdp")
+    total = trainer.total_steps(data.batches_per_epoch)
+    trainer.schedule = IterationSchedule(optimizer, name=t.schedule.name, lr=t.optimizer.lr, total_steps=total,
+                                         steps_per_epoch=steps_per_epoch, warmup_steps=t.schedule.warmup_steps,
+                                         warmup_lr=t.schedule.warmup_lr, min_lr=t.schedule.min_lr,
+                                         decay_rate=t.schedule.decay_rate)
+    resume_from = find_resume(cfg, run_dir)
+    if resume_from is not None:
+        trainer.load_state_dict(load_checkpoint(resume_from, info))
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, trainer.state.step,
+                 trainer.state.epoch, trainer.state.batch)
+    n_train = sum(p.numel() for p in unwrap(wrapped).parameters() if p.requires_grad)
+    log.info("%s: %d trainable parameters, %d steps (%d per epoch), %d rank(s), run dir %s", cfg.model.arch, n_train,
+             total, steps_per_epoch, info.world_size, run_dir)
+    trainer.logger = MetricLogger(run_dir, enabled=info.is_main, tensorboard=t.tensorboard, total_steps=total,
+                                  initial_step=trainer.state.step, progress_bar=t.progress_bar)
+    history = trainer.fit(data)
+    trainer.logger.close()
+    train_seconds = time.perf_counter() - started
+
+    results = {"steps": trainer.state.step, "samples": trainer.state.samples, "skipped": trainer.state.skipped,
+               "train_seconds": round(train_seconds, 1)}
+    if info.is_main:
+        write_loss_curve(history, run_dir)
+        if cfg.eval.enabled and eval_source is not None:
+            results["eval"] = evaluate(unwrap(wrapped), cfg, eval_source, info)
+        results["total_seconds"] = round(time.perf_counter() - started, 1)
+        (run_dir / "results.json").write_text(json.dumps(results, indent=1))
+        print_summary(results, run_dir)
+    barrier(info)
+    return results
+
+
+def evaluate(model: nn.Module, cfg: DictConfig, source, info: DistInfo) -> dict:
+    from blip.data.transforms import image_transform
+    from blip.train.heldout import retrieval_eval
+
+    transform = image_transform(cfg.model.image_size, train=False, kind=cfg.model.transform)
+    batches = eval_batches(source, transform, cfg.eval.batch_size, text_cleaner(cfg.data.max_words))
+    if cfg.stage.id == 2:
+        from blip.train.stage2 import caption_eval
+
+        return caption_eval(model, batches, info.device, cfg)
+    return retrieval_eval(model, batches, info.device)
+
+
+def write_loss_curve(history: list[dict], run_dir: Path) -> None:
+    """loss_curve.json (every logged step) and loss_curve.svg (total loss against step; no plotting dependency)."""
+    points = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    (run_dir / "loss_curve.json").write_text(json.dumps(history))
+    if len(points) < 2:
+        return
+    w, h, pad = 640, 360, 40
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    sx = lambda x: pad + (w - 2 * pad) * (x - x0) / max(x1 - x0, 1e-9)  # noqa: E731
+    sy = lambda y: h - pad - (h - 2 * pad) * (y - y0) / max(y1 - y0, 1e-9)  # noqa: E731
+    path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
+    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
+           f'font-size="12"><rect width="100%" height="100%" fill="white"/>'
+           f'<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{path}"/>'
+           f'<text x="{pad}" y="20">training loss (step {x0}–{x1})</text>'
+           f'<text x="4" y="{sy(y1) + 4:.0f}">{y1:.2f}</text><text x="4" y="{sy(y0) + 4:.0f}">{y0:.2f}</text>'
+           f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/></svg>')
+    (run_dir / "loss_curve.svg").write_text(svg)
+
+
+def print_summary(results: dict, run_dir: Path) -> None:
+    ev = results.get("eval", {})
+    print(f"\ntrained {results['steps']} steps on {results['samples']} samples in {results['train_seconds']} s "
+          f"(skipped samples: {sum(results['skipped'].values())})")
+    if "i2t_r1" in ev:
+        print(f"held-out retrieval over {ev['num_images']} images / {ev['num_texts']} distinct captions: "
+              f"image→text R@1 {ev['i2t_r1']:.1f}% (chance {ev['chance_i2t_r1']:.1f}%), R@5 {ev['i2t_r5']:.1f}%; "
+              f"text→image R@1 {ev['t2i_r1']:.1f}% (chance {ev['chance_t2i_r1']:.1f}%)")
+    for sample in ev.get("samples", []):
+        print(f"  {sample['reference']!r:45} → {sample['generated']!r}")
+    if "acc_all_attributes" in ev:
+        print("held-out caption attribute accuracy: " + ", ".join(f"{k[4:]} {v:.1f}%" for k, v in ev.items()
+                                                                if k.startswith("acc_")))
+    print(f"results, loss curve, metrics and checkpoints in {run_dir}")
