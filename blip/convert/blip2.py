@@ -1,0 +1,218 @@
+"""BLIP-2 checkpoints (LAVIS ``.pth``, EVA ``eva_vit_g.pth``, HF directories) <-> blip's BLIP-2 modules.
+
+Shared pieces (also used by :mod:`blip.convert.blip2_llm`): pure ``state_dict -> state_dict`` converters for the
+frozen image encoder (``visual_encoder`` ViT + ``ln_vision``) and the Q-Former (``query_tokens`` + BERT stack). Each
+takes the destination prefix of the module in our model, so any model that holds a
+:class:`blip.models.qformer.FrozenImageEncoder` and a :class:`blip.models.qformer.QFormer` can use them:
+
+- our image encoder keys: ``{dst}visual_encoder.*`` (EVA/timm names) and ``{dst}ln_vision.*``;
+- our Q-Former keys: ``{dst}query_tokens`` and ``{dst}transformer.*`` (:class:`blip.nn.transformer.TextTransformer`).
+
+Each ``*_to_ours`` returns ``(converted, consumed_source_keys)`` so callers can list what a file carried unused.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor
+
+from ..checkpoints import CheckpointError, StateDict, bert_to_ours, hf_vit_to_ours, ours_to_bert, ours_to_hf_vit
+from ..nn.vit import resize_pos_embed
+
+VISION_PREFIX = "image_encoder."   # where blip's BLIP-2 models keep their FrozenImageEncoder
+QFORMER_PREFIX = "qformer."        # ... and their QFormer
+HF_QFORMER_EMB = {"layernorm": "embeddings.norm"}   # Blip2QFormerModel owns only the embedding LayerNorm
+
+# LAVIS keys that carry nothing a blip model needs (buffers, tied aliases)
+LAVIS_ALWAYS_UNUSED = [r"Qformer\.bert\.embeddings\.position_ids", r"Qformer\.cls\.predictions\.decoder\.(weight|bias)"]
+# the 40th EVA block (LAVIS builds 39 of them), EVA-CLIP's final norm / head, which LAVIS loads with strict=False
+EVA_FILE_UNUSED = [r"norm\.(weight|bias)", r"fc_norm\.(weight|bias)", r"head\.(weight|bias)", r"lm_head\..*"]
+
+
+def _split(sd: StateDict, src: str, dst: str, rename=lambda k: k) -> tuple[StateDict, set[str]]:
+    out, used = {}, set()
+    for k, v in sd.items():
+        if k.startswith(src):
+            out[dst + rename(k[len(src):])] = v
+            used.add(k)
+    return out, used
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# image encoder
+
+def lavis_vision_to_ours(sd: StateDict, dst: str = VISION_PREFIX) -> tuple[StateDict, set[str]]:
+    """LAVIS ``visual_encoder.*`` (EVA names = ours) and ``ln_vision.*`` -> ``{dst}visual_encoder.*``, ``{dst}ln_vision.*``.
+
+    fp16 EVA weights (LAVIS ``vit_precision="fp16"``) are returned as stored; ``load_into`` casts to the model dtype.
+    """
+    out, used = _split(sd, "visual_encoder.", dst + "visual_encoder.")
+    more, more_used = _split(sd, "ln_vision.", dst + "ln_vision.")
+    out.update(more)
+    return out, used | more_used
+
+
+def eva_vit_to_ours(sd: StateDict, dst: str = VISION_PREFIX, depth: int | None = None,
+                    num_patches: int | None = None) -> tuple[StateDict, set[str]]:
+    """A plain EVA ViT state dict (``eva_vit_g.pth``: ``cls_token``, ``blocks.N.*``...) -> ``{dst}visual_encoder.*``.
+
+    depth: keep blocks ``< depth`` (LAVIS builds EVA ViT-g with 39 of the file's 40 blocks); the others stay unconsumed
+    (see :data:`EVA_FILE_UNUSED` for the rest). num_patches: resize ``pos_embed`` bicubically as LAVIS's
+    ``interpolate_pos_embed`` does (e.g. 224 -> 364 px models).
+    """
+    out, used = {}, set()
+    for k, v in sd.items():
+        m = re.match(r"blocks\.(\d+)\.", k)
+        if m and depth is not None and int(m.group(1)) >= depth:
+            continue
+        if m or k in ("cls_token", "pos_embed") or k.startswith("patch_embed."):
+            if k == "pos_embed" and num_patches is not None:
+                v = resize_pos_embed(v, num_patches)
+            out[dst + "visual_encoder." + k] = v
+            used.add(k)
+    return out, used
+
+
+def unused_eva_keys(sd: StateDict, used: set[str]) -> list[str]:
+    """Keys of an EVA file that :func:`eva_vit_to_ours` did not take and that are not known-harmless."""
+    return [k for k in sd if k not in used and not re.match(r"blocks\.\d+\.", k)
+            and not any(re.fullmatch(p, k) for p in EVA_FILE_UNUSED)]
+
+
+def hf_vision_to_ours(sd: StateDict, dst: str = VISION_PREFIX, qv_bias: bool = True) -> tuple[StateDict, set[str]]:
+    """HF ``vision_model.*`` (Blip2VisionModel) -> ``{dst}visual_encoder.*``; ``post_layernorm`` -> ``{dst}ln_vision``.
+
+    HF's fused ``qkv.bias`` = cat(q_bias, k_bias, v_bias) is split into EVA's q_bias/v_bias; its k part is dropped:
+    a key bias adds the same amount to every logit of a query row, which softmax ignores.
+    """
+    out, used = hf_vit_to_ours(sd, "vision_model.", dst + "visual_encoder.", qv_bias=qv_bias)
+    renamed = {}
+    for k, v in out.items():
+        if k.startswith(dst + "visual_encoder.norm."):
+            k = dst + "ln_vision." + k[len(dst + "visual_encoder.norm."):]
+        renamed[k] = v
+    return renamed, used
+
+
+def ours_to_hf_vision(sd: StateDict, src: str = VISION_PREFIX) -> StateDict:
+    """Inverse of :func:`hf_vision_to_ours` (EVA q/v bias -> HF fused bias with a zero k part)."""
+    vit = {k: v for k, v in sd.items() if k.startswith(src + "visual_encoder.")}
+    out = ours_to_hf_vit(vit, src + "visual_encoder.", "vision_model.")
+    for k, v in sd.items():
+        if k.startswith(src + "ln_vision."):
+            out["vision_model.post_layernorm." + k[len(src + "ln_vision."):]] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Q-Former
+
+def lavis_qformer_to_ours(sd: StateDict, dst: str = QFORMER_PREFIX) -> tuple[StateDict, set[str]]:
+    """LAVIS ``query_tokens`` + ``Qformer.bert.*`` -> ``{dst}query_tokens`` + ``{dst}transformer.*``.
+
+    Stage-2 files lack the word/position embeddings and the text FFN; the result then lacks them too (build the
+    Q-Former with ``word_embeddings=False, text_ffn=False``). The LM head (``Qformer.cls``) is :func:`lavis_lm_head_to_ours`.
+    """
+    out, used = bert_to_ours(sd, "Qformer.bert.", dst + "transformer.")
+    if "query_tokens" in sd:
+        out[dst + "query_tokens"] = sd["query_tokens"]
+        used.add("query_tokens")
+    used |= {k for k in sd if re.fullmatch(LAVIS_ALWAYS_UNUSED[0], k)}
+    return out, used
+
+
+def lavis_lm_head_to_ours(sd: StateDict, dst: str = "lm_head.") -> tuple[StateDict, set[str]]:
+    """LAVIS ``Qformer.cls.predictions.{transform.dense, transform.LayerNorm, bias}`` -> :class:`LMHead` keys.
+
+    ``decoder.weight`` / ``decoder.bias`` are tied aliases of the word embeddings / ``bias``; they are consumed and
+    checked to be equal to what they alias (a file where they differ was not saved from a tied model).
+    """
+    src = "Qformer.cls.predictions."
+    names = {"transform.dense.": "dense.", "transform.LayerNorm.": "norm."}
+    out, used = {}, set()
+    for k, v in sd.items():
+        if not k.startswith(src):
+            continue
+        rest = k[len(src):]
+        for s, d in names.items():
+            if rest.startswith(s):
+                out[dst + d + rest[len(s):]] = v
+                used.add(k)
+        if rest == "bias":
+            out[dst + "bias"] = v
+            used.add(k)
+    _check_alias(sd, src + "decoder.weight", "Qformer.bert.embeddings.word_embeddings.weight", used)
+    _check_alias(sd, src + "decoder.bias", src + "bias", used)
+    return out, used
+
+
+def _check_alias(sd: StateDict, alias: str, target: str, used: set[str]) -> None:
+    if alias in sd and target in sd:
+        if not torch.equal(sd[alias].float(), sd[target].float()):
+            raise CheckpointError(f"{alias} differs from {target}: BLIP-2 ties them; this file was not saved from a "
+                                  "tied LAVIS model")
+        used.add(alias)
+
+
+def hf_qformer_to_ours(sd: StateDict, dst: str = QFORMER_PREFIX, text_embeddings: str | None = "embeddings.",
+                       qformer_src: str = "qformer.", embeddings: dict[str, str] | None = None
+                       ) -> tuple[StateDict, set[str]]:
+    """HF ``query_tokens`` + ``qformer.*`` (+ Blip2ForImageTextRetrieval's top-level ``embeddings.*``) -> ours.
+
+    text_embeddings: prefix of HF's separate ``Blip2TextEmbeddings`` (word/position embeddings), None if absent.
+    embeddings: embedding-name map inside ``qformer_src`` (default: only ``layernorm``; InstructBLIP:
+    ``{"embeddings.word_embeddings": "embeddings.word", "embeddings.position_embeddings": "embeddings.position",
+    "embeddings.layernorm": "embeddings.norm"}``).
+    """
+    out, used = bert_to_ours(sd, qformer_src, dst + "transformer.", self_name="attention",
+                             embeddings=embeddings if embeddings is not None else HF_QFORMER_EMB)
+    if "query_tokens" in sd:
+        out[dst + "query_tokens"] = sd["query_tokens"]
+        used.add("query_tokens")
+    if text_embeddings is not None:
+        for s, d in (("word_embeddings", "embeddings.word"), ("position_embeddings", "embeddings.position")):
+            k = f"{text_embeddings}{s}.weight"
+            if k in sd:
+                out[f"{dst}transformer.{d}.weight"] = sd[k]
+                used.add(k)
+        used |= {k for k in sd if k == f"{text_embeddings}position_ids"}
+    return out, used
+
+
+def ours_to_hf_qformer(sd: StateDict, src: str = QFORMER_PREFIX, text_embeddings: str | None = "embeddings.",
+                       qformer_dst: str = "qformer.") -> StateDict:
+    """Inverse of :func:`hf_qformer_to_ours` (split fused q/k/v and k/v projections back into BERT names)."""
+    out = ours_to_bert(sd, src + "transformer.", qformer_dst, self_name="attention", embeddings=HF_QFORMER_EMB)
+    if src + "query_tokens" in sd:
+        out["query_tokens"] = sd[src + "query_tokens"]
+    if text_embeddings is not None:
+        for s, d in (("word_embeddings", "embeddings.word"), ("position_embeddings", "embeddings.position")):
+            k = f"{src}transformer.{d}.weight"
+            if k in sd:
+                out[f"{text_embeddings}{s}.weight"] = sd[k]
+    return out
+
+
+def is_lavis_blip2(sd: StateDict) -> bool:
+    """True for any LAVIS BLIP-2 / InstructBLIP checkpoint (stage 1, stage 2, fine-tuned)."""
+    return "query_tokens" in sd or any(k.startswith("Qformer.") for k in sd)
+
+
+def is_lavis_stage2(sd: StateDict) -> bool:
+    """True when the file belongs to an LLM model (projection or LLM weights present)."""
+    return any(k.startswith(p) for k in sd for p in ("opt_proj.", "t5_proj.", "llm_proj.", "opt_model.",
+                                                     "t5_model.", "llm_model."))
+
+
+def to_float(sd: StateDict, dtype: torch.dtype = torch.float32) -> StateDict:
+    """Floating tensors cast to ``dtype`` (e.g. LAVIS's fp16 EVA weights before comparing); others untouched."""
+    return {k: (v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v) for k, v in sd.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# family plumbing (blip.api)
+
+def owns(sd: StateDict) -> bool:
+    """blip.api: this family loads every LAVIS BLIP-2 checkpoint (keys ``Qformer.*`` or ``query_tokens``)."""
+    return is_lavis_blip2(sd)
