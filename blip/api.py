@@ -52,10 +52,17 @@ def load(source: str | Path, *, arch: str | None = None, task: str | None = None
     """Load a checkpoint into the matching model, in eval mode.
 
     source: an HF model directory (``config.json["architectures"]`` picks the class), an original BLIP / LAVIS
-    ``.pth`` (``arch``/``task`` where the file can't tell), or a ``.safetensors`` exported by blip.
+    ``.pth`` (``arch``/``task`` where the file can't tell), a ``.safetensors`` exported by blip, or a name from
+    ``blip.zoo.PRETRAINED`` (the file must already be under ``$BLIP_HOME``: blip never downloads).
     llm: HF directory of the language model for BLIP-2 checkpoints that carry no LLM weights.
     """
     path = Path(source)
+    if not path.exists() and isinstance(source, str):
+        from .zoo import PRETRAINED, resolve
+        if source in PRETRAINED:
+            entry = PRETRAINED[source]
+            path = resolve(source)
+            arch, task = arch or entry.arch, task or entry.task
     if path.is_dir():
         config_file = path / "config.json"
         if not config_file.exists():

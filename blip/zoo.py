@@ -1,0 +1,72 @@
+"""Named pretrained checkpoints: where the official files live and how to load them.
+
+blip never downloads. ``blip.load("blip-base-caption")`` looks for the file under ``$BLIP_HOME`` (default
+``~/.cache/blip``) and, when it's missing, raises an error with the URL to fetch it from.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+BLIP_GCS = "https://storage.googleapis.com/sfr-vision-language-research/BLIP/models"
+LAVIS_GCS = "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models"
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    url: str              # original file (BLIP / LAVIS .pth) or HF hub repo id
+    arch: str
+    task: str
+    image_size: int
+    needs: tuple[str, ...] = ()   # other files the checkpoint relies on (frozen ViT, LLM directory)
+
+
+PRETRAINED: dict[str, Pretrained] = {
+    # BLIP (salesforce/BLIP releases)
+    "blip-base": Pretrained(f"{BLIP_GCS}/model_base.pth", "blip_base", "pretrain", 224),
+    "blip-base-capfilt-large": Pretrained(f"{BLIP_GCS}/model_base_capfilt_large.pth", "blip_base", "pretrain", 224),
+    "blip-large": Pretrained(f"{BLIP_GCS}/model_large.pth", "blip_large", "pretrain", 224),
+    "blip-base-caption": Pretrained(f"{BLIP_GCS}/model_base_caption_capfilt_large.pth", "blip_base", "caption", 384),
+    "blip-large-caption": Pretrained(f"{BLIP_GCS}/model_large_caption.pth", "blip_large", "caption", 384),
+    "blip-base-vqa": Pretrained(f"{BLIP_GCS}/model_base_vqa_capfilt_large.pth", "blip_base", "vqa", 480),
+    "blip-base-retrieval-coco": Pretrained(f"{BLIP_GCS}/model_base_retrieval_coco.pth", "blip_base", "retrieval", 384),
+    "blip-large-retrieval-coco": Pretrained(f"{BLIP_GCS}/model_large_retrieval_coco.pth", "blip_large", "retrieval", 384),
+    "blip-base-retrieval-flickr": Pretrained(f"{BLIP_GCS}/model_base_retrieval_flickr.pth", "blip_base", "retrieval", 384),
+    # HF transformers ports
+    "hf-blip-image-captioning-base": Pretrained("Salesforce/blip-image-captioning-base", "blip_base", "caption", 384),
+    "hf-blip-image-captioning-large": Pretrained("Salesforce/blip-image-captioning-large", "blip_large", "caption", 384),
+    "hf-blip-vqa-base": Pretrained("Salesforce/blip-vqa-base", "blip_base", "vqa", 384),
+    "hf-blip-itm-base-coco": Pretrained("Salesforce/blip-itm-base-coco", "blip_base", "retrieval", 384),
+    # BLIP-2 (LAVIS releases: trainable parameters only; the ViT and the LLM come from elsewhere)
+    "blip2-eva-vit-g": Pretrained(f"{LAVIS_GCS}/BLIP2/eva_vit_g.pth", "blip2_vitg_qformer", "vision", 224),
+    "blip2-pretrain": Pretrained(f"{LAVIS_GCS}/BLIP2/blip2_pretrained.pth", "blip2_vitg_qformer", "stage1", 224,
+                                 needs=("blip2-eva-vit-g",)),
+    "blip2-pretrain-opt2.7b": Pretrained(f"{LAVIS_GCS}/BLIP2/blip2_pretrained_opt2.7b.pth", "blip2_vitg_opt2.7b",
+                                         "stage2", 224, needs=("blip2-eva-vit-g", "facebook/opt-2.7b")),
+    "blip2-pretrain-flant5xl": Pretrained(f"{LAVIS_GCS}/BLIP2/blip2_pretrained_flant5xl.pth", "blip2_vitg_flant5xl",
+                                          "stage2", 224, needs=("blip2-eva-vit-g", "google/flan-t5-xl")),
+    "hf-blip2-opt-2.7b": Pretrained("Salesforce/blip2-opt-2.7b", "blip2_vitg_opt2.7b", "stage2", 224),
+    "hf-blip2-flan-t5-xl": Pretrained("Salesforce/blip2-flan-t5-xl", "blip2_vitg_flant5xl", "stage2", 224),
+    "hf-blip2-itm-vit-g": Pretrained("Salesforce/blip2-itm-vit-g", "blip2_vitg_qformer", "stage1", 224),
+    "hf-instructblip-vicuna-7b": Pretrained("Salesforce/instructblip-vicuna-7b", "instructblip_vicuna7b", "instruct", 224),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BLIP_HOME", Path.home() / ".cache" / "blip"))
+
+
+def resolve(name: str) -> Path:
+    """Local path of a named checkpoint (a file for .pth releases, a directory for HF repos)."""
+    if name not in PRETRAINED:
+        raise KeyError(f"unknown pretrained name {name!r}; known: {sorted(PRETRAINED)}")
+    entry = PRETRAINED[name]
+    is_hf = not entry.url.startswith("http")
+    local = cache_dir() / (entry.url.replace("/", "--") if is_hf else entry.url.rsplit("/", 1)[-1])
+    if not local.exists():
+        how = (f"`huggingface-cli download {entry.url} --local-dir {local}`" if is_hf
+               else f"`wget -P {cache_dir()} {entry.url}`")
+        raise FileNotFoundError(f"{name}: {local} is not there and blip never downloads. Fetch it with {how}, "
+                                f"or pass the path to blip.load directly.")
+    return local
