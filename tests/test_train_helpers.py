@@ -33,8 +33,10 @@ class TinyVisual(nn.Module):
 
 
 class TinyModel(nn.Module):
-    def __init__(self, image_size: int = 32, dim: int = 32, depth: int = 3, vocab: int = 30524) -> None:
+    def __init__(self, image_size: int = 32, dim: int = 32, depth: int = 3, vocab: int = 30524,
+                 dropout: float = 0.0) -> None:
         super().__init__()
+        self.dropout = nn.Dropout(dropout)  # exercises RNG-state restore on resume
         from blip.data.tokenizer import get_tokenizer
 
         self.tokenizer = get_tokenizer("blip")
@@ -50,7 +52,7 @@ class TinyModel(nn.Module):
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         mask = attention_mask.unsqueeze(-1).float()
         pooled = (self.word_embeddings(input_ids) * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return F.normalize(self.text_proj(pooled), dim=-1)
+        return F.normalize(self.text_proj(self.dropout(pooled)), dim=-1)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         tok = self.tokenizer(batch["text"], padding="longest", return_tensors="pt")
@@ -67,3 +69,37 @@ class TinyModel(nn.Module):
 
 def build_tiny(arch: str, task: str, **overrides) -> TinyModel:
     return TinyModel(**overrides)
+
+
+class FixedBatches:
+    """A TrainData-like source of precomputed batches: `batches[epoch][i]`, here the same list every epoch."""
+
+    def __init__(self, batches: list[dict]) -> None:
+        self.batches = batches
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.batches)
+
+    def iterate(self, epoch: int, start_batch: int = 0):
+        return iter([dict(b) for b in self.batches[start_batch:]])
+
+
+def random_batches(n: int, batch_size: int, image_size: int = 32, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    words = ["red", "green", "blue", "circle", "square", "small", "large", "left", "right"]
+    out = []
+    for _ in range(n):
+        idx = torch.randint(len(words), (batch_size, 3), generator=g).tolist()
+        out.append({"pixel_values": torch.randn(batch_size, 3, image_size, image_size, generator=g),
+                    "text": [" ".join(words[j] for j in row) for row in idx],
+                    "image_ids": torch.arange(batch_size)})
+    return out
+
+
+def split_batch(batch: dict, parts: int) -> list[dict]:
+    """One batch → `parts` equal consecutive slices."""
+    size = len(batch["text"]) // parts
+    return [{"pixel_values": batch["pixel_values"][i * size:(i + 1) * size],
+             "text": batch["text"][i * size:(i + 1) * size],
+             "image_ids": batch["image_ids"][i * size:(i + 1) * size]} for i in range(parts)]

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from blip.data.collate import collate_image_text
-from blip.data.mixing import Source, mixed, shuffled, slot_stream
+from blip.data.mixing import Source, mixed, slot_stream
 from blip.data.skips import SkipCounter
 from blip.data.webdataset import stable_id
 
@@ -114,9 +114,8 @@ class ImageTextStream(IterableDataset):
         self.epoch, self.start_batch = epoch, start_batch
 
     def _samples(self, slot: int, num_slots: int, skips: SkipCounter, seeds: list[int]) -> Iterator[dict]:
-        streams = [shuffled(slot_stream(s, seed=self.seed + 1000 * i, epoch=self.epoch, slot=slot,
-                                        num_slots=num_slots, skips=skips),
-                            self.shuffle_buffer, np.random.default_rng(seeds + [i]))
+        streams = [slot_stream(s, seed=self.seed + 1000 * i, epoch=self.epoch, slot=slot, num_slots=num_slots,
+                               skips=skips, shuffle_buffer=self.shuffle_buffer, rng=np.random.default_rng(seeds + [i]))
                    for i, s in enumerate(self.sources)]
         return mixed(streams, self.weights, np.random.default_rng(seeds + [len(self.sources)]))
 
@@ -173,7 +172,10 @@ class TrainData:
         self.dataset.set_position(epoch, start_batch)
         if start_batch >= self.batches_per_epoch:
             return iter(())
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+        # an own generator: creating the iterator must not draw from the global RNG (a resumed run creates it at
+        # another point of the RNG stream than the uninterrupted run did)
+        generator = torch.Generator().manual_seed(self.dataset.seed * 100_003 + epoch)
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, generator=generator,
                             worker_init_fn=_worker_init if self.num_workers else None,
                             prefetch_factor=4 if self.num_workers else None)
         return iter(loader)

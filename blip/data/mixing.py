@@ -24,32 +24,37 @@ class Source(Protocol):
     def iter_unit(self, index: int, skips: SkipCounter) -> Iterator[dict]: ...
 
 
-def slot_stream(source: Source, *, seed: int, epoch: int, slot: int, num_slots: int,
-                skips: SkipCounter) -> Iterator[dict]:
-    """Endless raw samples of one slot (= one worker of one rank): its share of the units, re-permuted every pass.
+def slot_stream(source: Source, *, seed: int, epoch: int, slot: int, num_slots: int, skips: SkipCounter,
+                shuffle_buffer: int = 0, rng: np.random.Generator | None = None) -> Iterator[dict]:
+    """Endless raw samples of one slot (= one worker of one rank): its share of the units, re-permuted every pass,
+    shuffled through a buffer within each pass (so a pass is read in full before the next begins).
 
     With at least as many units (shards) as slots each slot reads its own units; with fewer, every slot reads all
     units and keeps every `num_slots`-th sample, so small datasets still split evenly.
     """
+    rng = rng if rng is not None else np.random.default_rng([seed, epoch, slot])
     for pass_index in itertools.count():
         order = np.random.default_rng([seed, epoch, pass_index]).permutation(source.num_units)
         produced = 0
-        if source.num_units >= num_slots:
-            for unit in order[slot::num_slots]:
-                for sample in source.iter_unit(int(unit), skips):
-                    produced += 1
-                    yield sample
-        else:
-            counter = 0
-            for unit in order:
-                for sample in source.iter_unit(int(unit), skips):
-                    if counter % num_slots == slot:
-                        produced += 1
-                        yield sample
-                    counter += 1
+        for sample in shuffled(_one_pass(source, order, slot, num_slots, skips), shuffle_buffer, rng):
+            produced += 1
+            yield sample
         if produced == 0:
             raise RuntimeError(f"slot {slot}/{num_slots} got no readable sample in a full pass over "
                                f"{type(source).__name__} with {source.num_units} units")
+
+
+def _one_pass(source: Source, order: np.ndarray, slot: int, num_slots: int, skips: SkipCounter) -> Iterator[dict]:
+    if source.num_units >= num_slots:
+        for unit in order[slot::num_slots]:
+            yield from source.iter_unit(int(unit), skips)
+        return
+    counter = 0
+    for unit in order:
+        for sample in source.iter_unit(int(unit), skips):
+            if counter % num_slots == slot:
+                yield sample
+            counter += 1
 
 
 def shuffled(stream: Iterator[dict], buffer_size: int, rng: np.random.Generator) -> Iterator[dict]:
