@@ -1,0 +1,251 @@
+"""BLIP (v1) checkpoints: original salesforce/BLIP and LAVIS ``.pth``, HF transformers directories, our own
+safetensors, and export to the HF layout. Pure ``state_dict -> state_dict`` functions plus the loaders.
+
+Formats and what each is expected to carry without use (everything else must load, or loading fails):
+- every format: ``*.position_ids`` buffers and the tied LM-head aliases ``cls.predictions.decoder.{weight,bias}``;
+- pretraining checkpoints (BLIP ``model_base.pth`` ...): momentum copies ``*_m``, ``image_queue``/``text_queue``/
+  ``idx_queue``, ``queue_ptr``/``ptr_queue``, ``temp``;
+- a task model takes what it needs: a caption model ignores ``text_encoder``/projections/``itm_head``, retrieval
+  and the feature extractor ignore ``text_decoder`` (and the latter ``itm_head``), VQA ignores projections and ITM.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..checkpoints import (CheckpointError, LoadReport, StateDict, bert_to_ours, hf_vit_to_ours, load_into,
+                           ours_to_bert, ours_to_hf_vit, read_state_dict)
+from ..models.blip import ARCHS, BlipConfig, build
+from ..models.blip_tasks import BlipCaption, BlipFeatureExtractor, BlipRetrieval, BlipVQA
+from ..nn.transformer import TextConfig
+from ..nn.vit import VisionConfig, resize_pos_embed
+
+ALWAYS_UNUSED = [r".*embeddings\.position_ids", r"text_decoder(_m)?\.cls\.predictions\.decoder\.(weight|bias)"]
+PRETRAIN_UNUSED = [r".*_m\..*", r"(image|text|idx)_queue", r"queue_ptr", r"ptr_queue", r"temp"]
+TASK_UNUSED = {
+    "caption": [r"text_encoder\..*", r"(vision_proj|text_proj|itm_head)\..*"],
+    "retrieval": [r"text_decoder\..*"],
+    "feature_extractor": [r"text_decoder\..*", r"itm_head\..*"],
+    "vqa": [r"(vision_proj|text_proj|itm_head)\..*"],
+    "pretrain": [],
+}
+_LM_HEAD = [("predictions.bias", "bias"), ("predictions.transform.dense.", "dense."),
+            ("predictions.transform.LayerNorm.", "norm.")]
+_PASS_THROUGH = re.compile(r"(visual_encoder(_m)?|vision_proj(_m)?|text_proj(_m)?|itm_head)\.")
+
+
+def owns(sd: StateDict) -> bool:
+    """Original BLIP / LAVIS BLIP / blip's own layout: a timm-named ViT plus MED text towers, and no Q-Former."""
+    if "visual_encoder.blocks.0.attn.qkv.weight" not in sd:
+        return False
+    if any(k.startswith(("Qformer.", "query_tokens", "qformer.")) for k in sd):
+        return False
+    return any(k.startswith(("text_encoder.", "text_decoder.")) for k in sd)
+
+
+def is_ours(sd: StateDict) -> bool:
+    return any(k.startswith(("text_decoder.transformer.", "text_encoder.layers.")) for k in sd)
+
+
+def is_pretrain(sd: StateDict) -> bool:
+    return any(re.fullmatch(p, k) for k in sd for p in PRETRAIN_UNUSED)
+
+
+def original_to_ours(sd: StateDict) -> StateDict:
+    """Original BLIP / LAVIS keys -> ours. Keys it does not know are passed through (``load_into`` judges them)."""
+    out: StateDict = {}
+    used: set[str] = set()
+    for tower in ("text_encoder", "text_encoder_m"):
+        conv, u = bert_to_ours(sd, f"{tower}.", f"{tower}.")
+        out.update(conv), used.update(u)
+    for tower in ("text_decoder", "text_decoder_m"):
+        conv, u = bert_to_ours(sd, f"{tower}.bert.", f"{tower}.transformer.")
+        out.update(conv), used.update(u)
+        for src, dst in _LM_HEAD:
+            for k, v in sd.items():
+                if k.startswith(f"{tower}.cls.{src}"):
+                    out[f"{tower}.lm_head.{dst}{k[len(f'{tower}.cls.{src}'):]}"] = v
+                    used.add(k)
+    out.update({k: v for k, v in sd.items() if k not in used})
+    return out
+
+
+def hf_to_ours(sd: StateDict) -> StateDict:
+    """HF ``BlipFor*`` keys -> ours: HF renamed only the ViT; the text towers keep the original MED names."""
+    vision, used = hf_vit_to_ours(sd, "vision_model.", "visual_encoder.")
+    rest = original_to_ours({k: v for k, v in sd.items() if k not in used})
+    return {**vision, **rest}
+
+
+def ours_to_original(sd: StateDict) -> StateDict:
+    """Ours -> original BLIP / LAVIS keys (used by the HF export; the tied decoder alias is not written)."""
+    out: StateDict = {k: v for k, v in sd.items() if _PASS_THROUGH.match(k)}
+    for tower in ("text_encoder", "text_encoder_m"):
+        out.update(ours_to_bert(sd, f"{tower}.", f"{tower}."))
+    for tower in ("text_decoder", "text_decoder_m"):
+        out.update(ours_to_bert(sd, f"{tower}.transformer.", f"{tower}.bert."))
+        for src, dst in _LM_HEAD:
+            for k, v in sd.items():
+                if k.startswith(f"{tower}.lm_head.{dst}"):
+                    out[f"{tower}.cls.{src}{k[len(f'{tower}.lm_head.{dst}'):]}"] = v
+    return out
+
+
+def detect_task(sd: StateDict) -> str:
+    """Task from the keys (ours or original names): decoder only -> caption; encoder + ITM head -> retrieval;
+    encoder + decoder -> vqa. A pretraining checkpoint holds everything: the caller must choose."""
+    has = {p: any(k.startswith(p) for k in sd) for p in ("text_encoder.", "text_decoder.", "itm_head.")}
+    if is_pretrain(sd) or (has["text_decoder."] and has["itm_head."]):
+        raise CheckpointError("this is a BLIP pretraining checkpoint (text encoder, decoder, ITM head): pass "
+                              "task='caption' | 'retrieval' | 'vqa' | 'feature_extractor' | 'pretrain'")
+    if has["text_decoder."] and has["text_encoder."]:
+        return "vqa"
+    if has["text_decoder."]:
+        return "caption"
+    if has["text_encoder."]:
+        return "retrieval" if has["itm_head."] else "feature_extractor"
+    raise CheckpointError("no BLIP text tower (text_encoder / text_decoder) in the checkpoint")
+
+
+def _count(sd: StateDict, pattern: str) -> int:
+    return len({m.group(1) for k in sd if (m := re.match(pattern, k))})
+
+
+def config_from_state_dict(sd: StateDict) -> BlipConfig:
+    """Sizes from tensor shapes (ours layout). Head counts are not stored: 64-wide heads are assumed (true for
+    ViT-B/L and BERT-base); pass ``vision={"heads": ...}``/``text={"num_heads": ...}`` otherwise."""
+    v = "visual_encoder."
+    width, patch = sd[v + "cls_token"].shape[-1], sd[v + "patch_embed.proj.weight"].shape[-1]
+    grid = math.isqrt(sd[v + "pos_embed"].shape[1] - 1)
+    vision = VisionConfig(image_size=grid * patch, patch_size=patch, width=width, heads=max(width // 64, 1),
+                          depth=_count(sd, r"visual_encoder\.blocks\.(\d+)\."),
+                          mlp_dim=sd[v + "blocks.0.mlp.fc1.weight"].shape[0])
+    t = "text_encoder." if "text_encoder.embeddings.word.weight" in sd else "text_decoder.transformer."
+    hidden = sd[t + "embeddings.word.weight"].shape[1]
+    text = TextConfig(vocab_size=sd[t + "embeddings.word.weight"].shape[0], hidden_size=hidden,
+                      num_layers=_count(sd, re.escape(t) + r"layers\.(\d+)\."), num_heads=max(hidden // 64, 1),
+                      intermediate_size=sd[t + "layers.0.ffn.fc1.weight"].shape[0],
+                      max_position_embeddings=sd[t + "embeddings.position.weight"].shape[0], encoder_width=width)
+    embed_dim = sd["vision_proj.weight"].shape[0] if "vision_proj.weight" in sd else 256
+    return BlipConfig(vision, text, embed_dim=embed_dim)
+
+
+def _fit_pos_embed(sd: StateDict, model: nn.Module, report: LoadReport) -> None:
+    """Bicubic pos-embed interpolation when the checkpoint grid differs (224-px checkpoint -> 384-px model)."""
+    own = model.state_dict()
+    for key in [k for k in sd if k.endswith("pos_embed") and k in own]:
+        old = sd[key].shape[1]
+        if old != own[key].shape[1]:
+            sd[key] = resize_pos_embed(sd[key], own[key].shape[1] - 1)
+            report.resized.append(f"{key} {old}->{own[key].shape[1]} positions")
+
+
+def load_state(model: nn.Module, sd: StateDict, source: str, task: str, pretrain: bool = False) -> LoadReport:
+    """Load a converted (ours-layout) state dict against the explicit expected-unused lists; keep the report."""
+    report = LoadReport(source)
+    _fit_pos_embed(sd, model, report)
+    unused = ALWAYS_UNUSED + TASK_UNUSED.get(task, []) + (PRETRAIN_UNUSED if pretrain else [])
+    load_into(model, sd, source, expected_unused=unused, report=report)
+    model.load_report = report
+    return report
+
+
+def load_original(state_dict: StateDict, source: str, arch: str | None = None, task: str | None = None,
+                  llm=None, config: BlipConfig | None = None, **overrides) -> nn.Module:
+    """Original BLIP / LAVIS / blip-layout state dict -> task model.
+
+    Config: ``config`` if given, else ``ARCHS[arch]``, else inferred from the shapes; then ``overrides``
+    (``image_size=384`` loads a 224-px checkpoint into a 384-px model, ``vision={"heads": 4}``...).
+    """
+    if llm is not None:
+        raise ValueError("BLIP (v1) models have no separate language model: drop llm=")
+    pretrain = is_pretrain(state_dict)
+    sd = dict(state_dict) if is_ours(state_dict) else original_to_ours(state_dict)
+    task = task or detect_task(sd)
+    if config is None:
+        config = ARCHS[arch] if arch is not None else config_from_state_dict(sd)
+    model = build(config.with_overrides(**overrides), task)
+    load_state(model, sd, source, task, pretrain)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HF transformers directories
+
+HF_CLASSES = {"BlipForConditionalGeneration": "caption", "BlipForImageTextRetrieval": "retrieval",
+              "BlipForQuestionAnswering": "vqa"}
+
+
+def config_from_hf(directory: str | Path) -> BlipConfig:
+    """config.json (read by transformers' own BlipConfig, so its defaults apply) -> our config."""
+    from transformers import BlipConfig as HFBlipConfig
+    hf = HFBlipConfig.from_pretrained(str(directory), local_files_only=True)
+    vc, tc = hf.vision_config, hf.text_config
+    for name, act in (("vision", vc.hidden_act), ("text", tc.hidden_act)):
+        if act != "gelu":
+            raise CheckpointError(f"{directory}: {name} hidden_act {act!r} is not supported (BLIP uses exact 'gelu')")
+    vision = VisionConfig(image_size=vc.image_size, patch_size=vc.patch_size, width=vc.hidden_size,
+                          depth=vc.num_hidden_layers, heads=vc.num_attention_heads, mlp_dim=vc.intermediate_size,
+                          layer_norm_eps=vc.layer_norm_eps)
+    text = TextConfig(vocab_size=tc.vocab_size, hidden_size=tc.hidden_size, num_layers=tc.num_hidden_layers,
+                      num_heads=tc.num_attention_heads, intermediate_size=tc.intermediate_size,
+                      max_position_embeddings=tc.max_position_embeddings, layer_norm_eps=tc.layer_norm_eps,
+                      encoder_width=vc.hidden_size)
+    return BlipConfig(vision, text, embed_dim=hf.image_text_hidden_size, bos_token_id=tc.bos_token_id,
+                      sep_token_id=tc.sep_token_id, pad_token_id=tc.pad_token_id)
+
+
+def load_hf(directory: str | Path, task: str | None = None, llm=None, **_) -> nn.Module:
+    """An HF ``BlipFor*`` directory (``save_pretrained``) -> our task model."""
+    directory = Path(directory)
+    if task is None:
+        archs = json.loads((directory / "config.json").read_text()).get("architectures") or []
+        task = next((HF_CLASSES[a] for a in archs if a in HF_CLASSES), None)
+        if task is None:
+            raise CheckpointError(f"{directory}: architectures {archs} name no BLIP task model")
+    model = build(config_from_hf(directory), task)
+    load_state(model, hf_to_ours(read_state_dict(directory)), str(directory), task)
+    return model.eval()
+
+
+HF_LOADERS = {name: (lambda d, llm=None, _t=task, **kw: load_hf(d, _t, llm, **kw)) for name, task in HF_CLASSES.items()}
+
+
+def export_hf(model: nn.Module, directory: str | Path) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` that transformers' ``BlipFor*.from_pretrained`` loads."""
+    from safetensors.torch import save_file
+    from transformers import BlipConfig as HFBlipConfig
+    classes = {BlipCaption: "BlipForConditionalGeneration", BlipRetrieval: "BlipForImageTextRetrieval",
+               BlipVQA: "BlipForQuestionAnswering"}
+    name = classes.get(type(model))
+    if name is None:
+        raise TypeError(f"no HF class for {type(model).__name__}; exportable: {[c.__name__ for c in classes]}")
+    cfg: BlipConfig = model.cfg
+    if isinstance(model, BlipVQA) and cfg.text.hidden_size != cfg.vision.width:
+        raise ValueError("HF BlipForQuestionAnswering needs vision width == text hidden size")
+    v, t = cfg.vision, cfg.text
+    hf = HFBlipConfig(
+        vision_config=dict(hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=v.depth,
+                           num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size,
+                           layer_norm_eps=v.layer_norm_eps, hidden_act="gelu", initializer_range=0.02),
+        text_config=dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size, num_hidden_layers=t.num_layers,
+                         num_attention_heads=t.num_heads, intermediate_size=t.intermediate_size,
+                         max_position_embeddings=t.max_position_embeddings, layer_norm_eps=t.layer_norm_eps,
+                         encoder_hidden_size=v.width, bos_token_id=cfg.bos_token_id, sep_token_id=cfg.sep_token_id,
+                         pad_token_id=cfg.pad_token_id, hidden_act="gelu"),
+        image_text_hidden_size=cfg.embed_dim)
+    hf.architectures = [name]
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    out = ours_to_hf_vit(sd, "visual_encoder.", "vision_model.")
+    out.update({k: v for k, v in ours_to_original(sd).items() if not k.startswith("visual_encoder.")})
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(str(directory))
+    save_file({k: v.contiguous() for k, v in out.items()}, str(directory / "model.safetensors"),
+              metadata={"format": "pt"})
+    return directory

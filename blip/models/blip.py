@@ -1,0 +1,53 @@
+"""BLIP (v1) family plug-in: named architectures, tasks and ``create``.
+
+Task models live in :mod:`blip.models.blip_tasks` (tensor API) with string conveniences from
+:mod:`blip.models.blip_strings`; checkpoint conversion in :mod:`blip.convert.blip`.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ..nn.transformer import TextConfig
+from ..nn.vit import VisionConfig
+from .blip_core import BlipConfig, BlipOutput, TextDecoder
+from .blip_tasks import BlipCaption, BlipFeatureExtractor, BlipRetrieval, BlipVQA, RankOutput, RetrievalOutput
+
+__all__ = ["ARCHS", "TASKS", "create", "BlipConfig", "BlipCaption", "BlipRetrieval", "BlipVQA", "BlipFeatureExtractor",
+           "BlipOutput", "RankOutput", "RetrievalOutput", "TextDecoder"]
+
+ARCHS: dict[str, BlipConfig] = {
+    # ViT-B/16 at 384 px + BERT-base MED (768 / 12 layers / 12 heads), vocab 30522 + [DEC] + [ENC]
+    "blip_base": BlipConfig(VisionConfig(image_size=384, patch_size=16, width=768, depth=12, heads=12, mlp_dim=3072),
+                            TextConfig(), embed_dim=256),
+    # ViT-L/16: the text encoder/decoder cross-attend to 1024-wide image features
+    "blip_large": BlipConfig(VisionConfig(image_size=384, patch_size=16, width=1024, depth=24, heads=16, mlp_dim=4096),
+                             TextConfig(encoder_width=1024), embed_dim=256),
+    # tests and the embedded training default: real vocab (the tokenizer works), tiny everything else
+    "blip_tiny": BlipConfig(VisionConfig(image_size=64, patch_size=16, width=64, depth=2, heads=4, mlp_dim=256),
+                            TextConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256,
+                                       encoder_width=64), embed_dim=32),
+}
+
+TASK_CLASSES: dict[str, type[nn.Module]] = {"caption": BlipCaption, "retrieval": BlipRetrieval, "vqa": BlipVQA,
+                                            "feature_extractor": BlipFeatureExtractor}
+TASKS: tuple[str, ...] = (*TASK_CLASSES, "pretrain")
+
+
+def build(cfg: BlipConfig, task: str) -> nn.Module:
+    """Build the ``task`` model for a config (``pretrain`` comes from :mod:`blip.models.blip_pretrain`)."""
+    if task == "pretrain":
+        from .blip_pretrain import BlipPretrain  # lazy: owned by the pretraining code
+        return BlipPretrain(cfg)
+    if task not in TASK_CLASSES:
+        raise KeyError(f"unknown BLIP task {task!r}; known: {list(TASKS)}")
+    return TASK_CLASSES[task](cfg)
+
+
+def create(arch: str, task: str, **overrides) -> nn.Module:
+    """Randomly initialised model, e.g. ``create("blip_base", "caption", image_size=224)``.
+
+    overrides: ``image_size``, ``vision={...}`` / ``text={...}`` (VisionConfig / TextConfig fields), ``embed_dim``...
+    """
+    if arch not in ARCHS:
+        raise KeyError(f"unknown BLIP arch {arch!r}; known: {sorted(ARCHS)}")
+    return build(ARCHS[arch].with_overrides(**overrides), task)
