@@ -64,18 +64,41 @@ class QFormer(nn.Module):
                                 encoder_hidden_states=image_embeds.to(queries.dtype), encoder_attention_mask=image_mask,
                                 cache=cache)
 
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Text alone (BLIP-2 ITC text side: no queries, no image): input_ids [B, T] -> [B, T, D]."""
+        return self.transformer(input_ids, attention_mask=attention_mask)
+
 
 class FrozenImageEncoder(nn.Module):
     """ViT (EVA ViT-g or CLIP ViT-L configuration) followed by ``ln_vision`` (trainable, computed in fp32).
 
-    forward(pixel_values [B, 3, H, W]) -> [B, 1 + N, width]. The ViT may be frozen and kept in fp16/bf16
-    (see blip.train precision policy); ``ln_vision`` returns float32.
+    forward(pixel_values [B, 3, H, W]) -> [B, 1 + N, width]. With ``freeze`` (BLIP-2's default) the ViT has
+    ``requires_grad=False`` and stays in eval mode when the model is ``.train()``-ed (as LAVIS ``freeze_vit``).
+    :meth:`cast_vit` stores its Linear/Conv weights in fp16/bf16 (LAVIS ``vit_precision``; norms, q/v biases, cls and
+    position embeddings stay fp32); ``ln_vision`` returns float32 either way.
     """
 
-    def __init__(self, cfg: VisionConfig, ln_eps: float = 1e-5):
+    def __init__(self, cfg: VisionConfig, ln_eps: float = 1e-5, freeze: bool = True):
         super().__init__()
         self.visual_encoder = VisionTransformer(cfg)
         self.ln_vision = LayerNorm(cfg.width, eps=ln_eps)
+        self.frozen = freeze
+        if freeze:
+            self.visual_encoder.requires_grad_(False)
+            self.visual_encoder.eval()
+
+    def train(self, mode: bool = True) -> "FrozenImageEncoder":
+        super().train(mode)
+        if self.frozen:
+            self.visual_encoder.eval()  # no dropout / drop-path in a frozen tower
+        return self
+
+    def cast_vit(self, dtype: torch.dtype) -> "FrozenImageEncoder":
+        """Store the ViT's Linear/Conv weights and biases in ``dtype`` (LAVIS ``convert_weights_to_fp16``)."""
+        for m in self.visual_encoder.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                m.to(dtype)
+        return self
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         feats = self.visual_encoder(pixel_values)

@@ -114,3 +114,33 @@ class KVCache:
         """Select batch rows (beam search): index [B]."""
         self.k = self.k.index_select(1, index)
         self.v = self.v.index_select(1, index)
+
+
+class ConcatKVCache:
+    """Autograd-friendly cache with :class:`KVCache`'s interface: keys/values grow by concatenation, never in place.
+
+    For training passes that reuse cached K/V under autograd (BLIP-2 ITG reuses the query K/V of the ITC pass);
+    :class:`KVCache` writes into a preallocated buffer, which autograd cannot differentiate across passes.
+    """
+
+    def __init__(self, num_layers: int):
+        self.kv: list[tuple[Tensor, Tensor] | None] = [None] * num_layers
+        self.length = 0
+        self._pending = 0
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append k, v [B, H, T, Dh] to ``layer``; return all keys/values so far."""
+        if self.kv[layer] is not None:
+            k = torch.cat([self.kv[layer][0], k], dim=2)
+            v = torch.cat([self.kv[layer][1], v], dim=2)
+        self.kv[layer] = (k, v)
+        self._pending = k.shape[2] - self.length
+        return k, v
+
+    def advance(self) -> None:
+        self.length += self._pending
+        self._pending = 0
+
+    def reorder(self, index: Tensor) -> None:
+        self.kv = [None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index))
+                   for kv in self.kv]

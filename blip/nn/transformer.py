@@ -196,6 +196,10 @@ class TextTransformer(nn.Module):
         Returns [B, Q + T, D].
         """
         q_len = 0 if query_embeds is None else query_embeds.shape[1]
+        if self.cfg.cross_attention_queries_only and q_len == 0 and (encoder_hidden_states is not None or cross_kv):
+            # only queries read the image: image features without queries would be silently ignored
+            raise ValueError("Q-Former: image features were passed without query_embeds; only the queries attend to "
+                             "the image, so pass the query tokens too (or no image for text-only use)")
         past = 0 if cache is None else cache.length
         if position_offset is None:
             position_offset = max(past - prefix_length, 0) if cache is not None else 0

@@ -1,0 +1,100 @@
+"""BLIP-2 stage-1 training objective: ITC + ITM (hard negatives) + ITG on a :class:`Blip2Qformer`.
+
+As LAVIS ``Blip2Qformer.forward``:
+- ITC: each query embedding against the text [CLS] embedding, max over queries, divided by the learnable ``temp``,
+  cross-entropy with label smoothing 0.1 against the world batch (features gathered without gradient);
+- ITM: for every text a negative image and for every image a negative text, drawn from softmax(similarity) over
+  the world batch (+1e-4, positives excluded); image features are gathered *with* gradient; pairs
+  [pos; image-negatives; text-negatives] with labels [1; 0; 0]; logits averaged over the query outputs;
+- ITG: ``[DEC]`` replaces [CLS]; the text attends to the query K/V cached by the ITC query pass (no second query
+  pass), label smoothing 0.1.
+The loss is the plain sum. Texts are tokenized here, padded to ``max_txt_len`` ("max_length" padding as LAVIS).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data.tokenizer import DEC_TOKEN_ID, PAD_TOKEN_ID, get_tokenizer, tokenize, with_first_token
+from ..losses import (all_gather_with_grad, concat_all_gather, itc_loss, itm_loss, lm_loss, rank,
+                      sample_hard_negatives)
+from ..nn.attention import ConcatKVCache
+from .blip2_qformer import Blip2Qformer, query_similarity
+
+
+class Blip2Stage1Objective(nn.Module):
+    """forward(batch) -> {"loss", "loss_itc", "loss_itm", "loss_lm"}.
+
+    batch: {"pixel_values": [B, 3, H, W], "text": list[str] (B), "image_ids": LongTensor [B] (optional: pairs with
+    the same id are never negatives of each other)}. For tests, "itm_negatives": (neg_image_idx [B], neg_text_idx
+    [B]) world-batch indices replace the sampling.
+    """
+
+    def __init__(self, model: Blip2Qformer, tokenizer=None, max_txt_len: int | None = None,
+                 label_smoothing: float = 0.1, negative_eps: float = 1e-4):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer if tokenizer is not None else get_tokenizer("blip2_qformer")
+        self.max_txt_len = max_txt_len or model.cfg.max_txt_len
+        self.label_smoothing = label_smoothing
+        self.negative_eps = negative_eps
+
+    def no_weight_decay(self) -> set[str]:
+        return {"model.temp"}
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        device = batch["pixel_values"].device
+        tokens = tokenize(self.tokenizer, batch["text"], self.max_txt_len, padding="max_length")
+        return self.losses(batch["pixel_values"], tokens["input_ids"].to(device),
+                           tokens["attention_mask"].to(device), image_ids=batch.get("image_ids"),
+                           negatives=batch.get("itm_negatives"))
+
+    def losses(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,
+               image_ids: Tensor | None = None, negatives: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
+        """The three losses from tokenized text (input_ids [B, T] with [CLS] first, attention_mask [B, T])."""
+        m = self.model
+        b = pixel_values.shape[0]
+        vit = m.image_features(pixel_values)                                    # [B, S, W]
+        cache = ConcatKVCache(m.cfg.qformer.text.num_layers)
+        image_feats = F.normalize(m.vision_proj(m.query_output(vit, cache=cache)), dim=-1)   # [B, Q, E]
+        text_feat = m.encode_text(input_ids, attention_mask).embeds             # [B, E]
+
+        # ITC against the world batch
+        sim_i2t = query_similarity(image_feats, concat_all_gather(text_feat)) / m.temp      # [B, W*B]
+        sim_t2i = query_similarity(concat_all_gather(image_feats), text_feat).t() / m.temp  # [B, W*B]
+        targets = rank() * b + torch.arange(b, device=pixel_values.device)
+        loss_itc = itc_loss(sim_i2t, sim_t2i, targets, targets, label_smoothing=self.label_smoothing)
+
+        # ITM with hard negatives from the world batch
+        ids_world, mask_world = concat_all_gather(input_ids), concat_all_gather(attention_mask)
+        vit_world = all_gather_with_grad(vit)
+        if negatives is None:
+            positive = self._positive_mask(targets, ids_world.shape[0], image_ids)
+            neg_image = sample_hard_negatives(sim_t2i.detach(), positive, eps=self.negative_eps)
+            neg_text = sample_hard_negatives(sim_i2t.detach(), positive, eps=self.negative_eps)
+        else:
+            neg_image, neg_text = (t.to(pixel_values.device) for t in negatives)
+        itm_logits = m.itm_logits_from_features(
+            torch.cat([vit, vit_world[neg_image], vit]),
+            torch.cat([input_ids, input_ids, ids_world[neg_text]]),
+            torch.cat([attention_mask, attention_mask, mask_world[neg_text]]))
+        loss_itm = itm_loss(itm_logits, num_positive=b)
+
+        # ITG reusing the query K/V of the ITC pass
+        dec_ids = with_first_token(input_ids, DEC_TOKEN_ID)
+        labels = dec_ids.masked_fill(dec_ids == PAD_TOKEN_ID, -100)
+        logits = m.lm_logits(vit, dec_ids, attention_mask, query_cache=cache)
+        loss_lm = lm_loss(logits, labels, label_smoothing=self.label_smoothing)
+        return {"loss": loss_itc + loss_itm + loss_lm, "loss_itc": loss_itc, "loss_itm": loss_itm,
+                "loss_lm": loss_lm}
+
+    @staticmethod
+    def _positive_mask(targets: Tensor, world_batch: int, image_ids: Tensor | None) -> Tensor:
+        """bool [B, W*B]: the row's own pair, plus every pair of the same image when ``image_ids`` are given."""
+        positive = torch.zeros(targets.shape[0], world_batch, dtype=torch.bool, device=targets.device)
+        positive[torch.arange(targets.shape[0], device=targets.device), targets] = True
+        if image_ids is not None:
+            image_ids = image_ids.to(targets.device)
+            positive |= image_ids[:, None] == concat_all_gather(image_ids)[None, :]
+        return positive
