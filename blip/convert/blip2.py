@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from ..checkpoints import CheckpointError, StateDict, bert_to_ours, hf_vit_to_ours, ours_to_bert, ours_to_hf_vit
-from ..nn.vit import resize_pos_embed
+from ..models.qformer import QFormerConfig, qformer_config
+from ..nn.vit import VisionConfig, resize_pos_embed
 
 VISION_PREFIX = "image_encoder."   # where blip's BLIP-2 models keep their FrozenImageEncoder
 QFORMER_PREFIX = "qformer."        # ... and their QFormer
@@ -210,9 +211,82 @@ def to_float(sd: StateDict, dtype: torch.dtype = torch.float32) -> StateDict:
     return {k: (v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v) for k, v in sd.items()}
 
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HF configs (dicts from ``config.to_dict()``, i.e. with HF's defaults filled in)
+
+def hf_vision_config(v: dict) -> VisionConfig:
+    """HF Blip2VisionConfig / InstructBlipVisionConfig -> our EVA-style VisionConfig (no final norm: HF's
+    ``post_layernorm`` is ``ln_vision``, whose eps is the same ``layer_norm_eps``)."""
+    act = {"gelu": "gelu", "quick_gelu": "quick_gelu"}.get(v.get("hidden_act", "gelu"))
+    if act is None:
+        raise CheckpointError(f"vision hidden_act {v.get('hidden_act')!r} is not supported (gelu, quick_gelu)")
+    return VisionConfig(image_size=v["image_size"], patch_size=v["patch_size"], width=v["hidden_size"],
+                        depth=v["num_hidden_layers"], heads=v["num_attention_heads"], mlp_dim=v["intermediate_size"],
+                        qkv_bias="qv" if v.get("qkv_bias", True) else "none", final_norm=False,
+                        layer_norm_eps=v["layer_norm_eps"], act=act)
+
+
+def hf_qformer_config(q: dict, num_query_tokens: int, text: bool = True) -> QFormerConfig:
+    """HF Blip2QFormerConfig -> ours. text: keep word/position embeddings and the text FFN (retrieval, InstructBLIP)."""
+    cfg = qformer_config(encoder_width=q["encoder_hidden_size"], vocab_size=q["vocab_size"],
+                         hidden_size=q["hidden_size"], num_layers=q["num_hidden_layers"],
+                         num_heads=q["num_attention_heads"], intermediate_size=q["intermediate_size"],
+                         max_position_embeddings=q["max_position_embeddings"], layer_norm_eps=q["layer_norm_eps"],
+                         cross_attention_freq=q["cross_attention_frequency"], hidden_dropout=q["hidden_dropout_prob"],
+                         attention_dropout=q["attention_probs_dropout_prob"], word_embeddings=text, text_ffn=text)
+    return QFormerConfig(cfg, num_query_tokens)
+
+
+def to_hf_vision_config(cfg: VisionConfig) -> dict:
+    """Inverse of :func:`hf_vision_config` for EVA-style ViTs (CLIP ViT-L has no HF Blip2VisionModel form)."""
+    if cfg.pre_norm or not cfg.patch_bias or cfg.final_norm or cfg.act != "gelu":
+        raise CheckpointError("only EVA-style ViTs (no pre-norm, patch bias, GELU) have an HF Blip2VisionModel form")
+    return dict(hidden_size=cfg.width, intermediate_size=cfg.mlp_dim, num_hidden_layers=cfg.depth,
+                num_attention_heads=cfg.heads, image_size=cfg.image_size, patch_size=cfg.patch_size,
+                layer_norm_eps=cfg.layer_norm_eps, qkv_bias=cfg.qkv_bias == "qv", hidden_act="gelu")
+
+
+def to_hf_qformer_config(cfg: QFormerConfig) -> dict:
+    t = cfg.text
+    return dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size, num_hidden_layers=t.num_layers,
+                num_attention_heads=t.num_heads, intermediate_size=t.intermediate_size,
+                max_position_embeddings=t.max_position_embeddings, layer_norm_eps=t.layer_norm_eps,
+                cross_attention_frequency=t.cross_attention_freq, encoder_hidden_size=t.encoder_width,
+                hidden_dropout_prob=t.hidden_dropout, attention_probs_dropout_prob=t.attention_dropout,
+                use_qformer_text_input=t.text_ffn)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # family plumbing (blip.api)
 
 def owns(sd: StateDict) -> bool:
     """blip.api: this family loads every LAVIS BLIP-2 checkpoint (keys ``Qformer.*`` or ``query_tokens``)."""
     return is_lavis_blip2(sd)
+
+
+def load_original(sd: StateDict, source: str, arch: str | None = None, task: str | None = None, llm=None,
+                  vision_weights=None, **overrides):
+    """A LAVIS BLIP-2 ``.pth`` -> model. Stage-1 files here (see :mod:`blip.convert.blip2_stage1`), LLM files
+    (``opt_proj``/``t5_proj``/``llm_proj``, ``*_model.*``) by :func:`blip.convert.blip2_llm.load_original`."""
+    if is_lavis_stage2(sd):
+        try:
+            from . import blip2_llm
+        except ModuleNotFoundError as e:
+            raise CheckpointError(f"{source} is a BLIP-2 LLM checkpoint, but blip.convert.blip2_llm is missing") from e
+        return blip2_llm.load_original(sd, source, arch=arch, task=task, llm=llm, vision_weights=vision_weights,
+                                       **overrides)
+    from .blip2_stage1 import load_lavis_stage1
+    return load_lavis_stage1(sd, source, arch=arch, task=task, vision_weights=vision_weights, **overrides)
+
+
+def __getattr__(name: str):
+    if name == "HF_LOADERS":   # ours + blip2_llm's, merged at access time (the LLM module is optional)
+        from .blip2_stage1 import HF_LOADERS as own
+        try:
+            from .blip2_llm import HF_LOADERS as llm_loaders
+        except ModuleNotFoundError:
+            llm_loaders = {}
+        return {**own, **llm_loaders}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

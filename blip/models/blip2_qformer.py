@@ -100,6 +100,7 @@ class Blip2Qformer(nn.Module):
         self.text_proj = nn.Linear(text.hidden_size, cfg.embed_dim)
         self.itm_head = nn.Linear(text.hidden_size, 2)
         self.temp = nn.Parameter(torch.tensor(float(cfg.temp)))
+        self.has_lm_head = True   # False after loading a format without the ITG head (HF Blip2ForImageTextRetrieval)
         for m in (self.lm_head.dense, self.vision_proj, self.text_proj, self.itm_head):
             nn.init.normal_(m.weight, std=text.initializer_range)
             nn.init.zeros_(m.bias)
@@ -190,6 +191,7 @@ class Blip2Qformer(nn.Module):
     def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None
                 ) -> Blip2QformerOutput:
         """ITG logits for the T text positions (the captioning view of the model)."""
+        self._check_lm_head()
         return Blip2QformerOutput(self.lm_logits(self.image_features(pixel_values), input_ids, attention_mask))
 
     @torch.no_grad()
@@ -205,6 +207,7 @@ class Blip2Qformer(nn.Module):
         beams share by index (no repeated image pass). LAVIS lengths count the prompt: ``max_length=L`` with the
         default prompt is ``max_new_tokens=L - 1``; use ``beam_length_convention="total"`` to reproduce LAVIS beams.
         """
+        self._check_lm_head()
         b = pixel_values.shape[0]
         if input_ids is None:
             input_ids = torch.full((b, 1), DEC_TOKEN_ID, dtype=torch.long, device=pixel_values.device)
@@ -230,3 +233,8 @@ class Blip2Qformer(nn.Module):
                                eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                                beam_length_convention=beam_length_convention)
         return generate(step, input_ids, attention_mask, cfg, reorder=cache.reorder, generator=generator)
+
+    def _check_lm_head(self) -> None:
+        if not self.has_lm_head:
+            raise ValueError("this model was loaded from a checkpoint without the ITG (LM) head (HF "
+                             "Blip2ForImageTextRetrieval drops it): captioning needs a LAVIS stage-1 checkpoint")
