@@ -1,0 +1,222 @@
+"""BLIP-2 LLM checkpoints (LAVIS stage 2 / fine-tuned / InstructBLIP ``.pth``, HF ``Blip2ForConditionalGeneration``
+and ``InstructBlipForConditionalGeneration`` directories) -> :mod:`blip.models.blip2_llm` models.
+
+Where each part comes from (every load reports it in ``model.load_report.origins``):
+
+=========================  ==============================================  =====================================
+part (our prefix)          LAVIS ``.pth``                                  HF directory
+=========================  ==============================================  =====================================
+``image_encoder.visual_``  the file if it has ``visual_encoder.*``         ``vision_model.*``
+``encoder``                (fine-tuned / full), else ``vision_weights=``
+                           (``eva_vit_g.pth``)
+``image_encoder.ln_vision``  ``ln_vision.*``                               ``vision_model.post_layernorm``
+``qformer``                ``query_tokens`` + ``Qformer.bert.*``           ``query_tokens`` + ``qformer.*``
+``llm_proj``               ``opt_proj`` / ``t5_proj`` / ``llm_proj``       ``language_projection``
+``llm``                    the file if it has ``opt_model.*`` ... (full    ``language_model.*``
+                           checkpoint.pth), else the ``llm=`` HF directory
+=========================  ==============================================  =====================================
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from torch import nn
+
+from ..checkpoints import CheckpointError, LoadReport, StateDict, load_into, read_state_dict
+from ..models import blip2_llm
+from .blip2 import (LAVIS_ALWAYS_UNUSED, eva_vit_to_ours, hf_qformer_config, hf_qformer_to_ours, hf_vision_config,
+                    hf_vision_to_ours, lavis_qformer_to_ours, lavis_vision_to_ours, unused_eva_keys)
+
+LLM_NAMES = ("opt", "t5", "llm")   # LAVIS prefixes: {name}_proj.*, {name}_model.*
+# tied aliases of frozen LLM weights that LAVIS's trainable-only filter keeps (LAVIS behaviour 10)
+LLM_TIED_ALIASES = ("lm_head.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+INSTRUCT_HF_EMB = {"embeddings.word_embeddings": "embeddings.word", "embeddings.position_embeddings":
+                   "embeddings.position", "embeddings.layernorm": "embeddings.norm"}
+
+
+def owns(sd: StateDict) -> bool:
+    """LAVIS files of LLM models: a projection or LLM weights (``opt_proj``/``t5_proj``/``llm_proj``, ``*_model.``)."""
+    return any(k.startswith(f"{n}_proj.") or k.startswith(f"{n}_model.") for k in sd for n in LLM_NAMES)
+
+
+def _llm_name(sd: StateDict) -> str:
+    for n in LLM_NAMES:
+        if any(k.startswith(f"{n}_proj.") or k.startswith(f"{n}_model.") for k in sd):
+            return n
+    raise CheckpointError("not a LAVIS BLIP-2 LLM checkpoint: no opt_proj / t5_proj / llm_proj keys")
+
+
+def guess_arch(sd: StateDict) -> tuple[str, str]:
+    """(arch, task) of a LAVIS LLM checkpoint from its key names and shapes."""
+    name = _llm_name(sd)
+    instruct = "Qformer.bert.embeddings.word_embeddings.weight" in sd
+    task = "instruct" if instruct else "stage2"
+    q = sd.get("query_tokens")
+    proj = sd.get(f"{name}_proj.weight")
+    if q is not None and q.shape[-1] != 768:
+        return {"opt": "blip2_tiny_opt", "t5": "blip2_tiny_t5", "llm": "blip2_tiny_llama"}[name], task
+    out = proj.shape[0] if proj is not None else None
+    table = {("opt", 2560): "blip2_vitg_opt2.7b", ("opt", 4096): "blip2_vitg_opt6.7b",
+             ("t5", 2048): "instructblip_flant5xl" if instruct else "blip2_vitg_flant5xl",
+             ("t5", 4096): "blip2_vitg_flant5xxl", ("llm", 4096): "instructblip_vicuna7b"}
+    if (name, out) not in table:
+        raise CheckpointError(f"cannot tell the architecture of this {name} checkpoint (projection to {out}); pass arch=")
+    return table[name, out], task
+
+
+def lavis_to_ours(sd: StateDict) -> tuple[StateDict, set[str]]:
+    """Pure key conversion of a LAVIS LLM checkpoint (any subset of its keys) -> (ours, consumed keys)."""
+    name = _llm_name(sd)
+    out, used = lavis_vision_to_ours(sd)
+    qf, qf_used = lavis_qformer_to_ours(sd)
+    out.update(qf)
+    used |= qf_used
+    for src, dst in ((f"{name}_proj.", "llm_proj."), (f"{name}_model.", "llm.")):
+        for k, v in sd.items():
+            if k.startswith(src):
+                out[dst + k[len(src):]] = v
+                used.add(k)
+    return out, used
+
+
+def _tied_missing(model: nn.Module, sd: StateDict) -> list[str]:
+    """Model keys absent from ``sd`` that alias (share storage with) a key present in it (tied LM heads)."""
+    own = model.state_dict()
+    present = {own[k].data_ptr() for k in sd if k in own}
+    return [re.escape(k) for k in own if k not in sd and own[k].data_ptr() in present]
+
+
+def _finish_load(model: nn.Module, sd: StateDict, source: str, origins: dict[str, str], unused: list[str]) -> LoadReport:
+    """Load with the LLM/vision parts that are not in ``sd`` declared as coming from elsewhere (``origins``)."""
+    missing = [re.escape(prefix) + r"\..*" for prefix, where in origins.items() if where != source]
+    report = load_into(model, sd, source, expected_missing=missing + _tied_missing(model, sd), expected_unused=unused)
+    report.origins.update(origins)
+    model.load_report = report
+    return report
+
+
+def load_original(sd: StateDict, source: str, arch: str | None = None, task: str | None = None,
+                  llm: str | Path | None = None, vision_weights: str | Path | None = None, **overrides) -> nn.Module:
+    """A LAVIS BLIP-2 LLM / InstructBLIP checkpoint -> model.
+
+    llm: the HF directory of the frozen LLM (weights unless the file carries them, config, tokenizer).
+    vision_weights: the frozen EVA file (``eva_vit_g.pth``) when the file has no ``visual_encoder.*`` keys.
+    overrides: :class:`blip.models.blip2_llm.Blip2LLMConfig` fields (e.g. ``dtype="bf16"``).
+    """
+    guessed_arch, guessed_task = guess_arch(sd)
+    arch, task = arch or guessed_arch, task or guessed_task
+    name = _llm_name(sd)
+    llm_keys = [k for k in sd if k.startswith(f"{name}_model.")]
+    has_llm = any(k[len(name) + 7:] not in LLM_TIED_ALIASES for k in llm_keys)
+    if not has_llm:  # only tied aliases of the frozen embeddings: the LLM comes from the llm= directory
+        sd = {k: v for k, v in sd.items() if k not in llm_keys}
+    if llm is None and not has_llm:
+        raise CheckpointError(f"{source} carries no LLM weights (LAVIS saves only trainable parameters): pass "
+                              "llm=<HF directory of the language model>")
+    model = blip2_llm.create(arch, task, llm=llm, **overrides)
+    out, used = lavis_to_ours(sd)
+    origins = {"image_encoder.ln_vision": source, "qformer": source, "llm_proj": source,
+               "llm": source if has_llm else str(llm), "image_encoder.visual_encoder": source}
+    if not any(k.startswith("image_encoder.visual_encoder.") for k in out):
+        if vision_weights is None:
+            raise CheckpointError(f"{source} has no visual_encoder.* weights (LAVIS saves only trainable parameters): "
+                                  "pass vision_weights=<eva_vit_g.pth>")
+        eva = read_state_dict(vision_weights)
+        vcfg = model.config.vision
+        ev, ev_used = eva_vit_to_ours(eva, depth=vcfg.depth, num_patches=vcfg.num_patches)
+        if unused_eva_keys(eva, ev_used):
+            raise CheckpointError(f"{vision_weights}: unexpected keys {unused_eva_keys(eva, ev_used)[:5]}")
+        out.update(ev)
+        origins["image_encoder.visual_encoder"] = str(vision_weights)
+    stray = [k for k in sd if k not in used and not any(re.fullmatch(p, k) for p in LAVIS_ALWAYS_UNUSED)
+             and not k.startswith("Qformer.cls.")]
+    if stray:
+        raise CheckpointError(f"{source}: keys this converter does not know: {stray[:8]}")
+    _finish_load(model, out, source, origins, [])
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HF directories
+
+def _load_hf(directory: Path, instruct: bool, llm=None, **overrides) -> nn.Module:
+    from transformers import AutoConfig
+    directory = Path(directory)
+    hf = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    vision, qf = hf.vision_config.to_dict(), hf.qformer_config.to_dict()
+    has_tokenizer = any((directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+    cfg = blip2_llm.Blip2LLMConfig(
+        vision=hf_vision_config(vision), qformer=hf_qformer_config(qf, hf.num_query_tokens, text=instruct),
+        llm=hf.text_config, ln_vision_eps=vision["layer_norm_eps"],
+        tokenizer=directory if has_tokenizer else None,
+        image_token_id=getattr(hf, "image_token_index", None) or getattr(hf, "image_token_id", None))
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    from ..models.blip2_llm_lm import load_llm
+    cls = blip2_llm.InstructBlipLanguageModel if instruct else blip2_llm.Blip2LanguageModel
+    model = cls(cfg, llm=load_llm(hf.text_config, blip2_llm.DTYPES[cfg.dtype], cfg.llm_overrides))
+    sd = read_state_dict(directory)
+    out, used = hf_vision_to_ours(sd)
+    emb = INSTRUCT_HF_EMB if instruct else None
+    qf_out, qf_used = hf_qformer_to_ours(sd, text_embeddings=None, embeddings=emb)
+    out.update(qf_out)
+    used |= qf_used
+    for src, dst in (("language_projection.", "llm_proj."), ("language_model.", "llm.")):
+        for k, v in sd.items():
+            if k.startswith(src):
+                out[dst + k[len(src):]] = v
+                used.add(k)
+    stray = [k for k in sd if k not in used and not k.endswith("position_ids")]
+    if stray:
+        raise CheckpointError(f"{directory}: keys this converter does not know: {stray[:8]}")
+    origins = {p: str(directory) for p in ("image_encoder", "qformer", "llm_proj", "llm")}
+    _finish_load(model, out, str(directory), origins, [r".*position_ids"])
+    return model.eval()
+
+
+def load_hf_blip2(directory: Path, llm=None, **overrides) -> nn.Module:
+    """An HF ``Blip2ForConditionalGeneration`` directory (OPT, T5 or any LLM) -> :class:`Blip2LanguageModel`."""
+    return _load_hf(directory, instruct=False, **overrides)
+
+
+def load_hf_instructblip(directory: Path, llm=None, **overrides) -> nn.Module:
+    """An HF ``InstructBlipForConditionalGeneration`` directory -> :class:`InstructBlipLanguageModel`."""
+    return _load_hf(directory, instruct=True, **overrides)
+
+
+HF_LOADERS = {"Blip2ForConditionalGeneration": load_hf_blip2,
+              "InstructBlipForConditionalGeneration": load_hf_instructblip}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# stage 1 -> stage 2
+
+def init_from_stage1(model: nn.Module, path: str | Path) -> LoadReport:
+    """Initialise ``query_tokens``, ``ln_vision`` and the Q-Former of a stage-2 / InstructBLIP model from a stage-1
+    checkpoint (LAVIS ``blip2_pretrained.pth`` or blip's own keys). Parts the stage-2 model does not have (the ITC/ITM
+    heads, ``temp``, the LM head, and without instructions the Q-Former's text embeddings and text FFN) are dropped;
+    every Q-Former / ln_vision key of the model must be covered. The ViT and LLM are untouched."""
+    sd = read_state_dict(path)
+    if any(k.startswith("Qformer.") for k in sd):
+        out, _ = lavis_vision_to_ours(sd)
+        qf, _ = lavis_qformer_to_ours(sd)
+        out.update(qf)
+    else:
+        out = dict(sd)
+    own = model.state_dict()
+    wanted = [k for k in own if k.startswith("qformer.") or k.startswith("image_encoder.ln_vision.")]
+    lacking = [k for k in wanted if k not in out]
+    if lacking:
+        raise CheckpointError(f"{path}: not a stage-1 checkpoint for this model; lacks {lacking[:6]}")
+    sub = {k: out[k] for k in wanted}
+    report = load_into(model, sub, str(path), expected_missing=[r"image_encoder\.visual_encoder\..*", r"llm\..*",
+                                                                r"llm_proj\..*"])
+    report.origins.update({"qformer": str(path), "image_encoder.ln_vision": str(path)})
+    model.stage1_report = report
+    return report
+
+
+def describe(report: LoadReport) -> str:
+    """One line per part: where its weights came from."""
+    return "\n".join(f"{part}: {where}" for part, where in sorted(report.origins.items()))

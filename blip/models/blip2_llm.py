@@ -1,0 +1,280 @@
+"""BLIP-2 stage 2 and InstructBLIP: frozen image encoder -> Q-Former -> ``llm_proj`` -> frozen HF LLM.
+
+- :class:`Blip2LanguageModel`: the Q-Former has no text parts (no word/position embeddings, no text FFN, as in
+  LAVIS's Blip2OPT / Blip2T5): only the queries attend to the image.
+- :class:`InstructBlipLanguageModel`: instruction-aware Q-Former: the instruction tokens (BERT ids) go through the
+  Q-Former together with the queries (bidirectional), so the Q-Former keeps word embeddings and the text FFN.
+
+Tensor API (pinned): ``forward(pixel_values, input_ids, attention_mask).logits`` and ``generate(pixel_values,
+input_ids, ...)`` where ``input_ids`` are LLM tokenizer ids **without image placeholders**: the queries are
+prepended inside, always (there is no path on which an image reaches the LLM without its queries).
+String API (:class:`blip.models.blip2_llm_text.LanguageInterface`): ``caption``, ``answer``, ``chat``.
+
+Precision: ``dtype`` stores the frozen ViT and LLM in bf16/fp16; ``ln_vision``, the Q-Former and ``llm_proj`` stay
+fp32 and the projected queries are cast to the LLM's dtype at the boundary.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..generation import GenerationConfig, generate
+from ..nn.vit import VisionConfig
+from .blip2_llm_lm import (CausalStep, LLMSource, Seq2SeqStep, align_padding, causal_logits, load_llm,
+                           seq2seq_encode, seq2seq_logits)
+from .blip2_llm_text import LanguageInterface
+from .qformer import EVA_VIT_G, FrozenImageEncoder, QFormer, QFormerConfig, qformer_config
+
+DTYPES = {None: None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+          torch.float32: torch.float32, torch.bfloat16: torch.bfloat16, torch.float16: torch.float16}
+
+
+@dataclass
+class Blip2LLMConfig:
+    vision: VisionConfig = field(default_factory=lambda: EVA_VIT_G)
+    qformer: QFormerConfig = field(default_factory=lambda: QFormerConfig(qformer_config(
+        word_embeddings=False, text_ffn=False)))
+    llm: LLMSource | None = None          # HF directory (real archs: pass llm=...) or a tiny HF config dict
+    llm_overrides: dict = field(default_factory=dict)  # e.g. LAVIS FlanT5: {"dense_act_fn": "gelu"}
+    tokenizer: str | Path | None = None   # LLM tokenizer directory (default: ``llm`` when it is a directory)
+    eos: str | int | None = None          # "\n" (OPT convention: the id of "\n"), an id, or None: the LLM's eos
+    prompt: str = ""                      # default caption prompt
+    ln_vision_eps: float = 1e-5           # LAVIS 1e-5; HF post_layernorm uses the vision layer_norm_eps
+    dtype: str | torch.dtype | None = None  # storage dtype of the frozen ViT + LLM ("bf16", "fp16"); None: fp32
+    image_token_id: int | None = None     # HF placeholder id, rejected in input_ids (queries are prepended inside)
+
+
+def _tiny_vision() -> VisionConfig:
+    return VisionConfig(image_size=56, patch_size=14, width=48, depth=2, heads=4, mlp_dim=209, qkv_bias="qv",
+                        final_norm=False, layer_norm_eps=1e-6)
+
+
+def _tiny_qformer() -> QFormerConfig:
+    return QFormerConfig(qformer_config(encoder_width=48, hidden_size=32, num_layers=4, num_heads=4,
+                                        intermediate_size=128, word_embeddings=False, text_ffn=False), 8)
+
+
+TINY_OPT = dict(model_type="opt", vocab_size=512, hidden_size=48, num_hidden_layers=2, ffn_dim=96,
+                num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=48, do_layer_norm_before=True,
+                activation_function="relu", pad_token_id=1, bos_token_id=2, eos_token_id=2)
+TINY_T5 = dict(model_type="t5", vocab_size=416, d_model=40, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+               num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
+               pad_token_id=0, eos_token_id=1)
+TINY_LLAMA = dict(model_type="llama", vocab_size=512, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2)
+_T5_GELU = {"dense_act_fn": "gelu"}  # LAVIS builds FlanT5 with exact GELU (HF's gated-gelu means gelu_new)
+
+ARCHS: dict[str, Blip2LLMConfig] = {
+    "blip2_vitg_opt2.7b": Blip2LLMConfig(eos="\n"),
+    "blip2_vitg_opt6.7b": Blip2LLMConfig(eos="\n"),
+    "blip2_vitg_flant5xl": Blip2LLMConfig(llm_overrides=_T5_GELU),
+    "blip2_vitg_flant5xxl": Blip2LLMConfig(llm_overrides=_T5_GELU),
+    "instructblip_vicuna7b": Blip2LLMConfig(),
+    "instructblip_flant5xl": Blip2LLMConfig(llm_overrides=_T5_GELU),
+    "blip2_tiny_opt": Blip2LLMConfig(_tiny_vision(), _tiny_qformer(), llm=TINY_OPT, eos="\n"),
+    "blip2_tiny_t5": Blip2LLMConfig(_tiny_vision(), _tiny_qformer(), llm=TINY_T5, llm_overrides=_T5_GELU),
+    "blip2_tiny_llama": Blip2LLMConfig(_tiny_vision(), _tiny_qformer(), llm=TINY_LLAMA),
+}
+TASKS = ("stage2", "instruct")
+
+
+@dataclass
+class Blip2LLMOutput:
+    """logits: [B, T, V] over the text positions (decoder-only) or the decoder positions (seq2seq);
+    query_embeds: [B, Q, H_llm] projected queries fed to the LLM."""
+    logits: Tensor
+    query_embeds: Tensor
+
+
+class Blip2LanguageModel(LanguageInterface, nn.Module):
+    """Stage-2 BLIP-2: ``image_encoder`` (ViT + ln_vision) -> ``qformer`` -> ``llm_proj`` -> ``llm`` (HF, frozen)."""
+
+    instruct = False
+
+    def __init__(self, cfg: Blip2LLMConfig, llm: nn.Module | None = None):
+        super().__init__()
+        if llm is None and cfg.llm is None:
+            raise ValueError("this architecture needs its language model: pass llm=<HF model directory>")
+        self.config = cfg
+        frozen_dtype = DTYPES[cfg.dtype]
+        self.image_encoder = FrozenImageEncoder(cfg.vision, ln_eps=cfg.ln_vision_eps, freeze=True)
+        self.qformer = QFormer(cfg.qformer)
+        self.llm = llm if llm is not None else load_llm(cfg.llm, frozen_dtype, cfg.llm_overrides)
+        self.llm.requires_grad_(False)
+        self.llm_proj = nn.Linear(cfg.qformer.text.hidden_size, self.llm.get_input_embeddings().embedding_dim)
+        if frozen_dtype not in (None, torch.float32):
+            self.image_encoder.cast_vit(frozen_dtype)
+            self.llm.to(frozen_dtype)
+        self._tokenizer = None
+
+    # ---- structure -------------------------------------------------------------------------------------------
+    @property
+    def is_seq2seq(self) -> bool:
+        return bool(self.llm.config.is_encoder_decoder)
+
+    @property
+    def llm_dtype(self) -> torch.dtype:
+        return self.llm.get_input_embeddings().weight.dtype
+
+    def train(self, mode: bool = True) -> "Blip2LanguageModel":
+        """The frozen LLM stays in eval mode (no dropout), as does the frozen ViT (FrozenImageEncoder), as in LAVIS."""
+        super().train(mode)
+        self.llm.eval()
+        return self
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """The generation eos: OPT convention "\\n" (resolved with the tokenizer), an explicit id, or the LLM's."""
+        eos = self.config.eos
+        if isinstance(eos, int):
+            return eos
+        if isinstance(eos, str) and self.has_tokenizer():
+            return self.tokenizer(eos, add_special_tokens=False).input_ids[0]
+        gen = getattr(self.llm, "generation_config", None)
+        eos_id = getattr(gen, "eos_token_id", None) if gen is not None else None
+        eos_id = eos_id if eos_id is not None else self.llm.config.eos_token_id
+        return eos_id[0] if isinstance(eos_id, list) else eos_id
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.llm.config.pad_token_id
+        return pad if pad is not None else (self.eos_token_id or 0)
+
+    @property
+    def start_token_id(self) -> int:
+        """Default prompt when none is given: the LLM's bos (T5: ``</s>``, what LAVIS's empty prompt tokenizes to)."""
+        cfg = self.llm.config
+        return cfg.bos_token_id if cfg.bos_token_id is not None else cfg.eos_token_id
+
+    # ---- tensor API ------------------------------------------------------------------------------------------
+    def query_embeds(self, pixel_values: Tensor, qformer_input_ids: Tensor | None = None,
+                     qformer_attention_mask: Tensor | None = None) -> Tensor:
+        """pixel_values [B, 3, H, W] -> projected queries [B, Q, H_llm] in the LLM's dtype."""
+        if pixel_values is None:
+            raise ValueError("BLIP-2 needs pixel_values: the image enters the LLM only as Q-Former queries")
+        if qformer_input_ids is not None:
+            raise ValueError("this BLIP-2 Q-Former has no text input; use the 'instruct' task (InstructBLIP)")
+        image = self.image_encoder(pixel_values)
+        queries = self.qformer(image)[:, :self.qformer.num_queries]
+        return self.llm_proj(queries.to(self.llm_proj.weight.dtype)).to(self.llm_dtype)
+
+    def _check_ids(self, input_ids: Tensor | None) -> None:
+        if input_ids is not None and self.config.image_token_id is not None and \
+                bool((input_ids == self.config.image_token_id).any()):
+            raise ValueError(f"input_ids contain the image placeholder id {self.config.image_token_id}: pass the plain "
+                             "prompt ids; blip prepends the image queries itself")
+
+    def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+                decoder_input_ids: Tensor | None = None, decoder_attention_mask: Tensor | None = None,
+                qformer_input_ids: Tensor | None = None, qformer_attention_mask: Tensor | None = None) -> Blip2LLMOutput:
+        """pixel_values [B, 3, H, W]; input_ids/attention_mask [B, T] (LLM ids, no placeholders).
+
+        Decoder-only: logits [B, T, V] for the T text positions (queries dropped).
+        Seq2seq: the encoder reads [queries; input_ids]; ``decoder_input_ids`` [B, Td] are required -> [B, Td, V].
+        """
+        self._check_ids(input_ids)
+        prefix = self.query_embeds(pixel_values, qformer_input_ids, qformer_attention_mask)
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        if self.is_seq2seq:
+            if decoder_input_ids is None:
+                raise ValueError("a seq2seq LLM (T5) needs decoder_input_ids (the shifted targets) for logits")
+            logits = seq2seq_logits(self.llm, prefix, input_ids, mask, decoder_input_ids, decoder_attention_mask)
+        else:
+            logits = causal_logits(self.llm, prefix, input_ids, mask)
+        return Blip2LLMOutput(logits=logits, query_embeds=prefix)
+
+    @torch.no_grad()
+    def generate(self, pixel_values: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, *,
+                 max_new_tokens: int = 20, min_new_tokens: int = 0, num_beams: int = 1, do_sample: bool = False,
+                 top_p: float = 1.0, top_k: int = 0, temperature: float = 1.0, repetition_penalty: float = 1.0,
+                 length_penalty: float = 1.0, early_stopping: bool = False, eos_token_id: int | None = None,
+                 beam_length_convention: str = "generated", generator: torch.Generator | None = None,
+                 qformer_input_ids: Tensor | None = None, qformer_attention_mask: Tensor | None = None) -> Tensor:
+        """Decode from the image queries and an optional prompt.
+
+        input_ids/attention_mask: [B, T] prompt (any padding side: rows are re-aligned, left for decoder-only,
+        right for seq2seq encoders, so a batch gives the same tokens as each prompt alone). Default: the bos.
+        Returns decoder-only: [B, T + n] (aligned prompt + new tokens); seq2seq: [B, 1 + n] (decoder start + new).
+        ``beam_length_convention="total"`` reproduces the transformers 4.2x beam search LAVIS ran.
+        """
+        self._check_ids(input_ids)
+        b = pixel_values.shape[0]
+        cfg = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
+                               do_sample=do_sample, top_p=top_p, top_k=top_k, temperature=temperature,
+                               repetition_penalty=repetition_penalty, length_penalty=length_penalty,
+                               early_stopping=early_stopping, pad_token_id=self.pad_token_id,
+                               eos_token_id=eos_token_id if eos_token_id is not None else self.eos_token_id,
+                               beam_length_convention=beam_length_convention)
+        device = pixel_values.device
+        if input_ids is None:
+            input_ids = torch.full((b, 1), self.start_token_id, dtype=torch.long, device=device)
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        input_ids, mask = align_padding(input_ids, mask, self.pad_token_id, "right" if self.is_seq2seq else "left")
+        prefix = self.query_embeds(pixel_values, qformer_input_ids, qformer_attention_mask)
+        nb = num_beams
+        if self.is_seq2seq:
+            hidden, enc_mask = seq2seq_encode(self.llm, prefix, input_ids, mask)
+            step = Seq2SeqStep(self.llm, hidden.repeat_interleave(nb, 0), enc_mask.repeat_interleave(nb, 0))
+            start = self.llm.config.decoder_start_token_id
+            ids = torch.full((b * nb, 1), start, dtype=torch.long, device=device)
+            return generate(step, ids, torch.ones_like(ids), cfg, reorder=step.reorder, generator=generator)
+        step = CausalStep(self.llm, prefix.repeat_interleave(nb, 0))
+        return generate(step, input_ids.repeat_interleave(nb, 0), mask.repeat_interleave(nb, 0), cfg,
+                        reorder=step.reorder, generator=generator)
+
+
+class InstructBlipLanguageModel(Blip2LanguageModel):
+    """InstructBLIP: the instruction (Q-Former BERT ids ``qformer_input_ids``) is read by the Q-Former with the queries."""
+
+    instruct = True
+
+    def query_embeds(self, pixel_values: Tensor, qformer_input_ids: Tensor | None = None,
+                     qformer_attention_mask: Tensor | None = None) -> Tensor:
+        """pixel_values [B, 3, H, W], qformer_input_ids [B, Ti] -> projected queries [B, Q, H_llm]."""
+        if pixel_values is None:
+            raise ValueError("InstructBLIP needs pixel_values: the image enters the LLM only as Q-Former queries")
+        if qformer_input_ids is None:
+            raise ValueError("InstructBLIP needs the instruction for its Q-Former: pass qformer_input_ids (BERT ids)")
+        image = self.image_encoder(pixel_values)
+        out = self.qformer(image, input_ids=qformer_input_ids, attention_mask=qformer_attention_mask)
+        queries = out[:, :self.qformer.num_queries]
+        return self.llm_proj(queries.to(self.llm_proj.weight.dtype)).to(self.llm_dtype)
+
+
+def instruct_qformer(cfg: QFormerConfig) -> QFormerConfig:
+    """The InstructBLIP Q-Former keeps its text parts (word/position embeddings, text FFN)."""
+    return replace(cfg, text=replace(cfg.text, word_embeddings=True, text_ffn=True))
+
+
+def create(arch: str, task: str = "stage2", *, llm: LLMSource | nn.Module | None = None,
+           qformer_from: str | Path | None = None, **overrides) -> Blip2LanguageModel:
+    """Build a stage-2 BLIP-2 (``task="stage2"``) or InstructBLIP (``task="instruct"``) model.
+
+    llm: HF directory of the language model (required for the real archs), a config dict, or a built HF model.
+    qformer_from: a stage-1 checkpoint (LAVIS ``blip2_pretrained.pth`` or blip's own) whose query tokens,
+    ln_vision and Q-Former initialise this model (the stage-1 -> stage-2 hand-off).
+    overrides: fields of :class:`Blip2LLMConfig` (``dtype="bf16"``, ``prompt=...``, ``eos=...``).
+    """
+    if arch not in ARCHS:
+        raise KeyError(f"unknown BLIP-2 LLM arch {arch!r}; known: {sorted(ARCHS)}")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    cfg = copy.deepcopy(ARCHS[arch])
+    built = llm if isinstance(llm, nn.Module) else None
+    if llm is not None and built is None:
+        cfg.llm = llm
+        if isinstance(llm, (str, Path)) and cfg.tokenizer is None:
+            cfg.tokenizer = llm
+    cfg = replace(cfg, **overrides)
+    if task == "instruct":
+        cfg.qformer = instruct_qformer(cfg.qformer)
+    model = (InstructBlipLanguageModel if task == "instruct" else Blip2LanguageModel)(cfg, llm=built)
+    if qformer_from is not None:
+        from ..convert.blip2_llm import init_from_stage1
+        init_from_stage1(model, qformer_from)
+    return model

@@ -1,0 +1,123 @@
+"""BLIP-2 stage-2 objective (generative learning with a frozen LLM): LM loss through the Q-Former queries.
+
+- decoder-only LLMs (OPT, Llama, ...), as LAVIS Blip2OPT: the caption gets the eos text appended ("\\n" for OPT, the
+  tokenizer's eos otherwise), is tokenized with the LLM's bos and right padding, and the loss covers only caption
+  tokens: queries (not in the logits), prompt tokens (``prompt_length`` counts the bos, as LAVIS) and padding are
+  excluded. The bos itself is never a target (LAVIS, with an empty prompt, also scores the last query predicting
+  ``</s>``; that term carries no caption information and is left out).
+- encoder-decoder LLMs (FlanT5): the paper's **prefix LM**: each caption's tokens are split at a point drawn uniformly
+  from 1 .. max(1, n // 2); the prefix (+ ``</s>``) goes to the encoder after the queries, the rest (+ ``</s>``) is the
+  decoder target. LAVIS never implemented the split; with ``text_input``/``text_output`` in the batch the LAVIS
+  behaviour (encoder reads text_input, decoder predicts text_output) is used instead.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..losses import lm_loss
+
+
+class Blip2Stage2Objective(nn.Module):
+    """forward(batch) -> {"loss"}. batch: "pixel_values" [B, 3, H, W], "text" list[str] (captions), optional
+    "text_input"/"text_output" (FlanT5, LAVIS mode). Gradients reach ln_vision, the Q-Former and ``llm_proj`` only."""
+
+    def __init__(self, model: nn.Module, prompt: str = "", max_txt_len: int = 32,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.model = model
+        self.prompt = prompt
+        self.max_txt_len = max_txt_len
+        self.generator = generator
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    def no_weight_decay(self) -> set[str]:
+        return {"model.qformer.query_tokens"}
+
+    # ---- decoder-only -----------------------------------------------------------------------------------------
+    def eos_text(self) -> str:
+        eos = self.model.config.eos
+        return eos if isinstance(eos, str) else self.tokenizer.eos_token
+
+    def prompt_length(self) -> int:
+        """Tokens of the prompt including the bos (LAVIS ``prompt_length``); 0 without a prompt."""
+        if not self.prompt:
+            return 0
+        return len(self.tokenizer(self.prompt.rstrip()).input_ids)
+
+    def causal_batch(self, texts: list[str]) -> dict[str, Tensor]:
+        """Captions -> input_ids, attention_mask [B, T] (bos + prompt + caption + eos text, right padded) and
+        labels [B, T] (-100 on padding and on the prompt incl. bos)."""
+        full = [self.prompt + t + self.eos_text() for t in texts]
+        tok = self.tokenizer(full, padding="longest", truncation=True, max_length=self.max_txt_len,
+                             return_tensors="pt")
+        if tok.attention_mask[:, 0].eq(0).any():
+            raise ValueError("the LLM tokenizer pads on the left; training batches need padding_side='right'")
+        labels = tok.input_ids.masked_fill(tok.attention_mask == 0, -100)
+        labels[:, :max(self.prompt_length(), 1)] = -100
+        return {"input_ids": tok.input_ids, "attention_mask": tok.attention_mask, "labels": labels}
+
+    # ---- encoder-decoder ---------------------------------------------------------------------------------------
+    def split_point(self, n: int) -> int:
+        """Prefix length for a caption of n tokens: uniform in 1 .. max(1, n // 2) (BLIP-2 §3.3, prefix LM)."""
+        high = max(1, n // 2)
+        return int(torch.randint(1, high + 1, (1,), generator=self.generator))
+
+    def prefix_lm_batch(self, texts: list[str], splits: list[int] | None = None) -> dict[str, Tensor]:
+        """Captions -> encoder ids [B, Te] (prompt + prefix + </s>), labels [B, Td] (suffix + </s>, pad -100),
+        decoder_input_ids (labels shifted right after the decoder start), decoder_attention_mask.
+        splits: the prefix lengths (default: drawn with :meth:`split_point`)."""
+        tok = self.tokenizer
+        eos = tok.eos_token_id
+        prompt = tok(self.prompt, add_special_tokens=False).input_ids if self.prompt else []
+        enc, dec = [], []
+        for i, text in enumerate(texts):
+            ids = tok(text, add_special_tokens=False).input_ids[:self.max_txt_len - 1]
+            k = splits[i] if splits is not None else self.split_point(len(ids))
+            enc.append(prompt + ids[:k] + [eos])
+            dec.append(ids[k:] + [eos])
+        return {**self._pad(enc, "input_ids", "attention_mask"), **self._targets(dec)}
+
+    def text_pair_batch(self, inputs: list[str], outputs: list[str]) -> dict[str, Tensor]:
+        """LAVIS Blip2T5 mode: encoder reads ``text_input``, the decoder predicts ``text_output`` (both with </s>)."""
+        tok = self.tokenizer
+        enc = [tok(t, truncation=True, max_length=self.max_txt_len).input_ids for t in inputs]
+        dec = [tok(t, truncation=True, max_length=self.max_txt_len).input_ids for t in outputs]
+        return {**self._pad(enc, "input_ids", "attention_mask"), **self._targets(dec)}
+
+    def _pad(self, seqs: list[list[int]], ids_key: str, mask_key: str) -> dict[str, Tensor]:
+        width = max(len(s) for s in seqs)
+        pad = self.model.pad_token_id
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+        return {ids_key: ids, mask_key: mask}
+
+    def _targets(self, seqs: list[list[int]]) -> dict[str, Tensor]:
+        padded = self._pad(seqs, "ids", "mask")
+        labels = padded["ids"].masked_fill(padded["mask"] == 0, -100)
+        start = self.model.llm.config.decoder_start_token_id
+        shifted = torch.cat([torch.full_like(labels[:, :1], start), padded["ids"][:, :-1]], dim=1)
+        return {"labels": labels, "decoder_input_ids": shifted, "decoder_attention_mask": padded["mask"]}
+
+    # ---- loss ---------------------------------------------------------------------------------------------------
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        pixels = batch["pixel_values"]
+        device = pixels.device
+        if self.model.is_seq2seq:
+            if "text_output" in batch:
+                t = self.text_pair_batch(batch.get("text_input", batch.get("text")), batch["text_output"])
+            else:
+                t = self.prefix_lm_batch(batch["text"])
+            t = {k: v.to(device) for k, v in t.items()}
+            logits = self.model(pixels, t["input_ids"], t["attention_mask"], decoder_input_ids=t["decoder_input_ids"],
+                                decoder_attention_mask=t["decoder_attention_mask"]).logits
+            loss = F.cross_entropy(logits.float().flatten(0, 1), t["labels"].flatten(), ignore_index=-100)
+        else:
+            t = {k: v.to(device) for k, v in self.causal_batch(batch["text"]).items()}
+            logits = self.model(pixels, t["input_ids"], t["attention_mask"]).logits
+            loss = lm_loss(logits, t["labels"])
+        return {"loss": loss, "loss_lm": loss.detach()}

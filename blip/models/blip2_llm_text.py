@@ -1,0 +1,124 @@
+"""String-level API of the BLIP-2 LLM models: ``caption``, ``answer``, ``chat``.
+
+It applies the conventions the tensor level leaves to the caller: the LLM tokenizer's own special tokens (OPT's
+``</s>`` bos, T5's trailing ``</s>``), the "\\n" eos of OPT, the VQA prompt template, the chat transcript, and for
+InstructBLIP the instruction given to the Q-Former as BERT ids. Images are paths, PIL images or a preprocessed
+tensor [B, 3, H, W].
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+ImageInput = Tensor | Sequence[object] | object
+
+
+class LanguageInterface:
+    """Mixin for :class:`blip.models.blip2_llm.Blip2LanguageModel` (uses ``config``, ``llm``, ``generate``)."""
+
+    _tokenizer = None
+    _qformer_tokenizer = None
+
+    # ---- tokenizers ------------------------------------------------------------------------------------------
+    def _tokenizer_source(self) -> str | None:
+        cfg = self.config
+        src = cfg.tokenizer if cfg.tokenizer is not None else cfg.llm
+        return str(src) if isinstance(src, (str, Path)) else None
+
+    def has_tokenizer(self) -> bool:
+        return self._tokenizer is not None or self._tokenizer_source() is not None
+
+    @property
+    def tokenizer(self):
+        """The LLM tokenizer, loaded from ``config.tokenizer`` (or the ``llm`` directory) on first use."""
+        if self._tokenizer is None:
+            src = self._tokenizer_source()
+            if src is None:
+                raise ValueError("no LLM tokenizer: this model's LLM was built from a config; set model.tokenizer = "
+                                 "<HF tokenizer> or create it with tokenizer=<directory>")
+            from transformers import AutoTokenizer
+            self._tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value) -> None:
+        self._tokenizer = value
+
+    @property
+    def qformer_tokenizer(self):
+        """InstructBLIP's Q-Former tokenizer: bert-base-uncased + [DEC], truncating on the left as LAVIS does."""
+        if self._qformer_tokenizer is None:
+            from ..data.tokenizer import get_tokenizer
+            self._qformer_tokenizer = get_tokenizer("blip2_qformer")
+            self._qformer_tokenizer.truncation_side = "left"
+        return self._qformer_tokenizer
+
+    # ---- helpers ---------------------------------------------------------------------------------------------
+    def pixel_values(self, images: ImageInput) -> Tensor:
+        """Paths / PIL images / a preprocessed tensor -> [B, 3, S, S] (LAVIS eval transform at the model's size)."""
+        device = next(self.qformer.parameters()).device
+        if isinstance(images, Tensor):
+            return (images[None] if images.ndim == 3 else images).to(device)
+        from ..data.images import load_image
+        from ..data.transforms import image_transform
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        tf = image_transform(self.config.vision.image_size, kind="blip2")
+        return torch.stack([tf(load_image(im)) for im in images]).to(device)
+
+    def _encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
+        device = next(self.qformer.parameters()).device
+        tok = self.tokenizer(prompts, padding="longest", return_tensors="pt")
+        out = {"input_ids": tok.input_ids.to(device), "attention_mask": tok.attention_mask.to(device)}
+        if self.instruct:
+            q = self.qformer_tokenizer(prompts, padding="longest", truncation=True, max_length=128, return_tensors="pt")
+            out["qformer_input_ids"] = q.input_ids.to(device)
+            out["qformer_attention_mask"] = q.attention_mask.to(device)
+        return out
+
+    def _run(self, images: ImageInput, prompts: list[str], **gen) -> list[str]:
+        pixels = self.pixel_values(images)
+        if len(prompts) == 1 and pixels.shape[0] > 1:
+            prompts = prompts * pixels.shape[0]
+        if len(prompts) != pixels.shape[0]:
+            raise ValueError(f"{pixels.shape[0]} images but {len(prompts)} prompts")
+        inputs = self._encode_prompts(prompts)
+        ids = self.generate(pixels, **inputs, **gen)
+        new = ids if self.is_seq2seq else ids[:, inputs["input_ids"].shape[1]:]
+        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    # ---- public ----------------------------------------------------------------------------------------------
+    def caption(self, images: ImageInput, prompt: str | None = None, *, num_beams: int = 5, max_new_tokens: int = 30,
+                min_new_tokens: int = 1, **gen) -> list[str]:
+        """Captions (LAVIS generate defaults: 5 beams, up to 30 new tokens). prompt: e.g. "a photo of"."""
+        prompt = self.config.prompt if prompt is None else prompt
+        return self._run(images, [prompt], num_beams=num_beams, max_new_tokens=max_new_tokens,
+                         min_new_tokens=min_new_tokens, **gen)
+
+    def answer(self, images: ImageInput, questions: str | Sequence[str], prompt: str = "Question: {} Short answer:",
+               *, num_beams: int = 5, max_new_tokens: int = 10, min_new_tokens: int = 1, length_penalty: float = -1.0,
+               **gen) -> list[str]:
+        """Open-ended VQA with the BLIP-2 prompt template (LAVIS predict_answers defaults)."""
+        questions = [questions] if isinstance(questions, str) else list(questions)
+        return self._run(images, [prompt.format(q) for q in questions], num_beams=num_beams,
+                         max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, length_penalty=length_penalty,
+                         **gen)
+
+    def chat(self, images: ImageInput, turns: Sequence[str] | Sequence[Sequence[str]], *, num_beams: int = 5,
+             max_new_tokens: int = 30, min_new_tokens: int = 1, **gen) -> list[str]:
+        """Multi-turn answers. turns: [q1, a1, q2, a2, ..., qn] (shared by all images) or one such list per image;
+        the earlier turns are the context: "Question: q1 Answer: a1. Question: q2 Answer: ..."."""
+        per_image = [turns] if turns and isinstance(turns[0], str) else list(turns)
+        return self._run(images, [chat_prompt(t) for t in per_image], num_beams=num_beams,
+                         max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, **gen)
+
+
+def chat_prompt(turns: Sequence[str]) -> str:
+    """[q1, a1, ..., qn] -> "Question: q1 Answer: a1. ... Question: qn Answer:" (the BLIP-2 paper's chat format)."""
+    if len(turns) % 2 != 1:
+        raise ValueError("turns must alternate question, answer, ... and end with a question")
+    parts = [f"Question: {q} Answer: {a.rstrip('.')}." for q, a in zip(turns[0:-1:2], turns[1::2])]
+    return " ".join(parts + [f"Question: {turns[-1]} Answer:"])

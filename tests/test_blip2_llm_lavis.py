@@ -1,0 +1,139 @@
+"""BLIP-2 OPT / FlanT5 against the LAVIS fixtures (real LAVIS 1.0.2 outputs under transformers 4.26).
+
+Both checkpoint files are loaded through ``blip.load``: the full ``checkpoint.pth`` (ViT + LLM inside) and
+``checkpoint_trainable_only.pth`` (ViT from ``eva_vit_tiny.pth``, LLM from the fixture's HF directory).
+"""
+from pathlib import Path
+
+import pytest
+import torch
+
+import blip
+from blip.models.blip2_llm_objective import Blip2Stage2Objective
+
+LAVIS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "lavis"
+EVA = LAVIS / "eva_vit_tiny.pth"
+FILES = ("checkpoint.pth", "checkpoint_trainable_only.pth")
+Q = 8  # query tokens of the tiny fixtures
+
+
+def fixture(name):
+    return (torch.load(LAVIS / name / "inputs.pt", weights_only=True),
+            torch.load(LAVIS / name / "outputs.pt", weights_only=True))
+
+
+def load(name, llm_dir, file):
+    return blip.load(LAVIS / name / file, llm=LAVIS / name / llm_dir, vision_weights=EVA)
+
+
+@pytest.fixture(scope="module", params=FILES)
+def opt(request):
+    return load("blip2_opt", "opt_llm", request.param), request.param
+
+
+@pytest.fixture(scope="module", params=FILES)
+def t5(request):
+    return load("blip2_t5", "t5_llm", request.param), request.param
+
+
+def test_key_origins_reported(opt, t5):
+    for (model, file), name, llm_dir in ((opt, "blip2_opt", "opt_llm"), (t5, "blip2_t5", "t5_llm")):
+        origins = model.load_report.origins
+        ckpt = str(LAVIS / name / file)
+        assert origins["qformer"] == origins["llm_proj"] == origins["image_encoder.ln_vision"] == ckpt
+        full = file == "checkpoint.pth"
+        assert origins["image_encoder.visual_encoder"] == (ckpt if full else str(EVA))
+        assert origins["llm"] == (ckpt if full else str(LAVIS / name / llm_dir))
+        assert model.load_report.unused == []
+
+
+def test_opt_logits_loss_and_labels(opt):
+    model, _ = opt
+    inputs, out = fixture("blip2_opt")
+    fed = inputs["tokens_as_fed"]
+    text_mask = fed["opt_attention_mask"][:, Q:]
+    with torch.no_grad():
+        assert (model.query_embeds(inputs["image"]) - out["inputs_opt"]).abs().max() < 1e-4
+        logits = model(inputs["image"], fed["opt_input_ids"], text_mask).logits
+        # LAVIS's padded position uses OPT position -1: compare where the mask is 1 (fixture README)
+        assert (logits - out["opt_logits"][:, Q:])[text_mask.bool()].abs().max() < 1e-4
+        prompt = "a photo of "
+        captions = [t[len(prompt):] for t in inputs["text_input"]]
+        objective = Blip2Stage2Objective(model, prompt=prompt)
+        batch = objective.causal_batch(captions)
+        assert torch.equal(batch["input_ids"], out["opt_input_ids"])
+        assert torch.equal(batch["labels"], out["opt_labels"][:, Q:])
+        loss = objective({"pixel_values": inputs["image"], "text": captions})["loss"]
+    assert abs(loss.item() - out["loss"].item()) < 1e-4
+
+
+@pytest.mark.parametrize("tag,beams", [("greedy", 1), ("beam3", 3)])
+def test_opt_generation(opt, tag, beams):
+    model, _ = opt
+    inputs, out = fixture("blip2_opt")
+    prompt_ids = inputs["tokens_as_fed"][f"{tag}_input_ids"]
+    assert model.eos_token_id == 202  # "\n", from the fixture's GPT2 tokenizer
+    ids = model.generate(inputs["image"], prompt_ids, max_new_tokens=10, min_new_tokens=0, num_beams=beams,
+                         beam_length_convention="total")
+    assert torch.equal(ids, out[f"{tag}_ids"])
+    text = [t.strip() for t in model.tokenizer.batch_decode(ids[:, prompt_ids.shape[1]:], skip_special_tokens=True)]
+    assert text == out[f"{tag}_text"]
+    # the string API builds the same prompt (bos + "a photo of") and decodes the same way
+    assert model.caption(inputs["image"], "a photo of", num_beams=beams, max_new_tokens=10, min_new_tokens=0,
+                         beam_length_convention="total") == out[f"{tag}_text"]
+
+
+def test_t5_logits_and_loss(t5):
+    model, _ = t5
+    inputs, out = fixture("blip2_t5")
+    fed = inputs["tokens_as_fed"]
+    with torch.no_grad():
+        logits = model(inputs["image"], fed["t5_input_ids"], fed["t5_attention_mask"][:, Q:],
+                       decoder_input_ids=fed["t5_decoder_input_ids"],
+                       decoder_attention_mask=fed["t5_decoder_attention_mask"]).logits
+        assert (logits - out["t5_logits"]).abs().max() < 1e-4
+        objective = Blip2Stage2Objective(model)
+        batch = objective.text_pair_batch(inputs["text_input"], inputs["text_output"])
+        for key, ref in (("input_ids", "t5_input_ids"), ("labels", "t5_labels"),
+                         ("decoder_input_ids", "t5_decoder_input_ids")):
+            assert torch.equal(batch[key], out[ref]), key
+        loss = objective({"pixel_values": inputs["image"], "text": inputs["text_input"],
+                          "text_input": inputs["text_input"], "text_output": inputs["text_output"]})["loss"]
+    assert abs(loss.item() - out["loss"].item()) < 1e-4
+
+
+def test_t5_uses_lavis_exact_gelu(t5):
+    model, _ = t5
+    assert model.llm.config.dense_act_fn == "gelu"  # the saved config says gated-gelu (gelu_new)
+
+
+@pytest.mark.parametrize("tag,beams", [("greedy", 1), ("beam3", 3)])
+def test_t5_generation(t5, tag, beams):
+    model, _ = t5
+    inputs, out = fixture("blip2_t5")
+    kw = dict(num_beams=beams, max_new_tokens=10, min_new_tokens=0, beam_length_convention="total")
+    tok = model.tokenizer([inputs["generate_prompt"]] * 2, return_tensors="pt")
+    ids = model.generate(inputs["image"], tok.input_ids, tok.attention_mask, **kw)
+    assert torch.equal(ids, out[f"{tag}_ids"])
+    assert model.caption(inputs["image"], inputs["generate_prompt"], **kw) == out[f"{tag}_text"]
+
+
+def test_t5_vqa_beam5(t5):
+    model, _ = t5
+    inputs, out = fixture("blip2_t5")
+    answers = model.answer(inputs["image"], inputs["text_input"], prompt=inputs["vqa_prompt"], num_beams=5,
+                           max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0, beam_length_convention="total")
+    assert answers == out["vqa_beam5_answers"]
+    tok = model.tokenizer([inputs["vqa_prompt"].format(q) for q in inputs["text_input"]], padding="longest",
+                          return_tensors="pt")
+    ids = model.generate(inputs["image"], tok.input_ids, tok.attention_mask, num_beams=5, max_new_tokens=10,
+                         min_new_tokens=1, length_penalty=-1.0, beam_length_convention="total")
+    assert torch.equal(ids, out["vqa_beam5_ids"])
+
+
+def test_missing_parts_are_named():
+    from blip.checkpoints import CheckpointError
+    with pytest.raises(CheckpointError, match="vision_weights"):
+        blip.load(LAVIS / "blip2_opt" / "checkpoint_trainable_only.pth", llm=LAVIS / "blip2_opt" / "opt_llm")
+    with pytest.raises(CheckpointError, match="llm="):
+        blip.load(LAVIS / "blip2_t5" / "checkpoint_trainable_only.pth", vision_weights=EVA)
