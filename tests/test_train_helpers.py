@@ -67,7 +67,7 @@ class TinyModel(nn.Module):
         self.steps_hook_calls += 1
 
 
-def build_tiny(arch: str, task: str, **overrides) -> TinyModel:
+def build_tiny(arch: str, task: str, objective: dict | None = None, **overrides) -> TinyModel:
     return TinyModel(**overrides)
 
 
