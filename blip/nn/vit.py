@@ -160,7 +160,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, cfg.width))
         self.norm_pre = LayerNorm(cfg.width, eps=cfg.layer_norm_eps) if cfg.pre_norm else nn.Identity()
-        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        rates = torch.linspace(0, cfg.drop_path, cfg.depth, device="cpu").tolist()  # cpu: also under a meta device
         self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
         self.norm = LayerNorm(cfg.width, eps=cfg.layer_norm_eps) if cfg.final_norm else nn.Identity()
         self.grad_checkpointing = False
