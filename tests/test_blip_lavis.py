@@ -201,11 +201,19 @@ def test_pretrain_keys_are_expected_unused_and_unknown_keys_fail(tmp_path):
     sd = read_state_dict(FIX / "blip_itm" / "checkpoint.pth")
     extra = {"temp": torch.tensor(0.07), "image_queue": torch.randn(24, 8), "text_queue": torch.randn(24, 8),
              "queue_ptr": torch.zeros(1, dtype=torch.long), "vision_proj_m.weight": torch.randn(24, 64)}
-    torch.save({"model": {**sd, **extra}}, tmp_path / "pre.pth")
+    heads = dict(vision={"heads": 4}, text={"num_heads": 2})
+    torch.save({"model": {**sd, **extra}}, tmp_path / "retrieval.pth")  # like BLIP's retrieval checkpoints
+    model = blip.load(tmp_path / "retrieval.pth", **heads)
+    assert isinstance(model, BlipRetrieval) and set(extra) <= set(model.load_report.unused)
+    decoder = {k: v for k, v in read_state_dict(FIX / "blip_caption" / "checkpoint.pth").items()
+               if k.startswith("text_decoder.")}
+    torch.save({"model": {**sd, **extra, **decoder}}, tmp_path / "pre.pth")  # a pretraining checkpoint holds all
     with pytest.raises(CheckpointError, match="task="):
-        blip.load(tmp_path / "pre.pth", vision={"heads": 4}, text={"num_heads": 2})
-    model = blip.load(tmp_path / "pre.pth", task="retrieval", vision={"heads": 4}, text={"num_heads": 2})
-    assert set(extra) <= set(model.load_report.unused)
+        blip.load(tmp_path / "pre.pth", **heads)
+    model = blip.load(tmp_path / "pre.pth", task="retrieval", **heads)
+    assert any(k.startswith("text_decoder.") for k in model.load_report.unused)
+    model = blip.load(tmp_path / "pre.pth", task="caption", **heads)
+    assert isinstance(model, BlipCaption) and "itm_head.weight" in model.load_report.unused
     torch.save({"model": {**sd, "surprise.weight": torch.zeros(2)}}, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match="surprise.weight"):
         blip.load(tmp_path / "bad.pth", vision={"heads": 4}, text={"num_heads": 2})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 
 from ..checkpoints import (CheckpointError, LoadReport, StateDict, bert_to_ours, hf_vit_to_ours, load_into,
                            ours_to_bert, ours_to_hf_vit, read_state_dict)
-from ..models.blip import ARCHS, BlipConfig, build
+from ..models.blip import ARCHS, TASK_CLASSES, BlipConfig, build
 from ..models.blip_tasks import BlipCaption, BlipFeatureExtractor, BlipRetrieval, BlipVQA
 from ..nn.transformer import TextConfig
 from ..nn.vit import VisionConfig, resize_pos_embed
@@ -97,10 +98,11 @@ def ours_to_original(sd: StateDict) -> StateDict:
 
 
 def detect_task(sd: StateDict) -> str:
-    """Task from the keys (ours or original names): decoder only -> caption; encoder + ITM head -> retrieval;
-    encoder + decoder -> vqa. A pretraining checkpoint holds everything: the caller must choose."""
+    """Task from the keys (ours or original names): decoder only -> caption; encoder + ITM head -> retrieval (also
+    with momentum encoders and queues, as BLIP's retrieval checkpoints); encoder + decoder -> vqa. A pretraining
+    checkpoint holds decoder and ITM head: the caller must choose."""
     has = {p: any(k.startswith(p) for k in sd) for p in ("text_encoder.", "text_decoder.", "itm_head.")}
-    if is_pretrain(sd) or (has["text_decoder."] and has["itm_head."]):
+    if has["text_decoder."] and has["itm_head."]:
         raise CheckpointError("this is a BLIP pretraining checkpoint (text encoder, decoder, ITM head): pass "
                               "task='caption' | 'retrieval' | 'vqa' | 'feature_extractor' | 'pretrain'")
     if has["text_decoder."] and has["text_encoder."]:
@@ -166,12 +168,47 @@ def load_original(state_dict: StateDict, source: str, arch: str | None = None, t
         raise ValueError("BLIP (v1) models have no separate language model: drop llm=")
     pretrain = is_pretrain(state_dict)
     sd = dict(state_dict) if is_ours(state_dict) else original_to_ours(state_dict)
-    task = task or detect_task(sd)
+    saved = _saved_metadata(source)
+    task = task or saved.get("task") or detect_task(sd)
     if config is None:
-        config = ARCHS[arch] if arch is not None else config_from_state_dict(sd)
+        if arch is not None:
+            config = ARCHS[arch]
+        elif "config" in saved:
+            config = config_from_dict(saved["config"])
+        else:
+            config = config_from_state_dict(sd)
     model = build(config.with_overrides(**overrides), task)
     load_state(model, sd, source, task, pretrain)
     return model.eval()
+
+
+def config_from_dict(d: dict) -> BlipConfig:
+    return BlipConfig(VisionConfig(**d.pop("vision")), TextConfig(**d.pop("text")), **d)
+
+
+def save_safetensors(model: nn.Module, path: str | Path) -> Path:
+    """Our layout as ``.safetensors`` with the exact config and task in its metadata (``blip.load`` reads them)."""
+    from safetensors.torch import save_file
+    task = next((t for t, c in TASK_CLASSES.items() if type(model) is c), None)
+    if task is None:
+        raise TypeError(f"{type(model).__name__} is not a BLIP task model")
+    meta = {"format": "pt", "blip_task": task, "blip_config": json.dumps(asdict(model.cfg))}
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+    return Path(path)
+
+
+def _saved_metadata(source: str) -> dict:
+    if not str(source).endswith(".safetensors") or not Path(source).is_file():
+        return {}
+    from safetensors import safe_open
+    with safe_open(str(source), "pt") as f:
+        meta = f.metadata() or {}
+    out = {}
+    if "blip_task" in meta:
+        out["task"] = meta["blip_task"]
+    if "blip_config" in meta:
+        out["config"] = json.loads(meta["blip_config"])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

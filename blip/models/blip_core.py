@@ -49,6 +49,20 @@ def build_vit(cfg: BlipConfig) -> VisionTransformer:
     return VisionTransformer(cfg.vision)
 
 
+class BlipModel(nn.Module):
+    """Base of the BLIP task models: holds ``cfg``; switches gradient checkpointing in every tower at once."""
+
+    def __init__(self, cfg: BlipConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute ViT blocks and text layers in the backward pass (training memory for compute)."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "set_grad_checkpointing"):
+                m.set_grad_checkpointing(enable)
+
+
 class TextDecoder(nn.Module):
     """MED decoder: causal :class:`TextTransformer` with cross-attention + BERT LM head tied to its word embeddings.
 

@@ -144,11 +144,9 @@ class MatchStrings(_StringAPI):
         [CLS] (BLIP's conventions)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         pixels = self._pixels(images)
-        if pixels.shape[0] == 1 and len(texts) > 1:
-            pixels = pixels.expand(len(texts), -1, -1, -1)
-        if pixels.shape[0] != len(texts):
+        if pixels.shape[0] not in (1, len(texts)):
             raise ValueError(f"{pixels.shape[0]} images for {len(texts)} texts: pass one image, or one per text")
-        image_embeds = self.image_embeds(pixels)
+        image_embeds = self.image_embeds(pixels).expand(len(texts), -1, -1)
         itm_ids, mask = self._tokens(texts, self.cfg.enc_token_id, max_length)
         itm = self.itm_logits_from_embeds(image_embeds, itm_ids, mask).softmax(-1)[:, 1]
         itc_ids, mask = self._tokens(texts, None, max_length)

@@ -14,16 +14,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.transformer import TextTransformer
-from .blip_core import BlipConfig, BlipOutput, TextDecoder, build_vit, decode
+from .blip_core import BlipConfig, BlipModel, BlipOutput, TextDecoder, build_vit, decode
 from .blip_strings import CaptionStrings, MatchStrings, VQAStrings
 
 
-class BlipCaption(CaptionStrings, nn.Module):
+class BlipCaption(CaptionStrings, BlipModel):
     """Image captioning: ViT -> MED decoder (causal self-attention, cross-attention to all image tokens)."""
 
     def __init__(self, cfg: BlipConfig):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.visual_encoder = build_vit(cfg)
         self.text_decoder = TextDecoder(cfg.text)
 
@@ -57,12 +56,11 @@ class FeatureOutput:
     multimodal_embeds: Tensor | None = None
 
 
-class BlipFeatureExtractor(nn.Module):
+class BlipFeatureExtractor(BlipModel):
     """ViT + MED text encoder + ITC projections: image, text and image-grounded (multimodal) embeddings."""
 
     def __init__(self, cfg: BlipConfig):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.visual_encoder = build_vit(cfg)
         self.text_encoder = TextTransformer(cfg.text)
         self.vision_proj = nn.Linear(cfg.vision.width, cfg.embed_dim)
@@ -154,12 +152,11 @@ class RankOutput:
     candidate_loss: Tensor
 
 
-class BlipVQA(VQAStrings, nn.Module):
+class BlipVQA(VQAStrings, BlipModel):
     """VQA: ViT -> question encoder (image-grounded) -> answer decoder cross-attending to the question states."""
 
     def __init__(self, cfg: BlipConfig):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.visual_encoder = build_vit(cfg)
         self.text_encoder = TextTransformer(cfg.text)
         self.text_decoder = TextDecoder(replace(cfg.text, encoder_width=cfg.text.hidden_size))
