@@ -43,11 +43,14 @@ class Blip2Stage1Objective(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"model.temp"}
 
+    def tokenize(self, texts: list[str], device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+        """[CLS] text [SEP] padded to ``max_txt_len`` (LAVIS "max_length" padding) -> (ids, mask), each [B, T]."""
+        tokens = tokenize(self.tokenizer, texts, self.max_txt_len, padding="max_length")
+        return tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+
     def forward(self, batch: dict) -> dict[str, Tensor]:
-        device = batch["pixel_values"].device
-        tokens = tokenize(self.tokenizer, batch["text"], self.max_txt_len, padding="max_length")
-        return self.losses(batch["pixel_values"], tokens["input_ids"].to(device),
-                           tokens["attention_mask"].to(device), image_ids=batch.get("image_ids"),
+        ids, mask = self.tokenize(batch["text"], batch["pixel_values"].device)
+        return self.losses(batch["pixel_values"], ids, mask, image_ids=batch.get("image_ids"),
                            negatives=batch.get("itm_negatives"))
 
     def losses(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,
@@ -70,9 +73,7 @@ class Blip2Stage1Objective(nn.Module):
         ids_world, mask_world = concat_all_gather(input_ids), concat_all_gather(attention_mask)
         vit_world = all_gather_with_grad(vit)
         if negatives is None:
-            positive = self._positive_mask(targets, ids_world.shape[0], image_ids)
-            neg_image = sample_hard_negatives(sim_t2i.detach(), positive, eps=self.negative_eps)
-            neg_text = sample_hard_negatives(sim_i2t.detach(), positive, eps=self.negative_eps)
+            neg_image, neg_text = self.hard_negatives(sim_i2t, sim_t2i, image_ids)
         else:
             neg_image, neg_text = (t.to(pixel_values.device) for t in negatives)
         itm_logits = m.itm_logits_from_features(
@@ -88,6 +89,17 @@ class Blip2Stage1Objective(nn.Module):
         loss_lm = lm_loss(logits, labels, label_smoothing=self.label_smoothing)
         return {"loss": loss_itc + loss_itm + loss_lm, "loss_itc": loss_itc, "loss_itm": loss_itm,
                 "loss_lm": loss_lm}
+
+    @torch.no_grad()
+    def hard_negatives(self, sim_i2t: Tensor, sim_t2i: Tensor, image_ids: Tensor | None = None
+                       ) -> tuple[Tensor, Tensor]:
+        """World-batch indices [B] of a negative image per local text and a negative text per local image, drawn
+        from softmax(sim) (+``negative_eps``) with the positives excluded. sim_*: [B, W*B] (this rank's rows)."""
+        b = sim_i2t.shape[0]
+        targets = rank() * b + torch.arange(b, device=sim_i2t.device)
+        positive = self._positive_mask(targets, sim_i2t.shape[1], image_ids)
+        return (sample_hard_negatives(sim_t2i.detach(), positive, eps=self.negative_eps),
+                sample_hard_negatives(sim_i2t.detach(), positive, eps=self.negative_eps))
 
     @staticmethod
     def _positive_mask(targets: Tensor, world_batch: int, image_ids: Tensor | None) -> Tensor:

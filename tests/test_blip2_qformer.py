@@ -1,0 +1,130 @@
+"""Blip2Qformer mechanics: the ITG mask, query-KV reuse, frozen / low-precision ViT, no image without queries."""
+import pytest
+import torch
+
+import blip
+from blip.models import blip2
+from blip.models.blip2 import create
+from blip.nn.vit import LayerNorm
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = create("blip2_tiny_qformer", "qformer").eval()
+    with torch.no_grad():  # larger weights than the init so every path visibly matters
+        for p in m.qformer.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return m
+
+
+def _inputs(b=2, t=6):
+    torch.manual_seed(1)
+    px = torch.randn(b, 3, 56, 56)
+    ids = torch.randint(1000, 2000, (b, t))
+    ids[:, 0] = 30522
+    return px, ids
+
+
+@torch.no_grad()
+def test_itg_mask_queries_never_see_text(model):
+    px, ids = _inputs()
+    vit = model.image_features(px)
+    q = model.num_queries
+    queries = model.qformer.query_tokens.expand(2, -1, -1)
+    joint = model.qformer.transformer(ids, query_embeds=queries, causal=True, prefix_length=q, encoder_hidden_states=vit)
+    other = ids.clone()
+    other[:, 1:] = torch.randint(3000, 4000, other[:, 1:].shape)
+    joint2 = model.qformer.transformer(other, query_embeds=queries, causal=True, prefix_length=q,
+                                       encoder_hidden_states=vit)
+    torch.testing.assert_close(joint[:, :q], joint2[:, :q], rtol=0, atol=0)  # queries: identical
+    assert (joint[:, q + 1:] - joint2[:, q + 1:]).abs().max() > 1e-2       # text: changed
+    # text is causal: position t does not see later text ...
+    logits = model(px, ids).logits
+    later = ids.clone()
+    later[:, 4:] = 7
+    torch.testing.assert_close(model(px, later).logits[:, :4], logits[:, :4], rtol=0, atol=1e-6)
+    # ... but does see the image through the queries
+    assert (model(px.flip(0), ids).logits[:, 0] - logits[:, 0]).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_query_kv_reuse_equals_joint_forward(model):
+    px, ids = _inputs()
+    am = torch.ones_like(ids)
+    am[1, 4:] = 0
+    vit = model.image_features(px)
+    q = model.num_queries
+    queries = model.qformer.query_tokens.expand(2, -1, -1)
+    full_mask = torch.cat([torch.ones(2, q, dtype=torch.long), am], 1)
+    joint = model.qformer.transformer(ids, query_embeds=queries, attention_mask=full_mask, causal=True,
+                                      prefix_length=q, encoder_hidden_states=vit)
+    reused = model.lm_logits(vit, ids, am)
+    keep = am.bool()
+    torch.testing.assert_close(reused[keep], model.lm_head(joint[:, q:])[keep], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_greedy_generation_is_the_argmax_of_the_forward(model):
+    px, _ = _inputs()
+    out = model.generate(px, max_new_tokens=5)
+    logits = model(px, out[:, :-1]).logits
+    assert torch.equal(logits.argmax(-1), out[:, 1:])
+    beams = model.generate(px, max_new_tokens=5, num_beams=3)
+    assert beams.shape[0] == 2 and torch.all(beams[:, 0] == 30522)
+
+
+def test_image_without_queries_is_impossible(model):
+    px, ids = _inputs()
+    vit = model.image_features(px)
+    with pytest.raises(ValueError, match="without query_embeds"):
+        model.qformer.transformer(ids, encoder_hidden_states=vit)
+    with pytest.raises(ValueError, match="without query_embeds"):
+        model.qformer.transformer(ids, cross_kv=model.qformer.transformer.cross_kv(vit))
+    with pytest.raises(ValueError, match="image"):
+        model.qformer(None, input_ids=ids)
+
+
+def test_vit_frozen_and_kept_in_eval_mode():
+    m = create("blip2_tiny_qformer", "qformer")
+    m.train()
+    assert not m.image_encoder.visual_encoder.training and m.qformer.training
+    assert not any(p.requires_grad for p in m.image_encoder.visual_encoder.parameters())
+    assert all(p.requires_grad for p in m.image_encoder.ln_vision.parameters())
+    unfrozen = create("blip2_tiny_qformer", "qformer", freeze_vit=False).train()
+    assert unfrozen.image_encoder.visual_encoder.training
+    assert all(p.requires_grad for p in unfrozen.image_encoder.visual_encoder.parameters())
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_low_precision_vit_keeps_fp32_norms(dtype):
+    torch.manual_seed(0)
+    ref = create("blip2_tiny_qformer", "qformer").eval()
+    low = create("blip2_tiny_qformer", "qformer", vit_dtype=dtype).eval()
+    low.load_state_dict(ref.state_dict())
+    vit = low.image_encoder.visual_encoder
+    want = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    assert vit.blocks[0].attn.qkv.weight.dtype == want and vit.patch_embed.proj.weight.dtype == want
+    assert all(m.weight.dtype == torch.float32 for m in vit.modules() if isinstance(m, LayerNorm))
+    assert vit.blocks[0].attn.q_bias.dtype == torch.float32 and vit.pos_embed.dtype == torch.float32
+    px, ids = _inputs()
+    with torch.no_grad():
+        a, b = low.image_features(px), ref.image_features(px)
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, atol=0.1, rtol=0.05)
+        low.itm_logits(px, ids)  # the fp32 Q-Former runs on the low-precision ViT's output
+
+
+def test_family_plumbing():
+    assert {"blip2_vitg_qformer", "blip2_vitL_qformer", "blip2_tiny_qformer"} <= set(blip2.ARCHS)
+    assert {"qformer", "stage1"} <= set(blip2.TASKS)
+    assert ("blip2_tiny_qformer", "qformer") in blip.list_models()
+    vitg = blip2.QFORMER_ARCHS["blip2_vitg_qformer"]
+    assert (vitg.vision.depth, vitg.vision.width, vitg.vision.qkv_bias, vitg.vision.final_norm) == (39, 1408, "qv", False)
+    assert vitg.qformer.num_query_tokens == 32 and vitg.embed_dim == 256 and vitg.ln_vision_eps == 1e-5
+    assert type(blip.create_model("blip2_tiny_qformer", "stage1")).__name__ == "Blip2Stage1Objective"
+    try:
+        from blip.models import blip2_llm
+    except ModuleNotFoundError:
+        return
+    assert set(blip2_llm.ARCHS) <= set(blip2.ARCHS)   # the LLM archs are merged in

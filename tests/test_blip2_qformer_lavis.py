@@ -1,0 +1,124 @@
+"""BLIP-2 stage 1 against the LAVIS fixture (real LAVIS 1.0.2 outputs): both checkpoint files, every recorded output."""
+from pathlib import Path
+
+import pytest
+import torch
+
+import blip
+from blip.data.tokenizer import get_tokenizer
+from blip.models.blip2_qformer import Blip2Qformer
+
+FIX = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "lavis"
+DIR = FIX / "blip2_qformer"
+
+
+@pytest.fixture(scope="module")
+def data():
+    inputs = torch.load(DIR / "inputs.pt", weights_only=True)
+    return inputs, inputs["tokens_as_fed"], torch.load(DIR / "outputs.pt", weights_only=True)
+
+
+def _load(which: str) -> Blip2Qformer:
+    if which == "full":
+        return blip.load(DIR / "checkpoint.pth")
+    return blip.load(DIR / "checkpoint_trainable_only.pth", vision_weights=FIX / "eva_vit_tiny.pth")
+
+
+@pytest.fixture(scope="module", params=["full", "trainable_only+eva"])
+def model(request):
+    torch.set_num_threads(1)
+    return _load(request.param)
+
+
+def close(a, b, tol=1e-4):
+    diff = (a - b).abs().max().item()
+    assert diff <= tol, diff
+
+
+@torch.no_grad()
+def test_features(model, data):
+    inputs, tok, out = data
+    px = inputs["image"]
+    close(model.image_features(px), out["vit_embeds"])
+    f = model.extract_features(px, mode="image")
+    close(f.image_embeds, out["image_embeds"])
+    close(f.image_embeds_proj, out["image_embeds_proj"])
+    ids, am = tok["features_text_input_ids"], tok["features_text_attention_mask"]
+    f = model.extract_features(input_ids=ids, attention_mask=am, mode="text")
+    close(f.text_embeds, out["text_embeds"])
+    close(f.text_embeds_proj, out["text_embeds_proj"])
+    f = model.extract_features(px, ids, am, mode="multimodal")
+    close(f.multimodal_embeds, out["multimodal_embeds"])
+
+
+@torch.no_grad()
+def test_itm_all_pairs(model, data):
+    inputs, tok, out = data
+    vit = model.image_features(inputs["image"])
+    i, j = zip(*inputs["itm_pairs"])
+    logits = model.itm_logits_from_features(vit[list(i)], tok["itm_text_ids"][list(j)], tok["itm_text_atts"][list(j)])
+    close(logits[:, 1], out["compute_itm"])
+    # the pixel-level API gives the same numbers
+    close(model.itm_logits(inputs["image"][list(i)], tok["itm_text_ids"][list(j)], tok["itm_text_atts"][list(j)]),
+          logits, 1e-5)
+
+
+@torch.no_grad()
+def test_itc_head(model, data):
+    inputs, tok, out = data
+    ids, am = tok["fwd_text_input_ids"], tok["fwd_text_attention_mask"]
+    img = torch.nn.functional.normalize(out["fwd_image_feats_unnormalized"], dim=-1)
+    txt = torch.nn.functional.normalize(out["fwd_text_feat_unnormalized"], dim=-1)
+    expected = torch.einsum("iqe,te->itq", img, txt).max(-1).values
+    close(model.itc_similarity(inputs["image"], ids, am), expected)
+
+
+@torch.no_grad()
+def test_lm_pieces(model, data):
+    inputs, tok, out = data
+    logits = model(inputs["image"], tok["fwd_lm_input_ids"], tok["fwd_text_attention_mask"]).logits
+    labels = tok["fwd_lm_labels"]
+    nxt = torch.cat([labels[:, 1:], labels[:, -1:]], 1).clamp_min(0)  # README: last position = own label, -100 -> 0
+    close(logits.gather(2, nxt[..., None])[..., 0], out["fwd_lm_next_label_logits"])
+    close(logits.logsumexp(-1), out["fwd_lm_logsumexp"])
+    assert torch.equal(logits.argmax(-1), out["fwd_lm_argmax"])
+
+
+@torch.no_grad()
+def test_qformer_captions(model, data):
+    inputs, _, out = data
+    # LAVIS generate(max_length=10, min_length=10) counts the [DEC] prompt token; transformers 4.26 beam lengths
+    greedy = model.generate(inputs["image"], max_new_tokens=9, min_new_tokens=9)
+    assert torch.equal(greedy, out["qformer_greedy_ids"])
+    beam = model.generate(inputs["image"], max_new_tokens=9, min_new_tokens=9, num_beams=3,
+                          beam_length_convention="total")
+    assert torch.equal(beam, out["qformer_beam3_ids"])
+    tok = get_tokenizer("blip2_qformer")
+    assert tok.batch_decode(greedy, skip_special_tokens=True) == out["qformer_greedy_captions"]
+    assert tok.batch_decode(beam, skip_special_tokens=True) == out["qformer_beam3_captions"]
+
+
+def test_checkpoint_report_names_each_file():
+    from blip.convert.blip2_stage1 import describe
+    model = _load("trainable_only+eva")
+    origins = model.load_report.origins
+    assert origins["image_encoder.visual_encoder"].endswith("eva_vit_tiny.pth")
+    assert all(v.endswith("checkpoint_trainable_only.pth") for k, v in origins.items() if "visual_encoder" not in k)
+    assert "eva_vit_tiny.pth" in describe(model.load_report)
+
+
+def test_missing_vit_and_double_vit_are_errors():
+    from blip.checkpoints import CheckpointError
+    with pytest.raises(CheckpointError, match="vision_weights"):
+        blip.load(DIR / "checkpoint_trainable_only.pth")
+    with pytest.raises(CheckpointError, match="its own visual_encoder"):
+        blip.load(DIR / "checkpoint.pth", vision_weights=FIX / "eva_vit_tiny.pth")
+
+
+def test_unknown_keys_are_errors(tmp_path):
+    from blip.checkpoints import CheckpointError, read_state_dict
+    sd = read_state_dict(DIR / "checkpoint.pth")
+    sd["Qformer.bert.pooler.dense.weight"] = torch.zeros(16, 16)
+    torch.save({"model": sd}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match="pooler"):
+        blip.load(tmp_path / "bad.pth")
