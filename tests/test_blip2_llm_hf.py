@@ -1,0 +1,174 @@
+"""BLIP-2 / InstructBLIP LLM models against HF transformers (float32, CPU, tiny random configs).
+
+HF models are saved with ``save_pretrained`` and loaded with ``blip.load(dir)``. HF 5.x expects ``<image>``
+placeholder ids (``image_token_index``) in ``input_ids``; HF gets those expanded ids, blip gets the plain prompt.
+"""
+import pytest
+import torch
+from transformers import (Blip2Config, Blip2ForConditionalGeneration, InstructBlipConfig,
+                          InstructBlipForConditionalGeneration, OPTConfig, T5Config)
+
+import blip
+
+NQ, IMG = 4, 98
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
+              patch_size=14)
+QFORMER = dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               cross_attention_frequency=1, max_position_embeddings=64)
+OPT = OPTConfig(vocab_size=99, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=128, word_embed_proj_dim=32, bos_token_id=2, eos_token_id=2, pad_token_id=1)
+T5 = T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+              feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Weights large enough that outputs depend on the image and greedy choices are not near-ties."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+            elif "norm" in name.lower() and name.endswith("weight"):
+                p.copy_(0.6 + 0.8 * torch.rand(p.shape, generator=g))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def build(cls, config, tmp_path, seed):
+    hf = cls(config).eval()
+    randomize(hf, seed)
+    hf.save_pretrained(tmp_path)
+    return hf, blip.load(tmp_path)
+
+
+def images(n=2, seed=0):
+    return torch.randn(n, 3, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+def expand(ids):
+    return torch.cat([torch.full((ids.shape[0], NQ), IMG), ids], 1)
+
+
+@pytest.fixture(scope="module")
+def opt_pair(tmp_path_factory):
+    cfg = Blip2Config(vision_config=VISION, qformer_config=QFORMER, text_config=OPT.to_dict(), num_query_tokens=NQ,
+                      image_token_index=IMG)
+    return build(Blip2ForConditionalGeneration, cfg, tmp_path_factory.mktemp("blip2_opt"), 1)
+
+
+@pytest.fixture(scope="module")
+def t5_pair(tmp_path_factory):
+    cfg = Blip2Config(vision_config=VISION, qformer_config=QFORMER, text_config=T5.to_dict(), num_query_tokens=NQ,
+                      image_token_index=IMG)
+    return build(Blip2ForConditionalGeneration, cfg, tmp_path_factory.mktemp("blip2_t5"), 2)
+
+
+PROMPT = torch.tensor([[2, 5, 6, 7], [2, 8, 9, 10]])
+
+
+def test_opt_logits(opt_pair):
+    hf, ours = opt_pair
+    px = images()
+    with torch.no_grad():
+        ref = hf(pixel_values=px, input_ids=expand(PROMPT)).logits[:, NQ:]
+        got = ours(px, PROMPT).logits
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("kw", [dict(num_beams=1), dict(num_beams=3), dict(num_beams=3, length_penalty=0.5),
+                                dict(num_beams=1, min_new_tokens=6), dict(num_beams=1, eos_token_id=32),
+                                dict(num_beams=3, eos_token_id=89), dict(num_beams=3, eos_token_id=32, min_new_tokens=3)])
+def test_opt_generate_ids(opt_pair, kw):
+    hf, ours = opt_pair
+    px = images(seed=3)
+    for prompt in (PROMPT, PROMPT[:, :1]):  # with a prompt, and bos only
+        ref = hf.generate(pixel_values=px, input_ids=expand(prompt), max_new_tokens=8, do_sample=False, **kw)
+        got = ours.generate(px, prompt, max_new_tokens=8, **kw)
+        assert torch.equal(got, ref[:, NQ:]), (got, ref)
+    # no prompt at all: both start from the bos
+    ref = hf.generate(pixel_values=px, max_new_tokens=8, do_sample=False, **kw)
+    assert torch.equal(ours.generate(px, max_new_tokens=8, **kw), ref[:, NQ:])
+
+
+def test_opt_placeholders_rejected(opt_pair):
+    _, ours = opt_pair
+    with pytest.raises(ValueError, match="placeholder"):
+        ours(images(), expand(PROMPT))
+    with pytest.raises(ValueError, match="pixel_values"):
+        ours(None, PROMPT)
+
+
+T5_IDS = torch.tensor([[5, 6, 7, 1], [8, 9, 1, 0]])
+T5_LABELS = torch.tensor([[10, 11, 1], [12, 1, -100]])
+
+
+def test_t5_logits(t5_pair):
+    hf, ours = t5_pair
+    px, mask = images(), (T5_IDS != 0).long()
+    with torch.no_grad():
+        ref = hf(pixel_values=px, input_ids=expand(T5_IDS), attention_mask=torch.cat([torch.ones(2, NQ, dtype=torch.long),
+                 mask], 1), labels=T5_LABELS).logits
+        dec = hf.language_model._shift_right(T5_LABELS)
+        got = ours(px, T5_IDS, mask, decoder_input_ids=dec).logits
+    assert (got - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("kw", [dict(num_beams=1), dict(num_beams=3), dict(num_beams=3, min_new_tokens=5),
+                                dict(num_beams=1, eos_token_id=78), dict(num_beams=3, eos_token_id=71)])
+def test_t5_generate_ids(t5_pair, kw):
+    hf, ours = t5_pair
+    px, mask = images(seed=4), (T5_IDS != 0).long()
+    full_mask = torch.cat([torch.ones(2, NQ, dtype=torch.long), mask], 1)
+    ref = hf.generate(pixel_values=px, input_ids=expand(T5_IDS), attention_mask=full_mask, max_new_tokens=7,
+                      do_sample=False, **kw)
+    got = ours.generate(px, T5_IDS, mask, max_new_tokens=7, **kw)
+    assert torch.equal(got, ref), (got, ref)
+
+
+@pytest.fixture(scope="module")
+def instruct_pair(tmp_path_factory):
+    cfg = InstructBlipConfig(vision_config=VISION, qformer_config=dict(QFORMER, pad_token_id=0),
+                             text_config=OPT.to_dict(), num_query_tokens=NQ, image_token_index=IMG)
+    return build(InstructBlipForConditionalGeneration, cfg, tmp_path_factory.mktemp("instructblip"), 3)
+
+
+def test_instructblip_greedy_and_beam_ids(instruct_pair):
+    hf, ours = instruct_pair
+    assert type(ours).__name__ == "InstructBlipLanguageModel"
+    px = images(seed=5)
+    qids = torch.tensor([[1, 20, 21, 22, 3], [1, 30, 31, 3, 0]])
+    qmask = (qids != 0).long()
+    for kw in (dict(num_beams=1), dict(num_beams=3)):
+        ref = hf.generate(pixel_values=px, qformer_input_ids=qids, qformer_attention_mask=qmask,
+                          input_ids=expand(PROMPT), max_new_tokens=8, do_sample=False, **kw)
+        got = ours.generate(px, PROMPT, qformer_input_ids=qids, qformer_attention_mask=qmask, max_new_tokens=8, **kw)
+        assert torch.equal(got, ref[:, NQ:]), (got, ref)
+    with torch.no_grad():
+        ref = hf(pixel_values=px, qformer_input_ids=qids, qformer_attention_mask=qmask,
+                 input_ids=expand(PROMPT)).logits[:, NQ:]
+        got = ours(px, PROMPT, qformer_input_ids=qids, qformer_attention_mask=qmask).logits
+    assert (got - ref).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="qformer_input_ids"):
+        ours(px, PROMPT)
+
+
+def test_opt_batched_prompts_of_different_lengths(opt_pair):
+    """Left padding done right: HF with left-padded expanded ids, blip with a right-padded batch, each prompt alone."""
+    hf, ours = opt_pair
+    px = images(seed=6)
+    rows = [[2, 5, 6, 7, 8], [2, 9]]
+    right = torch.tensor([r + [1] * (5 - len(r)) for r in rows])
+    right_mask = torch.tensor([[1] * len(r) + [0] * (5 - len(r)) for r in rows])
+    left = torch.tensor([[1] * (5 - len(r)) + r for r in rows])
+    left_mask = right_mask.flip(1)
+    for kw in (dict(num_beams=1), dict(num_beams=3)):
+        hf_ids = torch.tensor([[1] * (5 - len(r)) + [IMG] * NQ + r for r in rows])  # left padded, as HF wants
+        ref = hf.generate(pixel_values=px, input_ids=hf_ids, attention_mask=(hf_ids != 1).long(), max_new_tokens=6,
+                          do_sample=False, **kw)
+        got = ours.generate(px, right, right_mask, max_new_tokens=6, **kw)
+        assert torch.equal(got[:, -6:], ref[:, -6:]), (got, ref)
+        assert torch.equal(got, ours.generate(px, left, left_mask, max_new_tokens=6, **kw))
+        for i, r in enumerate(rows):
+            alone = ours.generate(px[i:i + 1], torch.tensor([r]), max_new_tokens=6, **kw)
+            assert torch.equal(alone[0, -6:], got[i, -6:])
