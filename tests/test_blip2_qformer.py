@@ -1,4 +1,6 @@
 """Blip2Qformer mechanics: the ITG mask, query-KV reuse, frozen / low-precision ViT, no image without queries."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -128,3 +130,45 @@ def test_family_plumbing():
     except ModuleNotFoundError:
         return
     assert set(blip2_llm.ARCHS) <= set(blip2.ARCHS)   # the LLM archs are merged in
+
+
+def _openai_clip_visual(width=32, layers=3, grid=2, embed=16):
+    """A random state dict in OpenAI CLIP / LAVIS clip_vit.py naming (``visual.`` prefix, as in a full CLIP file)."""
+    g = torch.Generator().manual_seed(2)
+    shapes = {"conv1.weight": (width, 3, 14, 14), "class_embedding": (width,),
+              "positional_embedding": (grid * grid + 1, width), "ln_pre.weight": (width,), "ln_pre.bias": (width,),
+              "ln_post.weight": (width,), "ln_post.bias": (width,), "proj": (width, embed)}
+    for i in range(layers):
+        p = f"transformer.resblocks.{i}."
+        shapes.update({p + "ln_1.weight": (width,), p + "ln_1.bias": (width,), p + "ln_2.weight": (width,),
+                       p + "ln_2.bias": (width,), p + "attn.in_proj_weight": (3 * width, width),
+                       p + "attn.in_proj_bias": (3 * width,), p + "attn.out_proj.weight": (width, width),
+                       p + "attn.out_proj.bias": (width,), p + "mlp.c_fc.weight": (4 * width, width),
+                       p + "mlp.c_fc.bias": (4 * width,), p + "mlp.c_proj.weight": (width, 4 * width),
+                       p + "mlp.c_proj.bias": (width,)})
+    return {"visual." + k: torch.randn(s, generator=g) * (s[-1] ** -0.5 if len(s) > 1 else 0.5) for k, s in shapes.items()}
+
+
+def test_clip_vit_file_matches_timm_openai_clip():
+    """CLIP ViT-L is a configuration of the one ViT: an OpenAI-format file (LAVIS clip_vit_L.pth) loads into it and
+    gives timm's output for the same file (timm's own OpenAI converter), LAVIS-style without the last block."""
+    import timm
+    from timm.models.vision_transformer import _convert_openai_clip
+
+    from blip.convert.blip2 import vision_file_to_ours
+    from blip.models.qformer import CLIP_VIT_L, FrozenImageEncoder
+    sd = _openai_clip_visual()
+    cfg = dataclasses.replace(CLIP_VIT_L, image_size=28, width=32, depth=2, heads=4, mlp_dim=128)
+    ours = FrozenImageEncoder(cfg).eval()
+    converted = vision_file_to_ours(sd, dst="", depth=cfg.depth, num_patches=cfg.num_patches)
+    missing, unexpected = ours.load_state_dict(converted, strict=False)
+    assert not unexpected and all(k.startswith("ln_vision") for k in missing)
+    ref = timm.create_model("vit_large_patch14_clip_quickgelu_224", pretrained=False, img_size=28, embed_dim=32,
+                            depth=2, num_heads=4, num_classes=0, global_pool="").eval()
+    ref_sd = {k: v for k, v in _convert_openai_clip(sd, ref).items() if not k.startswith(("blocks.2.", "norm.", "head."))}
+    missing, unexpected = ref.load_state_dict(ref_sd, strict=False)
+    assert not unexpected and set(missing) <= {"norm.weight", "norm.bias"}
+    ref.norm = torch.nn.Identity()   # LAVIS's clip_vit has no ln_post; ln_vision follows instead
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.visual_encoder(x), ref.forward_features(x), atol=1e-5, rtol=1e-5)

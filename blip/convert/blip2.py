@@ -44,11 +44,15 @@ def _split(sd: StateDict, src: str, dst: str, rename=lambda k: k) -> tuple[State
 # image encoder
 
 def lavis_vision_to_ours(sd: StateDict, dst: str = VISION_PREFIX) -> tuple[StateDict, set[str]]:
-    """LAVIS ``visual_encoder.*`` (EVA names = ours) and ``ln_vision.*`` -> ``{dst}visual_encoder.*``, ``{dst}ln_vision.*``.
+    """LAVIS ``visual_encoder.*`` (EVA names = ours; CLIP ViT-L names converted) and ``ln_vision.*`` ->
+    ``{dst}visual_encoder.*``, ``{dst}ln_vision.*``.
 
     fp16 EVA weights (LAVIS ``vit_precision="fp16"``) are returned as stored; ``load_into`` casts to the model dtype.
     """
-    out, used = _split(sd, "visual_encoder.", dst + "visual_encoder.")
+    if is_clip_vit(sd, "visual_encoder."):
+        out, used = clip_vit_to_ours(sd, dst, "visual_encoder.")
+    else:
+        out, used = _split(sd, "visual_encoder.", dst + "visual_encoder.")
     more, more_used = _split(sd, "ln_vision.", dst + "ln_vision.")
     out.update(more)
     return out, used | more_used
@@ -79,6 +83,71 @@ def unused_eva_keys(sd: StateDict, used: set[str]) -> list[str]:
     """Keys of an EVA file that :func:`eva_vit_to_ours` did not take and that are not known-harmless."""
     return [k for k in sd if k not in used and not re.match(r"blocks\.\d+\.", k)
             and not any(re.fullmatch(p, k) for p in EVA_FILE_UNUSED)]
+
+
+_CLIP_SWAPS = [(r"^conv1\.", "patch_embed.proj."), (r"^ln_pre\.", "norm_pre."),
+               (r"^transformer\.resblocks\.(\d+)\.ln_1\.", r"blocks.\1.norm1."),
+               (r"^transformer\.resblocks\.(\d+)\.ln_2\.", r"blocks.\1.norm2."),
+               (r"^transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", r"blocks.\1.attn.qkv.\2"),
+               (r"^transformer\.resblocks\.(\d+)\.attn\.out_proj\.", r"blocks.\1.attn.proj."),
+               (r"^transformer\.resblocks\.(\d+)\.mlp\.c_fc\.", r"blocks.\1.mlp.fc1."),
+               (r"^transformer\.resblocks\.(\d+)\.mlp\.c_proj\.", r"blocks.\1.mlp.fc2.")]
+CLIP_FILE_UNUSED = [r"ln_post\.(weight|bias)", r"proj"]   # OpenAI CLIP's head: LAVIS uses neither
+
+
+def is_clip_vit(sd: StateDict, src: str = "") -> bool:
+    """OpenAI-CLIP-named ViT weights (LAVIS ``clip_vit_L.pth``, ``visual.*`` of an OpenAI CLIP state dict)."""
+    return src + "conv1.weight" in sd
+
+
+def clip_vit_to_ours(sd: StateDict, dst: str = VISION_PREFIX, src: str = "", depth: int | None = None,
+                     num_patches: int | None = None) -> tuple[StateDict, set[str]]:
+    """OpenAI CLIP ViT names (LAVIS ``clip_vit.py``: ``conv1``, ``class_embedding``, ``positional_embedding``,
+    ``ln_pre``, ``transformer.resblocks.N.{ln_1, attn.in_proj_*, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}``) under
+    ``src`` -> ``{dst}visual_encoder.*``. Blocks ``>= depth`` are left unconsumed (LAVIS uses 23 of CLIP-L's 24);
+    fairscale's ``_checkpoint_wrapped_module.`` infix is ignored."""
+    out, used = {}, set()
+    for name, v in sd.items():
+        if not name.startswith(src):
+            continue
+        k = name[len(src):].replace("_checkpoint_wrapped_module.", "")
+        m = re.match(r"transformer\.resblocks\.(\d+)\.", k)
+        if m and depth is not None and int(m.group(1)) >= depth:
+            continue
+        if k == "class_embedding":
+            new, v = "cls_token", v.reshape(1, 1, -1)
+        elif k == "positional_embedding":
+            new, v = "pos_embed", v.unsqueeze(0)
+            if num_patches is not None:
+                v = resize_pos_embed(v, num_patches)
+        else:
+            for pattern, repl in _CLIP_SWAPS:
+                new, hit = re.subn(pattern, repl, k)
+                if hit:
+                    break
+            else:
+                continue
+        out[dst + "visual_encoder." + new] = v
+        used.add(name)
+    return out, used
+
+
+def vision_file_to_ours(sd: StateDict, dst: str = VISION_PREFIX, depth: int | None = None,
+                        num_patches: int | None = None) -> StateDict:
+    """A frozen-ViT file (EVA ``eva_vit_g.pth`` or CLIP ``clip_vit_L.pth``, optionally ``visual.``-prefixed) ->
+    ``{dst}visual_encoder.*``. Raises :class:`CheckpointError` on keys that are neither converted nor known-unused."""
+    src = "visual." if is_clip_vit(sd, "visual.") else ""
+    if is_clip_vit(sd, src):
+        out, used = clip_vit_to_ours(sd, dst, src, depth, num_patches)
+        left = [k for k in sd if k not in used and k.startswith(src)
+                and not re.match(r"transformer\.resblocks\.\d+\.", k[len(src):])
+                and not any(re.fullmatch(p, k[len(src):]) for p in CLIP_FILE_UNUSED)]
+    else:
+        out, used = eva_vit_to_ours(sd, dst, depth, num_patches)
+        left = unused_eva_keys(sd, used)
+    if left or not out:
+        raise CheckpointError(f"not an EVA or CLIP ViT state dict; unknown keys {left[:6] or list(sd)[:6]}")
+    return out
 
 
 def hf_vision_to_ours(sd: StateDict, dst: str = VISION_PREFIX, qv_bias: bool = True) -> tuple[StateDict, set[str]]:

@@ -35,10 +35,9 @@ from torch import nn
 from ..checkpoints import CheckpointError, LoadReport, StateDict, load_into, read_state_dict
 from ..models.blip2 import QFORMER_TASKS, qformer_arch_config
 from ..models.blip2_qformer import Blip2Qformer, Blip2QformerConfig
-from .blip2 import (LAVIS_ALWAYS_UNUSED, eva_vit_to_ours, hf_qformer_config, hf_qformer_to_ours, hf_vision_config,
-                    hf_vision_to_ours, lavis_lm_head_to_ours, lavis_qformer_to_ours, lavis_vision_to_ours,
-                    ours_to_hf_qformer, ours_to_hf_vision, to_hf_qformer_config, to_hf_vision_config,
-                    unused_eva_keys)
+from .blip2 import (LAVIS_ALWAYS_UNUSED, hf_qformer_config, hf_qformer_to_ours, hf_vision_config, hf_vision_to_ours,
+                    lavis_lm_head_to_ours, lavis_qformer_to_ours, lavis_vision_to_ours, ours_to_hf_qformer,
+                    ours_to_hf_vision, to_hf_qformer_config, to_hf_vision_config, vision_file_to_ours)
 
 log = logging.getLogger(__name__)
 LAVIS_HEADS = ("vision_proj.", "text_proj.", "itm_head.")
@@ -107,12 +106,11 @@ def load_lavis_stage1(sd: StateDict, source: str, arch: str | None = None, task:
         if vision_weights is None:
             raise CheckpointError(f"{source} has no visual_encoder.* weights (LAVIS saves only trainable parameters "
                                   "and the ViT is frozen): pass vision_weights=<eva_vit_g.pth>")
-        eva = vision_weights if isinstance(vision_weights, dict) else read_state_dict(vision_weights)
-        vit, vit_used = eva_vit_to_ours(eva, depth=cfg.vision.depth, num_patches=cfg.vision.num_patches)
-        if unused_eva_keys(eva, vit_used):
-            raise CheckpointError(f"{vision_weights}: not an EVA ViT state dict; unknown keys "
-                                  f"{unused_eva_keys(eva, vit_used)[:6]}")
-        out.update(vit)
+        vit_sd = vision_weights if isinstance(vision_weights, dict) else read_state_dict(vision_weights)
+        try:
+            out.update(vision_file_to_ours(vit_sd, depth=cfg.vision.depth, num_patches=cfg.vision.num_patches))
+        except CheckpointError as e:
+            raise CheckpointError(f"{vision_weights}: {e}") from e
     origins["image_encoder.visual_encoder"] = source if has_vit else str(
         "<state dict>" if isinstance(vision_weights, dict) else vision_weights)
     stray = [k for k in sd if k not in used]
