@@ -125,11 +125,16 @@ def test_family_plumbing():
     assert (vitg.vision.depth, vitg.vision.width, vitg.vision.qkv_bias, vitg.vision.final_norm) == (39, 1408, "qv", False)
     assert vitg.qformer.num_query_tokens == 32 and vitg.embed_dim == 256 and vitg.ln_vision_eps == 1e-5
     assert type(blip.create_model("blip2_tiny_qformer", "stage1")).__name__ == "Blip2Stage1Objective"
+    from blip.convert import blip2 as convert
+    assert "Blip2ForImageTextRetrieval" in convert.HF_LOADERS
+    assert convert.owns({"query_tokens": torch.zeros(1)}) and convert.owns({"Qformer.bert.x": torch.zeros(1)})
     try:
+        from blip.convert import blip2_llm as convert_llm
         from blip.models import blip2_llm
     except ModuleNotFoundError:
         return
-    assert set(blip2_llm.ARCHS) <= set(blip2.ARCHS)   # the LLM archs are merged in
+    assert set(blip2_llm.ARCHS) <= set(blip2.ARCHS)   # the LLM archs and loaders are merged in
+    assert set(convert_llm.HF_LOADERS) <= set(convert.HF_LOADERS)
 
 
 def _openai_clip_visual(width=32, layers=3, grid=2, embed=16):

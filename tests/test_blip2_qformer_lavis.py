@@ -122,3 +122,17 @@ def test_unknown_keys_are_errors(tmp_path):
     torch.save({"model": sd}, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match="pooler"):
         blip.load(tmp_path / "bad.pth")
+
+
+def test_string_level_caption_and_match(model, data):
+    inputs, tok, out = data
+    files = [str((DIR / f).resolve()) for f in inputs["raw_image_files"]]
+    torch.testing.assert_close(model.pixel_values(files), inputs["image"], atol=1e-5, rtol=0)  # LAVIS eval transform
+    assert model.caption(files, max_length=10, min_length=10) == out["qformer_beam3_captions"]
+    scores = model.match(files, inputs["text_input"])
+    assert scores.shape == (3, 3) and ((scores > 0) & (scores < 1)).all()
+    i, j = 1, 2
+    logits = model.itm_logits(inputs["image"][i:i + 1], tok["itm_text_ids"][j:j + 1], tok["itm_text_atts"][j:j + 1])
+    close(scores[i, j], logits.softmax(-1)[0, 1])
+    close(model.match(files, inputs["text_input"], head="itc"),
+          model.itc_similarity(inputs["image"], tok["itm_text_ids"], tok["itm_text_atts"]))

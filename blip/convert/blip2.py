@@ -335,17 +335,30 @@ def owns(sd: StateDict) -> bool:
     return is_lavis_blip2(sd)
 
 
+def _llm_convert():
+    """blip.convert.blip2_llm, or None when that (optional) module is absent."""
+    try:
+        from . import blip2_llm
+    except ModuleNotFoundError as e:
+        if e.name != f"{__package__}.blip2_llm":
+            raise
+        return None
+    return blip2_llm
+
+
 def load_original(sd: StateDict, source: str, arch: str | None = None, task: str | None = None, llm=None,
                   vision_weights=None, **overrides):
-    """A LAVIS BLIP-2 ``.pth`` -> model. Stage-1 files here (see :mod:`blip.convert.blip2_stage1`), LLM files
-    (``opt_proj``/``t5_proj``/``llm_proj``, ``*_model.*``) by :func:`blip.convert.blip2_llm.load_original`."""
+    """A LAVIS BLIP-2 ``.pth`` -> model. Stage-1 files here (:func:`blip.convert.blip2_stage1.load_lavis_stage1`),
+    LLM files (``opt_proj``/``t5_proj``/``llm_proj``, ``*_model.*``) by :func:`blip.convert.blip2_llm.load_original`.
+
+    vision_weights: the frozen ViT file (``eva_vit_g.pth`` / ``clip_vit_L.pth``) for files saved without it.
+    """
     if is_lavis_stage2(sd):
-        try:
-            from . import blip2_llm
-        except ModuleNotFoundError as e:
-            raise CheckpointError(f"{source} is a BLIP-2 LLM checkpoint, but blip.convert.blip2_llm is missing") from e
-        return blip2_llm.load_original(sd, source, arch=arch, task=task, llm=llm, vision_weights=vision_weights,
-                                       **overrides)
+        llm_convert = _llm_convert()
+        if llm_convert is None:
+            raise CheckpointError(f"{source} is a BLIP-2 LLM checkpoint, but blip.convert.blip2_llm is missing")
+        return llm_convert.load_original(sd, source, arch=arch, task=task, llm=llm, vision_weights=vision_weights,
+                                         **overrides)
     from .blip2_stage1 import load_lavis_stage1
     return load_lavis_stage1(sd, source, arch=arch, task=task, vision_weights=vision_weights, **overrides)
 
@@ -353,9 +366,6 @@ def load_original(sd: StateDict, source: str, arch: str | None = None, task: str
 def __getattr__(name: str):
     if name == "HF_LOADERS":   # ours + blip2_llm's, merged at access time (the LLM module is optional)
         from .blip2_stage1 import HF_LOADERS as own
-        try:
-            from .blip2_llm import HF_LOADERS as llm_loaders
-        except ModuleNotFoundError:
-            llm_loaders = {}
-        return {**own, **llm_loaders}
+        llm_convert = _llm_convert()
+        return {**own, **(llm_convert.HF_LOADERS if llm_convert is not None else {})}
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -234,6 +234,51 @@ class Blip2Qformer(nn.Module):
                                beam_length_convention=beam_length_convention)
         return generate(step, input_ids, attention_mask, cfg, reorder=cache.reorder, generator=generator)
 
+    # ---- string level: LAVIS conventions on top of the tensor API ------------------------------------------------
+    def pixel_values(self, images) -> Tensor:
+        """Paths / PIL images / a preprocessed tensor -> [B, 3, S, S] (LAVIS eval transform at the model's size)."""
+        device = self.temp.device
+        if isinstance(images, Tensor):
+            return (images[None] if images.ndim == 3 else images).to(device)
+        from ..data.images import load_image
+        from ..data.transforms import image_transform
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        transform = image_transform(self.cfg.vision.image_size, kind="blip2")
+        return torch.stack([transform(load_image(im)) for im in images]).to(device)
+
+    @property
+    def tokenizer(self):
+        """bert-base-uncased + [DEC] (30523 tokens), loaded on first use."""
+        if getattr(self, "_tokenizer", None) is None:
+            from ..data.tokenizer import get_tokenizer
+            self._tokenizer = get_tokenizer("blip2_qformer")
+        return self._tokenizer
+
+    @torch.no_grad()
+    def match(self, images, texts: str | list[str], head: str = "itm", max_length: int = 35) -> Tensor:
+        """Image-text scores [B_img, B_txt]: "itm" -> P(match) from the ITM head for every pair, "itc" -> cosine
+        similarity (max over queries). Texts keep [CLS] (LAVIS's Q-Former encoder convention)."""
+        from ..data.tokenizer import tokenize
+        pixels = self.pixel_values(images)
+        tokens = tokenize(self.tokenizer, [texts] if isinstance(texts, str) else list(texts), max_length)
+        ids, mask = tokens["input_ids"].to(pixels.device), tokens["attention_mask"].to(pixels.device)
+        if head == "itc":
+            return self.itc_similarity(pixels, ids, mask)
+        if head != "itm":
+            raise ValueError(f"head must be 'itm' or 'itc', got {head!r}")
+        vit = self.image_features(pixels)
+        bi, bt = vit.shape[0], ids.shape[0]
+        logits = self.itm_logits_from_features(vit.repeat_interleave(bt, 0), ids.repeat(bi, 1), mask.repeat(bi, 1))
+        return logits.softmax(-1)[:, 1].view(bi, bt)
+
+    @torch.no_grad()
+    def caption(self, images, *, num_beams: int = 3, max_length: int = 30, min_length: int = 10, **gen) -> list[str]:
+        """Q-Former captions with LAVIS's ``Blip2Qformer.generate`` defaults (lengths count the [DEC] token)."""
+        gen.setdefault("beam_length_convention", "total")
+        ids = self.generate(self.pixel_values(images), num_beams=num_beams, max_new_tokens=max_length - 1,
+                            min_new_tokens=min_length - 1, **gen)
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
     def _check_lm_head(self) -> None:
         if not self.has_lm_head:
             raise ValueError("this model was loaded from a checkpoint without the ITG (LM) head (HF "
