@@ -1,0 +1,365 @@
+"""CapFilt (BLIP paper §3.3): bootstrap a noisy image–text dataset with a captioner and a filter.
+
+For every image the captioner (a COCO-fine-tuned :class:`~blip.models.blip_tasks.BlipCaption`) samples
+``num_captions`` synthetic captions (nucleus sampling, top_p 0.9); the filter (a COCO-fine-tuned
+:class:`~blip.models.blip_tasks.BlipRetrieval`) scores the web caption(s) and the synthetic ones with its ITM head,
+and captions whose match probability is under ``threshold`` are dropped (BLIP #10/#86: ITM, threshold 0.5).
+
+Output (``out_dir``), in the img2dataset layout the project's loader (:class:`blip.data.webdataset.WebDatasetSource`)
+reads:
+- ``shards/UUUUU-CCCC.tar``: one sample per kept (image, caption) pair: ``{key}.jpg|png|webp`` (the original image
+  bytes), ``{key}.txt`` (the caption), ``{key}.json`` (``image_id`` shared by all captions of an image,
+  ``source_key``, ``caption_source`` "web"/"synthetic", ``itm_score``);
+- ``index.json``: one record per input image with every caption (text, source, ITM score, kept, output key) and,
+  for JSON inputs, BLIP-style ``image`` + ``caption`` (kept captions) fields, so
+  :class:`blip.data.datasets.JsonSource` reads it with the original image root;
+- ``summary.json``: images read / skipped (by reason), captions kept / dropped per source, shard list, sample count.
+
+Work is split into units (an input shard, or ``images_per_unit`` entries of a JSON list), units into chunks of
+``chunk_size`` input samples; unit u goes to rank ``u % world_size``. Every chunk is written to a temporary name and
+renamed, its shard first and then its record file (``records/UUUUU-CCCC.json``, the commit point); a finished unit
+gets ``records/UUUUU.done``. A restarted run skips committed chunks without decoding them and redoes the chunk
+that was in flight, so nothing is lost or duplicated. Sampling is seeded per (seed, unit, chunk, batch), so a
+killed-and-resumed run writes the same bytes as an uninterrupted one, whatever the number of ranks.
+(Per-sample seeds, independent of batch boundaries, would need per-row generators in :mod:`blip.generation`.)
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from .data.images import load_image
+from .data.skips import SkipCounter
+from .data.tokenizer import ENC_TOKEN_ID, caption_prompt_ids, get_tokenizer, pre_caption, tokenize, with_first_token
+from .data.transforms import image_transform
+from .data.webdataset import WebDatasetSource, stable_id
+
+log = logging.getLogger("blip.capfilt")
+PASS_THROUGH_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+
+
+@dataclass
+class CapFiltConfig:
+    num_captions: int = 1           # synthetic captions per image (BLIP: 1; BLIP-2 sampled 10)
+    prompt: str = "a picture of "   # the COCO captioner's prompt, stripped from the synthetic captions
+    top_p: float = 0.9
+    max_length: int = 20            # tokens, the prompt included (BLIP's convention)
+    min_length: int = 5
+    repetition_penalty: float = 1.1  # BLIP's sampling default
+    threshold: float = 0.5          # ITM match probability under which a caption is dropped
+    filter_web: bool = True         # score (and possibly drop) the web captions too
+    filter_synthetic: bool = True
+    max_words: int = 30             # web captions are cleaned with pre_caption(text, max_words) before scoring
+    batch_size: int = 32            # images per batch
+    chunk_size: int = 1000          # input samples per output shard / commit
+    images_per_unit: int = 10000    # JSON inputs: entries per unit
+    seed: int = 0
+    num_workers: int = 4            # decode / transform threads
+    progress: bool = True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inputs: units of raw samples {"key", "image": bytes | path, "texts": [str], "image_id", "path"?}
+class CapFiltInput:
+    """Webdataset shards (``urls``: brace patterns, lists, ``::``-joined) or a BLIP-style JSON list (``annotation``
+    of ``{"image": path, "caption": str | [str], "image_id"?}`` with ``image_root``)."""
+
+    def __init__(self, urls=None, annotation: str | Path | None = None, image_root: str | Path = "",
+                 images_per_unit: int = 10000):
+        if (urls is None) == (annotation is None):
+            raise ValueError("give exactly one of urls (webdataset shards) or annotation (JSON list)")
+        self.images_per_unit, self.image_root = images_per_unit, Path(image_root)
+        self.shards = WebDatasetSource(urls, num_samples=0) if urls is not None else None
+        self.entries = json.loads(Path(annotation).read_text()) if annotation is not None else None
+
+    @property
+    def num_units(self) -> int:
+        if self.shards is not None:
+            return self.shards.num_units
+        return -(-len(self.entries) // self.images_per_unit)
+
+    def iter_unit(self, unit: int, skips: SkipCounter) -> Iterator[dict]:
+        if self.shards is not None:
+            for s in self.shards.iter_unit(unit, skips):
+                yield {"key": s["key"], "image": s["image"], "texts": [s["text"]], "image_id": s["image_id"]}
+            return
+        for entry in self.entries[unit * self.images_per_unit:(unit + 1) * self.images_per_unit]:
+            texts = entry.get("caption", [])
+            image_id = entry.get("image_id", entry["image"])
+            yield {"key": entry["image"], "image": self.image_root / entry["image"], "path": entry["image"],
+                   "texts": texts if isinstance(texts, list) else [texts],
+                   "image_id": image_id if isinstance(image_id, int) else stable_id(str(image_id))}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def batch_seed(seed: int, unit: int, chunk: int, batch: int) -> int:
+    """A 63-bit seed for one batch, stable across runs and processes."""
+    digest = hashlib.blake2b(f"{seed}:{unit}:{chunk}:{batch}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _image_bytes(raw: dict, image: Image.Image) -> tuple[bytes, str]:
+    """The original bytes when they are JPEG / PNG / WEBP, else the decoded image re-encoded as JPEG."""
+    data = raw["image"] if isinstance(raw["image"], (bytes, bytearray)) else Path(raw["image"]).read_bytes()
+    try:
+        fmt = Image.open(io.BytesIO(data)).format
+    except Exception:  # noqa: BLE001 - decodable by load_image but not by a bare open: re-encode
+        fmt = None
+    if fmt in PASS_THROUGH_FORMATS:
+        return bytes(data), PASS_THROUGH_FORMATS[fmt]
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=95)
+    return buf.getvalue(), "jpg"
+
+
+class CapFilt:
+    """Captioner + filter over a :class:`CapFiltInput`; :meth:`run` writes ``out_dir`` (see module docstring)."""
+
+    def __init__(self, captioner: nn.Module, filter_model: nn.Module, cfg: CapFiltConfig | None = None,
+                 tokenizer=None, device: str | torch.device | None = None):
+        self.captioner, self.filter = captioner.eval(), filter_model.eval()
+        self.cfg = cfg or CapFiltConfig()
+        self.tokenizer = tokenizer if tokenizer is not None else get_tokenizer("blip")
+        self.device = torch.device(device) if device is not None else next(captioner.parameters()).device
+        self.dtype = next(captioner.parameters()).dtype
+        self.cap_transform = image_transform(captioner.cfg.image_size, train=False, kind="blip")
+        self.filt_transform = None if filter_model.cfg.image_size == captioner.cfg.image_size else \
+            image_transform(filter_model.cfg.image_size, train=False, kind="blip")
+
+    # ---- one batch ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def synthesize(self, pixels: torch.Tensor, generator: torch.Generator) -> list[list[str]]:
+        """[B, 3, H, W] -> B lists of ``num_captions`` sampled captions (prompt stripped)."""
+        c, n = self.cfg, self.cfg.num_captions
+        pixels = pixels.repeat_interleave(n, dim=0)
+        ids = caption_prompt_ids(self.tokenizer, c.prompt, pixels.shape[0]).to(self.device)
+        plen = ids.shape[1]
+        out = self.captioner.generate(pixels, ids, max_new_tokens=c.max_length - plen,
+                                      min_new_tokens=max(c.min_length - plen, 0), do_sample=True, top_p=c.top_p,
+                                      repetition_penalty=c.repetition_penalty, generator=generator)
+        texts = [t[len(c.prompt):].strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        return [texts[i * n:(i + 1) * n] for i in range(len(texts) // n)]
+
+    @torch.no_grad()
+    def itm_scores(self, pixels: torch.Tensor, texts: list[list[str]]) -> list[list[float]]:
+        """ITM match probability of every (image i, text) for the texts of image i."""
+        counts = [len(t) for t in texts]
+        flat = [t for ts in texts for t in ts]
+        if not flat:
+            return [[] for _ in texts]
+        image_embeds = self.filter.image_embeds(pixels)
+        image_embeds = image_embeds.repeat_interleave(torch.tensor(counts, device=self.device), dim=0)
+        enc = tokenize(self.tokenizer, flat, max_length=35, allow_empty=True)
+        ids = with_first_token(enc["input_ids"], ENC_TOKEN_ID).to(self.device)
+        logits = self.filter.itm_logits_from_embeds(image_embeds, ids, enc["attention_mask"].to(self.device))
+        probs = logits.float().softmax(-1)[:, 1].tolist()
+        out, i = [], 0
+        for n in counts:
+            out.append(probs[i:i + n])
+            i += n
+        return out
+
+    def _prepare(self, raw: dict) -> dict | str:
+        """Decode + transform (runs in a worker thread): the item, or the reason it is skipped."""
+        try:
+            image = load_image(raw["image"])
+            data, ext = _image_bytes(raw, image)
+        except (ValueError, OSError) as exc:   # ImageDecodeError is a ValueError; a missing file an OSError
+            return f"{raw['key']}: {exc}"
+        pix_cap = self.cap_transform(image)
+        return {**raw, "bytes": data, "ext": ext, "pix_cap": pix_cap,
+                "pix_filt": pix_cap if self.filt_transform is None else self.filt_transform(image)}
+
+    def process_batch(self, items: list[dict], seed: int) -> list[dict]:
+        """Decoded items -> per-image records with every caption, its source, ITM score and verdict."""
+        c = self.cfg
+        stack = lambda k: torch.stack([it[k] for it in items]).to(self.device, self.dtype)  # noqa: E731
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        synthetic = self.synthesize(stack("pix_cap"), generator) if c.num_captions else [[] for _ in items]
+        captions = []
+        for it, syn in zip(items, synthetic):
+            caps = [{"text": t, "score_text": pre_caption(t, c.max_words), "source": "web"} for t in it["texts"]]
+            caps += [{"text": t, "score_text": t, "source": "synthetic"} for t in syn]
+            captions.append(caps)
+        scores = self.itm_scores(stack("pix_filt"), [[x["score_text"] for x in caps] for caps in captions])
+        records = []
+        for it, caps, sc in zip(items, captions, scores):
+            for cap, s in zip(caps, sc):
+                filtered = c.filter_web if cap["source"] == "web" else c.filter_synthetic
+                cap["itm_score"] = round(s, 6)
+                cap["kept"] = bool(cap["score_text"]) and (not filtered or s >= c.threshold)
+                del cap["score_text"]
+            rec = {"key": it["key"], "image_id": it["image_id"], "captions": caps, "_bytes": it["bytes"],
+                   "_ext": it["ext"]}
+            if "path" in it:
+                rec["image"] = it["path"]
+            records.append(rec)
+        return records
+
+    # ---- a chunk, a unit, the run ---------------------------------------------------------------------------
+    def _write_chunk(self, out: Path, unit: int, chunk: int, records: list[dict], skips: dict[str, int],
+                     num_input: int) -> None:
+        from webdataset import TarWriter
+
+        name = f"{unit:05d}-{chunk:04d}"
+        buf = io.BytesIO()
+        n = 0
+        with TarWriter(buf, encoder=False, mtime=0.0) as tar:
+            for rec in records:
+                for j, cap in enumerate(rec["captions"]):
+                    if not cap["kept"]:
+                        continue
+                    key = f"{unit:05d}{chunk:04d}{n:06d}"
+                    meta = {"image_id": rec["image_id"], "source_key": rec["key"], "caption_source": cap["source"],
+                            "caption_index": j, "itm_score": cap["itm_score"]}
+                    tar.write({"__key__": key, rec["_ext"]: rec["_bytes"], "txt": cap["text"].encode(),
+                               "json": json.dumps(meta, sort_keys=True).encode()})
+                    cap["sample_key"] = f"{name}.tar:{key}"
+                    n += 1
+        _atomic_write(out / "shards" / f"{name}.tar", buf.getvalue())
+        for rec in records:
+            rec.pop("_bytes"), rec.pop("_ext")
+            if "image" in rec:
+                rec["caption"] = [cap["text"] for cap in rec["captions"] if cap["kept"]]
+        commit = {"unit": unit, "chunk": chunk, "shard": f"shards/{name}.tar", "num_input": num_input,
+                  "num_samples": n, "skipped": skips, "records": records}
+        _atomic_write(out / "records" / f"{name}.json", json.dumps(commit, sort_keys=True).encode())
+
+    def _chunks(self, source: CapFiltInput, unit: int, skips: SkipCounter) -> Iterator[list[dict]]:
+        chunk: list[dict] = []
+        for raw in source.iter_unit(unit, skips):
+            chunk.append(raw)
+            if len(chunk) == self.cfg.chunk_size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    def run_unit(self, source: CapFiltInput, unit: int, out: Path, pool: ThreadPoolExecutor, bar=None,
+                 on_batch: Callable[[int, int, int], None] | None = None) -> None:
+        """Process the chunks of ``unit`` not yet committed, then mark the unit done."""
+        done = out / "records" / f"{unit:05d}.done"
+        if done.exists():
+            return
+        num_chunks = 0
+        source_skips = SkipCounter()   # broken shard / missing fields, counted with the chunk being read
+        for chunk_index, raws in enumerate(self._chunks(source, unit, source_skips)):
+            num_chunks += 1
+            read_skips = source_skips.take()
+            if (out / "records" / f"{unit:05d}-{chunk_index:04d}.json").exists():
+                if bar is not None:
+                    bar.update(len(raws))
+                continue
+            skips = SkipCounter()
+            skips.counts.update(read_skips)
+            items = []
+            for raw, prepared in zip(raws, pool.map(self._prepare, raws)):
+                if isinstance(prepared, str):
+                    skips.add("bad_image", prepared)
+                else:
+                    items.append(prepared)
+            records = []
+            for b in range(0, len(items), self.cfg.batch_size):
+                batch_index = b // self.cfg.batch_size
+                records += self.process_batch(items[b:b + self.cfg.batch_size],
+                                              batch_seed(self.cfg.seed, unit, chunk_index, batch_index))
+                if bar is not None:
+                    bar.update(len(items[b:b + self.cfg.batch_size]))
+                if on_batch is not None:
+                    on_batch(unit, chunk_index, batch_index)
+            if bar is not None:
+                bar.update(len(raws) - len(items))
+            self._write_chunk(out, unit, chunk_index, records, dict(skips.counts), len(raws))
+        _atomic_write(done, json.dumps({"unit": unit, "num_chunks": num_chunks,
+                                        "skipped_after_last_chunk": source_skips.take()}).encode())
+
+    def run(self, source: CapFiltInput, out_dir: str | Path, rank: int = 0, world_size: int = 1,
+            on_batch: Callable[[int, int, int], None] | None = None, merge: bool = True,
+            wait_timeout_s: float = 0.0) -> dict | None:
+        """Process this rank's units; then rank 0 merges (waiting up to ``wait_timeout_s`` for the other ranks'
+        units). Returns the summary on the merging rank, else None. Safe to call again after a crash."""
+        out = Path(out_dir)
+        (out / "shards").mkdir(parents=True, exist_ok=True)
+        (out / "records").mkdir(parents=True, exist_ok=True)
+        units = [u for u in range(source.num_units) if u % world_size == rank]
+        bar = None
+        if self.cfg.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(desc=f"capfilt rank {rank}", unit="img", position=rank, dynamic_ncols=True)
+        try:
+            with ThreadPoolExecutor(max(1, self.cfg.num_workers)) as pool:
+                for unit in units:
+                    self.run_unit(source, unit, out, pool, bar, on_batch)
+        finally:
+            if bar is not None:
+                bar.close()
+        if not merge or rank != 0:
+            return None
+        deadline = time.monotonic() + wait_timeout_s
+        while not all((out / "records" / f"{u:05d}.done").exists() for u in range(source.num_units)):
+            if time.monotonic() > deadline:
+                log.warning("capfilt: other ranks' units are not finished; run again (or merge_outputs) later")
+                return None
+            time.sleep(5.0)
+        return merge_outputs(out, source.num_units, asdict(self.cfg))
+
+
+def merge_outputs(out_dir: str | Path, num_units: int, config: dict | None = None) -> dict:
+    """Concatenate the chunk records of all units (in order) into ``index.json`` and ``summary.json``."""
+    out = Path(out_dir)
+    index, shards, skipped = [], [], Counter()
+    counts = {src: Counter() for src in ("web", "synthetic")}
+    images_in = samples = 0
+    for unit in range(num_units):
+        done = json.loads((out / "records" / f"{unit:05d}.done").read_text())
+        skipped.update(done.get("skipped_after_last_chunk", {}))
+        for chunk in range(done["num_chunks"]):
+            commit = json.loads((out / "records" / f"{unit:05d}-{chunk:04d}.json").read_text())
+            images_in += commit["num_input"]
+            samples += commit["num_samples"]
+            skipped.update(commit["skipped"])
+            shards.append(commit["shard"])
+            for rec in commit["records"]:
+                index.append(rec)
+                for cap in rec["captions"]:
+                    counts[cap["source"]]["kept" if cap["kept"] else "dropped"] += 1
+    summary = {"images_in": images_in, "images_skipped": dict(skipped), "images_out":
+               sum(any(c["kept"] for c in r["captions"]) for r in index), "num_samples": samples,
+               "captions": {k: {"kept": v["kept"], "dropped": v["dropped"]} for k, v in counts.items()},
+               "shards": shards, "config": config or {}}
+    _atomic_write(out / "index.json", json.dumps(index, indent=1, sort_keys=True).encode())
+    _atomic_write(out / "summary.json", json.dumps(summary, indent=1, sort_keys=True).encode())
+    log.info("capfilt: %d images in, %d skipped, %d samples out; captions %s", images_in, sum(skipped.values()),
+             samples, summary["captions"])
+    return summary
+
+
+def output_urls(out_dir: str | Path) -> list[str]:
+    """The shard paths of a finished CapFilt output, for :class:`~blip.data.webdataset.WebDatasetSource`."""
+    summary = json.loads((Path(out_dir) / "summary.json").read_text())
+    return [str(Path(out_dir) / s) for s in summary["shards"]]
+
+
+__all__ = ["CapFilt", "CapFiltConfig", "CapFiltInput", "merge_outputs", "output_urls", "batch_seed"]
