@@ -82,14 +82,14 @@ def test_paper_recipes_are_the_config_values():
     assert blip["schedule"] == {"name": "step", "warmup_steps": 3000, "warmup_lr": 1e-6, "min_lr": 1e-6,
                                 "decay_rate": 0.9}
     assert blip["epochs"] == 20
-    s1 = resolved(compose_cfg(["stage=1", "model=blip2_vitg_opt2.7b", "trainer=blip2_stage1"]))
-    assert s1["model"]["task"] == "blip2_stage1"
+    s1 = resolved(compose_cfg(["stage=1", "model=blip2_vitg_qformer", "trainer=blip2_stage1"]))
+    assert s1["model"]["task"] == "stage1"
     assert s1["trainer"]["optimizer"]["betas"] == [0.9, 0.98] and s1["trainer"]["optimizer"]["lr"] == 1e-4
     assert s1["trainer"]["optimizer"]["weight_decay"] == 0.05
     assert s1["trainer"]["schedule"] | {} == {"name": "cosine", "warmup_steps": 2000, "warmup_lr": 1e-6,
                                               "min_lr": 1e-5, "decay_rate": 0.9}
     s2 = resolved(compose_cfg(["stage=2", "model=blip2_vitg_flant5xl", "trainer=blip2_stage2"]))
-    assert s2["model"]["task"] == "blip2_stage2" and s2["trainer"]["schedule"]["min_lr"] == 5e-5
+    assert s2["model"]["task"] == "stage2" and s2["trainer"]["schedule"]["min_lr"] == 5e-5
     assert s2["trainer"]["distributed"]["strategy"] == "fsdp"
 
 
@@ -97,7 +97,7 @@ def test_stage_defaults_and_command_line_overrides():
     one = resolved(compose_cfg(["stage=1"]))
     assert (one["stage"]["id"], one["model"]["arch"], one["data"]["name"]) == (1, "blip_tiny", "synthetic")
     two = resolved(compose_cfg(["stage=2"]))
-    assert (two["stage"]["id"], two["model"]["arch"], two["model"]["task"]) == (2, "blip2_tiny_opt", "blip2_stage2")
+    assert (two["stage"]["id"], two["model"]["arch"], two["model"]["task"]) == (2, "blip2_tiny_opt", "stage2")
     custom = resolved(compose_cfg(["stage=2", "model=blip2_vitg_opt2.7b", "trainer.optimizer.lr=2e-5",
                                    "trainer.grad_accum=4"]))
     assert custom["model"]["arch"] == "blip2_vitg_opt2.7b"  # the command line beats the stage's defaults

@@ -146,3 +146,30 @@ def ensure_synthetic_shards(root: str | Path | None = None, *, num_train: int = 
     meta = json.loads((target / "meta.json").read_text())
     return SyntheticShards(root=target, train_urls=[str(target / n) for n in meta["train"]],
                            val_urls=[str(target / n) for n in meta["val"]], num_train=num_train, num_val=num_val)
+
+
+def caption_vocabulary() -> list[str]:
+    """Every word a synthetic caption can contain."""
+    words = {"a", "in", "the", *SIZES, *COLORS, *SHAPES}
+    for position in POSITIONS:
+        words.update(position.split())
+    return sorted(words)
+
+
+def synthetic_llm_tokenizer():
+    """A word-level tokenizer over the caption vocabulary with OPT's conventions (pad 1, bos = eos = `</s>` 2,
+    "\\n" as a token for the OPT caption eos, right padding): the tokenizer of the tiny stand-in LLM of the
+    stage-2 default, which has no pretrained tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "\n"]
+    vocab = {token: i for i, token in enumerate(specials + caption_vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
+                                                 pre_tokenizers.Split(Regex(" +"), behavior="removed")])
+    tok.post_processor = processors.TemplateProcessing(single="</s> $A", pair="</s> $A $B",
+                                                       special_tokens=[("</s>", 2)])
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", padding_side="right")

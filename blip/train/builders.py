@@ -12,9 +12,25 @@ from torch import nn
 import blip
 
 
-def create_training_model(arch: str, task: str, *, objective: dict | None = None, **overrides) -> nn.Module:
-    """`blip.create_model(arch, task, **overrides)`; with `objective` (BLIP pretraining only) the objective's
-    keyword arguments, e.g. {"queue_size": 4096, "max_txt_len": 16}."""
+def create_training_model(arch: str, task: str, *, objective: dict | None = None, llm: str | None = None,
+                          llm_tokenizer: str | None = None, **overrides) -> nn.Module:
+    """`blip.create_model(arch, task, **overrides)` as a training objective.
+
+    objective: the objective's keyword arguments (BLIP pretraining: {"queue_size": 4096, "max_txt_len": 16};
+    BLIP-2 stage 2: {"prompt": ..., "max_txt_len": ...}). Task "stage2" wraps the BLIP-2 LLM model in its LM
+    objective; llm: HF directory of the frozen LLM; llm_tokenizer: "synthetic" gives the tiny LLM the word-level
+    tokenizer of the synthetic captions."""
+    if task == "stage2":
+        from blip.models.blip2_llm_objective import Blip2Stage2Objective
+
+        model = blip.create_model(arch, task, **({"llm": llm} if llm else {}), **overrides)
+        if llm_tokenizer == "synthetic":
+            from blip.data.synthetic import synthetic_llm_tokenizer
+
+            model.tokenizer = synthetic_llm_tokenizer()
+        elif llm_tokenizer:
+            model.config.tokenizer = llm_tokenizer
+        return Blip2Stage2Objective(model, **(objective or {}))
     if not objective:
         return blip.create_model(arch, task, **overrides)
     if task != "pretrain" or not arch.startswith("blip_"):

@@ -43,6 +43,9 @@ def build_model(model_cfg: DictConfig) -> nn.Module:
     overrides = OmegaConf.to_container(model_cfg.overrides, resolve=True) if model_cfg.get("overrides") else {}
     if model_cfg.get("objective"):
         overrides["objective"] = OmegaConf.to_container(model_cfg.objective, resolve=True)
+    for key in ("llm", "llm_tokenizer"):  # BLIP-2 stage 2
+        if model_cfg.get(key):
+            overrides[key] = model_cfg[key]
     return resolve(model_cfg.builder)(model_cfg.arch, model_cfg.task, **overrides)
 
 
@@ -169,7 +172,7 @@ def run(cfg: DictConfig) -> dict:
     model = build_model(cfg.model)
     if cfg.get("init_from"):
         load_init_weights(model, cfg.init_from)
-    elif cfg.model.task not in ("pretrain", "blip2_stage1"):
+    elif cfg.model.task in ("caption", "retrieval", "vqa"):
         log.warning("%s/%s starts from random weights: set init_from=<run dir> to fine-tune pretrained weights",
                     cfg.model.arch, cfg.model.task)
     if cfg.stage.id == 2 and t.get("llm_warmup_steps"):

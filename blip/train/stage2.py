@@ -1,0 +1,85 @@
+"""The stage-2 embedded default: a stand-in "pretrained" LLM, and captioning evaluation on held-out images.
+
+BLIP-2 stage 2 teaches the Q-Former to speak to a frozen *pretrained* LLM. Offline there is none, and a random tiny
+LLM cannot caption, so the default first gives the tiny LLM a short language-model warm-up on the training captions
+(text only, no images), logs it as a stand-in, then freezes it again for stage 2 proper.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterable
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from blip.data.skips import SkipCounter
+from blip.train.distributed import DistInfo
+from blip.train.heldout import attribute_accuracy
+
+log = logging.getLogger("blip.train")
+
+
+def training_captions(sources: list, limit: int = 20000) -> list[str]:
+    """Captions of the first `limit` training samples (text only: images are not decoded)."""
+    skips = SkipCounter()
+    texts = (raw["text"] for source in sources for unit in range(source.num_units)
+             for raw in source.iter_unit(unit, skips))
+    return list(itertools.islice(texts, limit))
+
+
+def warm_up_llm(objective: nn.Module, sources: list, trainer_cfg: DictConfig, info: DistInfo,
+                batch_size: int = 64) -> list[float]:
+    """LM-train `objective.model.llm` on the training captions for `llm_warmup_steps`, then freeze it again.
+
+    Every rank runs the same seeded warm-up, so the LLM stays identical across ranks. Returns the losses."""
+    llm, tokenizer = objective.model.llm, objective.tokenizer
+    eos = objective.eos_text() if hasattr(objective, "eos_text") else tokenizer.eos_token
+    captions = training_captions(sources)
+    steps, lr = int(trainer_cfg.llm_warmup_steps), float(trainer_cfg.llm_warmup_lr)
+    log.info("stage-2 default: no pretrained LLM offline, so the tiny LLM is warmed up as a language model on %d "
+             "training captions for %d steps (a stand-in for a pretrained LLM; images are not used)",
+             len(captions), steps)
+    llm.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(llm.parameters(), lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(1234)
+    losses = []
+    for step in range(steps):
+        idx = torch.randint(len(captions), (batch_size,), generator=generator).tolist()
+        tok = tokenizer([captions[i] + eos for i in idx], padding="longest", return_tensors="pt")
+        labels = tok.input_ids.masked_fill(tok.attention_mask == 0, -100)
+        loss = llm(input_ids=tok.input_ids, attention_mask=tok.attention_mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for group in optimizer.param_groups:  # linear decay to 0
+            group["lr"] = lr * (1 - (step + 1) / steps)
+        losses.append(loss.item())
+        if (step + 1) % max(1, steps // 5) == 0:
+            log.info("LLM warm-up step %d/%d: loss %.3f", step + 1, steps, sum(losses[-20:]) / len(losses[-20:]))
+    llm.eval().requires_grad_(False)
+    return losses
+
+
+@torch.no_grad()
+def caption_eval(objective: nn.Module, batches: Iterable[dict], device: torch.device, cfg: DictConfig) -> dict:
+    """Generate captions for held-out images; accuracy of the attributes they name (synthetic data)."""
+    from blip.data.synthetic import parse_attributes
+
+    model = objective.model if hasattr(objective, "model") else objective
+    model.eval()
+    tokenizer = objective.tokenizer
+    generated, references = [], []
+    for batch in batches:
+        out = model.generate(batch["pixel_values"].to(device), max_new_tokens=int(cfg.eval.max_new_tokens),
+                             min_new_tokens=int(cfg.eval.min_new_tokens), num_beams=int(cfg.eval.num_beams))
+        # no prompt: the output is the caption (the OPT convention ends it with "\n")
+        generated += [t.split("\n")[0].strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
+        references += batch["text"]
+    result = attribute_accuracy(generated, references, parse_attributes)
+    result["num_images"] = len(references)
+    result["samples"] = [{"reference": r, "generated": g}
+                         for r, g in zip(references[:cfg.eval.num_captions_shown], generated)]
+    return result
