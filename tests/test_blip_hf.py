@@ -65,6 +65,7 @@ def test_caption_greedy_and_beam_ids(tmp_path, seed):
         ref = hf.generate(pixel_values=PX, input_ids=hf_in.clone(), do_sample=False, **kw)
         got = ours.generate(PX, prompt, **kw)
         assert got[:, :4].tolist() == prompt.tolist()
+        assert got.shape == ref.shape, kw
         if kw.get("num_beams", 1) > 1:
             assert until_eos(got) == until_eos(ref), kw
         else:
@@ -103,7 +104,7 @@ def test_vqa_generate_answers(tmp_path):
     for kw in (dict(max_new_tokens=6), dict(max_new_tokens=6, num_beams=3), dict(max_new_tokens=5, min_new_tokens=3)):
         ref = hf.generate(input_ids=IDS, pixel_values=PX, attention_mask=AM, **kw)
         got = ours.generate(PX, IDS, AM, **kw)  # HF's decoder also attends to padded question positions
-        assert until_eos(got) == until_eos(ref), kw
+        assert got.shape == ref.shape and until_eos(got) == until_eos(ref), kw
         if kw.get("num_beams", 1) == 1:
             assert torch.equal(got, ref)
 

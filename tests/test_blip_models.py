@@ -138,3 +138,32 @@ def test_caption_options(captioner):
     assert a == b
     with pytest.raises(ValueError, match="max_length"):
         captioner.caption(img, max_length=4)
+
+
+def test_original_pretrain_checkpoint_loads_into_pretrain_and_task_models(tmp_path):
+    """BlipPretrain weights written in the original BLIP key layout (``image_queue``, ``text_encoder_m.encoder...``,
+    ``text_decoder.bert...``) load back into BlipPretrain and, by name, into a caption model."""
+    from blip.convert.blip import ours_to_original
+    torch.manual_seed(0)
+    pre = create("blip_tiny", "pretrain")
+    for p in pre.parameters():
+        p.data.normal_(0, 0.5)
+    ours = pre.state_dict()
+    original = ours_to_original(ours)
+    original.update({"temp": ours["temp"], "image_queue": torch.randn_like(ours["queue.image_queue"]),
+                     "text_queue": torch.randn_like(ours["queue.text_queue"]), "queue_ptr": ours["queue.queue_ptr"],
+                     "text_encoder.embeddings.position_ids": torch.arange(512)[None]})
+    assert any(k.startswith("text_encoder_m.encoder.layer.") for k in original)
+    torch.save({"model": original}, tmp_path / "model_base.pth")
+    back = blip.load(tmp_path / "model_base.pth", task="pretrain", arch="blip_tiny")
+    assert back.load_report.expected_missing == ["queue.idx_queue"]
+    for k, v in back.state_dict().items():
+        ref = original["image_queue"] if k == "queue.image_queue" else ours[k]
+        if k not in ("queue.text_queue", "queue.idx_queue"):
+            assert torch.equal(v, ref), k
+    cap = blip.load(tmp_path / "model_base.pth", task="caption", arch="blip_tiny")
+    expected = create("blip_tiny", "caption")
+    pre.export_to(expected)
+    for k, v in expected.state_dict().items():
+        assert torch.equal(v, cap.state_dict()[k]), k
+    assert "image_queue" not in cap.load_report.unused and "queue.image_queue" in cap.load_report.unused

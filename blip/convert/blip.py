@@ -4,7 +4,8 @@ safetensors, and export to the HF layout. Pure ``state_dict -> state_dict`` func
 Formats and what each is expected to carry without use (everything else must load, or loading fails):
 - every format: ``*.position_ids`` buffers and the tied LM-head aliases ``cls.predictions.decoder.{weight,bias}``;
 - pretraining checkpoints (BLIP ``model_base.pth`` ...): momentum copies ``*_m``, ``image_queue``/``text_queue``/
-  ``idx_queue``, ``queue_ptr``/``ptr_queue``, ``temp``;
+  ``idx_queue``, ``queue_ptr``/``ptr_queue`` (ours: ``queue.*``), ``temp``; loaded into ``BlipPretrain``
+  (task="pretrain") they all load, except ``queue.idx_queue`` which pretraining checkpoints lack;
 - a task model takes what it needs: a caption model ignores ``text_encoder``/projections/``itm_head``, retrieval
   and the feature extractor ignore ``text_decoder`` (and the latter ``itm_head``), VQA ignores projections and ITM.
 """
@@ -27,7 +28,9 @@ from ..nn.transformer import TextConfig
 from ..nn.vit import VisionConfig, resize_pos_embed
 
 ALWAYS_UNUSED = [r".*embeddings\.position_ids", r"text_decoder(_m)?\.cls\.predictions\.decoder\.(weight|bias)"]
-PRETRAIN_UNUSED = [r".*_m\..*", r"(image|text|idx)_queue", r"queue_ptr", r"ptr_queue", r"temp"]
+PRETRAIN_UNUSED = [r".*_m\..*", r"queue\.(image_queue|text_queue|idx_queue|queue_ptr)", r"temp"]
+_QUEUES = {"image_queue": "queue.image_queue", "text_queue": "queue.text_queue", "idx_queue": "queue.idx_queue",
+           "queue_ptr": "queue.queue_ptr", "ptr_queue": "queue.queue_ptr"}   # BLIP retrieval says ptr_queue
 TASK_UNUSED = {
     "caption": [r"text_encoder\..*", r"(vision_proj|text_proj|itm_head)\..*"],
     "retrieval": [r"text_decoder\..*"],
@@ -35,6 +38,7 @@ TASK_UNUSED = {
     "vqa": [r"(vision_proj|text_proj|itm_head)\..*"],
     "pretrain": [],
 }
+TASK_MISSING = {"pretrain": [r"queue\.idx_queue"]}   # BLIP pretraining keeps no image-id queue
 _LM_HEAD = [("predictions.bias", "bias"), ("predictions.transform.dense.", "dense."),
             ("predictions.transform.LayerNorm.", "norm.")]
 _PASS_THROUGH = re.compile(r"(visual_encoder(_m)?|vision_proj(_m)?|text_proj(_m)?|itm_head)\.")
@@ -54,7 +58,8 @@ def is_ours(sd: StateDict) -> bool:
 
 
 def is_pretrain(sd: StateDict) -> bool:
-    return any(re.fullmatch(p, k) for k in sd for p in PRETRAIN_UNUSED)
+    """Momentum encoders, queues or ``temp``: a pretraining (or BLIP retrieval) checkpoint."""
+    return any(k in _QUEUES or re.fullmatch(p, k) for k in sd for p in PRETRAIN_UNUSED)
 
 
 def original_to_ours(sd: StateDict) -> StateDict:
@@ -72,7 +77,7 @@ def original_to_ours(sd: StateDict) -> StateDict:
                 if k.startswith(f"{tower}.cls.{src}"):
                     out[f"{tower}.lm_head.{dst}{k[len(f'{tower}.cls.{src}'):]}"] = v
                     used.add(k)
-    out.update({k: v for k, v in sd.items() if k not in used})
+    out.update({_QUEUES.get(k, k): v for k, v in sd.items() if k not in used})
     return out
 
 
@@ -152,7 +157,7 @@ def load_state(model: nn.Module, sd: StateDict, source: str, task: str, pretrain
     report = LoadReport(source)
     _fit_pos_embed(sd, model, report)
     unused = ALWAYS_UNUSED + TASK_UNUSED.get(task, []) + (PRETRAIN_UNUSED if pretrain else [])
-    load_into(model, sd, source, expected_unused=unused, report=report)
+    load_into(model, sd, source, expected_missing=TASK_MISSING.get(task, []), expected_unused=unused, report=report)
     model.load_report = report
     return report
 
