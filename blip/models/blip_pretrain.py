@@ -158,7 +158,9 @@ class BlipPretrain(nn.Module):
                 self.text_encoder_m(input_ids, attention_mask=attention_mask)[:, 0]), dim=-1)
         loss_itc, sim_i2t, sim_t2i = momentum_itc(image_feat, text_feat, image_feat_m, text_feat_m, self.queue,
                                                   self.temp, alpha, world_batch=self.world_batch)
-        self.queue.enqueue(image_feat_m, text_feat_m, image_ids, gather=self.world_batch)
+        # no ids in the queue (pretraining ITC is diagonal): a checkpoint's idx_queue stays -100, so retrieval
+        # fine-tuning started from it sees no stale pretraining ids, exactly like BLIP (whose pretrain has no id queue)
+        self.queue.enqueue(image_feat_m, text_feat_m, gather=self.world_batch)
 
         # ITM: negatives from the online-vs-momentum sims of the (world) batch, as BLIP (`sim[:, :bs]`)
         bw = sim_i2t.shape[1] - self.queue.size
