@@ -105,8 +105,9 @@ class RetrievalObjective(TaskObjective):
             gather = concat_all_gather if self.negative_all_rank else (lambda t: t)
             sim_i2t = image_feat @ gather(text_feat).T / self.temp
             sim_t2i = text_feat @ gather(image_feat).T / self.temp
-        loss_itm = itm_hard_negatives(self.text_encoder, self.itm_head, image_embeds, with_first_token(ids, ENC_TOKEN_ID),
-                                      mask, sim_i2t, sim_t2i, image_ids, self.negative_all_rank)
+        enc_ids = with_first_token(ids, ENC_TOKEN_ID)
+        loss_itm = itm_hard_negatives(self.text_encoder, self.itm_head, image_embeds, enc_ids, mask, sim_i2t, sim_t2i,
+                                      image_ids, self.negative_all_rank)
         return {"loss": loss_itc + loss_itm, "loss_itc": loss_itc, "loss_itm": loss_itm}
 
     @torch.no_grad()
@@ -168,7 +169,7 @@ OBJECTIVES: dict[str, type[TaskObjective]] = {"caption": CaptionObjective, "retr
 
 
 def wrap_objective(task: str, model: nn.Module, **settings) -> TaskObjective:
-    """The training objective of a BLIP task model, e.g. ``wrap_objective("caption", model, prompt="a picture of ")``."""
+    """The training objective of a BLIP task model, e.g. ``wrap_objective("caption", model, prompt="a photo of ")``."""
     if task not in OBJECTIVES:
         raise KeyError(f"no BLIP fine-tuning objective for task {task!r}; known: {sorted(OBJECTIVES)}")
     return OBJECTIVES[task](model, **settings)
