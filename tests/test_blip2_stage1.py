@@ -122,3 +122,15 @@ def test_itc_on_two_gloo_ranks_equals_itc_on_the_whole_batch(tmp_path):
         single = _objective()({"pixel_values": px, "text": texts, "image_ids": torch.arange(4)})
     assert torch.isfinite(ddp["loss"])
     assert abs(ddp["itc"].item() - single["loss_itc"].item()) <= 1e-5, (ddp["itc"].item(), single["loss_itc"].item())
+
+
+def test_heldout_retrieval_uses_max_over_queries():
+    from blip.train.heldout import retrieval_eval
+    objective = _objective()
+    px, texts = _batch()
+    ids, mask = objective.tokenize(texts)
+    with torch.no_grad():
+        sim = objective.retrieval_similarity(objective.encode_image(px), objective.encode_text(ids, mask))
+        torch.testing.assert_close(sim, objective.model.itc_similarity(px, ids, mask))
+    result = retrieval_eval(objective, [{"pixel_values": px, "text": texts}], torch.device("cpu"))
+    assert result["num_images"] == 4 and 0 <= result["i2t_r1"] <= 100

@@ -43,6 +43,24 @@ class Blip2Stage1Objective(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"model.temp"}
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute Q-Former layers in backward (ITM and text passes; the query pass fills the ITG cache)."""
+        self.model.qformer.transformer.set_grad_checkpointing(enable)
+
+    # ---- held-out retrieval hooks (blip.train.heldout) -------------------------------------------------------
+    def encode_image(self, pixel_values: Tensor) -> Tensor:
+        """Normalized query embeddings [B, Q, E]."""
+        return self.model.encode_image(pixel_values).embeds
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Normalized [CLS] embedding [B, E]."""
+        return self.model.encode_text(input_ids, attention_mask).embeds
+
+    @staticmethod
+    def retrieval_similarity(image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
+        """BLIP-2 ITC score [N_img, N_txt]: max over queries."""
+        return query_similarity(image_embeds, text_embeds)
+
     def tokenize(self, texts: list[str], device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
         """[CLS] text [SEP] padded to ``max_txt_len`` (LAVIS "max_length" padding) -> (ids, mask), each [B, T]."""
         tokens = tokenize(self.tokenizer, texts, self.max_txt_len, padding="max_length")

@@ -38,7 +38,8 @@ def retrieval_eval(model: nn.Module, batches: Iterable[dict], device: torch.devi
     """Image→text and text→image recall over held-out pairs; texts with identical captions count as equivalent.
 
     Uses the pinned model API: `encode_image(pixel_values) -> [B, D]`, `encode_text(input_ids, attention_mask)
-    -> [B, D]` (normalized) and `model.tokenizer`."""
+    -> [B, D]` (normalized) and `model.tokenizer`; a model whose image embedding is not one vector (BLIP-2: [B, Q, D])
+    supplies `retrieval_similarity(image_feats, text_feats) -> [N_img, N_txt]`."""
     model.eval()
     image_feats, texts = [], []
     for batch in batches:
@@ -51,7 +52,9 @@ def retrieval_eval(model: nn.Module, batches: Iterable[dict], device: torch.devi
                               max_length=max_length, return_tensors="pt")
         text_feats.append(model.encode_text(tok["input_ids"].to(device), tok["attention_mask"].to(device))
                           .float().cpu())
-    sim = torch.cat(image_feats) @ torch.cat(text_feats).t()
+    image_feats, text_feats = torch.cat(image_feats), torch.cat(text_feats)
+    similarity = getattr(model, "retrieval_similarity", None)  # BLIP-2: [N, Q, D] query embeddings, max over Q
+    sim = similarity(image_feats, text_feats) if similarity is not None else image_feats @ text_feats.t()
     index = {t: j for j, t in enumerate(unique)}
     result = retrieval_recall(sim, [[index[t]] for t in texts])
     result.update(num_images=len(texts), num_texts=len(unique))
