@@ -175,7 +175,8 @@ class Blip2LanguageModel(LanguageInterface, nn.Module):
         """pixel_values [B, 3, H, W]; input_ids/attention_mask [B, T] (LLM ids, no placeholders).
 
         Decoder-only: logits [B, T, V] for the T text positions (queries dropped).
-        Seq2seq: the encoder reads [queries; input_ids]; ``decoder_input_ids`` [B, Td] are required -> [B, Td, V].
+        Seq2seq: the encoder reads [queries; input_ids] (padding moved to the right); ``decoder_input_ids`` [B, Td]
+        are required -> [B, Td, V].
         """
         self._check_ids(input_ids)
         prefix = self.query_embeds(pixel_values, qformer_input_ids, qformer_attention_mask)
@@ -183,6 +184,8 @@ class Blip2LanguageModel(LanguageInterface, nn.Module):
         if self.is_seq2seq:
             if decoder_input_ids is None:
                 raise ValueError("a seq2seq LLM (T5) needs decoder_input_ids (the shifted targets) for logits")
+            # the prompt must follow the queries directly (T5 relative positions): right-align any padding
+            input_ids, mask = align_padding(input_ids, mask, self.pad_token_id, "right")
             logits = seq2seq_logits(self.llm, prefix, input_ids, mask, decoder_input_ids, decoder_attention_mask)
         else:
             logits = causal_logits(self.llm, prefix, input_ids, mask)
@@ -203,7 +206,8 @@ class Blip2LanguageModel(LanguageInterface, nn.Module):
         ``beam_length_convention="total"`` reproduces the transformers 4.2x beam search LAVIS ran.
         """
         self._check_ids(input_ids)
-        b = pixel_values.shape[0]
+        prefix = self.query_embeds(pixel_values, qformer_input_ids, qformer_attention_mask)
+        b = prefix.shape[0]
         cfg = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
                                do_sample=do_sample, top_p=top_p, top_k=top_k, temperature=temperature,
                                repetition_penalty=repetition_penalty, length_penalty=length_penalty,
@@ -215,7 +219,6 @@ class Blip2LanguageModel(LanguageInterface, nn.Module):
             input_ids = torch.full((b, 1), self.start_token_id, dtype=torch.long, device=device)
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         input_ids, mask = align_padding(input_ids, mask, self.pad_token_id, "right" if self.is_seq2seq else "left")
-        prefix = self.query_embeds(pixel_values, qformer_input_ids, qformer_attention_mask)
         nb = num_beams
         if self.is_seq2seq:
             hidden, enc_mask = seq2seq_encode(self.llm, prefix, input_ids, mask)
