@@ -75,6 +75,20 @@ def test_caption_greedy_and_beam_ids(tmp_path, seed):
     assert until_eos(ours.generate(PX, max_new_tokens=6, num_beams=3)) == until_eos(ref)
 
 
+def test_caption_nucleus_sampling_ids(tmp_path):
+    """Same global RNG state -> the same samples: HF's top_k (default 50!), top_p, temperature and repetition
+    penalty are applied as ours, and both draw one torch.multinomial per step."""
+    hf, ours = build(BlipForConditionalGeneration, tmp_path)
+    prompt = IDS[:, :4]
+    for kw in (dict(top_p=0.9, top_k=0, temperature=0.8), dict(top_p=0.5, top_k=0),
+               dict(top_p=0.9, top_k=50, repetition_penalty=1.1), dict(top_k=5, temperature=1.3)):
+        torch.manual_seed(5)
+        ref = hf.generate(pixel_values=PX, input_ids=torch.cat([prompt, torch.full((2, 1), SEP)], 1), do_sample=True,
+                          max_new_tokens=8, **kw)
+        torch.manual_seed(5)
+        assert torch.equal(ours.generate(PX, prompt, do_sample=True, max_new_tokens=8, **kw), ref), kw
+
+
 def test_caption_sep_stops_generation(tmp_path):
     hf, ours = build(BlipForConditionalGeneration, tmp_path, seed=3)
     with torch.no_grad():  # make [SEP] likely so that rows finish early and get padded

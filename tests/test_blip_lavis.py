@@ -113,10 +113,11 @@ def test_vqa_question_states_and_answer_losses(vqa):
     with torch.no_grad():
         states = model.encode_question(inp["image"], q_ids, q_mask)
         close(states, out["question_states"])
-        n = inp["n_answers"]
-        logits = model.text_decoder(out["answer_input_ids"], out["answer_attention_mask"],
-                                    encoder_hidden_states=states.repeat_interleave(n, 0),
-                                    encoder_attention_mask=q_mask.repeat_interleave(n, 0))
+        n = inp["n_answers"]  # the tensor-level forward, one (image, question) row per answer
+        res = model(inp["image"].repeat_interleave(n, 0), q_ids.repeat_interleave(n, 0), q_mask.repeat_interleave(n, 0),
+                    decoder_input_ids=out["answer_input_ids"], decoder_attention_mask=out["answer_attention_mask"])
+        close(res.question_states, out["question_states"].repeat_interleave(n, 0))
+        logits = res.logits
     labels = out["answer_labels"]
     loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], label_smoothing=0.1, reduction="none").sum(1)
     close(loss, out["answer_loss_per_answer"])

@@ -73,13 +73,13 @@ class CaptionStrings(_StringAPI):
     @torch.no_grad()
     def caption(self, images: ImageLike | Sequence[ImageLike], prompt: str = "a picture of ", *, num_beams: int = 3,
                 max_length: int = 20, min_length: int = 5, do_sample: bool = False, top_p: float = 0.9,
-                repetition_penalty: float | None = None, length_penalty: float = 1.0,
+                top_k: int = 50, repetition_penalty: float | None = None, length_penalty: float = 1.0,
                 length_convention: str = "total", strip_prompt: str = "chars",
                 generator: torch.Generator | None = None) -> list[str]:
         """One caption per image. Lengths count the prompt tokens ([DEC] included), as BLIP does.
 
-        do_sample: nucleus sampling with ``top_p`` (beams ignored); repetition_penalty defaults to BLIP's
-        1.1 when sampling and 1.0 otherwise.
+        do_sample: nucleus sampling with ``top_p`` (beams ignored) after ``top_k`` (50: the transformers default BLIP
+        sampled with); repetition_penalty defaults to BLIP's 1.1 when sampling and 1.0 otherwise.
         """
         from ..data.tokenizer import caption_prompt_ids
         if strip_prompt not in ("chars", "tokens"):
@@ -93,6 +93,7 @@ class CaptionStrings(_StringAPI):
             repetition_penalty = 1.1 if do_sample else 1.0
         out = self.generate(pixels, ids, max_new_tokens=max_length - plen, min_new_tokens=max(min_length - plen, 0),
                             num_beams=1 if do_sample else num_beams, do_sample=do_sample, top_p=top_p,
+                            top_k=top_k if do_sample else 0,
                             repetition_penalty=repetition_penalty, length_penalty=length_penalty,
                             beam_length_convention=length_convention, generator=generator)
         if strip_prompt == "tokens":
