@@ -167,3 +167,26 @@ def test_original_pretrain_checkpoint_loads_into_pretrain_and_task_models(tmp_pa
     for k, v in expected.state_dict().items():
         assert torch.equal(v, cap.state_dict()[k]), k
     assert "image_queue" not in cap.load_report.unused and "queue.image_queue" in cap.load_report.unused
+
+
+def test_answer_and_match_string_api_shapes():
+    torch.manual_seed(0)
+    vqa = create("blip_tiny", "vqa").eval()
+    cat = str(ASSETS / "cat.jpg")
+    two = vqa.answer(cat, ["what is this?", "what color is the cat?"], max_length=6)
+    assert len(two) == 2 and all(isinstance(a, str) for a in two)
+    ranked = vqa.answer(cat, "what animal is it?", method="rank", answer_list=["cat", "dog", "a red car"], k=2)
+    assert ranked[0] in ("cat", "dog", "a red car")
+    with pytest.raises(ValueError, match="answer_list"):
+        vqa.answer(cat, "what?", method="rank")
+    ret = create("blip_tiny", "retrieval").eval()
+    res = ret.match(cat, ["a cat", "a rocket launch", "coffee"])
+    assert res.itm_prob.shape == res.itc_sim.shape == (3,)
+    assert ((res.itm_prob >= 0) & (res.itm_prob <= 1)).all() and (res.itc_sim.abs() <= 1 + 1e-5).all()
+    with torch.no_grad():  # the string API equals the tensor API with BLIP's tokens ([ENC] for ITM, [CLS] for ITC)
+        ids = ret.tokenizer(["a cat"], return_tensors="pt")["input_ids"]
+        px = ret._pixels(cat)
+        enc = ids.clone()
+        enc[:, 0] = 30523
+        assert torch.allclose(ret.itm_logits(px, enc).softmax(-1)[0, 1], res.itm_prob[0], atol=1e-6)
+        assert torch.allclose(ret.itc_similarity(px, ids)[0, 0], res.itc_sim[0], atol=1e-6)

@@ -107,12 +107,16 @@ class VQAStrings(_StringAPI):
                method: str = "generate", answer_list: Sequence[str] | None = None, k: int = 128,
                num_beams: int = 3, max_length: int = 10, min_length: int = 1, mask_question_padding: bool = False,
                length_convention: str = "total") -> list[str]:
-        """One answer per (image, question). method "generate" (open-ended; lengths count [DEC]) or "rank"
-        (choose from ``answer_list`` with BLIP's ranking over the top-``k`` candidates)."""
+        """One answer per (image, question); one image may serve every question. method "generate" (open-ended;
+        lengths count [DEC]) or "rank" (choose from ``answer_list`` with BLIP's ranking over the top-``k``
+        candidates)."""
         questions = [questions] if isinstance(questions, str) else list(questions)
         pixels = self._pixels(images)
+        if pixels.shape[0] == 1:
+            pixels = pixels.expand(len(questions), -1, -1, -1)
         if pixels.shape[0] != len(questions):
-            raise ValueError(f"{pixels.shape[0]} images for {len(questions)} questions: pass one image per question")
+            raise ValueError(f"{pixels.shape[0]} images for {len(questions)} questions: pass one image, or one per "
+                             "question")
         q_ids, q_mask = self._tokens(questions, self.cfg.enc_token_id)
         if method == "rank":
             if not answer_list:
