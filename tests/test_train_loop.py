@@ -172,12 +172,15 @@ def test_low_precision_steps_and_casts_frozen_towers(precision):
     torch.manual_seed(0)
     model = TinyModel()
     model.visual_encoder.blocks[2].requires_grad_(False)
-    policy = PrecisionPolicy(precision, device_type="cpu")
+    model.text_proj_m = torch.nn.Linear(2, 2).requires_grad_(False)  # an EMA copy: must stay fp32
+    policy = PrecisionPolicy(precision, frozen_dtype=precision, device_type="cpu")
     assert policy.cast_frozen(model) == ["visual_encoder.blocks.2"]
     dtype = policy.compute_dtype
     assert model.visual_encoder.blocks[2][1].weight.dtype == dtype
     assert model.visual_encoder.blocks[2][0].weight.dtype == torch.float32  # norms stay fp32
     assert model.visual_encoder.blocks[1][1].weight.dtype == torch.float32  # trainable: fp32 master weights
+    assert model.text_proj_m.weight.dtype == torch.float32
+    assert PrecisionPolicy(precision, device_type="cpu").cast_frozen(TinyModel()) == []  # only when asked
     before = weights(model)
     trainer = make_trainer(model, steps_per_epoch=2, precision=policy, grad_clip=1.0)
     assert (trainer.scaler is not None) == (precision == "fp16")

@@ -3,8 +3,9 @@
 - fp32: everything fp32, no autocast.
 - bf16: autocast to bf16; trainable weights stay fp32 (the optimizer's master copy); no scaler needed.
 - fp16: autocast to fp16 with a GradScaler (unscaled before clipping).
-Frozen towers (modules whose parameters are all frozen, e.g. BLIP-2's ViT and LLM) are stored in `frozen_dtype`
-(default: the autocast dtype) to halve their memory; their norm layers stay fp32, as the originals need.
+With `frozen_dtype` set, frozen towers (modules whose parameters are all frozen, e.g. BLIP-2's ViT and LLM) are stored
+in that dtype to halve their memory; their norm layers stay fp32, as the originals need. Momentum (EMA) copies
+(`*_m` modules, BLIP's `visual_encoder_m` ...) are frozen too but updated every step, so they always stay fp32.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d)
 @dataclass
 class PrecisionPolicy:
     precision: str = "fp32"
-    frozen_dtype: str | None = None  # None: follow `precision`
+    frozen_dtype: str | None = None  # None: frozen towers keep their dtype
     device_type: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -45,9 +46,9 @@ class PrecisionPolicy:
 
     def cast_frozen(self, model: nn.Module) -> list[str]:
         """Cast maximal fully-frozen submodules to the frozen dtype; returns their names."""
-        dtype = DTYPES[self.frozen_dtype or self.precision]
-        if dtype == torch.float32:
+        if self.frozen_dtype is None or DTYPES[self.frozen_dtype] == torch.float32:
             return []
+        dtype = DTYPES[self.frozen_dtype]
         cast: list[str] = []
         for name, module in frozen_towers(model):
             for sub in module.modules():
@@ -65,6 +66,8 @@ def frozen_towers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
     def visit(prefix: str, module: nn.Module) -> None:
         params = list(module.parameters())
+        if prefix.endswith("_m"):  # EMA copy: frozen, but updated in fp32 every step
+            return
         if params and not any(p.requires_grad for p in params) and prefix:
             found.append((prefix, module))
             return

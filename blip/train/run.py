@@ -133,19 +133,29 @@ def find_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
     return None
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Use the model's own `set_grad_checkpointing` hooks (timm convention) where it has them; without any, wrap
+    every repeated block (the ModuleList entries) in torch's checkpoint wrapper."""
+    hooked = [m for m in model.modules() if m is not model and hasattr(m, "set_grad_checkpointing")]
+    if hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(True)
+    elif hooked:
+        for m in hooked:
+            m.set_grad_checkpointing(True)
+    else:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+        blocks = set(map(id, block_lists(model)))
+        apply_activation_checkpointing(model, check_fn=lambda m: id(m) in blocks)
+
+
 def prepare_model(model: nn.Module, cfg: DictConfig, info: DistInfo, policy: PrecisionPolicy) -> nn.Module:
     t = cfg.trainer
     cast = policy.cast_frozen(model)
     if cast:
         log.info("frozen towers stored in %s: %s", policy.frozen_dtype or policy.precision, ", ".join(cast))
     if t.activation_checkpointing:
-        if hasattr(model, "set_grad_checkpointing"):
-            model.set_grad_checkpointing(True)
-        else:
-            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
-
-            blocks = set(map(id, block_lists(model)))
-            apply_activation_checkpointing(model, check_fn=lambda m: id(m) in blocks)
+        enable_activation_checkpointing(model)
     model.to(info.device)
     mixed = policy.compute_dtype if t.distributed.strategy == "fsdp" and policy.precision != "fp32" else None
     model = wrap_model(model, info, t.distributed.strategy, mixed_dtype=mixed,
