@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 LAVIS_HEADS = ("vision_proj.", "text_proj.", "itm_head.")
 HF_HEADS = {"vision_projection.": "vision_proj.", "text_projection.": "text_proj.", "itm_head.": "itm_head."}
 # (Q-Former width, image feature width) -> arch
-ARCH_BY_WIDTH = {(768, 1408): "blip2_vitg_qformer", (768, 1024): "blip2_vitL_qformer", (16, 48): "blip2_tiny_qformer"}
+ARCH_BY_WIDTH = {(768, 1408): "blip2_vitg_qformer", (768, 1024): "blip2_vitL_qformer", (32, 48): "blip2_tiny_qformer",
+                 (16, 48): "blip2_lavis_tiny_qformer"}
 
 
 def guess_arch(sd: StateDict) -> str:

@@ -20,8 +20,7 @@ from .qformer import CLIP_VIT_L, EVA_VIT_G, QFormerConfig, qformer_config
 QFORMER_TASKS = ("qformer", "stage1")
 LLM_TASKS = ("stage2", "instruct")
 
-# tiny EVA + Q-Former with the sizes of the LAVIS fixture (/work/shared/fixtures/lavis/blip2_qformer): for tests and
-# as the training default; image 56 px, patch 14, 8 queries
+# tiny EVA (image 56 px, patch 14) shared by every tiny BLIP-2 arch
 TINY_VISION = VisionConfig(image_size=56, patch_size=14, width=48, depth=2, heads=4, mlp_dim=209, qkv_bias="qv",
                            final_norm=False, layer_norm_eps=1e-6)
 
@@ -30,7 +29,14 @@ QFORMER_ARCHS: dict[str, Blip2QformerConfig] = {
                                              embed_dim=256),
     "blip2_vitL_qformer": Blip2QformerConfig(vision=CLIP_VIT_L, qformer=QFormerConfig(qformer_config(1024), 32),
                                              embed_dim=256),
+    # tests and the training default; same ViT and Q-Former sizes as blip2_tiny_opt / blip2_tiny_t5, so a tiny
+    # stage-1 run initialises a tiny stage-2 run
     "blip2_tiny_qformer": Blip2QformerConfig(
+        vision=TINY_VISION,
+        qformer=QFormerConfig(qformer_config(48, hidden_size=32, num_heads=4, num_layers=4, intermediate_size=128), 8),
+        embed_dim=24),
+    # the sizes of the LAVIS fixture (/work/shared/fixtures/lavis/blip2_qformer): parity tests
+    "blip2_lavis_tiny_qformer": Blip2QformerConfig(
         vision=TINY_VISION,
         qformer=QFormerConfig(qformer_config(48, hidden_size=16, num_heads=2, num_layers=4, intermediate_size=64), 8),
         embed_dim=24),
