@@ -40,7 +40,7 @@ PRETRAINED: dict[str, Pretrained] = {
     "hf-blip-itm-base-coco": Pretrained("Salesforce/blip-itm-base-coco", "blip_base", "retrieval", 384),
     # BLIP-2 (LAVIS releases: trainable parameters only; the ViT and the LLM come from elsewhere)
     "blip2-eva-vit-g": Pretrained(f"{LAVIS_GCS}/BLIP2/eva_vit_g.pth", "blip2_vitg_qformer", "vision", 224),
-    "blip2-pretrain": Pretrained(f"{LAVIS_GCS}/BLIP2/blip2_pretrained.pth", "blip2_vitg_qformer", "stage1", 224,
+    "blip2-pretrain": Pretrained(f"{LAVIS_GCS}/BLIP2/blip2_pretrained.pth", "blip2_vitg_qformer", "qformer", 224,
                                  needs=("blip2-eva-vit-g",)),
     "blip2-pretrain-opt2.7b": Pretrained(f"{LAVIS_GCS}/BLIP2/blip2_pretrained_opt2.7b.pth", "blip2_vitg_opt2.7b",
                                          "stage2", 224, needs=("blip2-eva-vit-g", "facebook/opt-2.7b")),
@@ -48,7 +48,7 @@ PRETRAINED: dict[str, Pretrained] = {
                                           "stage2", 224, needs=("blip2-eva-vit-g", "google/flan-t5-xl")),
     "hf-blip2-opt-2.7b": Pretrained("Salesforce/blip2-opt-2.7b", "blip2_vitg_opt2.7b", "stage2", 224),
     "hf-blip2-flan-t5-xl": Pretrained("Salesforce/blip2-flan-t5-xl", "blip2_vitg_flant5xl", "stage2", 224),
-    "hf-blip2-itm-vit-g": Pretrained("Salesforce/blip2-itm-vit-g", "blip2_vitg_qformer", "stage1", 224),
+    "hf-blip2-itm-vit-g": Pretrained("Salesforce/blip2-itm-vit-g", "blip2_vitg_qformer", "qformer", 224),
     "hf-instructblip-vicuna-7b": Pretrained("Salesforce/instructblip-vicuna-7b", "instructblip_vicuna7b", "instruct", 224),
 }
 

@@ -136,3 +136,11 @@ def test_string_level_caption_and_match(model, data):
     close(scores[i, j], logits.softmax(-1)[0, 1])
     close(model.match(files, inputs["text_input"], head="itc"),
           model.itc_similarity(inputs["image"], tok["itm_text_ids"], tok["itm_text_atts"]))
+
+
+def test_vision_weights_by_zoo_name(tmp_path, monkeypatch):
+    import shutil
+    monkeypatch.setenv("BLIP_HOME", str(tmp_path))
+    shutil.copy(FIX / "eva_vit_tiny.pth", tmp_path / "eva_vit_g.pth")   # where blip.zoo expects "blip2-eva-vit-g"
+    model = blip.load(DIR / "checkpoint_trainable_only.pth", vision_weights="blip2-eva-vit-g")
+    assert model.load_report.origins["image_encoder.visual_encoder"] == str(tmp_path / "eva_vit_g.pth")

@@ -86,8 +86,8 @@ def load_lavis_stage1(sd: StateDict, source: str, arch: str | None = None, task:
     """LAVIS ``blip2_pretrained*.pth`` / ``checkpoint.pth`` -> :class:`Blip2Qformer` (task "qformer") or its
     :class:`Blip2Stage1Objective` (task "stage1"), in eval mode, with ``model.load_report``.
 
-    vision_weights: the frozen EVA ViT file (``eva_vit_g.pth``: a plain state dict, or that dict) for files without
-    ``visual_encoder.*``; a file that carries its own ViT refuses a second one. overrides: config fields
+    vision_weights: the frozen ViT file (``eva_vit_g.pth`` / ``clip_vit_L.pth``: a plain state dict, that dict, or a
+    ``blip.zoo`` name) for files without ``visual_encoder.*``; a file that carries its own ViT refuses a second one. overrides: config fields
     (``freeze_vit``, ``vit_dtype``...).
     """
     task = task or "qformer"
@@ -106,7 +106,12 @@ def load_lavis_stage1(sd: StateDict, source: str, arch: str | None = None, task:
     if not has_vit:
         if vision_weights is None:
             raise CheckpointError(f"{source} has no visual_encoder.* weights (LAVIS saves only trainable parameters "
-                                  "and the ViT is frozen): pass vision_weights=<eva_vit_g.pth>")
+                                  "and the ViT is frozen): pass vision_weights=<eva_vit_g.pth> (or the zoo name "
+                                  "'blip2-eva-vit-g')")
+        if isinstance(vision_weights, str) and not Path(vision_weights).exists():
+            from ..zoo import PRETRAINED, resolve
+            if vision_weights in PRETRAINED:   # e.g. "blip2-eva-vit-g" under $BLIP_HOME
+                vision_weights = resolve(vision_weights)
         vit_sd = vision_weights if isinstance(vision_weights, dict) else read_state_dict(vision_weights)
         try:
             out.update(vision_file_to_ours(vit_sd, depth=cfg.vision.depth, num_patches=cfg.vision.num_patches))
