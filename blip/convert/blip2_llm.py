@@ -18,16 +18,19 @@ part (our prefix)          LAVIS ``.pth``                                  HF di
 """
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
 from torch import nn
 
-from ..checkpoints import CheckpointError, LoadReport, StateDict, load_into, read_state_dict
+from ..checkpoints import CheckpointError, LoadReport, StateDict, load_into, ours_to_bert, read_state_dict
 from ..models import blip2_llm
-from .blip2 import (LAVIS_ALWAYS_UNUSED, eva_vit_to_ours, hf_qformer_config, hf_qformer_to_ours, hf_vision_config,
-                    hf_vision_to_ours, lavis_qformer_to_ours, lavis_vision_to_ours, unused_eva_keys)
+from .blip2 import (HF_QFORMER_EMB, LAVIS_ALWAYS_UNUSED, eva_vit_to_ours, hf_qformer_config, hf_qformer_to_ours,
+                    hf_vision_config, hf_vision_to_ours, lavis_qformer_to_ours, lavis_vision_to_ours, ours_to_hf_vision,
+                    to_hf_qformer_config, to_hf_vision_config, unused_eva_keys)
 
+log = logging.getLogger(__name__)
 LLM_NAMES = ("opt", "t5", "llm")   # LAVIS prefixes: {name}_proj.*, {name}_model.*
 # tied aliases of frozen LLM weights that LAVIS's trainable-only filter keeps (LAVIS behaviour 10)
 LLM_TIED_ALIASES = ("lm_head.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
@@ -187,6 +190,51 @@ def load_hf_instructblip(directory: Path, llm=None, **overrides) -> nn.Module:
 
 HF_LOADERS = {"Blip2ForConditionalGeneration": load_hf_blip2,
               "InstructBlipForConditionalGeneration": load_hf_instructblip}
+
+
+def export_hf(model: nn.Module, directory: str | Path, image_token_index: int | None = None) -> Path:
+    """Write a BLIP-2 LLM / InstructBLIP model as an HF ``Blip2ForConditionalGeneration`` /
+    ``InstructBlipForConditionalGeneration`` directory (config.json + model.safetensors in fp32, + the LLM tokenizer).
+
+    HF 5.x marks the query positions with a placeholder id in ``input_ids``: ``image_token_index`` (default: the id
+    the model was loaded with; real HF checkpoints add ``<image>`` to the vocabulary). The generation eos (OPT "\n")
+    becomes the text config's ``eos_token_id``. HF has one LayerNorm eps for the ViT and ``post_layernorm``: an
+    ``ln_vision`` eps that differs (LAVIS 1e-5 vs EVA 1e-6) is logged (~1e-6 relative effect).
+    """
+    from safetensors.torch import save_file
+    from transformers import Blip2Config, InstructBlipConfig
+    cfg = model.config
+    token = image_token_index if image_token_index is not None else cfg.image_token_id
+    if token is None:
+        raise ValueError("HF needs an image placeholder id in the LLM vocabulary: pass image_token_index=")
+    if cfg.ln_vision_eps != cfg.vision.layer_norm_eps:
+        log.warning("HF uses one layer_norm_eps: ln_vision eps %g is exported as %g", cfg.ln_vision_eps,
+                    cfg.vision.layer_norm_eps)
+    text = model.llm.config.to_dict()
+    if model.eos_token_id is not None:
+        text["eos_token_id"] = model.eos_token_id
+    qformer = to_hf_qformer_config(cfg.qformer)
+    config_cls, arch = ((InstructBlipConfig, "InstructBlipForConditionalGeneration") if model.instruct
+                        else (Blip2Config, "Blip2ForConditionalGeneration"))
+    hf = config_cls(vision_config=to_hf_vision_config(cfg.vision), qformer_config=qformer, text_config=text,
+                    num_query_tokens=model.qformer.num_queries, image_token_index=token)
+    hf.architectures = [arch]
+    sd = {k: v.detach().float() for k, v in model.state_dict().items()}
+    out = ours_to_hf_vision(sd)
+    emb = {v: k for k, v in INSTRUCT_HF_EMB.items()} if model.instruct else {v: k for k, v in HF_QFORMER_EMB.items()}
+    out.update(ours_to_bert(sd, "qformer.transformer.", "qformer.", self_name="attention",
+                            embeddings={k: v for v, k in emb.items()}))
+    out["query_tokens"] = sd["qformer.query_tokens"]
+    for src, dst in (("llm_proj.", "language_projection."), ("llm.", "language_model.")):
+        out.update({dst + k[len(src):]: v for k, v in sd.items() if k.startswith(src)})
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(str(directory))
+    save_file({k: v.contiguous().clone() for k, v in out.items()}, str(directory / "model.safetensors"),
+              metadata={"format": "pt"})
+    if model.has_tokenizer():
+        model.tokenizer.save_pretrained(str(directory))
+    return directory
 
 
 # ---------------------------------------------------------------------------------------------------------------
