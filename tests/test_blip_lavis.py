@@ -187,7 +187,8 @@ def test_pos_embed_interpolated_for_larger_model(tmp_path):
     torch.save({"model": sd}, tmp_path / "ckpt224.pth")
     model = blip.load(tmp_path / "ckpt224.pth", image_size=384, vision={"heads": 4}, text={"num_heads": 2})
     grid = pos[:, 1:].reshape(1, 14, 14, 64).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(24, 24), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, 576, 64)
+    grid = F.interpolate(grid, size=(24, 24), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, 576, 64)
     assert model.cfg.image_size == 384
     assert torch.allclose(model.visual_encoder.pos_embed, torch.cat([pos[:, :1], grid], 1), atol=1e-6)
     assert model.load_report.resized

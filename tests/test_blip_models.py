@@ -22,7 +22,8 @@ HF_CLASSES = {"caption": BlipForConditionalGeneration, "retrieval": BlipForImage
 # the hub configs of Salesforce/blip-*-base and -large differ from HF's code defaults only in these fields
 HF_HUB = {"blip_base": BlipConfig(text_config=dict(num_attention_heads=12)),
           "blip_large": BlipConfig(vision_config=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                                                      intermediate_size=4096), text_config=dict(num_attention_heads=12))}
+                                                      intermediate_size=4096),
+                                   text_config=dict(num_attention_heads=12))}
 
 
 # No ViT-L VQA exists (BLIP's "capfilt_large" VQA is ViT-B); HF would give its answer decoder 1024-wide

@@ -17,13 +17,12 @@ import re
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..checkpoints import (CheckpointError, LoadReport, StateDict, bert_to_ours, hf_vit_to_ours, load_into,
                            ours_to_bert, ours_to_hf_vit, read_state_dict)
 from ..models.blip import ARCHS, TASK_CLASSES, BlipConfig, build
-from ..models.blip_tasks import BlipCaption, BlipFeatureExtractor, BlipRetrieval, BlipVQA
+from ..models.blip_tasks import BlipCaption, BlipRetrieval, BlipVQA
 from ..nn.transformer import TextConfig
 from ..nn.vit import VisionConfig, resize_pos_embed
 

@@ -74,7 +74,8 @@ class BlipFeatureExtractor(BlipModel):
         """Unimodal text encoder (bidirectional, no image; ids start with [CLS]) -> [B, T, D]."""
         return self.text_encoder(input_ids, attention_mask=attention_mask)
 
-    def multimodal_embeds(self, image_embeds: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def multimodal_embeds(self, image_embeds: Tensor, input_ids: Tensor,
+                          attention_mask: Tensor | None = None) -> Tensor:
         """Image-grounded text encoder (ids start with [ENC]); image_embeds [B, 1+N, W] -> [B, T, D]."""
         return self.text_encoder(input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds)
 
@@ -205,7 +206,8 @@ class BlipVQA(VQAStrings, BlipModel):
         first = self.text_decoder(start, cross_kv=cross_kv, encoder_attention_mask=question_mask)[:, 0]
         prob_first = first.softmax(dim=1).index_select(1, answer_ids[:, 1])
         _, top = prob_first.topk(k, dim=1)                                     # [B, k]
-        ids, mask = answer_ids[top.flatten()], answer_mask[top.flatten()]      # [B*k, Ta], candidates of a question adjacent
+        # [B*k, Ta] with the k candidates of a question adjacent: they share its cross-attention K/V (beam_group=k)
+        ids, mask = answer_ids[top.flatten()], answer_mask[top.flatten()]
         logits = self.text_decoder(ids, mask, cross_kv=cross_kv, encoder_attention_mask=question_mask, beam_group=k)
         targets = ids.masked_fill(mask == 0, -100)[:, 1:]
         loss = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=-100,
