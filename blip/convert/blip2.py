@@ -331,8 +331,10 @@ def to_hf_qformer_config(cfg: QFormerConfig) -> dict:
 # family plumbing (blip.api)
 
 def owns(sd: StateDict) -> bool:
-    """blip.api: this family loads every LAVIS BLIP-2 checkpoint (keys ``Qformer.*`` or ``query_tokens``)."""
-    return is_lavis_blip2(sd)
+    """blip.api: this family loads every LAVIS BLIP-2 checkpoint (keys ``Qformer.*`` or ``query_tokens``) and blip's
+    own stage-1 layout (``qformer.query_tokens``, bare or under the stage-1 objective's ``model.``)."""
+    from .blip2_stage1 import is_ours
+    return is_lavis_blip2(sd) or is_ours(sd)
 
 
 def _llm_convert():
@@ -359,7 +361,14 @@ def load_original(sd: StateDict, source: str, arch: str | None = None, task: str
             raise CheckpointError(f"{source} is a BLIP-2 LLM checkpoint, but blip.convert.blip2_llm is missing")
         return llm_convert.load_original(sd, source, arch=arch, task=task, llm=llm, vision_weights=vision_weights,
                                          **overrides)
-    from .blip2_stage1 import load_lavis_stage1
+    from .blip2_stage1 import is_ours, load_lavis_stage1, load_ours
+    if is_ours(sd):
+        if any(k.startswith(("llm.", "llm_proj.", "model.llm.", "model.llm_proj.")) for k in sd):
+            raise CheckpointError(f"{source}: a blip-layout BLIP-2 LLM state dict; load it with its model's "
+                                  "load_state_dict (or a LAVIS / HF checkpoint through blip.load)")
+        if vision_weights is not None:
+            raise CheckpointError(f"{source} is in blip's own layout and carries its ViT: drop vision_weights=")
+        return load_ours(sd, source, arch=arch, task=task, **overrides)
     return load_lavis_stage1(sd, source, arch=arch, task=task, vision_weights=vision_weights, **overrides)
 
 

@@ -24,6 +24,7 @@ Usage: ``blip.load("blip2_pretrained.pth", vision_weights="eva_vit_g.pth")``; ``
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import re
@@ -35,6 +36,9 @@ from torch import nn
 from ..checkpoints import CheckpointError, LoadReport, StateDict, load_into, read_state_dict
 from ..models.blip2 import QFORMER_TASKS, qformer_arch_config
 from ..models.blip2_qformer import Blip2Qformer, Blip2QformerConfig
+from ..models.qformer import QFormerConfig
+from ..nn.transformer import TextConfig
+from ..nn.vit import VisionConfig
 from .blip2 import (LAVIS_ALWAYS_UNUSED, hf_qformer_config, hf_qformer_to_ours, hf_vision_config, hf_vision_to_ours,
                     lavis_lm_head_to_ours, lavis_qformer_to_ours, lavis_vision_to_ours, ours_to_hf_qformer,
                     ours_to_hf_vision, to_hf_qformer_config, to_hf_vision_config, vision_file_to_ours)
@@ -90,8 +94,7 @@ def load_lavis_stage1(sd: StateDict, source: str, arch: str | None = None, task:
     ``blip.zoo`` name) for files without ``visual_encoder.*``; a file that carries its own ViT refuses a second one. overrides: config fields
     (``freeze_vit``, ``vit_dtype``...).
     """
-    task = task or "qformer"
-    if task not in QFORMER_TASKS:
+    if task not in (None, *QFORMER_TASKS):
         raise CheckpointError(f"{source} is a stage-1 (Q-Former) checkpoint: task must be one of {QFORMER_TASKS}")
     out, used = lavis_stage1_to_ours(sd)
     cfg = _with_grid_of(qformer_arch_config(arch or guess_arch(sd), **overrides),
@@ -125,6 +128,69 @@ def load_lavis_stage1(sd: StateDict, source: str, arch: str | None = None, task:
     report = load_into(model, out, source)
     report.origins.update(origins)
     model.load_report = report
+    if task == "stage1":
+        from ..models.blip2_stage1 import Blip2Stage1Objective
+        return Blip2Stage1Objective(model).eval()
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# blip's own layout (``save_safetensors``, training checkpoints of the stage-1 objective)
+
+def is_ours(sd: StateDict) -> bool:
+    """Our Blip2Qformer keys, bare or under the objective's ``model.`` prefix (training checkpoints)."""
+    return "qformer.query_tokens" in sd or "model.qformer.query_tokens" in sd
+
+
+def save_safetensors(model: Blip2Qformer, path: str | Path) -> Path:
+    """Our layout as ``.safetensors`` with the exact config in its metadata (``blip.load(path)`` rebuilds it)."""
+    from safetensors.torch import save_file
+    meta = {"format": "pt", "blip_family": "blip2", "blip_task": "qformer",
+            "blip_config": json.dumps(dataclasses.asdict(model.cfg))}
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+    return Path(path)
+
+
+def config_from_dict(d: dict) -> Blip2QformerConfig:
+    d = dict(d)
+    q = d.pop("qformer")
+    return Blip2QformerConfig(vision=VisionConfig(**d.pop("vision")),
+                              qformer=QFormerConfig(TextConfig(**q["text"]), q["num_query_tokens"]), **d)
+
+
+def _saved_config(source: str) -> dict | None:
+    if not str(source).endswith(".safetensors") or not Path(source).is_file():
+        return None
+    from safetensors import safe_open
+    with safe_open(str(source), "pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta["blip_config"]) if meta.get("blip_family") == "blip2" and "blip_config" in meta else None
+
+
+def load_ours(sd: StateDict, source: str, arch: str | None = None, task: str | None = None, **overrides) -> nn.Module:
+    """A state dict in our layout -> :class:`Blip2Qformer` (config: ``arch``, else the file's metadata, else
+    guessed from the widths). Training checkpoints of the objective (keys under ``model.``) are accepted."""
+    if "model.qformer.query_tokens" in sd:
+        sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    saved = _saved_config(source)
+    if arch is not None or saved is None:
+        key = (sd["qformer.query_tokens"].shape[-1], sd["image_encoder.ln_vision.weight"].shape[0])
+        if arch is None and key not in ARCH_BY_WIDTH:
+            raise CheckpointError(f"{source}: cannot tell the arch of a Q-Former of width {key[0]}; pass arch=")
+        cfg = qformer_arch_config(arch or ARCH_BY_WIDTH[key], **overrides)
+    else:
+        cfg = dataclasses.replace(config_from_dict(saved), **overrides)
+    model = Blip2Qformer(cfg)
+    report = load_into(model, sd, source)
+    report.origins.update({p: source for p in ("image_encoder", "qformer", "lm_head", "vision_proj", "text_proj",
+                                               "itm_head", "temp")})
+    model.load_report = report
+    return _as_task(model, task)
+
+
+def _as_task(model: Blip2Qformer, task: str | None) -> nn.Module:
+    if task not in (None, *QFORMER_TASKS):
+        raise CheckpointError(f"a stage-1 (Q-Former) checkpoint: task must be one of {QFORMER_TASKS}, not {task!r}")
     if task == "stage1":
         from ..models.blip2_stage1 import Blip2Stage1Objective
         return Blip2Stage1Objective(model).eval()
