@@ -162,3 +162,13 @@ def test_own_safetensors_and_training_checkpoints_round_trip(tmp_path, data):
     again = blip.load(tmp_path / "state.pt")
     with torch.no_grad():
         assert torch.equal(again.generate(inputs["image"], max_new_tokens=9, min_new_tokens=9), out["qformer_greedy_ids"])
+
+
+def test_whole_model_in_bf16(data):
+    inputs, tok, out = data
+    model = blip.load(DIR / "checkpoint.pth", dtype=torch.bfloat16)
+    i, j = zip(*inputs["itm_pairs"])
+    with torch.no_grad():
+        logits = model.itm_logits(inputs["image"][list(i)], tok["itm_text_ids"][list(j)], tok["itm_text_atts"][list(j)])
+        assert model.image_features(inputs["image"]).dtype == torch.float32   # ln_vision computes in fp32
+    close(logits[:, 1].float(), out["compute_itm"], tol=0.05)

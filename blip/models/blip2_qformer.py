@@ -213,6 +213,9 @@ class Blip2Qformer(nn.Module):
             input_ids = torch.full((b, 1), DEC_TOKEN_ID, dtype=torch.long, device=pixel_values.device)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        elif not bool(attention_mask.all()):
+            raise ValueError("Q-Former captioning takes prompts without padding (text positions are counted from the "
+                             "first token): generate prompts of different lengths separately")
         q = self.num_queries
         transformer = self.qformer.transformer
         cache = transformer.new_cache(b, q + input_ids.shape[1] + max_new_tokens)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.transformer import TextConfig, TextTransformer
@@ -101,5 +102,6 @@ class FrozenImageEncoder(nn.Module):
         return self
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        feats = self.visual_encoder(pixel_values)
-        return self.ln_vision(feats.float())
+        feats = self.visual_encoder(pixel_values).float()
+        ln = self.ln_vision  # in fp32 even when the whole model was cast to bf16/fp16 (HF keeps it fp32 likewise)
+        return F.layer_norm(feats, ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps)
