@@ -10,7 +10,6 @@ import torch.multiprocessing as mp
 
 import blip
 from blip.models.blip2 import create
-from blip.models.blip2_stage1 import Blip2Stage1Objective
 
 FIX = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "lavis"
 DIR = FIX / "blip2_qformer"

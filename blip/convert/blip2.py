@@ -15,7 +15,6 @@ from __future__ import annotations
 import re
 
 import torch
-from torch import Tensor
 
 from ..checkpoints import CheckpointError, StateDict, bert_to_ours, hf_vit_to_ours, ours_to_bert, ours_to_hf_vit
 from ..models.qformer import QFormerConfig, qformer_config
@@ -31,11 +30,11 @@ LAVIS_ALWAYS_UNUSED = [r"Qformer\.bert\.embeddings\.position_ids", r"Qformer\.cl
 EVA_FILE_UNUSED = [r"norm\.(weight|bias)", r"fc_norm\.(weight|bias)", r"head\.(weight|bias)", r"lm_head\..*"]
 
 
-def _split(sd: StateDict, src: str, dst: str, rename=lambda k: k) -> tuple[StateDict, set[str]]:
+def _split(sd: StateDict, src: str, dst: str) -> tuple[StateDict, set[str]]:
     out, used = {}, set()
     for k, v in sd.items():
         if k.startswith(src):
-            out[dst + rename(k[len(src):])] = v
+            out[dst + k[len(src):]] = v
             used.add(k)
     return out, used
 
@@ -273,11 +272,6 @@ def is_lavis_stage2(sd: StateDict) -> bool:
     """True when the file belongs to an LLM model (projection or LLM weights present)."""
     return any(k.startswith(p) for k in sd for p in ("opt_proj.", "t5_proj.", "llm_proj.", "opt_model.",
                                                      "t5_model.", "llm_model."))
-
-
-def to_float(sd: StateDict, dtype: torch.dtype = torch.float32) -> StateDict:
-    """Floating tensors cast to ``dtype`` (e.g. LAVIS's fp16 EVA weights before comparing); others untouched."""
-    return {k: (v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v) for k, v in sd.items()}
 
 
 

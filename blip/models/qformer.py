@@ -103,5 +103,5 @@ class FrozenImageEncoder(nn.Module):
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         feats = self.visual_encoder(pixel_values).float()
-        ln = self.ln_vision  # in fp32 even when the whole model was cast to bf16/fp16 (HF keeps it fp32 likewise)
+        ln = self.ln_vision  # fp32 even when the whole model was cast to bf16/fp16, as LAVIS computes it
         return F.layer_norm(feats, ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps)
