@@ -54,3 +54,22 @@ def test_real_blip2_stage2_model_runs(tmp_path):
     out = run(config(tmp_path, "blip2", ["stage=2", "trainer.max_steps=2", "trainer.llm_warmup_steps=2",
                                          "eval.max_new_tokens=4"]))
     assert out["steps"] == 2 and out["eval"]["num_images"] == 32 and "acc_color" in out["eval"]
+
+
+def test_blip2_stage1_then_stage2_from_its_qformer(tmp_path):
+    one = run(config(tmp_path, "s1", ["stage=1", "model=blip2_tiny_qformer", "trainer.max_steps=2",
+                                      "eval.enabled=false"]))
+    assert one["steps"] == 2
+    import torch
+
+    s1 = torch.load(sorted((tmp_path / "outputs/test/s1/checkpoints").iterdir())[-1] / "state.pt",
+                    weights_only=True)["model"]
+    two = run(config(tmp_path, "s2", ["stage=2", "trainer.max_steps=1", "trainer.llm_warmup_steps=1",
+                                      f"init_from={tmp_path}/outputs/test/s1", "eval.enabled=false"]))
+    assert two["steps"] == 1
+    s2 = torch.load(sorted((tmp_path / "outputs/test/s2/checkpoints").iterdir())[-1] / "state.pt",
+                    weights_only=True)["model"]
+    frozen = [k for k in s2 if k.startswith("model.image_encoder.visual_encoder.")]
+    assert frozen and all(torch.equal(s1[k], s2[k]) for k in frozen)  # the stage-1 frozen ViT carried over
+    shared = [k for k in s2 if k.startswith("model.qformer.") and k in s1]
+    assert len(shared) > 20
