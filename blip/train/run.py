@@ -120,17 +120,33 @@ def build_train_data(cfg: DictConfig, info: DistInfo, sources: list, weights: li
 
 
 # ---- run ---------------------------------------------------------------------------------------------------
+def latest_checkpoint(output_root: str | Path, name: str, exclude: Path | None = None) -> Path | None:
+    """The newest checkpoint of the newest run `output_root/name/*` that has one."""
+    runs = sorted(p for p in (Path(output_root) / name).glob("*") if p.is_dir() and p != exclude)
+    for candidate in reversed(runs):
+        if found := list_checkpoints(candidate / "checkpoints"):
+            return found[-1]
+    return None
+
+
+def locate(spec: str, cfg: DictConfig, run_dir: Path) -> Path | None:
+    """A run/checkpoint directory, `latest` (this run's name) or `latest:<name>` → a checkpoint directory."""
+    if spec == "latest" or spec.startswith("latest:"):
+        name = spec.partition(":")[2] or cfg.name
+        found = latest_checkpoint(cfg.output_root, name, exclude=run_dir)
+        if found is None:
+            log.warning("%s: no run of %s with a checkpoint under %s", spec, name, cfg.output_root)
+        return found
+    return checkpoint_path(spec)
+
+
 def find_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
     if cfg.resume in (None, "", "none"):
         return None
-    if cfg.resume != "latest":
-        return checkpoint_path(cfg.resume)
-    runs = sorted(p for p in (Path(cfg.output_root) / cfg.name).glob("*") if p.is_dir() and p != run_dir)
-    for candidate in reversed(runs):
-        if list_checkpoints(candidate / "checkpoints"):
-            return list_checkpoints(candidate / "checkpoints")[-1]
-    log.warning("resume=latest: no earlier run of %s with a checkpoint; starting fresh", cfg.name)
-    return None
+    found = locate(str(cfg.resume), cfg, run_dir)
+    if found is None:
+        log.warning("resume=%s: nothing to resume; starting fresh", cfg.resume)
+    return found
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
@@ -180,9 +196,10 @@ def run(cfg: DictConfig) -> dict:
     sources, weights, eval_source = build_sources(cfg.data)  # every rank: the cache write is atomic
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg.model)
-    if cfg.get("init_from"):
-        load_init_weights(model, cfg.init_from)
-    elif cfg.model.task in ("caption", "retrieval", "vqa"):
+    init = locate(str(cfg.init_from), cfg, run_dir) if cfg.get("init_from") else None
+    if init is not None:
+        load_init_weights(model, init)
+    if init is None and cfg.model.task in ("caption", "retrieval", "vqa"):
         log.warning("%s/%s starts from random weights: set init_from=<run dir> to fine-tune pretrained weights",
                     cfg.model.arch, cfg.model.task)
     if cfg.stage.id == 2 and t.get("llm_warmup_steps"):
