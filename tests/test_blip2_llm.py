@@ -159,6 +159,10 @@ def test_frozen_towers_in_bf16_trainable_parts_in_fp32():
     assert (out.logits.float() - want).abs().max() < 0.05 * want.abs().max()
     out.logits.float().sum().backward()
     assert model.qformer.query_tokens.grad.dtype == torch.float32
+    # the same policy after loading: cast_frozen (model.to(dtype) would also cast the Q-Former)
+    ref.cast_frozen("fp16")
+    assert ref.llm.get_input_embeddings().weight.dtype == torch.float16
+    assert ref.qformer.query_tokens.dtype == torch.float32 and ref.llm_proj.weight.dtype == torch.float32
 
 
 def test_stage1_checkpoint_hands_off_in_one_line(tmp_path):
@@ -178,6 +182,23 @@ def test_stage1_checkpoint_hands_off_in_one_line(tmp_path):
     instruct = blip.create_model("blip2_tiny_opt", "instruct", qformer_from=tmp_path / "stage1.pth")
     assert torch.equal(instruct.qformer.transformer.embeddings.word.weight,
                        s1["qformer.transformer.embeddings.word.weight"])
+
+
+def test_lavis_stage1_checkpoint_hands_off():
+    from blip.models.qformer import QFormerConfig, qformer_config
+    lavis = torch.load(LAVIS / "blip2_qformer" / "checkpoint.pth", weights_only=True)["model"]
+    sizes = qformer_config(48, hidden_size=16, num_heads=2, num_layers=4, intermediate_size=64, word_embeddings=False,
+                           text_ffn=False)  # the blip2_qformer fixture's Q-Former
+    model = create("blip2_tiny_opt", "stage2", qformer=QFormerConfig(sizes, 8),
+                   qformer_from=LAVIS / "blip2_qformer" / "checkpoint.pth")
+    layer = "Qformer.bert.encoder.layer.2."
+    ours = model.qformer.transformer.layers[2]
+    assert torch.equal(model.qformer.query_tokens, lavis["query_tokens"])
+    assert torch.equal(model.image_encoder.ln_vision.weight, lavis["ln_vision.weight"])
+    assert torch.equal(ours.ffn_query.fc1.weight, lavis[layer + "intermediate_query.dense.weight"])
+    assert torch.equal(ours.cross_attn.kv.weight, torch.cat([lavis[layer + "crossattention.self.key.weight"],
+                                                             lavis[layer + "crossattention.self.value.weight"]]))
+    assert model.stage1_report.origins["qformer"].endswith("checkpoint.pth")
 
 
 def test_chat_prompt_and_string_api():

@@ -105,7 +105,7 @@ def load_original(sd: StateDict, source: str, arch: str | None = None, task: str
 
     llm: the HF directory of the frozen LLM (weights unless the file carries them, config, tokenizer).
     vision_weights: the frozen EVA file (``eva_vit_g.pth``) when the file has no ``visual_encoder.*`` keys.
-    overrides: :class:`blip.models.blip2_llm.Blip2LLMConfig` fields (e.g. ``dtype="bf16"``).
+    overrides: :class:`blip.models.blip2_llm.Blip2LLMConfig` fields (e.g. ``frozen_dtype="bf16"``).
     """
     guessed_arch, guessed_task = guess_arch(sd)
     arch, task = arch or guessed_arch, task or guessed_task
@@ -154,11 +154,13 @@ def _load_hf(directory: Path, instruct: bool, llm=None, **overrides) -> nn.Modul
         llm=hf.text_config, ln_vision_eps=vision["layer_norm_eps"],
         tokenizer=directory if has_tokenizer else None,
         image_token_id=getattr(hf, "image_token_index", None) or getattr(hf, "image_token_id", None))
+    if "dtype" in overrides:
+        overrides["frozen_dtype"] = overrides.pop("dtype")
     for k, v in overrides.items():
         setattr(cfg, k, v)
     from ..models.blip2_llm_lm import load_llm
     cls = blip2_llm.InstructBlipLanguageModel if instruct else blip2_llm.Blip2LanguageModel
-    model = cls(cfg, llm=load_llm(hf.text_config, blip2_llm.DTYPES[cfg.dtype], cfg.llm_overrides))
+    model = cls(cfg, llm=load_llm(hf.text_config, blip2_llm.DTYPES[cfg.frozen_dtype], cfg.llm_overrides))
     sd = read_state_dict(directory)
     out, used = hf_vision_to_ours(sd)
     emb = INSTRUCT_HF_EMB if instruct else None

@@ -10,8 +10,9 @@ input_ids, ...)`` where ``input_ids`` are LLM tokenizer ids **without image plac
 prepended inside, always (there is no path on which an image reaches the LLM without its queries).
 String API (:class:`blip.models.blip2_llm_text.LanguageInterface`): ``caption``, ``answer``, ``chat``.
 
-Precision: ``dtype`` stores the frozen ViT and LLM in bf16/fp16; ``ln_vision``, the Q-Former and ``llm_proj`` stay
-fp32 and the projected queries are cast to the LLM's dtype at the boundary.
+Precision: ``frozen_dtype`` (or :meth:`Blip2LanguageModel.cast_frozen`) stores the frozen ViT and LLM in bf16/fp16;
+``ln_vision``, the Q-Former and ``llm_proj`` stay fp32 and the projected queries are cast to the LLM's dtype at the
+boundary.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ class Blip2LLMConfig:
     eos: str | int | None = None          # "\n" (OPT convention: the id of "\n"), an id, or None: the LLM's eos
     prompt: str = ""                      # default caption prompt
     ln_vision_eps: float = 1e-5           # LAVIS 1e-5; HF post_layernorm uses the vision layer_norm_eps
-    dtype: str | torch.dtype | None = None  # storage dtype of the frozen ViT + LLM ("bf16", "fp16"); None: fp32
+    frozen_dtype: str | torch.dtype | None = None  # storage dtype of the frozen ViT + LLM ("bf16", "fp16"); None: fp32
     image_token_id: int | None = None     # HF placeholder id, rejected in input_ids (queries are prepended inside)
 
 
@@ -101,16 +102,24 @@ class Blip2LanguageModel(LanguageInterface, nn.Module):
         if llm is None and cfg.llm is None:
             raise ValueError("this architecture needs its language model: pass llm=<HF model directory>")
         self.config = cfg
-        frozen_dtype = DTYPES[cfg.dtype]
+        frozen_dtype = DTYPES[cfg.frozen_dtype]
         self.image_encoder = FrozenImageEncoder(cfg.vision, ln_eps=cfg.ln_vision_eps, freeze=True)
         self.qformer = QFormer(cfg.qformer)
         self.llm = llm if llm is not None else load_llm(cfg.llm, frozen_dtype, cfg.llm_overrides)
         self.llm.requires_grad_(False)
         self.llm_proj = nn.Linear(cfg.qformer.text.hidden_size, self.llm.get_input_embeddings().embedding_dim)
         if frozen_dtype not in (None, torch.float32):
-            self.image_encoder.cast_vit(frozen_dtype)
-            self.llm.to(frozen_dtype)
+            self.cast_frozen(frozen_dtype)
         self._tokenizer = None
+
+    def cast_frozen(self, dtype: str | torch.dtype) -> "Blip2LanguageModel":
+        """Store the frozen ViT (Linear/Conv weights) and the LLM in ``dtype``; ln_vision, the Q-Former and llm_proj
+        stay fp32. (``model.to(dtype)`` would cast everything, as HF's ``.to`` does.)"""
+        dtype = DTYPES[dtype]
+        self.image_encoder.cast_vit(dtype)
+        self.llm.to(dtype)
+        self.config.frozen_dtype = dtype
+        return self
 
     # ---- structure -------------------------------------------------------------------------------------------
     @property
@@ -261,13 +270,16 @@ def create(arch: str, task: str = "stage2", *, llm: LLMSource | nn.Module | None
     llm: HF directory of the language model (required for the real archs), a config dict, or a built HF model.
     qformer_from: a stage-1 checkpoint (LAVIS ``blip2_pretrained.pth`` or blip's own) whose query tokens,
     ln_vision and Q-Former initialise this model (the stage-1 -> stage-2 hand-off).
-    overrides: fields of :class:`Blip2LLMConfig` (``dtype="bf16"``, ``prompt=...``, ``eos=...``).
+    overrides: fields of :class:`Blip2LLMConfig` (``frozen_dtype="bf16"``, ``prompt=...``, ``eos=...``); ``dtype`` is
+    accepted for ``frozen_dtype``.
     """
     if arch not in ARCHS:
         raise KeyError(f"unknown BLIP-2 LLM arch {arch!r}; known: {sorted(ARCHS)}")
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     cfg = copy.deepcopy(ARCHS[arch])
+    if "dtype" in overrides:
+        overrides["frozen_dtype"] = overrides.pop("dtype")
     built = llm if isinstance(llm, nn.Module) else None
     if llm is not None and built is None:
         cfg.llm = llm
