@@ -326,6 +326,32 @@ class CapFilt:
         return merge_outputs(out, source.num_units, asdict(self.cfg))
 
 
+def load_task_model(source: str | Path | None, arch: str, task: str, image_size: int | None = None) -> nn.Module:
+    """The captioner / filter: ``source`` None (random ``arch``: smoke tests), a training run of this project (a run
+    directory or one of its ``checkpoints/step_*`` dirs: its ``state.pt`` model weights are loaded by key name, arch and
+    image size from the run's ``config.yaml``), or anything :func:`blip.load` reads."""
+    import blip
+    from omegaconf import OmegaConf
+
+    from .models.blip_pretrain import load_pretrain_weights
+
+    if source is None:
+        return blip.create_model(arch, task, **({"image_size": image_size} if image_size else {}))
+    path = Path(source)
+    if path.is_dir() and ((path / "state.pt").exists() or (path / "checkpoints").is_dir()):
+        from .train.run import checkpoint_path
+        ckpt = checkpoint_path(path)
+        config = next((d / "config.yaml" for d in (ckpt, ckpt.parent.parent) if (d / "config.yaml").exists()), None)
+        if config is not None:
+            run_cfg = OmegaConf.load(config)
+            arch, image_size = run_cfg.model.arch, image_size or run_cfg.model.get("image_size")
+        model = blip.create_model(arch, task, **({"image_size": image_size} if image_size else {}))
+        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)["model"]
+        log.info(load_pretrain_weights(model, state, str(ckpt)).summary())
+        return model
+    return blip.load(path, arch=arch, task=task)
+
+
 def merge_outputs(out_dir: str | Path, num_units: int, config: dict | None = None) -> dict:
     """Concatenate the chunk records of all units (in order) into ``index.json`` and ``summary.json``."""
     out = Path(out_dir)
@@ -362,4 +388,4 @@ def output_urls(out_dir: str | Path) -> list[str]:
     return [str(Path(out_dir) / s) for s in summary["shards"]]
 
 
-__all__ = ["CapFilt", "CapFiltConfig", "CapFiltInput", "merge_outputs", "output_urls", "batch_seed"]
+__all__ = ["CapFilt", "CapFiltConfig", "CapFiltInput", "load_task_model", "merge_outputs", "output_urls", "batch_seed"]

@@ -10,19 +10,13 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from blip.capfilt import CapFilt, CapFiltConfig, CapFiltInput
+from blip.capfilt import CapFilt, CapFiltConfig, CapFiltInput, load_task_model
 
 DTYPES = {None: None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build(spec: DictConfig, task: str, device: torch.device, dtype):
-    import blip
-
-    if spec.source is None:
-        model = blip.create_model(spec.arch, task)
-    else:
-        model = blip.load(spec.source, arch=spec.arch, task=task)
-    model = model.to(device)
+    model = load_task_model(spec.source, spec.arch, task, spec.get("image_size")).to(device)
     return (model.to(dtype) if dtype is not None else model).eval()
 
 

@@ -174,3 +174,19 @@ def test_script_smoke(tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["images_in"] == 9 and summary["images_skipped"] == {"bad_image": 2}
     assert "capfilt: 9 images in" in res.stdout
+
+
+def test_load_task_model_from_a_training_run(tmp_path):
+    from blip.capfilt import load_task_model
+    from blip.models.blip_finetune import CaptionObjective
+
+    cap, _ = models()
+    objective = CaptionObjective(cap)
+    step = tmp_path / "run" / "checkpoints" / "step_00000010"
+    step.mkdir(parents=True)
+    torch.save({"model": objective.state_dict(), "trainer": {}}, step / "state.pt")
+    (tmp_path / "run" / "config.yaml").write_text("model:\n  arch: blip_tiny\n  image_size: 32\n")
+    loaded = load_task_model(tmp_path / "run", "blip_base", "caption")    # arch / size from the run's config
+    assert loaded.cfg.image_size == 32
+    for (name, a), (_, b) in zip(cap.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
