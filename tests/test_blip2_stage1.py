@@ -44,11 +44,11 @@ def test_lavis_losses(which):
 def test_hard_negatives_are_never_positives():
     objective = create("blip2_tiny_qformer", "stage1")
     torch.manual_seed(0)
-    sim = torch.randn(6, 6) + 30 * torch.eye(6)      # positives dominate the softmax
+    sim = 0.3 * torch.randn(6, 6) + 30 * torch.eye(6)   # positives dominate the softmax
     image_ids = torch.tensor([0, 0, 1, 2, 2, 3])      # rows 0/1 and 3/4 show the same image
     same = image_ids[:, None] == image_ids[None, :]
     seen = torch.zeros(6, 6, dtype=torch.bool)
-    for _ in range(300):
+    for _ in range(200):
         neg_image, neg_text = objective.hard_negatives(sim, sim.t().contiguous(), image_ids)
         for neg in (neg_image, neg_text):
             assert not same[torch.arange(6), neg].any()
