@@ -200,3 +200,16 @@ def test_answer_and_match_string_api_shapes():
         enc[:, 0] = 30523
         assert torch.allclose(ret.itm_logits(px, enc).softmax(-1)[0, 1], res.itm_prob[0], atol=1e-6)
         assert torch.allclose(ret.itc_similarity(px, ids)[0, 0], res.itc_sim[0], atol=1e-6)
+
+
+def test_image_size_with_arch_follows_the_checkpoint_kind(tmp_path):
+    """With arch=: a fine-tuned task checkpoint keeps its resolution, a pretraining one takes the arch's."""
+    from blip.convert.blip import ours_to_original
+    model = create("blip_tiny", "caption", image_size=224)
+    torch.save({"model": ours_to_original(model.state_dict())}, tmp_path / "caption224.pth")
+    assert blip.load(tmp_path / "caption224.pth", arch="blip_tiny").cfg.image_size == 224
+    assert blip.load(tmp_path / "caption224.pth", arch="blip_tiny", image_size=64).cfg.image_size == 64
+    pre = ours_to_original(create("blip_tiny", "pretrain", image_size=224).state_dict())
+    torch.save({"model": pre}, tmp_path / "pre224.pth")
+    cap = blip.load(tmp_path / "pre224.pth", arch="blip_tiny", task="caption")
+    assert cap.cfg.image_size == 64 and cap.load_report.resized

@@ -127,8 +127,7 @@ def config_from_state_dict(sd: StateDict) -> BlipConfig:
     ViT-B/L and BERT-base); pass ``vision={"heads": ...}``/``text={"num_heads": ...}`` otherwise."""
     v = "visual_encoder."
     width, patch = sd[v + "cls_token"].shape[-1], sd[v + "patch_embed.proj.weight"].shape[-1]
-    grid = math.isqrt(sd[v + "pos_embed"].shape[1] - 1)
-    vision = VisionConfig(image_size=grid * patch, patch_size=patch, width=width, heads=max(width // 64, 1),
+    vision = VisionConfig(image_size=_checkpoint_image_size(sd), patch_size=patch, width=width, heads=max(width // 64, 1),
                           depth=_count(sd, r"visual_encoder\.blocks\.(\d+)\."),
                           mlp_dim=sd[v + "blocks.0.mlp.fc1.weight"].shape[0])
     t = "text_encoder." if "text_encoder.embeddings.word.weight" in sd else "text_decoder.transformer."
@@ -167,6 +166,8 @@ def load_original(state_dict: StateDict, source: str, arch: str | None = None, t
 
     Config: ``config`` if given, else ``ARCHS[arch]``, else inferred from the shapes; then ``overrides``
     (``image_size=384`` loads a 224-px checkpoint into a 384-px model, ``vision={"heads": 4}``...).
+    Image size with ``arch``: a fine-tuned checkpoint of the requested task keeps the resolution it was trained at
+    (BLIP VQA: 480); a pretraining checkpoint (224) becomes the arch's (384), pos_embed interpolated bicubically.
     """
     if llm is not None:
         raise ValueError("BLIP (v1) models have no separate language model: drop llm=")
@@ -177,6 +178,8 @@ def load_original(state_dict: StateDict, source: str, arch: str | None = None, t
     if config is None:
         if arch is not None:
             config = ARCHS[arch]
+            if "image_size" not in overrides and _own_task(sd) == task:
+                overrides["image_size"] = _checkpoint_image_size(sd)
         elif "config" in saved:
             config = config_from_dict(saved["config"])
         else:
@@ -184,6 +187,18 @@ def load_original(state_dict: StateDict, source: str, arch: str | None = None, t
     model = build(config.with_overrides(**overrides), task)
     load_state(model, sd, source, task, pretrain)
     return model.eval()
+
+
+def _own_task(sd: StateDict) -> str | None:
+    try:
+        return detect_task(sd)
+    except CheckpointError:
+        return None
+
+
+def _checkpoint_image_size(sd: StateDict) -> int:
+    grid = math.isqrt(sd["visual_encoder.pos_embed"].shape[1] - 1)
+    return grid * sd["visual_encoder.patch_embed.proj.weight"].shape[-1]
 
 
 def config_from_dict(d: dict) -> BlipConfig:
