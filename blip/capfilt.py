@@ -304,6 +304,9 @@ class CapFilt:
         (out / "shards").mkdir(parents=True, exist_ok=True)
         (out / "records").mkdir(parents=True, exist_ok=True)
         units = [u for u in range(source.num_units) if u % world_size == rank]
+        for unit in units:   # temp files of a run killed mid-write (never committed): remove
+            for stale in [*(out / "shards").glob(f"{unit:05d}-*.tmp*"), *(out / "records").glob(f"{unit:05d}*.tmp*")]:
+                stale.unlink()
         bar = None
         if self.cfg.progress:
             from tqdm.auto import tqdm

@@ -131,6 +131,7 @@ def test_killed_and_resumed_equals_uninterrupted(reference):
     assert not (out / "summary.json").exists()
     committed = sorted(p.name for p in (out / "records").glob("*.json"))
     assert committed == ["00000-0000.json"]   # chunk 0 (2 batches) committed; chunk 1 died after its first batch
+    (out / "shards" / "00000-0001.tar.tmp4242").write_bytes(b"half a tar")   # as a SIGKILL mid-write leaves it
     resumed = []
     run(out, CapFiltInput(urls=urls), on_batch=lambda *a: resumed.append(a))
     assert resumed[0] == (0, 1, 0)                    # restarts at the chunk in flight, skips the committed one
