@@ -137,3 +137,14 @@ def test_missing_parts_are_named():
         blip.load(LAVIS / "blip2_opt" / "checkpoint_trainable_only.pth", llm=LAVIS / "blip2_opt" / "opt_llm")
     with pytest.raises(CheckpointError, match="llm="):
         blip.load(LAVIS / "blip2_t5" / "checkpoint_trainable_only.pth", vision_weights=EVA)
+
+
+def test_image_size_follows_a_fine_tuned_vit(tmp_path):
+    """LAVIS fine-tuned files carry the ViT (e.g. at 364 px); the grid of their pos_embed sets the image size."""
+    from blip.nn.vit import resize_pos_embed
+    sd = torch.load(LAVIS / "blip2_opt" / "checkpoint.pth", weights_only=True)["model"]
+    sd["visual_encoder.pos_embed"] = resize_pos_embed(sd["visual_encoder.pos_embed"], 25)  # 4x4 -> 5x5 patches
+    torch.save({"model": sd}, tmp_path / "finetuned.pth")
+    model = blip.load(tmp_path / "finetuned.pth", llm=LAVIS / "blip2_opt" / "opt_llm")
+    assert model.config.vision.image_size == 70
+    assert torch.equal(model.image_encoder.visual_encoder.pos_embed, sd["visual_encoder.pos_embed"])

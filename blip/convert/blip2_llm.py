@@ -19,7 +19,9 @@ part (our prefix)          LAVIS ``.pth``                                  HF di
 from __future__ import annotations
 
 import logging
+import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from torch import nn
@@ -117,6 +119,10 @@ def load_original(sd: StateDict, source: str, arch: str | None = None, task: str
     if llm is None and not has_llm:
         raise CheckpointError(f"{source} carries no LLM weights (LAVIS saves only trainable parameters): pass "
                               "llm=<HF directory of the language model>")
+    pos = sd.get("visual_encoder.pos_embed")
+    vision = overrides.get("vision", blip2_llm.ARCHS[arch].vision)
+    if pos is not None and pos.shape[1] - 1 != vision.num_patches:  # fine-tuned at another size (e.g. 364 px)
+        overrides["vision"] = replace(vision, image_size=math.isqrt(pos.shape[1] - 1) * vision.patch_size)
     model = blip2_llm.create(arch, task, llm=llm, **overrides)
     out, used = lavis_to_ours(sd)
     origins = {"image_encoder.ln_vision": source, "qformer": source, "llm_proj": source,
