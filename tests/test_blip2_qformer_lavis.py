@@ -172,3 +172,15 @@ def test_whole_model_in_bf16(data):
         logits = model.itm_logits(inputs["image"][list(i)], tok["itm_text_ids"][list(j)], tok["itm_text_atts"][list(j)])
         assert model.image_features(inputs["image"]).dtype == torch.float32   # ln_vision computes in fp32
     close(logits[:, 1].float(), out["compute_itm"], tol=0.05)
+
+
+@pytest.mark.parametrize("trainable_only", [False, True])
+def test_export_lavis_reproduces_the_lavis_files(trainable_only):
+    from blip.checkpoints import read_state_dict
+    from blip.convert.blip2_stage1 import export_lavis
+    name = "checkpoint_trainable_only.pth" if trainable_only else "checkpoint.pth"
+    original = read_state_dict(DIR / name)
+    exported = export_lavis(_load("full"), trainable_only=trainable_only)
+    assert set(exported) == set(original)
+    for k, v in original.items():
+        assert exported[k].shape == v.shape and torch.equal(exported[k].to(v.dtype), v), k

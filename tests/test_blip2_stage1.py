@@ -22,7 +22,8 @@ def test_lavis_losses(which):
     if which == "full":
         objective = blip.load(DIR / "checkpoint.pth", task="stage1")
     else:
-        objective = blip.load(DIR / "checkpoint_trainable_only.pth", task="stage1", vision_weights=FIX / "eva_vit_tiny.pth")
+        objective = blip.load(DIR / "checkpoint_trainable_only.pth", task="stage1",
+                              vision_weights=FIX / "eva_vit_tiny.pth")
     ids, mask = objective.tokenize(inputs["text_input"])
     assert torch.equal(ids, out["fwd_text_input_ids"]) and torch.equal(mask, out["fwd_text_attention_mask"])
     batch = {"pixel_values": inputs["image"], "text": inputs["text_input"],

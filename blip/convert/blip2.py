@@ -181,7 +181,8 @@ def lavis_qformer_to_ours(sd: StateDict, dst: str = QFORMER_PREFIX) -> tuple[Sta
     """LAVIS ``query_tokens`` + ``Qformer.bert.*`` -> ``{dst}query_tokens`` + ``{dst}transformer.*``.
 
     Stage-2 files lack the word/position embeddings and the text FFN; the result then lacks them too (build the
-    Q-Former with ``word_embeddings=False, text_ffn=False``). The LM head (``Qformer.cls``) is :func:`lavis_lm_head_to_ours`.
+    Q-Former with ``word_embeddings=False, text_ffn=False``). The LM head (``Qformer.cls``):
+    :func:`lavis_lm_head_to_ours`.
     """
     out, used = bert_to_ours(sd, "Qformer.bert.", dst + "transformer.")
     if "query_tokens" in sd:

@@ -40,7 +40,7 @@ from ..models.qformer import QFormerConfig
 from ..nn.transformer import TextConfig
 from ..nn.vit import VisionConfig
 from .blip2 import (LAVIS_ALWAYS_UNUSED, hf_qformer_config, hf_qformer_to_ours, hf_vision_config, hf_vision_to_ours,
-                    lavis_lm_head_to_ours, lavis_qformer_to_ours, lavis_vision_to_ours, ours_to_hf_qformer,
+                    lavis_lm_head_to_ours, lavis_qformer_to_ours, lavis_vision_to_ours, ours_to_bert, ours_to_hf_qformer,
                     ours_to_hf_vision, to_hf_qformer_config, to_hf_vision_config, vision_file_to_ours)
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,8 @@ def load_lavis_stage1(sd: StateDict, source: str, arch: str | None = None, task:
     :class:`Blip2Stage1Objective` (task "stage1"), in eval mode, with ``model.load_report``.
 
     vision_weights: the frozen ViT file (``eva_vit_g.pth`` / ``clip_vit_L.pth``: a plain state dict, that dict, or a
-    ``blip.zoo`` name) for files without ``visual_encoder.*``; a file that carries its own ViT refuses a second one. overrides: config fields
+    ``blip.zoo`` name) for files without ``visual_encoder.*``; a file that carries its own ViT refuses a second one.
+    overrides: config fields
     (``freeze_vit``, ``vit_dtype``...).
     """
     if task not in (None, *QFORMER_TASKS):
@@ -195,6 +196,34 @@ def _as_task(model: Blip2Qformer, task: str | None) -> nn.Module:
         from ..models.blip2_stage1 import Blip2Stage1Objective
         return Blip2Stage1Objective(model).eval()
     return model.eval()
+
+
+def export_lavis(model: Blip2Qformer, trainable_only: bool = False) -> StateDict:
+    """Our Blip2Qformer -> a LAVIS ``Blip2Qformer`` state dict (``torch.save({"model": sd}, path)`` gives a file
+    LAVIS's ``load_from_pretrained`` and :func:`blip.load` read). EVA ViTs only (LAVIS's CLIP ViT-L has other names).
+
+    trainable_only: leave out ``visual_encoder.*`` as LAVIS's runner does for a frozen ViT (``blip2_pretrained.pth``).
+    The tied aliases (``Qformer.cls.predictions.decoder.*``) and the ``position_ids`` buffer are written as LAVIS does.
+    """
+    cfg = model.cfg
+    if cfg.vision.pre_norm or cfg.vision.qkv_bias != "qv":
+        raise CheckpointError("export_lavis writes EVA ViTs; this model has a CLIP-style ViT")
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    out: StateDict = {}
+    if not trainable_only:
+        out.update({k[len("image_encoder."):]: v for k, v in sd.items() if k.startswith("image_encoder.visual_encoder.")})
+    out.update({k[len("image_encoder."):]: v for k, v in sd.items() if k.startswith("image_encoder.ln_vision.")})
+    out["query_tokens"] = sd["qformer.query_tokens"]
+    out.update(ours_to_bert(sd, "qformer.transformer.", "Qformer.bert."))
+    text = cfg.qformer.text
+    out["Qformer.bert.embeddings.position_ids"] = torch.arange(text.max_position_embeddings)[None]
+    head = "Qformer.cls.predictions."
+    for ours, lavis in (("lm_head.dense.", "transform.dense."), ("lm_head.norm.", "transform.LayerNorm.")):
+        out.update({head + lavis + k[len(ours):]: v for k, v in sd.items() if k.startswith(ours)})
+    out[head + "bias"] = out[head + "decoder.bias"] = sd["lm_head.bias"]
+    out[head + "decoder.weight"] = out["Qformer.bert.embeddings.word_embeddings.weight"]
+    out.update({k: v for k, v in sd.items() if k.startswith(LAVIS_HEADS) or k == "temp"})
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -155,8 +155,10 @@ class Blip2Qformer(nn.Module):
 
     # ---- retrieval heads -----------------------------------------------------------------------------------
     def itc_similarity(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Cosine similarity [B_img, B_txt], max over queries, no temperature (HF ``use_image_text_matching_head=False``)."""
-        return query_similarity(self.encode_image(pixel_values).embeds, self.encode_text(input_ids, attention_mask).embeds)
+        """Cosine similarity [B_img, B_txt], max over queries, no temperature (HF ITC: ``use_image_text_matching_head
+        =False``)."""
+        image = self.encode_image(pixel_values).embeds
+        return query_similarity(image, self.encode_text(input_ids, attention_mask).embeds)
 
     def itm_logits(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Matching logits [B, 2] of the pairs (image b, text b), averaged over the query outputs."""
