@@ -64,8 +64,8 @@ def itc_loss(sim_i2t: Tensor, sim_t2i: Tensor, targets_i2t: Tensor | None = None
         if targets is None:
             targets = torch.arange(sim.shape[0], device=sim.device)
         if targets.is_floating_point():
-            targets = targets.to(sim.dtype)
-        return F.cross_entropy(sim, targets, label_smoothing=label_smoothing)
+            targets = targets.float()
+        return F.cross_entropy(sim.float(), targets, label_smoothing=label_smoothing)   # fp32 under autocast too
 
     return (one(sim_i2t, targets_i2t) + one(sim_t2i, targets_t2i)) / 2
 
@@ -123,7 +123,7 @@ def itm_loss(logits: Tensor, num_positive: int) -> Tensor:
     """2-way matching loss. logits: [P + M, 2] with the P positive pairs first, then the M negative pairs."""
     labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     labels[:num_positive] = 1
-    return F.cross_entropy(logits, labels)
+    return F.cross_entropy(logits.float(), labels)
 
 
 # ---------------------------------------------------------------------------------------------------------------
