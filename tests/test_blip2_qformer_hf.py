@@ -90,3 +90,10 @@ def test_export_loads_in_transformers_with_same_scores(inputs, tmp_path):
     back = blip.load(tmp_path)
     with torch.no_grad():
         assert (back.itm_logits(px56, ids, am) - hf_itm).abs().max() <= 1e-4
+
+
+def test_own_format_keeps_the_missing_lm_head_marked(hf_model, tmp_path):
+    from blip.convert.blip2_stage1 import save_safetensors
+    hf_model.save_pretrained(tmp_path / "hf")
+    save_safetensors(blip.load(tmp_path / "hf"), tmp_path / "ours.safetensors")
+    assert not blip.load(tmp_path / "ours.safetensors").has_lm_head

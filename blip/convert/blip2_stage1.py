@@ -147,7 +147,7 @@ def save_safetensors(model: Blip2Qformer, path: str | Path) -> Path:
     """Our layout as ``.safetensors`` with the exact config in its metadata (``blip.load(path)`` rebuilds it)."""
     from safetensors.torch import save_file
     meta = {"format": "pt", "blip_family": "blip2", "blip_task": "qformer",
-            "blip_config": json.dumps(dataclasses.asdict(model.cfg))}
+            "blip_config": json.dumps(dataclasses.asdict(model.cfg)), "blip_has_lm_head": str(model.has_lm_head)}
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
     return Path(path)
 
@@ -159,13 +159,13 @@ def config_from_dict(d: dict) -> Blip2QformerConfig:
                               qformer=QFormerConfig(TextConfig(**q["text"]), q["num_query_tokens"]), **d)
 
 
-def _saved_config(source: str) -> dict | None:
+def _saved_metadata(source: str) -> dict:
     if not str(source).endswith(".safetensors") or not Path(source).is_file():
-        return None
+        return {}
     from safetensors import safe_open
     with safe_open(str(source), "pt") as f:
         meta = f.metadata() or {}
-    return json.loads(meta["blip_config"]) if meta.get("blip_family") == "blip2" and "blip_config" in meta else None
+    return meta if meta.get("blip_family") == "blip2" else {}
 
 
 def load_ours(sd: StateDict, source: str, arch: str | None = None, task: str | None = None, **overrides) -> nn.Module:
@@ -173,7 +173,8 @@ def load_ours(sd: StateDict, source: str, arch: str | None = None, task: str | N
     guessed from the widths). Training checkpoints of the objective (keys under ``model.``) are accepted."""
     if "model.qformer.query_tokens" in sd:
         sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
-    saved = _saved_config(source)
+    meta = _saved_metadata(source)
+    saved = json.loads(meta["blip_config"]) if "blip_config" in meta else None
     if arch is not None or saved is None:
         key = (sd["qformer.query_tokens"].shape[-1], sd["image_encoder.ln_vision.weight"].shape[0])
         if arch is None and key not in ARCH_BY_WIDTH:
@@ -182,6 +183,7 @@ def load_ours(sd: StateDict, source: str, arch: str | None = None, task: str | N
     else:
         cfg = dataclasses.replace(config_from_dict(saved), **overrides)
     model = Blip2Qformer(cfg)
+    model.has_lm_head = meta.get("blip_has_lm_head", "True") == "True"
     report = load_into(model, sd, source)
     report.origins.update({p: source for p in ("image_encoder", "qformer", "lm_head", "vision_proj", "text_proj",
                                                "itm_head", "temp")})

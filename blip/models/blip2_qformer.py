@@ -119,6 +119,7 @@ class Blip2Qformer(nn.Module):
         return self.qformer(vit_embeds, cache=cache)
 
     def encode_image(self, pixel_values: Tensor) -> ImageEmbeddings:
+        """[B, 3, H, W] -> the Q normalized query embeddings ITC compares (+ pooled, query outputs, ViT features)."""
         vit = self.image_features(pixel_values)
         query = self.query_output(vit)
         embeds = F.normalize(self.vision_proj(query), dim=-1)
