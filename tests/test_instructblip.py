@@ -175,3 +175,24 @@ def test_string_api_feeds_the_instruction_to_the_qformer():
     inputs = model._encode_prompts(["Question: what is it? Short answer:"])
     assert inputs["qformer_input_ids"][0, 0].item() == 101  # [CLS] ... [SEP], BERT ids for the Q-Former
     assert len(model.answer(images(1, size=56), "what is it?", max_new_tokens=3)) == 1
+
+
+def test_instruction_tuning_objective():
+    from blip.models.blip2_llm_objective import Blip2Stage2Objective
+    opt_dir = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "lavis" / "blip2_opt" / "opt_llm"
+    model = blip.create_model("blip2_tiny_opt", "instruct", tokenizer=opt_dir).train()
+    objective = Blip2Stage2Objective(model)
+    # fixture GPT2 BPE: bos 2; "a photo of" 68 279 75 401 82 276 73; "two" (no leading space) 404, " red" 416,
+    # " cars" 350 86, "\n" 202, pad 1. The loss covers the output part only.
+    batch = objective.causal_pair_batch(["a photo of", "a photo of"], ["two red cars", "two"])
+    head = [2, 68, 279, 75, 401, 82, 276, 73]
+    assert batch["input_ids"].tolist() == [head + [404, 416, 350, 86, 202], head + [404, 202, 1, 1, 1]]
+    assert batch["labels"].tolist() == [[-100] * 8 + [404, 416, 350, 86, 202], [-100] * 8 + [404, 202] + [-100] * 3]
+    loss = objective({"pixel_values": images(2, size=56), "text_input": ["what is it?", "where is it?"],
+                      "text_output": ["a dog", "a park"]})["loss"]
+    loss.backward()
+    word = model.qformer.transformer.embeddings.word.weight
+    assert word.grad is not None and word.grad[2054].abs().sum() > 0  # "what" reached the Q-Former
+    assert all(p.grad is None for p in model.llm.parameters())
+    with pytest.raises(ValueError, match="text_input"):
+        objective({"pixel_values": images(2, size=56), "text": ["a dog", "a park"]})

@@ -143,7 +143,10 @@ class Blip2LanguageModel(LanguageInterface, nn.Module):
         if isinstance(eos, int):
             return eos
         if isinstance(eos, str) and self.has_tokenizer():
-            return self.tokenizer(eos, add_special_tokens=False).input_ids[0]
+            ids = self.tokenizer(eos, add_special_tokens=False).input_ids
+            if not ids:
+                raise ValueError(f"the LLM tokenizer has no token for the eos text {eos!r}")
+            return ids[0]  # as LAVIS: the first token of "\n"
         gen = getattr(self.llm, "generation_config", None)
         eos_id = getattr(gen, "eos_token_id", None) if gen is not None else None
         eos_id = eos_id if eos_id is not None else self.llm.config.eos_token_id

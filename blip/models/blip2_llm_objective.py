@@ -9,6 +9,9 @@
   from 1 .. max(1, n // 2); the prefix (+ ``</s>``) goes to the encoder after the queries, the rest (+ ``</s>``) is the
   decoder target. LAVIS never implemented the split; with ``text_input``/``text_output`` in the batch the LAVIS
   behaviour (encoder reads text_input, decoder predicts text_output) is used instead.
+- instruction tuning / VQA (``text_input`` + ``text_output``; InstructBLIP always): decoder-only LLMs read bos +
+  text_input + text_output + eos text with the loss on the output part only (LAVIS ``concat_text_input_output``);
+  InstructBLIP's Q-Former also reads text_input (BERT ids).
 """
 from __future__ import annotations
 
@@ -20,8 +23,9 @@ from ..losses import lm_loss
 
 
 class Blip2Stage2Objective(nn.Module):
-    """forward(batch) -> {"loss"}. batch: "pixel_values" [B, 3, H, W], "text" list[str] (captions), optional
-    "text_input"/"text_output" (FlanT5, LAVIS mode). Gradients reach ln_vision, the Q-Former and ``llm_proj`` only."""
+    """forward(batch) -> {"loss", "loss_lm"}. batch: "pixel_values" [B, 3, H, W], "text" list[str] (captions), or
+    "text_input"/"text_output" (LAVIS FlanT5 mode, VQA / instruction tuning, InstructBLIP). Gradients reach
+    ln_vision, the Q-Former and ``llm_proj`` only."""
 
     def __init__(self, model: nn.Module, prompt: str = "", max_txt_len: int = 32,
                  generator: torch.Generator | None = None):
@@ -60,6 +64,28 @@ class Blip2Stage2Objective(nn.Module):
         labels = tok.input_ids.masked_fill(tok.attention_mask == 0, -100)
         labels[:, :max(self.prompt_length(), 1)] = -100
         return {"input_ids": tok.input_ids, "attention_mask": tok.attention_mask, "labels": labels}
+
+    def causal_pair_batch(self, inputs: list[str], outputs: list[str]) -> dict[str, Tensor]:
+        """Instruction tuning / VQA (LAVIS ``concat_text_input_output``): bos + text_input, then text_output + eos
+        text; the loss covers only the output part. Right padded."""
+        tok, eos = self.tokenizer, self.eos_text()
+        rows, starts = [], []
+        for inp, out in zip(inputs, outputs):
+            head = tok(inp, truncation=True, max_length=self.max_txt_len).input_ids
+            tail = tok(out + eos, add_special_tokens=False, truncation=True, max_length=self.max_txt_len).input_ids
+            rows.append(head + tail)
+            starts.append(len(head))
+        padded = self._pad(rows, "input_ids", "attention_mask")
+        labels = padded["input_ids"].masked_fill(padded["attention_mask"] == 0, -100)
+        for i, start in enumerate(starts):
+            labels[i, :start] = -100
+        return {**padded, "labels": labels}
+
+    def qformer_batch(self, instructions: list[str]) -> dict[str, Tensor]:
+        """InstructBLIP: the instruction as Q-Former BERT ids ([CLS] ... [SEP], truncated on the left as LAVIS)."""
+        q = self.model.qformer_tokenizer(instructions, padding="longest", truncation=True,
+                                         max_length=self.max_txt_len, return_tensors="pt")
+        return {"qformer_input_ids": q.input_ids, "qformer_attention_mask": q.attention_mask}
 
     # ---- encoder-decoder ---------------------------------------------------------------------------------------
     def split_point(self, n: int) -> int:
@@ -105,19 +131,24 @@ class Blip2Stage2Objective(nn.Module):
 
     # ---- loss ---------------------------------------------------------------------------------------------------
     def forward(self, batch: dict) -> dict[str, Tensor]:
+        """batch: "pixel_values" and "text" (captions), or "text_input" + "text_output" (instruction / question and
+        target; InstructBLIP models also read "text_input" with the Q-Former)."""
         pixels = batch["pixel_values"]
-        device = pixels.device
+        pair = "text_output" in batch
+        inputs = batch.get("text_input", batch.get("text")) if pair else None
+        if self.model.instruct and not pair:
+            raise ValueError("InstructBLIP training needs text_input (the instruction) and text_output")
         if self.model.is_seq2seq:
-            if "text_output" in batch:
-                t = self.text_pair_batch(batch.get("text_input", batch.get("text")), batch["text_output"])
-            else:
-                t = self.prefix_lm_batch(batch["text"])
-            t = {k: v.to(device) for k, v in t.items()}
-            logits = self.model(pixels, t["input_ids"], t["attention_mask"], decoder_input_ids=t["decoder_input_ids"],
-                                decoder_attention_mask=t["decoder_attention_mask"]).logits
-            loss = F.cross_entropy(logits.float().flatten(0, 1), t["labels"].flatten(), ignore_index=-100)
+            t = self.text_pair_batch(inputs, batch["text_output"]) if pair else self.prefix_lm_batch(batch["text"])
         else:
-            t = {k: v.to(device) for k, v in self.causal_batch(batch["text"]).items()}
-            logits = self.model(pixels, t["input_ids"], t["attention_mask"]).logits
-            loss = lm_loss(logits, t["labels"])
+            t = self.causal_pair_batch(inputs, batch["text_output"]) if pair else self.causal_batch(batch["text"])
+        if self.model.instruct:
+            t.update(self.qformer_batch(inputs))
+        t = {k: v.to(pixels.device) for k, v in t.items()}
+        labels = t.pop("labels")
+        logits = self.model(pixels, **t).logits
+        if self.model.is_seq2seq:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        else:
+            loss = lm_loss(logits, labels)
         return {"loss": loss, "loss_lm": loss.detach()}
