@@ -97,3 +97,25 @@ def test_own_format_keeps_the_missing_lm_head_marked(hf_model, tmp_path):
     hf_model.save_pretrained(tmp_path / "hf")
     save_safetensors(blip.load(tmp_path / "hf"), tmp_path / "ours.safetensors")
     assert not blip.load(tmp_path / "ours.safetensors").has_lm_head
+
+
+def test_real_size_keys_and_shapes_match_hf_blip2_itm_vit_g():
+    """blip2_vitg_qformer <-> HF Blip2ForImageTextRetrieval at the real sizes (blip2-itm-vit-g config), on the meta
+    device: every HF tensor is produced with its shape, and every one of ours is consumed."""
+    from blip.convert.blip2 import hf_qformer_to_ours, hf_vision_to_ours
+    from blip.convert.blip2_stage1 import to_hf_state_dict
+    with torch.device("meta"):
+        ours = create("blip2_vitg_qformer", "qformer")
+        hf = Blip2ForImageTextRetrieval(Blip2Config(qformer_config=dict(vocab_size=30523, use_qformer_text_input=True)))
+    hf_sd = {k: v for k, v in hf.state_dict().items() if not k.endswith("position_ids")}
+    converted = to_hf_state_dict(ours)
+    assert set(converted) == set(hf_sd)
+    assert all(converted[k].shape == hf_sd[k].shape for k in hf_sd)
+    assert sum(k.startswith("vision_model.encoder.layers.") and k.endswith("qkv.weight") for k in hf_sd) == 39
+    back, used = hf_vision_to_ours(hf_sd)
+    qf, qf_used = hf_qformer_to_ours(hf_sd)
+    back.update(qf)
+    ours_sd = ours.state_dict()
+    expected_missing = {k for k in ours_sd if k.startswith(("lm_head.", "temp", "vision_proj", "text_proj", "itm_head"))}
+    assert set(back) == set(ours_sd) - expected_missing
+    assert all(back[k].shape == ours_sd[k].shape for k in back)

@@ -184,3 +184,22 @@ def test_export_lavis_reproduces_the_lavis_files(trainable_only):
     assert set(exported) == set(original)
     for k, v in original.items():
         assert exported[k].shape == v.shape and torch.equal(exported[k].to(v.dtype), v), k
+
+
+def test_real_size_lavis_layout_round_trip():
+    """blip2_vitg_qformer <-> the LAVIS blip2_pretrained.pth layout (lavis-and-blip-facts §3.3), on the meta device."""
+    from blip.convert.blip2_stage1 import export_lavis, lavis_stage1_to_ours
+    with torch.device("meta"):
+        model = blip.create_model("blip2_vitg_qformer", "qformer")
+    lavis = export_lavis(model, trainable_only=True)
+    assert lavis["query_tokens"].shape == (1, 32, 768) and lavis["ln_vision.weight"].shape == (1408,)
+    assert lavis["Qformer.bert.embeddings.word_embeddings.weight"].shape == (30523, 768)
+    cross = {int(k.split(".")[4]) for k in lavis if ".crossattention." in k}
+    assert cross == {0, 2, 4, 6, 8, 10}
+    assert lavis["Qformer.bert.encoder.layer.0.crossattention.self.key.weight"].shape == (768, 1408)
+    assert not any(k.startswith("visual_encoder.") for k in lavis)
+    back, used = lavis_stage1_to_ours(lavis)
+    assert used == set(lavis)
+    own = model.state_dict()
+    assert set(back) == {k for k in own if not k.startswith("image_encoder.visual_encoder.")}
+    assert all(back[k].shape == own[k].shape for k in back)

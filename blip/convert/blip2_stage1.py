@@ -210,7 +210,7 @@ def export_lavis(model: Blip2Qformer, trainable_only: bool = False) -> StateDict
     cfg = model.cfg
     if cfg.vision.pre_norm or cfg.vision.qkv_bias != "qv":
         raise CheckpointError("export_lavis writes EVA ViTs; this model has a CLIP-style ViT")
-    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    sd = {k: v.detach() for k, v in model.state_dict().items()}   # on the model's device
     out: StateDict = {}
     if not trainable_only:
         out.update({k[len("image_encoder."):]: v for k, v in sd.items() if k.startswith("image_encoder.visual_encoder.")})
@@ -272,6 +272,16 @@ def load_hf_retrieval(directory: str | Path, llm=None, **overrides) -> Blip2Qfor
 HF_LOADERS = {"Blip2ForImageTextRetrieval": load_hf_retrieval}
 
 
+def to_hf_state_dict(model: Blip2Qformer) -> StateDict:
+    """Our weights under HF ``Blip2ForImageTextRetrieval`` names, float32 (no ``lm_head``, no ``temp``)."""
+    sd = {k: v.detach().float() for k, v in model.state_dict().items()}
+    out = ours_to_hf_vision(sd)
+    out.update(ours_to_hf_qformer(sd))
+    for src, dst in HF_HEADS.items():
+        out.update({src + k[len(dst):]: v for k, v in sd.items() if k.startswith(dst)})
+    return out
+
+
 def export_hf(model: Blip2Qformer, directory: str | Path) -> Path:
     """Write ``model`` as an HF ``Blip2ForImageTextRetrieval`` directory (config.json + model.safetensors, fp32).
 
@@ -288,11 +298,7 @@ def export_hf(model: Blip2Qformer, directory: str | Path) -> Path:
     hf = Blip2Config(vision_config=to_hf_vision_config(cfg.vision), qformer_config=to_hf_qformer_config(cfg.qformer),
                      num_query_tokens=model.num_queries, image_text_hidden_size=cfg.embed_dim)
     hf.architectures = ["Blip2ForImageTextRetrieval"]
-    sd = {k: v.detach().float() for k, v in model.state_dict().items()}
-    out = ours_to_hf_vision(sd)
-    out.update(ours_to_hf_qformer(sd))
-    for src, dst in HF_HEADS.items():
-        out.update({src + k[len(dst):]: v for k, v in sd.items() if k.startswith(dst)})
+    out = to_hf_state_dict(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(str(directory))
