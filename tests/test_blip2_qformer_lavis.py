@@ -203,3 +203,16 @@ def test_real_size_lavis_layout_round_trip():
     own = model.state_dict()
     assert set(back) == {k for k in own if not k.startswith("image_encoder.visual_encoder.")}
     assert all(back[k].shape == own[k].shape for k in back)
+
+
+def test_checkpoint_with_its_own_vit_decides_the_image_size(tmp_path):
+    """LAVIS fine-tuned files (e.g. COCO at 364 px) carry their ViT; its position grid sets the model's image size."""
+    from blip.checkpoints import read_state_dict
+    from blip.nn.vit import resize_pos_embed
+    sd = read_state_dict(DIR / "checkpoint.pth")
+    sd["visual_encoder.pos_embed"] = resize_pos_embed(sd["visual_encoder.pos_embed"], 25)   # 4x4 -> 5x5 patches
+    torch.save({"model": sd}, tmp_path / "finetuned.pth")
+    model = blip.load(tmp_path / "finetuned.pth")
+    assert model.cfg.vision.image_size == 70
+    with torch.no_grad():
+        assert model.image_features(torch.randn(1, 3, 70, 70)).shape == (1, 26, 48)
