@@ -231,7 +231,7 @@ def export_lavis(model: Blip2Qformer, trainable_only: bool = False) -> StateDict
 # ---------------------------------------------------------------------------------------------------------------
 # HF Blip2ForImageTextRetrieval
 
-def load_hf_retrieval(directory: str | Path, llm=None, **overrides) -> Blip2Qformer:
+def load_hf_retrieval(directory: str | Path, llm=None, vision_weights=None, **overrides) -> Blip2Qformer:
     """An HF ``Blip2ForImageTextRetrieval`` directory -> :class:`Blip2Qformer`.
 
     HF has no ITG head and no temperature: ``lm_head`` keeps its initialisation and ``generate`` / ``forward``
@@ -241,6 +241,9 @@ def load_hf_retrieval(directory: str | Path, llm=None, **overrides) -> Blip2Qfor
     """
     from transformers import AutoConfig
     directory = Path(directory)
+    if llm is not None or vision_weights is not None:
+        raise CheckpointError(f"{directory}: an HF Blip2ForImageTextRetrieval directory carries its ViT and has no LLM: "
+                              "drop llm= / vision_weights=")
     hf = AutoConfig.from_pretrained(str(directory), local_files_only=True)
     v, q = hf.vision_config.to_dict(), hf.qformer_config.to_dict()
     if not q.get("use_qformer_text_input", False):
