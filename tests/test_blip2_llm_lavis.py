@@ -23,7 +23,9 @@ def fixture(name):
 
 
 def load(name, llm_dir, file):
-    return blip.load(LAVIS / name / file, llm=LAVIS / name / llm_dir, vision_weights=EVA)
+    """checkpoint.pth carries the ViT; the trainable-only file needs the EVA file (both need the tokenizer dir)."""
+    vision = {} if file == "checkpoint.pth" else {"vision_weights": EVA}
+    return blip.load(LAVIS / name / file, llm=LAVIS / name / llm_dir, **vision)
 
 
 @pytest.fixture(scope="module", params=FILES)
@@ -137,6 +139,8 @@ def test_missing_parts_are_named():
         blip.load(LAVIS / "blip2_opt" / "checkpoint_trainable_only.pth", llm=LAVIS / "blip2_opt" / "opt_llm")
     with pytest.raises(CheckpointError, match="llm="):
         blip.load(LAVIS / "blip2_t5" / "checkpoint_trainable_only.pth", vision_weights=EVA)
+    with pytest.raises(CheckpointError, match="own visual_encoder"):
+        blip.load(LAVIS / "blip2_t5" / "checkpoint.pth", llm=LAVIS / "blip2_t5" / "t5_llm", vision_weights=EVA)
 
 
 def test_image_size_follows_a_fine_tuned_vit(tmp_path):

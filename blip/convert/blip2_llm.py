@@ -28,9 +28,9 @@ from torch import nn
 
 from ..checkpoints import CheckpointError, LoadReport, StateDict, load_into, ours_to_bert, read_state_dict
 from ..models import blip2_llm
-from .blip2 import (HF_QFORMER_EMB, LAVIS_ALWAYS_UNUSED, eva_vit_to_ours, hf_qformer_config, hf_qformer_to_ours,
-                    hf_vision_config, hf_vision_to_ours, lavis_qformer_to_ours, lavis_vision_to_ours, ours_to_hf_vision,
-                    to_hf_qformer_config, to_hf_vision_config, unused_eva_keys)
+from .blip2 import (HF_QFORMER_EMB, LAVIS_ALWAYS_UNUSED, hf_qformer_config, hf_qformer_to_ours, hf_vision_config,
+                    hf_vision_to_ours, lavis_qformer_to_ours, lavis_vision_to_ours, ours_to_hf_vision,
+                    to_hf_qformer_config, to_hf_vision_config, vision_file_to_ours)
 
 log = logging.getLogger(__name__)
 LLM_NAMES = ("opt", "t5", "llm")   # LAVIS prefixes: {name}_proj.*, {name}_model.*
@@ -85,6 +85,23 @@ def lavis_to_ours(sd: StateDict) -> tuple[StateDict, set[str]]:
     return out, used
 
 
+def _add_vision_file(out: StateDict, vision_weights, vision, source: str) -> str:
+    """Put the frozen ViT file (path, zoo name such as "blip2-eva-vit-g", or state dict) into ``out``; returns its name."""
+    if vision_weights is None:
+        raise CheckpointError(f"{source} has no visual_encoder.* weights (LAVIS saves only trainable parameters): "
+                              "pass vision_weights=<eva_vit_g.pth> (or the zoo name 'blip2-eva-vit-g')")
+    if isinstance(vision_weights, str) and not Path(vision_weights).exists():
+        from ..zoo import PRETRAINED, resolve
+        if vision_weights in PRETRAINED:
+            vision_weights = resolve(vision_weights)
+    sd = vision_weights if isinstance(vision_weights, dict) else read_state_dict(vision_weights)
+    try:
+        out.update(vision_file_to_ours(sd, depth=vision.depth, num_patches=vision.num_patches))
+    except CheckpointError as e:
+        raise CheckpointError(f"{vision_weights}: {e}") from e
+    return "<state dict>" if isinstance(vision_weights, dict) else str(vision_weights)
+
+
 def _tied_missing(model: nn.Module, sd: StateDict) -> list[str]:
     """Model keys absent from ``sd`` that alias (share storage with) a key present in it (tied LM heads)."""
     own = model.state_dict()
@@ -127,17 +144,11 @@ def load_original(sd: StateDict, source: str, arch: str | None = None, task: str
     out, used = lavis_to_ours(sd)
     origins = {"image_encoder.ln_vision": source, "qformer": source, "llm_proj": source,
                "llm": source if has_llm else str(llm), "image_encoder.visual_encoder": source}
-    if not any(k.startswith("image_encoder.visual_encoder.") for k in out):
-        if vision_weights is None:
-            raise CheckpointError(f"{source} has no visual_encoder.* weights (LAVIS saves only trainable parameters): "
-                                  "pass vision_weights=<eva_vit_g.pth>")
-        eva = read_state_dict(vision_weights)
-        vcfg = model.config.vision
-        ev, ev_used = eva_vit_to_ours(eva, depth=vcfg.depth, num_patches=vcfg.num_patches)
-        if unused_eva_keys(eva, ev_used):
-            raise CheckpointError(f"{vision_weights}: unexpected keys {unused_eva_keys(eva, ev_used)[:5]}")
-        out.update(ev)
-        origins["image_encoder.visual_encoder"] = str(vision_weights)
+    has_vit = any(k.startswith("image_encoder.visual_encoder.") for k in out)
+    if has_vit and vision_weights is not None:
+        raise CheckpointError(f"{source} carries its own visual_encoder weights (fine-tuned ViT); drop vision_weights=")
+    if not has_vit:
+        origins["image_encoder.visual_encoder"] = _add_vision_file(out, vision_weights, model.config.vision, source)
     stray = [k for k in sd if k not in used and not any(re.fullmatch(p, k) for p in LAVIS_ALWAYS_UNUSED)
              and not k.startswith("Qformer.cls.")]
     if stray:
