@@ -31,7 +31,7 @@ import json
 import logging
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -132,6 +132,18 @@ def _image_bytes(raw: dict, image: Image.Image) -> tuple[bytes, str]:
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=95)
     return buf.getvalue(), "jpg"
+
+
+def prefetch(pool: ThreadPoolExecutor, fn: Callable, items: list, depth: int) -> Iterator:
+    """``map(fn, items)`` in order, computed by ``pool`` at most ``depth`` items ahead of the consumer (so decoding
+    overlaps the model's work without holding a whole chunk of decoded images)."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) > depth:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 class CapFilt:
@@ -257,6 +269,22 @@ class CapFilt:
         if chunk:
             yield chunk
 
+    def _batches(self, prepared: Iterator[dict | str], skips: SkipCounter, bar=None) -> Iterator[list[dict]]:
+        """Decoded items in batches of ``batch_size``; undecodable images are counted and dropped."""
+        batch: list[dict] = []
+        for item in prepared:
+            if isinstance(item, str):
+                skips.add("bad_image", item)
+                if bar is not None:
+                    bar.update(1)
+                continue
+            batch.append(item)
+            if len(batch) == self.cfg.batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
     def run_unit(self, source: CapFiltInput, unit: int, out: Path, pool: ThreadPoolExecutor, bar=None,
                  on_batch: Callable[[int, int, int], None] | None = None) -> None:
         """Process the chunks of ``unit`` not yet committed, then mark the unit done."""
@@ -274,23 +302,14 @@ class CapFilt:
                 continue
             skips = SkipCounter()
             skips.counts.update(read_skips)
-            items = []
-            for raw, prepared in zip(raws, pool.map(self._prepare, raws)):
-                if isinstance(prepared, str):
-                    skips.add("bad_image", prepared)
-                else:
-                    items.append(prepared)
             records = []
-            for b in range(0, len(items), self.cfg.batch_size):
-                batch_index = b // self.cfg.batch_size
-                records += self.process_batch(items[b:b + self.cfg.batch_size],
-                                              batch_seed(self.cfg.seed, unit, chunk_index, batch_index))
+            prepared = prefetch(pool, self._prepare, raws, depth=2 * self.cfg.batch_size)
+            for index, batch in enumerate(self._batches(prepared, skips, bar)):
+                records += self.process_batch(batch, batch_seed(self.cfg.seed, unit, chunk_index, index))
                 if bar is not None:
-                    bar.update(len(items[b:b + self.cfg.batch_size]))
+                    bar.update(len(batch))
                 if on_batch is not None:
-                    on_batch(unit, chunk_index, batch_index)
-            if bar is not None:
-                bar.update(len(raws) - len(items))
+                    on_batch(unit, chunk_index, index)
             self._write_chunk(out, unit, chunk_index, records, dict(skips.counts), len(raws))
         _atomic_write(done, json.dumps({"unit": unit, "num_chunks": num_chunks,
                                         "skipped_after_last_chunk": source_skips.take()}).encode())
