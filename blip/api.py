@@ -63,6 +63,8 @@ def load(source: str | Path, *, arch: str | None = None, task: str | None = None
             entry = PRETRAINED[source]
             path = resolve(source)
             arch, task = arch or entry.arch, task or entry.task
+            if entry.arch.startswith("blip_"):  # BLIP releases differ in resolution (caption 384, VQA 480)
+                kwargs.setdefault("image_size", entry.image_size)
     if path.is_dir():
         config_file = path / "config.json"
         if not config_file.exists():
