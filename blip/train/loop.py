@@ -55,6 +55,7 @@ class Trainer:
         self.state = TrainState()
         self.history: list[dict] = []  # logged metrics (every `log_every` steps)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self._saved_step: int | None = None
 
     # ---- checkpoint state --------------------------------------------------------------------------------
     def _model_and_optim_state(self) -> tuple[dict, dict]:
@@ -92,6 +93,7 @@ class Trainer:
         if self.checkpoint_dir is None:
             return None
         state = self.state_dict()
+        self._saved_step = self.state.step
         return save_checkpoint(self.checkpoint_dir, self.state.step, state, self.info, keep_last=self.keep_last)
 
     def resume(self, path: str | Path | None = None) -> bool:
@@ -180,9 +182,8 @@ class Trainer:
             if self.state.batch >= per_epoch:
                 self.state.epoch += 1
                 self.state.batch = 0
-        if self.checkpoint_dir is not None and not list_checkpoints(self.checkpoint_dir)[-1:] == [
-                Path(self.checkpoint_dir) / f"step_{self.state.step:08d}"]:
-            self.save()
+        if self.checkpoint_dir is not None and self._saved_step != self.state.step:
+            self.save()  # the final state, unless the periodic save just wrote it
         return self.history
 
     def _log(self, sums: dict, steps: int, samples: int, seconds: float, lr: float, grad_norm: float | None) -> None:
