@@ -223,3 +223,15 @@ def test_image_never_reaches_the_llm_without_queries():
         model(pixels(1), torch.tensor([[2, 5]]), qformer_input_ids=torch.tensor([[101, 102]]))
     out = model(pixels(1), torch.tensor([[2, 5]]))
     assert out.query_embeds.shape == (1, 8, 48)
+
+
+@pytest.mark.parametrize("arch,start", [("blip2_tiny_opt", 2), ("blip2_tiny_t5", 1), ("blip2_tiny_llama", 1)])
+def test_default_prompt_and_seeded_sampling(arch, start):
+    """No prompt = the bos (T5 has none: its "" tokenizes to </s>, as LAVIS's empty prompt); sampling is seeded."""
+    model = tiny(arch, 6)
+    px = pixels(2, 1)
+    assert torch.equal(model.generate(px, max_new_tokens=4), model.generate(px, torch.full((2, 1), start),
+                                                                             max_new_tokens=4))
+    runs = [model.generate(px, max_new_tokens=5, do_sample=True, top_p=0.9, temperature=0.7,
+                           generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])

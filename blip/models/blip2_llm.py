@@ -154,14 +154,15 @@ class Blip2LanguageModel(LanguageInterface, nn.Module):
 
     @property
     def pad_token_id(self) -> int:
-        pad = self.llm.config.pad_token_id
+        pad = getattr(self.llm.config, "pad_token_id", None)
         return pad if pad is not None else (self.eos_token_id or 0)
 
     @property
     def start_token_id(self) -> int:
         """Default prompt when none is given: the LLM's bos (T5: ``</s>``, what LAVIS's empty prompt tokenizes to)."""
         cfg = self.llm.config
-        return cfg.bos_token_id if cfg.bos_token_id is not None else cfg.eos_token_id
+        bos = getattr(cfg, "bos_token_id", None)  # T5 configs have none
+        return bos if bos is not None else cfg.eos_token_id
 
     # ---- tensor API ------------------------------------------------------------------------------------------
     def query_embeds(self, pixel_values: Tensor, qformer_input_ids: Tensor | None = None,
