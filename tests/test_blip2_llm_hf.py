@@ -105,8 +105,8 @@ def test_t5_logits(t5_pair):
     hf, ours = t5_pair
     px, mask = images(), (T5_IDS != 0).long()
     with torch.no_grad():
-        ref = hf(pixel_values=px, input_ids=expand(T5_IDS), attention_mask=torch.cat([torch.ones(2, NQ, dtype=torch.long),
-                 mask], 1), labels=T5_LABELS).logits
+        full_mask = torch.cat([torch.ones(2, NQ, dtype=torch.long), mask], 1)
+        ref = hf(pixel_values=px, input_ids=expand(T5_IDS), attention_mask=full_mask, labels=T5_LABELS).logits
         dec = hf.language_model._shift_right(T5_LABELS)
         got = ours(px, T5_IDS, mask, decoder_input_ids=dec).logits
     assert (got - ref).abs().max() < 1e-4
@@ -147,7 +147,8 @@ def test_opt_batched_prompts_of_different_lengths(opt_pair):
 
 @pytest.mark.parametrize("arch,token", [("blip2_tiny_opt", 511), ("blip2_tiny_t5", 415), ("blip2_tiny_llama", 511)])
 def test_export_hf_round_trip(tmp_path, arch, token):
-    """blip -> HF directory: transformers' own Blip2ForConditionalGeneration reproduces our ids; blip.load reads it back."""
+    """blip -> HF directory: transformers' own Blip2ForConditionalGeneration reproduces our ids; blip.load reads it
+    back."""
     from blip.convert.blip2_llm import export_hf
     from blip.models.blip2_llm import create
 

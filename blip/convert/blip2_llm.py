@@ -31,6 +31,7 @@ from ..models import blip2_llm
 from .blip2 import (HF_QFORMER_EMB, LAVIS_ALWAYS_UNUSED, hf_qformer_config, hf_qformer_to_ours, hf_vision_config,
                     hf_vision_to_ours, lavis_qformer_to_ours, lavis_vision_to_ours, ours_to_hf_vision,
                     to_hf_qformer_config, to_hf_vision_config, vision_file_to_ours)
+from .blip2_stage1 import describe  # noqa: F401  (one line per part: where its weights came from)
 
 log = logging.getLogger(__name__)
 LLM_NAMES = ("opt", "t5", "llm")   # LAVIS prefixes: {name}_proj.*, {name}_model.*
@@ -66,7 +67,8 @@ def guess_arch(sd: StateDict) -> tuple[str, str]:
              ("t5", 2048): "instructblip_flant5xl" if instruct else "blip2_vitg_flant5xl",
              ("t5", 4096): "blip2_vitg_flant5xxl", ("llm", 4096): "instructblip_vicuna7b"}
     if (name, out) not in table:
-        raise CheckpointError(f"cannot tell the architecture of this {name} checkpoint (projection to {out}); pass arch=")
+        raise CheckpointError(f"cannot tell the architecture of this {name} checkpoint (projection to {out}): "
+                              "pass arch=")
     return table[name, out], task
 
 
@@ -86,7 +88,8 @@ def lavis_to_ours(sd: StateDict) -> tuple[StateDict, set[str]]:
 
 
 def _add_vision_file(out: StateDict, vision_weights, vision, source: str) -> str:
-    """Put the frozen ViT file (path, zoo name such as "blip2-eva-vit-g", or state dict) into ``out``; returns its name."""
+    """Put the frozen ViT file (path, zoo name such as "blip2-eva-vit-g", or state dict) into ``out``; returns its
+    name."""
     if vision_weights is None:
         raise CheckpointError(f"{source} has no visual_encoder.* weights (LAVIS saves only trainable parameters): "
                               "pass vision_weights=<eva_vit_g.pth> (or the zoo name 'blip2-eva-vit-g')")
@@ -109,7 +112,8 @@ def _tied_missing(model: nn.Module, sd: StateDict) -> list[str]:
     return [re.escape(k) for k in own if k not in sd and own[k].data_ptr() in present]
 
 
-def _finish_load(model: nn.Module, sd: StateDict, source: str, origins: dict[str, str], unused: list[str]) -> LoadReport:
+def _finish_load(model: nn.Module, sd: StateDict, source: str, origins: dict[str, str],
+                 unused: list[str]) -> LoadReport:
     """Load with the LLM/vision parts that are not in ``sd`` declared as coming from elsewhere (``origins``)."""
     missing = [re.escape(prefix) + r"\..*" for prefix, where in origins.items() if where != source]
     report = load_into(model, sd, source, expected_missing=missing + _tied_missing(model, sd), expected_unused=unused)
@@ -283,7 +287,3 @@ def init_from_stage1(model: nn.Module, path: str | Path) -> LoadReport:
     model.stage1_report = report
     return report
 
-
-def describe(report: LoadReport) -> str:
-    """One line per part: where its weights came from."""
-    return "\n".join(f"{part}: {where}" for part, where in sorted(report.origins.items()))

@@ -184,7 +184,8 @@ class Blip2LanguageModel(LanguageInterface, nn.Module):
 
     def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None, *,
                 decoder_input_ids: Tensor | None = None, decoder_attention_mask: Tensor | None = None,
-                qformer_input_ids: Tensor | None = None, qformer_attention_mask: Tensor | None = None) -> Blip2LLMOutput:
+                qformer_input_ids: Tensor | None = None,
+                qformer_attention_mask: Tensor | None = None) -> Blip2LLMOutput:
         """pixel_values [B, 3, H, W]; input_ids/attention_mask [B, T] (LLM ids, no placeholders).
 
         Decoder-only: logits [B, T, V] for the T text positions (queries dropped).
@@ -245,7 +246,8 @@ class Blip2LanguageModel(LanguageInterface, nn.Module):
 
 
 class InstructBlipLanguageModel(Blip2LanguageModel):
-    """InstructBLIP: the instruction (Q-Former BERT ids ``qformer_input_ids``) is read by the Q-Former with the queries."""
+    """InstructBLIP: the instruction (Q-Former BERT ids ``qformer_input_ids``) is read by the Q-Former with the
+    queries."""
 
     instruct = True
 
