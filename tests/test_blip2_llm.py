@@ -235,3 +235,11 @@ def test_default_prompt_and_seeded_sampling(arch, start):
     runs = [model.generate(px, max_new_tokens=5, do_sample=True, top_p=0.9, temperature=0.7,
                            generator=torch.Generator().manual_seed(3)) for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
+
+
+def test_llm_train_mode_option():
+    """Default: the frozen LLM stays in eval (no dropout); llm_train_mode=True follows LAVIS (dropout while training)."""
+    lavis_like = create("blip2_tiny_opt", "stage2", llm_train_mode=True).train()
+    assert lavis_like.llm.training and not lavis_like.image_encoder.visual_encoder.training
+    assert not lavis_like.eval().llm.training
+    assert not create("blip2_tiny_opt", "stage2").train().llm.training

@@ -47,6 +47,7 @@ class Blip2LLMConfig:
     ln_vision_eps: float = 1e-5           # LAVIS 1e-5; HF post_layernorm uses the vision layer_norm_eps
     frozen_dtype: str | torch.dtype | None = None  # storage dtype of the frozen ViT + LLM ("bf16", "fp16"); None: fp32
     image_token_id: int | None = None     # HF placeholder id, rejected in input_ids (queries are prepended inside)
+    llm_train_mode: bool = False          # True: the frozen LLM follows model.train() (dropout on), as in LAVIS
 
 
 def _tiny_vision() -> VisionConfig:
@@ -131,9 +132,10 @@ class Blip2LanguageModel(LanguageInterface, nn.Module):
         return self.llm.get_input_embeddings().weight.dtype
 
     def train(self, mode: bool = True) -> "Blip2LanguageModel":
-        """The frozen LLM stays in eval mode (no dropout), as does the frozen ViT (FrozenImageEncoder), as in LAVIS."""
+        """The frozen ViT stays in eval mode (FrozenImageEncoder, as LAVIS). The frozen LLM too unless
+        ``config.llm_train_mode``: LAVIS leaves its LLM in train mode, so the LLM's dropout is active in training."""
         super().train(mode)
-        self.llm.eval()
+        self.llm.train(mode and self.config.llm_train_mode)
         return self
 
     @property

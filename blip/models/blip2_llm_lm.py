@@ -82,8 +82,10 @@ def causal_logits(llm: nn.Module, prefix: Tensor, input_ids: Tensor, attention_m
     embeds = torch.cat([prefix, llm.get_input_embeddings()(input_ids)], dim=1)
     mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
     extra = {"position_ids": mask_positions(mask)} if _accepts(llm, "position_ids") else {}
+    if _accepts(llm, "logits_to_keep"):  # no vocabulary projection for the query positions
+        extra["logits_to_keep"] = input_ids.shape[1]
     out = llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False, **extra)
-    return out.logits[:, prefix.shape[1]:]
+    return out.logits[:, -input_ids.shape[1]:]
 
 
 def seq2seq_encode(llm: nn.Module, prefix: Tensor, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
