@@ -51,6 +51,8 @@ def test_opt_labels_hand_computed():
                                            prompt + [261, 339, 416, 350, 86, 202, 1]]
     assert batch["labels"].tolist() == [[-100] * 8 + [263, 414, 388, 305, 263, 390, 202],
                                         [-100] * 8 + [261, 339, 416, 350, 86, 202, -100]]
+    model.tokenizer.padding_side = "left"  # training batches are right padded whatever the tokenizer says
+    assert torch.equal(objective.causal_batch(["a dog sitting on a bench", "two red cars"])["labels"], batch["labels"])
     # no prompt: only the bos and the padding are excluded; "two" at the start of the text has no leading space:
     # vocab.json "two" = 404 (merge "t wo"), unlike " two" = "Ġt" "wo" = 261 339 above
     plain = Blip2Stage2Objective(model).causal_batch(["two red cars", "a photo of"])

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..losses import lm_loss
+from .blip2_llm_lm import align_padding
 
 
 class Blip2Stage2Objective(nn.Module):
@@ -59,11 +60,11 @@ class Blip2Stage2Objective(nn.Module):
         full = [self.prompt + t + self.eos_text() for t in texts]
         tok = self.tokenizer(full, padding="longest", truncation=True, max_length=self.max_txt_len,
                              return_tensors="pt")
-        if tok.attention_mask[:, 0].eq(0).any():
-            raise ValueError("the LLM tokenizer pads on the left; training batches need padding_side='right'")
-        labels = tok.input_ids.masked_fill(tok.attention_mask == 0, -100)
+        # right padding whatever the tokenizer's padding_side, so the prompt occupies the first positions
+        ids, mask = align_padding(tok.input_ids, tok.attention_mask, self.model.pad_token_id, "right")
+        labels = ids.masked_fill(mask == 0, -100)
         labels[:, :max(self.prompt_length(), 1)] = -100
-        return {"input_ids": tok.input_ids, "attention_mask": tok.attention_mask, "labels": labels}
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def causal_pair_batch(self, inputs: list[str], outputs: list[str]) -> dict[str, Tensor]:
         """Instruction tuning / VQA (LAVIS ``concat_text_input_output``): bos + text_input, then text_output + eos
