@@ -38,7 +38,7 @@ def texts(batches):
 
 
 def ids(batches):
-    return [i for b in batches for i in b["image_ids"].tolist()]
+    return [k for b in batches for k in b["key"]]
 
 
 def test_synthetic_shards_are_cached_and_captions_parse(shards, tmp_path_factory):

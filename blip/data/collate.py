@@ -9,8 +9,8 @@ import torch
 
 def collate_image_text(samples: Sequence[dict]) -> dict:
     """[{"pixel_values": [3,H,W], "text": str, "image_id": int}] → {"pixel_values": [B,3,H,W], "text": list[str],
-    "image_ids": LongTensor [B]}. Models tokenize the text themselves. Any other key (e.g. VQA "answers") becomes a
-    list over the batch."""
+    "image_ids": LongTensor [B]}. Models tokenize the text themselves. Any other key (the sample "key", VQA
+    "answers") becomes a list over the batch."""
     batch = {
         "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
         "text": [s["text"] for s in samples],

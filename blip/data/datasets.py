@@ -90,7 +90,8 @@ def decode(raw: dict, transform: Callable | None, text_fn: Callable[[str], str],
         skips.add("empty_text", raw["key"])
         return None
     pixel_values = transform(image) if transform is not None else None
-    return {"pixel_values": pixel_values, "text": text, "image_id": raw["image_id"], **raw.get("extra", {})}
+    return {"pixel_values": pixel_values, "text": text, "image_id": raw["image_id"], "key": raw["key"],
+            **raw.get("extra", {})}
 
 
 def _identity(text: str) -> str:
@@ -98,7 +99,8 @@ def _identity(text: str) -> str:
 
 
 class ImageTextStream(IterableDataset):
-    """Batches `{"pixel_values", "text", "image_ids", "batch_index", "skipped"}` of one rank for one epoch."""
+    """Batches `{"pixel_values", "text", "image_ids", "key" (sample keys), "batch_index", "skipped"}` of one rank
+    for one epoch."""
 
     def __init__(self, sources: Sequence[Source], transform: Callable, *, batch_size: int, batches_per_epoch: int,
                  weights: Sequence[float] | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,

@@ -33,7 +33,18 @@ COLORS = {
 SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right", "center")
 ATTRIBUTES = ("size", "color", "shape", "position")
-FORMAT_VERSION = 1  # bump when rendering changes, so stale caches are not reused
+FORMAT_VERSION = 2  # bump when rendering or metadata change, so stale caches are not reused
+
+
+def scene_id(attrs: dict[str, str]) -> int:
+    """One id per attribute combination. It is the sample's `image_id`: images with the same description count as
+    the same image, so ITM never draws an identically described pair as a "negative" and ITC with id positives
+    treats them as matches (the real datasets' convention: same id = same content)."""
+    values = (SIZES, tuple(COLORS), SHAPES, POSITIONS)
+    index = 0
+    for name, options in zip(ATTRIBUTES, values):
+        index = index * len(options) + options.index(attrs[name])
+    return index
 
 
 def caption_for(attrs: dict[str, str]) -> str:
@@ -110,7 +121,7 @@ def _write_split(directory: Path, split: str, num: int, shard_size: int, image_s
                 buffer = io.BytesIO()
                 image.save(buffer, format="JPEG", quality=92)
                 key = f"{split_seed}{index:08d}"
-                meta = dict(attrs, image_id=int(key), caption=caption_for(attrs))
+                meta = dict(attrs, image_id=scene_id(attrs), caption=caption_for(attrs))
                 sink.write({"__key__": key, "jpg": buffer.getvalue(), "txt": caption_for(attrs),
                             "json": json.dumps(meta).encode()})
         names.append(name)
