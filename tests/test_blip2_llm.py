@@ -240,7 +240,8 @@ def test_default_prompt_and_seeded_sampling(arch, start):
 
 
 def test_llm_train_mode_option():
-    """Default: the frozen LLM stays in eval (no dropout); llm_train_mode=True follows LAVIS (dropout while training)."""
+    """Default: the frozen LLM stays in eval (no dropout); llm_train_mode=True follows LAVIS (dropout while
+    training)."""
     lavis_like = create("blip2_tiny_opt", "stage2", llm_train_mode=True).train()
     assert lavis_like.llm.training and not lavis_like.image_encoder.visual_encoder.training
     assert not lavis_like.eval().llm.training

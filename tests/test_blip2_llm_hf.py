@@ -164,3 +164,35 @@ def test_export_hf_round_trip(tmp_path, arch, token):
     assert torch.equal(got, ref if model.is_seq2seq else ref[:, nq:])
     back = blip.load(tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
+
+
+def test_real_size_keys_and_shapes_match_hf():
+    """blip2_vitg_opt2.7b / blip2_vitg_flant5xl / instructblip_vicuna7b <-> HF at the real sizes (hub configs: OPT-2.7b,
+    flan-t5-xl and Vicuna-7b text configs, default vision / Q-Former), on the meta device: every HF tensor maps onto
+    one of ours with its shape and every one of ours is covered."""
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration, LlamaConfig
+
+    from blip.convert.blip2_llm import hf_to_ours
+    from blip.models.blip2_llm import create
+
+    opt = OPTConfig(hidden_size=2560, num_hidden_layers=32, num_attention_heads=32, ffn_dim=10240, vocab_size=50304,
+                    word_embed_proj_dim=2560, max_position_embeddings=2048)
+    t5 = T5Config(d_model=2048, d_ff=5120, d_kv=64, num_heads=32, num_layers=24, vocab_size=32128,
+                  feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    vicuna = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         vocab_size=32001)
+    cases = [(Blip2ForConditionalGeneration, Blip2Config, opt, "blip2_vitg_opt2.7b", "stage2"),
+             (Blip2ForConditionalGeneration, Blip2Config, t5, "blip2_vitg_flant5xl", "stage2"),
+             (InstructBlipForConditionalGeneration, InstructBlipConfig, vicuna, "instructblip_vicuna7b", "instruct")]
+    for hf_cls, cfg_cls, text, arch, task in cases:
+        qformer = dict(vocab_size=30523) if task == "instruct" else {}  # the hub InstructBLIP Q-Former has [DEC]
+        with torch.device("meta"):
+            hf = hf_cls(cfg_cls(text_config=text.to_dict(), qformer_config=qformer, num_query_tokens=32))
+            ours = create(arch, task, llm=text.to_dict())
+        hf_sd = hf.state_dict()
+        out, used = hf_to_ours(hf_sd, instruct=task == "instruct")
+        assert used | {k for k in hf_sd if k.endswith("position_ids")} == set(hf_sd), arch
+        own = ours.state_dict()
+        assert set(out) == set(own), (arch, set(out) ^ set(own))
+        assert all(out[k].shape == own[k].shape for k in own), arch
+        assert own["qformer.query_tokens"].shape == (1, 32, 768)

@@ -152,3 +152,56 @@ def test_image_size_follows_a_fine_tuned_vit(tmp_path):
     model = blip.load(tmp_path / "finetuned.pth", llm=LAVIS / "blip2_opt" / "opt_llm")
     assert model.config.vision.image_size == 70
     assert torch.equal(model.image_encoder.visual_encoder.pos_embed, sd["visual_encoder.pos_embed"])
+
+
+def lavis_stage2_layout(proj: str, out_dim: int, instruct: bool = False) -> dict:
+    """The real-size LAVIS stage-2 / InstructBLIP file layout, written from lavis-and-blip-facts §3.4 (bert-base
+    Q-Former, 32 queries, EVA ViT-g width 1408, cross-attention in even layers), as meta tensors."""
+    def t(*shape):
+        return torch.empty(shape, device="meta")
+    sd = {"query_tokens": t(1, 32, 768), "ln_vision.weight": t(1408), "ln_vision.bias": t(1408),
+          "Qformer.bert.embeddings.LayerNorm.weight": t(768), "Qformer.bert.embeddings.LayerNorm.bias": t(768),
+          "Qformer.bert.embeddings.position_ids": t(1, 512), f"{proj}.weight": t(out_dim, 768),
+          f"{proj}.bias": t(out_dim)}
+    if instruct:
+        sd["Qformer.bert.embeddings.word_embeddings.weight"] = t(30523, 768)
+        sd["Qformer.bert.embeddings.position_embeddings.weight"] = t(512, 768)
+    for i in range(12):
+        p = f"Qformer.bert.encoder.layer.{i}."
+        linears = {"attention.self.query": (768, 768), "attention.self.key": (768, 768),
+                   "attention.self.value": (768, 768), "attention.output.dense": (768, 768),
+                   "intermediate_query.dense": (3072, 768), "output_query.dense": (768, 3072)}
+        norms = ["attention.output.LayerNorm", "output_query.LayerNorm"]
+        if i % 2 == 0:
+            linears.update({"crossattention.self.query": (768, 768), "crossattention.self.key": (768, 1408),
+                            "crossattention.self.value": (768, 1408), "crossattention.output.dense": (768, 768)})
+            norms.append("crossattention.output.LayerNorm")
+        if instruct:
+            linears.update({"intermediate.dense": (3072, 768), "output.dense": (768, 3072)})
+            norms.append("output.LayerNorm")
+        for name, shape in linears.items():
+            sd[p + name + ".weight"], sd[p + name + ".bias"] = t(*shape), t(shape[0])
+        for name in norms:
+            sd[p + name + ".weight"], sd[p + name + ".bias"] = t(768), t(768)
+    return sd
+
+
+@pytest.mark.parametrize("proj,dim,instruct,arch", [
+    ("opt_proj", 2560, False, "blip2_vitg_opt2.7b"), ("opt_proj", 4096, False, "blip2_vitg_opt6.7b"),
+    ("t5_proj", 2048, False, "blip2_vitg_flant5xl"), ("t5_proj", 2048, True, "instructblip_flant5xl"),
+    ("llm_proj", 4096, True, "instructblip_vicuna7b")])
+def test_real_size_lavis_layouts(proj, dim, instruct, arch):
+    from blip.convert.blip2_llm import guess_arch, lavis_to_ours
+    from blip.models.blip2_llm import create
+    sd = lavis_stage2_layout(proj, dim, instruct)
+    assert guess_arch(sd) == (arch, "instruct" if instruct else "stage2")
+    llm = (dict(model_type="t5", d_model=dim, num_layers=1, num_heads=2, d_kv=8, d_ff=16, vocab_size=8)
+           if proj == "t5_proj" else dict(model_type="llama", hidden_size=dim, num_hidden_layers=1,
+                                          num_attention_heads=2, intermediate_size=16, vocab_size=8))
+    with torch.device("meta"):
+        model = create(arch, "instruct" if instruct else "stage2", llm=llm)
+    out, used = lavis_to_ours(sd)
+    assert used == set(sd)
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(("llm.", "image_encoder.visual_encoder."))}
+    assert set(out) == set(own)
+    assert all(out[k].shape == own[k].shape for k in own)

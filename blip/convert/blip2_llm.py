@@ -164,28 +164,11 @@ def load_original(sd: StateDict, source: str, arch: str | None = None, task: str
 # ---------------------------------------------------------------------------------------------------------------
 # HF directories
 
-def _load_hf(directory: Path, instruct: bool, llm=None, **overrides) -> nn.Module:
-    from transformers import AutoConfig
-    directory = Path(directory)
-    hf = AutoConfig.from_pretrained(str(directory), local_files_only=True)
-    vision, qf = hf.vision_config.to_dict(), hf.qformer_config.to_dict()
-    has_tokenizer = any((directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
-    cfg = blip2_llm.Blip2LLMConfig(
-        vision=hf_vision_config(vision), qformer=hf_qformer_config(qf, hf.num_query_tokens, text=instruct),
-        llm=hf.text_config, ln_vision_eps=vision["layer_norm_eps"],
-        tokenizer=directory if has_tokenizer else None,
-        image_token_id=getattr(hf, "image_token_index", None) or getattr(hf, "image_token_id", None))
-    if "dtype" in overrides:
-        overrides["frozen_dtype"] = overrides.pop("dtype")
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    from ..models.blip2_llm_lm import load_llm
-    cls = blip2_llm.InstructBlipLanguageModel if instruct else blip2_llm.Blip2LanguageModel
-    model = cls(cfg, llm=load_llm(hf.text_config, blip2_llm.DTYPES[cfg.frozen_dtype], cfg.llm_overrides))
-    sd = read_state_dict(directory)
+def hf_to_ours(sd: StateDict, instruct: bool) -> tuple[StateDict, set[str]]:
+    """Pure key conversion of an HF ``Blip2ForConditionalGeneration`` / ``InstructBlipForConditionalGeneration``
+    state dict -> (ours, consumed keys)."""
     out, used = hf_vision_to_ours(sd)
-    emb = INSTRUCT_HF_EMB if instruct else None
-    qf_out, qf_used = hf_qformer_to_ours(sd, text_embeddings=None, embeddings=emb)
+    qf_out, qf_used = hf_qformer_to_ours(sd, text_embeddings=None, embeddings=INSTRUCT_HF_EMB if instruct else None)
     out.update(qf_out)
     used |= qf_used
     for src, dst in (("language_projection.", "llm_proj."), ("language_model.", "llm.")):
@@ -193,6 +176,35 @@ def _load_hf(directory: Path, instruct: bool, llm=None, **overrides) -> nn.Modul
             if k.startswith(src):
                 out[dst + k[len(src):]] = v
                 used.add(k)
+    return out, used
+
+
+def hf_llm_config(hf, directory: Path | None = None, instruct: bool = False) -> "blip2_llm.Blip2LLMConfig":
+    """HF Blip2Config / InstructBlipConfig -> :class:`Blip2LLMConfig` (the LLM from ``text_config``)."""
+    vision, qf = hf.vision_config.to_dict(), hf.qformer_config.to_dict()
+    has_tokenizer = directory is not None and any((Path(directory) / f).exists()
+                                                  for f in ("tokenizer.json", "tokenizer_config.json"))
+    return blip2_llm.Blip2LLMConfig(
+        vision=hf_vision_config(vision), qformer=hf_qformer_config(qf, hf.num_query_tokens, text=instruct),
+        llm=hf.text_config, ln_vision_eps=vision["layer_norm_eps"], tokenizer=directory if has_tokenizer else None,
+        image_token_id=getattr(hf, "image_token_index", None) or getattr(hf, "image_token_id", None))
+
+
+def _load_hf(directory: Path, instruct: bool, llm=None, vision_weights=None, **overrides) -> nn.Module:
+    from transformers import AutoConfig
+    directory = Path(directory)
+    if llm is not None or vision_weights is not None:
+        raise CheckpointError(f"{directory} is an HF directory that carries its ViT and LLM: drop llm= / "
+                              "vision_weights=")
+    cfg = hf_llm_config(AutoConfig.from_pretrained(str(directory), local_files_only=True), directory, instruct)
+    if "dtype" in overrides:
+        overrides["frozen_dtype"] = overrides.pop("dtype")
+    cfg = replace(cfg, **overrides)
+    from ..models.blip2_llm_lm import load_llm
+    cls = blip2_llm.InstructBlipLanguageModel if instruct else blip2_llm.Blip2LanguageModel
+    model = cls(cfg, llm=load_llm(cfg.llm, blip2_llm.DTYPES[cfg.frozen_dtype], cfg.llm_overrides))
+    sd = read_state_dict(directory)
+    out, used = hf_to_ours(sd, instruct)
     stray = [k for k in sd if k not in used and not k.endswith("position_ids")]
     if stray:
         raise CheckpointError(f"{directory}: keys this converter does not know: {stray[:8]}")
