@@ -57,7 +57,7 @@ class LanguageInterface:
         return self._qformer_tokenizer
 
     # ---- helpers ---------------------------------------------------------------------------------------------
-    def preprocess_images(self, images: ImageInput) -> Tensor:
+    def pixel_values(self, images: ImageInput) -> Tensor:
         """Paths / PIL images / a preprocessed tensor -> [B, 3, S, S] (LAVIS eval transform at the model's size)."""
         device = next(self.qformer.parameters()).device
         if isinstance(images, Tensor):
@@ -80,7 +80,7 @@ class LanguageInterface:
         return out
 
     def _run(self, images: ImageInput, prompts: list[str], **gen) -> list[str]:
-        pixels = self.preprocess_images(images)
+        pixels = self.pixel_values(images)
         if len(prompts) == 1 and pixels.shape[0] > 1:
             prompts = prompts * pixels.shape[0]
         if len(prompts) != pixels.shape[0]:
