@@ -205,3 +205,14 @@ def test_real_size_lavis_layouts(proj, dim, instruct, arch):
     own = {k: v for k, v in model.state_dict().items() if not k.startswith(("llm.", "image_encoder.visual_encoder."))}
     assert set(out) == set(own)
     assert all(out[k].shape == own[k].shape for k in own)
+
+
+def test_captions_from_the_raw_png_files(opt, t5):
+    """End to end from the image files: LAVIS eval preprocessing, then the same greedy captions as LAVIS."""
+    (opt_model, _), (t5_model, _) = opt, t5
+    for model, name in ((opt_model, "blip2_opt"), (t5_model, "blip2_t5")):
+        inputs, out = fixture(name)
+        files = [LAVIS / name / f for f in inputs["raw_image_files"]]
+        torch.testing.assert_close(model.pixel_values(files), inputs["image"], atol=1e-5, rtol=0)
+        captions = model.caption(files, "a photo of", num_beams=1, max_new_tokens=10, min_new_tokens=0)
+        assert captions == out["greedy_text"]
