@@ -38,7 +38,8 @@ def list_models() -> list[tuple[str, str]]:
     pairs = []
     for family in FAMILIES:
         module = _family_module("models", family)
-        pairs += [(arch, task) for arch in module.ARCHS for task in module.TASKS]
+        tasks_for = getattr(module, "tasks_for", lambda arch: module.TASKS)
+        pairs += [(arch, task) for arch in module.ARCHS for task in tasks_for(arch)]
     return pairs
 
 

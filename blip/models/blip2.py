@@ -63,6 +63,11 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def tasks_for(arch: str) -> tuple[str, ...]:
+    """The tasks ``create`` can build for ``arch``: Q-Former archs -> qformer/stage1, LLM archs -> stage2/instruct."""
+    return QFORMER_TASKS if arch in QFORMER_ARCHS else LLM_TASKS
+
+
 def qformer_arch_config(arch: str, **overrides) -> Blip2QformerConfig:
     """The config of a Q-Former arch with top-level fields replaced (e.g. ``freeze_vit=False``, ``vit_dtype="bf16"``)."""
     if arch not in QFORMER_ARCHS:
