@@ -46,7 +46,15 @@ def build_model(model_cfg: DictConfig) -> nn.Module:
     for key in ("llm", "llm_tokenizer"):  # BLIP-2 stage 2
         if model_cfg.get(key):
             overrides[key] = model_cfg[key]
-    return resolve(model_cfg.builder)(model_cfg.arch, model_cfg.task, **overrides)
+    model = resolve(model_cfg.builder)(model_cfg.arch, model_cfg.task, **overrides)
+    patterns = [re.compile(p) for p in model_cfg.get("freeze") or []]
+    frozen = [n for n, p in model.named_parameters() if any(r.search(n) for r in patterns)]
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
+    if patterns:
+        log.info("frozen by model.freeze %s: %d parameter tensors", list(model_cfg.freeze), len(frozen))
+    return model
 
 
 def checkpoint_path(path: str | Path) -> Path:
