@@ -189,13 +189,26 @@ def prepare_model(model: nn.Module, cfg: DictConfig, info: DistInfo, policy: Pre
     return model
 
 
+def broadcast_str(value: str, info: DistInfo) -> str:
+    """Rank 0's value on every rank."""
+    if not info.distributed:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def run(cfg: DictConfig) -> dict:
     t = cfg.trainer
     info = init_distributed(t.device, t.distributed.backend)
     if t.get("threads"):
         torch.set_num_threads(int(t.threads))
-    run_dir = Path(cfg.run_dir)
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")
+    run_dir = Path(broadcast_str(str(cfg.run_dir), info))  # ranks may resolve ${now:...} a second apart
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")  # no-op under Hydra
+    if not info.is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # one copy of the INFO lines, from rank 0
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -210,7 +223,8 @@ def run(cfg: DictConfig) -> dict:
     if init is None and cfg.model.task in ("caption", "retrieval", "vqa"):
         log.warning("%s/%s starts from random weights: set init_from=<run dir> to fine-tune pretrained weights",
                     cfg.model.arch, cfg.model.task)
-    if cfg.stage.id == 2 and t.get("llm_warmup_steps"):
+    resume_from = find_resume(cfg, run_dir)
+    if cfg.stage.id == 2 and t.get("llm_warmup_steps") and resume_from is None:  # a checkpoint holds the warm LLM
         from blip.train.stage2 import warm_up_llm
 
         warm_up_llm(model, sources, t, info)
@@ -232,7 +246,6 @@ def run(cfg: DictConfig) -> dict:
                                          steps_per_epoch=steps_per_epoch, warmup_steps=t.schedule.warmup_steps,
                                          warmup_lr=t.schedule.warmup_lr, min_lr=t.schedule.min_lr,
                                          decay_rate=t.schedule.decay_rate)
-    resume_from = find_resume(cfg, run_dir)
     if resume_from is not None:
         trainer.load_state_dict(load_checkpoint(resume_from, info))
         log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, trainer.state.step,
@@ -248,15 +261,30 @@ def run(cfg: DictConfig) -> dict:
 
     results = {"steps": trainer.state.step, "samples": trainer.state.samples, "skipped": trainer.state.skipped,
                "train_seconds": round(train_seconds, 1)}
+    eval_model = unwrap(wrapped)
+    if t.distributed.strategy == "fsdp" and info.distributed and cfg.eval.enabled and eval_source is not None:
+        eval_model = unsharded_copy(wrapped, cfg, info)  # sharded weights are only whole inside forward
     if info.is_main:
         write_loss_curve(history, run_dir)
         if cfg.eval.enabled and eval_source is not None:
-            results["eval"] = evaluate(unwrap(wrapped), cfg, eval_source, info)
+            results["eval"] = evaluate(eval_model, cfg, eval_source, info)
         results["total_seconds"] = round(time.perf_counter() - started, 1)
         (run_dir / "results.json").write_text(json.dumps(results, indent=1))
         print_summary(results, run_dir)
     barrier(info)
     return results
+
+
+def unsharded_copy(model: nn.Module, cfg: DictConfig, info: DistInfo) -> nn.Module | None:
+    """Collective: the full weights of an FSDP-sharded model, loaded into a fresh model on rank 0 (None elsewhere)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not info.is_main:
+        return None
+    copy = build_model(cfg.model)
+    copy.load_state_dict(state)
+    return copy.to(info.device)
 
 
 def evaluate(model: nn.Module, cfg: DictConfig, source, info: DistInfo) -> dict:
