@@ -73,3 +73,25 @@ def test_two_process_run_equals_one_process_with_the_same_global_batch(tmp_path,
     assert got["grad_norm"] == pytest.approx(norms, rel=1e-4)
     for k, v in weights.items():
         torch.testing.assert_close(got["model"][k], v, atol=2e-6, rtol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("args", [
+    ["stage=1", "trainer.grad_accum=2"],                                            # DDP, real BLIP objective
+    ["stage=2", "trainer.distributed.strategy=fsdp", "trainer.llm_warmup_steps=2"],  # FSDP2, real BLIP-2 + OPT
+])
+def test_the_script_under_torchrun_with_the_real_tiny_models(tmp_path, args):
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(root / "scripts" / "train.py"), *args, "trainer.max_steps=3", "trainer.checkpoint_every=2",
+           "trainer.threads=1", "trainer.batch_size=8", "model.objective.queue_size=64" if args[0] == "stage=1" else
+           "eval.max_new_tokens=3", f"output_root={tmp_path}/out", "data.synthetic.num_train=256",
+           "data.synthetic.num_val=16", "data.synthetic.shard_size=64", f"data.synthetic.cache_dir={tmp_path}/cache",
+           "trainer.progress_bar=false"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=150)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "trained 3 steps" in out.stdout and "held-out" in out.stdout
+    ckpts = sorted((tmp_path / "out").glob("*/*/checkpoints/step_*"))
+    assert [c.name for c in ckpts] == ["step_00000002", "step_00000003"]
+    assert {p.name for p in ckpts[-1].iterdir()} == {"state.pt", "rng_rank0.pt", "rng_rank1.pt"}
