@@ -73,3 +73,12 @@ def test_blip2_stage1_then_stage2_from_its_qformer(tmp_path):
     assert frozen and all(torch.equal(s1[k], s2[k]) for k in frozen)  # the stage-1 frozen ViT carried over
     shared = [k for k in s2 if k.startswith("model.qformer.") and k in s1]
     assert len(shared) > 20
+
+
+@pytest.mark.parametrize("task", ["caption_coco", "retrieval_coco"])
+def test_fine_tuning_tasks_train_the_real_objectives(tmp_path, task):
+    settings = ["model.objective.queue_size=32"] if task.startswith("retrieval") else ["~model.objective"]
+    out = run(config(tmp_path, task, ["stage=1", f"task={task}", "model=blip_tiny", "data=synthetic",
+                                      "model.image_size=48", "trainer.max_steps=2", "trainer.batch_size=8",
+                                      "~model.freeze", *settings]))
+    assert out["steps"] == 2 and "eval" not in out

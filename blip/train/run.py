@@ -266,7 +266,9 @@ def run(cfg: DictConfig) -> dict:
         eval_model = unsharded_copy(wrapped, cfg, info)  # sharded weights are only whole inside forward
     if info.is_main:
         write_loss_curve(history, run_dir)
-        if cfg.eval.enabled and eval_source is not None:
+        if cfg.model.task in ("caption", "retrieval", "vqa"):
+            log.info("fine-tuning run: evaluate its checkpoint with the task's own protocol (blip.evaluation)")
+        elif cfg.eval.enabled and eval_source is not None:
             results["eval"] = evaluate(eval_model, cfg, eval_source, info)
         results["total_seconds"] = round(time.perf_counter() - started, 1)
         (run_dir / "results.json").write_text(json.dumps(results, indent=1))
