@@ -12,17 +12,17 @@ def test_recall_hand_computed():
     # 2 images; image 0 has caption 0, image 1 has captions 1 and 2
     s = torch.tensor([[0.9, 0.1, 0.5],
                       [0.2, 0.8, 0.95]])
-    r = recall_at_k(s, [[0], [1, 2]], [0, 1, 1], ks=(1, 2))
-    assert r["txt_r1"] == 100.0                     # image 0 -> caption 0 first; image 1 -> caption 2 first
+    r = recall_at_k(s, [[0], [1, 2]], ks=(1, 2))
+    assert r["i2t_r1"] == 100.0                     # image 0 -> caption 0 first; image 1 -> caption 2 first
     # text->image: caption 0 ranks image 0 first; caption 1: image 1 (0.8) first; caption 2: image 1 (0.95) first
-    assert r["img_r1"] == 100.0
+    assert r["t2i_r1"] == 100.0
     s2 = torch.tensor([[0.1, 0.9, 0.5],
                        [0.2, 0.8, 0.95]])
-    r2 = recall_at_k(s2, [[0], [1, 2]], [0, 1, 1], ks=(1, 2, 3))
-    assert r2["txt_r1"] == 50.0 and r2["txt_r2"] == 50.0 and r2["txt_r3"] == 100.0
+    r2 = recall_at_k(s2, [[0], [1, 2]], ks=(1, 2, 3))
+    assert r2["i2t_r1"] == 50.0 and r2["i2t_r2"] == 50.0 and r2["i2t_r3"] == 100.0
     # caption 0 prefers image 1 (0.2 > 0.1), caption 1 prefers image 0 (0.9 > 0.8): only caption 2 is right
-    assert r2["img_r1"] == pytest.approx(100 / 3)
-    assert r2["img_r2"] == 100.0
+    assert r2["t2i_r1"] == pytest.approx(100 / 3)
+    assert r2["t2i_r2"] == 100.0
 
 
 def test_rerank_keeps_topk_and_adds_itm():

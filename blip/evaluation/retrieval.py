@@ -1,36 +1,41 @@
 """Image-text retrieval evaluation as in BLIP: ITC similarities, ITM re-ranking of the top-k, recall@K."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
 
-def recall_at_k(scores_i2t: Tensor, img2txt: Sequence[Sequence[int]], txt2img: Sequence[int],
-                ks: Sequence[int] = (1, 5, 10), scores_t2i: Tensor | None = None) -> dict[str, float]:
-    """Text retrieval (image -> text) and image retrieval (text -> image) recall in percent.
+def recall_at_k(scores_i2t: Tensor, img2txt: Sequence[Iterable[int]], ks: Sequence[int] = (1, 5, 10),
+                scores_t2i: Tensor | None = None) -> dict[str, float]:
+    """Image->text (text retrieval) and text->image (image retrieval) recall@K in percent.
 
-    scores_i2t: [N_img, N_txt]; scores_t2i: [N_txt, N_img] (default: the transpose; differs after ITM re-ranking);
-    img2txt[i]: the caption indices of image i; txt2img[t]: the image of caption t.
-    An image counts as retrieved at K when any of its captions ranks within the top K (BLIP/ALBEF protocol).
+    scores_i2t: [N_img, N_txt]; scores_t2i: [N_txt, N_img] (default: the transpose; differs after ITM re-ranking).
+    img2txt[i]: the texts that correctly describe image i (COCO: its 5 captions; a text may be correct for several
+    images). A query counts as retrieved at K when any of its positives ranks within the top K (BLIP/ALBEF protocol).
+    Returns {"i2t_r1", ..., "t2i_r1", ..., "i2t_r_mean", "t2i_r_mean", "r_mean", "chance_i2t_r1", "chance_t2i_r1"}.
     """
     n_img, n_txt = scores_i2t.shape
-    if len(img2txt) != n_img or len(txt2img) != n_txt:
-        raise ValueError(f"scores {tuple(scores_i2t.shape)} vs {len(img2txt)} images / {len(txt2img)} texts")
-    order_i2t = scores_i2t.argsort(dim=1, descending=True)
-    rank_of = torch.empty_like(order_i2t)
-    rank_of.scatter_(1, order_i2t, torch.arange(n_txt).expand(n_img, n_txt))
-    best_txt_rank = torch.stack([rank_of[i, list(img2txt[i])].min() for i in range(n_img)])
-    order_t2i = (scores_i2t.t() if scores_t2i is None else scores_t2i).argsort(dim=1, descending=True)
-    img_rank = (order_t2i == torch.as_tensor(list(txt2img))[:, None]).float().argmax(dim=1)
+    if len(img2txt) != n_img:
+        raise ValueError(f"scores {tuple(scores_i2t.shape)} vs positives for {len(img2txt)} images")
+    positives = torch.zeros(n_img, n_txt, dtype=torch.bool)
+    for i, texts in enumerate(img2txt):
+        positives[i, list(texts)] = True
+    if not positives.any(1).all() or not positives.any(0).all():
+        raise ValueError("every image and every text needs at least one positive")
+    scores_t2i = scores_i2t.t() if scores_t2i is None else scores_t2i
+    order_i2t = scores_i2t.float().argsort(dim=1, descending=True)
+    order_t2i = scores_t2i.float().argsort(dim=1, descending=True)
     out: dict[str, float] = {}
     for k in ks:
-        out[f"txt_r{k}"] = 100.0 * (best_txt_rank < k).float().mean().item()
-        out[f"img_r{k}"] = 100.0 * (img_rank < k).float().mean().item()
-    out["txt_r_mean"] = sum(out[f"txt_r{k}"] for k in ks) / len(ks)
-    out["img_r_mean"] = sum(out[f"img_r{k}"] for k in ks) / len(ks)
-    out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
+        out[f"i2t_r{k}"] = 100.0 * positives.gather(1, order_i2t[:, :k]).any(1).float().mean().item()
+        out[f"t2i_r{k}"] = 100.0 * positives.t().gather(1, order_t2i[:, :k]).any(1).float().mean().item()
+    out["i2t_r_mean"] = sum(out[f"i2t_r{k}"] for k in ks) / len(ks)
+    out["t2i_r_mean"] = sum(out[f"t2i_r{k}"] for k in ks) / len(ks)
+    out["r_mean"] = (out["i2t_r_mean"] + out["t2i_r_mean"]) / 2
+    out["chance_i2t_r1"] = 100.0 * (positives.sum(1).float() / n_txt).mean().item()
+    out["chance_t2i_r1"] = 100.0 * (positives.sum(0).float() / n_img).mean().item()
     return out
 
 

@@ -7,30 +7,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-
-def retrieval_recall(sim: torch.Tensor, img_to_txt: Sequence[Iterable[int]], ks: Sequence[int] = (1, 5, 10)) -> dict:
-    """Recall@K in both directions from a similarity matrix.
-
-    sim: [N_img, N_txt]; img_to_txt[i]: indices of the texts that correctly describe image i (a text may be
-    correct for several images). Returns percentages {"i2t_r1", ..., "t2i_r1", ...}; `chance_i2t_r1` /
-    `chance_t2i_r1` are the expected R@1 of random scores."""
-    n_img, n_txt = sim.shape
-    positives = torch.zeros(n_img, n_txt, dtype=torch.bool)
-    for i, texts in enumerate(img_to_txt):
-        positives[i, list(texts)] = True
-    if not positives.any(1).all() or not positives.any(0).all():
-        raise ValueError("every image and every text needs at least one positive")
-    out = {}
-    i2t_rank = torch.argsort(sim, dim=1, descending=True)
-    t2i_rank = torch.argsort(sim.t(), dim=1, descending=True)
-    for k in ks:
-        hit_i2t = positives.gather(1, i2t_rank[:, :k]).any(1).float().mean()
-        hit_t2i = positives.t().gather(1, t2i_rank[:, :k]).any(1).float().mean()
-        out[f"i2t_r{k}"] = 100 * hit_i2t.item()
-        out[f"t2i_r{k}"] = 100 * hit_t2i.item()
-    out["chance_i2t_r1"] = 100 * (positives.sum(1).float() / n_txt).mean().item()
-    out["chance_t2i_r1"] = 100 * (positives.sum(0).float() / n_img).mean().item()
-    return out
+from ..evaluation.retrieval import recall_at_k
 
 
 @torch.no_grad()
@@ -56,7 +33,7 @@ def retrieval_eval(model: nn.Module, batches: Iterable[dict], device: torch.devi
     similarity = getattr(model, "retrieval_similarity", None)  # BLIP-2: [N, Q, D] query embeddings, max over Q
     sim = similarity(image_feats, text_feats) if similarity is not None else image_feats @ text_feats.t()
     index = {t: j for j, t in enumerate(unique)}
-    result = retrieval_recall(sim, [[index[t]] for t in texts])
+    result = recall_at_k(sim, [[index[t]] for t in texts])
     result.update(num_images=len(texts), num_texts=len(unique))
     return result
 
