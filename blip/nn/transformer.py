@@ -123,15 +123,18 @@ class TransformerLayer(nn.Module):
         self.ffn = FeedForward(cfg) if cfg.text_ffn else None
         self.ffn_query = FeedForward(cfg) if cfg.query_ffn else None
 
-    def forward(self, x: Tensor, mask: Tensor | None, cross_kv: tuple[Tensor, Tensor] | None,
+    def forward(self, x: Tensor, mask: Tensor | None, cross: Tensor | tuple[Tensor, Tensor] | None,
                 cross_mask: Tensor | None, query_length: int, cache: KVCache | None, layer: int,
                 group: int) -> Tensor:
+        """cross: image features [B', S, E] (projected here, inside the layer, so FSDP can shard per layer and
+        checkpointing recomputes them) or this layer's precomputed (k, v) (decoding)."""
         x = self.self_attn(x, mask, cache, layer)
-        if self.cross_attn is not None and cross_kv is not None:
-            if self.cfg.cross_attention_queries_only:
-                if query_length:
-                    x = torch.cat([self.cross_attn(x[:, :query_length], cross_kv, cross_mask, group),
-                                   x[:, query_length:]], dim=1)
+        queries_only = self.cfg.cross_attention_queries_only  # Q-Former: text never attends to the image
+        if self.cross_attn is not None and cross is not None and (query_length or not queries_only):
+            cross_kv = self.cross_attn.project_kv(cross) if isinstance(cross, Tensor) else cross
+            if queries_only:
+                x = torch.cat([self.cross_attn(x[:, :query_length], cross_kv, cross_mask, group),
+                               x[:, query_length:]], dim=1)
             else:
                 x = self.cross_attn(x, cross_kv, cross_mask, group)
         if self.ffn_query is None or query_length == 0:
@@ -214,12 +217,10 @@ class TextTransformer(nn.Module):
             mask = causal_mask(attention_mask, t, prefix_length, x.dtype)
         else:
             mask = padding_mask(attention_mask, x.dtype)
-        if cross_kv is None and encoder_hidden_states is not None:
-            cross_kv = self.cross_kv(encoder_hidden_states)
         cross_mask = None if encoder_attention_mask is None else padding_mask(encoder_attention_mask, x.dtype)
         for i, layer in enumerate(self.layers):
-            layer_kv = None if cross_kv is None else cross_kv[i]
-            args = (mask, layer_kv, cross_mask, q_len, cache, i, beam_group)
+            cross = encoder_hidden_states if cross_kv is None else cross_kv[i]
+            args = (mask, cross, cross_mask, q_len, cache, i, beam_group)
             if self.grad_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
                 x = torch.utils.checkpoint.checkpoint(layer, x, *args, use_reentrant=False)
             else:

@@ -84,14 +84,11 @@ def all_reduce_sum_int(value: int, info: DistInfo) -> int:
 
 def block_lists(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks of every nn.ModuleList in the model (ViT blocks, BERT layers, LLM decoder layers):
-    the units of FSDP sharding and activation checkpointing.
-
-    A module that reads its layers' weights outside their forward (our TextTransformer precomputes every layer's
-    cross-attention K/V up front: `cross_kv`) is kept whole: FSDP2 only gathers a unit's weights in its own forward."""
-    blocks, atomic = [], [m for m in model.modules() if hasattr(m, "cross_kv")]
-    inside = {id(sub) for m in atomic for sub in m.modules()}
+    the units of FSDP sharding and activation checkpointing. (Training forwards project cross-attention K/V inside
+    each layer; only decoding precomputes them, and evaluation under FSDP runs on an unsharded copy.)"""
+    blocks = []
     for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 1 and id(module) not in inside:
+        if isinstance(module, nn.ModuleList) and len(module) > 1:
             blocks += [m for m in module if sum(p.numel() for p in m.parameters()) > 0]
     return blocks
 
