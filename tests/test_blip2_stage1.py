@@ -111,6 +111,7 @@ def _rank_worker(rank: int, port: int, result_dir: str) -> None:
         if rank == 0:
             torch.save({"itc": itc / 2, "loss": losses["loss"]}, os.path.join(result_dir, "ddp.pt"))
     finally:
+        dist.barrier()  # all ranks done before teardown (gloo aborts otherwise)
         dist.destroy_process_group()
 
 

@@ -218,6 +218,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.all_gather(losses, loss.detach())
     torch.save({"losses": torch.stack(losses), "img_grad": grads[0], "txt_grad": grads[1], "weights": weights,
                 "queue": q.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # every rank done before teardown: gloo aborts if a peer vanishes mid-teardown
     dist.destroy_process_group()
 
 

@@ -225,6 +225,7 @@ def _worker(rank, world, init_file, out_dir):
         g /= world
     torch.save({"itc": itc, "itm": itm, "grads": grads, "queue": m.queue.state_dict()},
                os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # all ranks done before teardown (gloo aborts otherwise)
     dist.destroy_process_group()
 
 

@@ -45,6 +45,7 @@ def worker(rank: int, world: int, init_file: str, out: str, strategy: str) -> No
     if rank == 0:
         torch.save({"history": [h["loss"] for h in history], "grad_norm": [h["grad_norm"] for h in history],
                     "model": {k: v.detach().cpu() for k, v in state.items()}}, out)
+    dist.barrier()  # all ranks done before teardown (gloo aborts otherwise)
     dist.destroy_process_group()
 
 

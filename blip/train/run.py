@@ -202,6 +202,7 @@ def broadcast_str(value: str, info: DistInfo) -> str:
 
 def run(cfg: DictConfig) -> dict:
     t = cfg.trainer
+    owns_group = not torch.distributed.is_initialized()
     info = init_distributed(t.device, t.distributed.backend)
     if t.get("threads"):
         torch.set_num_threads(int(t.threads))
@@ -274,6 +275,8 @@ def run(cfg: DictConfig) -> dict:
         (run_dir / "results.json").write_text(json.dumps(results, indent=1))
         print_summary(results, run_dir)
     barrier(info)
+    if owns_group and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # after the barrier: a peer vanishing mid-teardown aborts gloo
     return results
 
 
