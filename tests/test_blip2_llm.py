@@ -9,21 +9,12 @@ import blip
 from blip.models.blip2_llm import create
 from blip.models.blip2_llm_objective import Blip2Stage2Objective
 from blip.models.blip2_llm_text import chat_prompt
+from tiny_weights import randomize
 
 LAVIS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "lavis"
 OPT_DIR, T5_DIR = LAVIS / "blip2_opt" / "opt_llm", LAVIS / "blip2_t5" / "t5_llm"
 
 
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-            elif "norm" in name.lower() and name.endswith("weight"):
-                p.copy_(0.6 + 0.8 * torch.rand(p.shape, generator=g))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
 
 
 def tiny(arch: str, seed: int = 0, **kw):

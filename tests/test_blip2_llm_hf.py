@@ -8,6 +8,7 @@ import torch
 from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig, T5Config
 
 import blip
+from tiny_weights import randomize
 
 NQ, IMG = 4, 98
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
@@ -20,17 +21,6 @@ T5 = T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_deco
               feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, bos_token_id=1)
 
 
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Weights large enough that outputs depend on the image and greedy choices are not near-ties."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-            elif "norm" in name.lower() and name.endswith("weight"):
-                p.copy_(0.6 + 0.8 * torch.rand(p.shape, generator=g))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
 
 
 def build(cls, config, tmp_path, seed):

@@ -9,6 +9,7 @@ from transformers import InstructBlipConfig, InstructBlipForConditionalGeneratio
 
 import blip
 from blip.convert.blip2_llm import export_hf
+from tiny_weights import randomize
 
 NQ = 4
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
@@ -23,16 +24,6 @@ QIDS = torch.tensor([[1, 20, 21, 22, 3], [1, 30, 31, 3, 0]])
 PROMPT = torch.tensor([[2, 5, 6, 7], [2, 8, 9, 10]])
 
 
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-            elif "norm" in name.lower() and name.endswith("weight"):
-                p.copy_(0.6 + 0.8 * torch.rand(p.shape, generator=g))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
 
 
 def hf_model(text, seed, vision=VISION, qformer=QFORMER, nq=NQ, image_token=98):
