@@ -4,6 +4,7 @@ import torch
 from transformers import DynamicCache, OPTConfig, OPTForCausalLM
 
 from blip.generation import GenerationConfig, apply_repetition_penalty, generate, top_p_filter
+from blip.models.blip2_llm_lm import _cache_kwarg
 
 
 def tiny_lm(seed: int = 0) -> OPTForCausalLM:
@@ -22,9 +23,10 @@ class HFStep:
 
     def __init__(self, lm):
         self.lm, self.cache = lm, DynamicCache()
+        self.cache_kwarg = _cache_kwarg(lm)  # transformers renamed past_key_values -> cache
 
     def __call__(self, ids, mask):
-        out = self.lm(input_ids=ids, attention_mask=mask, past_key_values=self.cache, use_cache=True)
+        out = self.lm(input_ids=ids, attention_mask=mask, use_cache=True, **{self.cache_kwarg: self.cache})
         return out.logits[:, -1]
 
     def reorder(self, index):
