@@ -19,9 +19,9 @@ Work is split into units (an input shard, or ``images_per_unit`` entries of a JS
 ``chunk_size`` input samples; unit u goes to rank ``u % world_size``. Every chunk is written to a temporary name and
 renamed, its shard first and then its record file (``records/UUUUU-CCCC.json``, the commit point); a finished unit
 gets ``records/UUUUU.done``. A restarted run skips committed chunks without decoding them and redoes the chunk
-that was in flight, so nothing is lost or duplicated. Sampling is seeded per (seed, unit, chunk, batch), so a
-killed-and-resumed run writes the same bytes as an uninterrupted one, whatever the number of ranks.
-(Per-sample seeds, independent of batch boundaries, would need per-row generators in :mod:`blip.generation`.)
+that was in flight, so nothing is lost or duplicated. Every synthetic caption samples from its own random stream,
+seeded by (seed, sample key, caption index), so a killed-and-resumed run writes the same bytes as an uninterrupted
+one, whatever the number of ranks, the batch size or the chunk size.
 """
 from __future__ import annotations
 
@@ -105,9 +105,9 @@ class CapFiltInput:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def batch_seed(seed: int, unit: int, chunk: int, batch: int) -> int:
-    """A 63-bit seed for one batch, stable across runs and processes."""
-    digest = hashlib.blake2b(f"{seed}:{unit}:{chunk}:{batch}".encode(), digest_size=8).digest()
+def sample_seed(seed: int, key: str, caption: int) -> int:
+    """A 63-bit seed for one synthetic caption of one sample, stable across runs, processes and batchings."""
+    digest = hashlib.blake2b(f"{seed}:{key}:{caption}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
 
@@ -162,15 +162,17 @@ class CapFilt:
 
     # ---- one batch ------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def synthesize(self, pixels: torch.Tensor, generator: torch.Generator) -> list[list[str]]:
-        """[B, 3, H, W] -> B lists of ``num_captions`` sampled captions (prompt stripped)."""
+    def synthesize(self, pixels: torch.Tensor, keys: list[str]) -> list[list[str]]:
+        """[B, 3, H, W] -> B lists of ``num_captions`` sampled captions (prompt stripped); ``keys`` seed each one."""
         c, n = self.cfg, self.cfg.num_captions
         pixels = pixels.repeat_interleave(n, dim=0)
         ids = caption_prompt_ids(self.tokenizer, c.prompt, pixels.shape[0]).to(self.device)
         plen = ids.shape[1]
         out = self.captioner.generate(pixels, ids, max_new_tokens=c.max_length - plen,
                                       min_new_tokens=max(c.min_length - plen, 0), do_sample=True, top_p=c.top_p,
-                                      repetition_penalty=c.repetition_penalty, generator=generator)
+                                      repetition_penalty=c.repetition_penalty,
+                                      generator=[torch.Generator().manual_seed(sample_seed(c.seed, key, j))
+                                                 for key in keys for j in range(n)])
         texts = [t[len(c.prompt):].strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
         return [texts[i * n:(i + 1) * n] for i in range(len(texts) // n)]
 
@@ -204,12 +206,12 @@ class CapFilt:
         return {**raw, "bytes": data, "ext": ext, "pix_cap": pix_cap,
                 "pix_filt": pix_cap if self.filt_transform is None else self.filt_transform(image)}
 
-    def process_batch(self, items: list[dict], seed: int) -> list[dict]:
+    def process_batch(self, items: list[dict]) -> list[dict]:
         """Decoded items -> per-image records with every caption, its source, ITM score and verdict."""
         c = self.cfg
         stack = lambda k: torch.stack([it[k] for it in items]).to(self.device, self.dtype)  # noqa: E731
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        synthetic = self.synthesize(stack("pix_cap"), generator) if c.num_captions else [[] for _ in items]
+        keys = [it["key"] for it in items]
+        synthetic = self.synthesize(stack("pix_cap"), keys) if c.num_captions else [[] for _ in items]
         captions = []
         for it, syn in zip(items, synthetic):
             caps = [{"text": t, "score_text": pre_caption(t, c.max_words), "source": "web"} for t in it["texts"]]
@@ -305,7 +307,7 @@ class CapFilt:
             records = []
             prepared = prefetch(pool, self._prepare, raws, depth=2 * self.cfg.batch_size)
             for index, batch in enumerate(self._batches(prepared, skips, bar)):
-                records += self.process_batch(batch, batch_seed(self.cfg.seed, unit, chunk_index, index))
+                records += self.process_batch(batch)
                 if bar is not None:
                     bar.update(len(batch))
                 if on_batch is not None:
@@ -410,4 +412,4 @@ def output_urls(out_dir: str | Path) -> list[str]:
     return [str(Path(out_dir) / s) for s in summary["shards"]]
 
 
-__all__ = ["CapFilt", "CapFiltConfig", "CapFiltInput", "load_task_model", "merge_outputs", "output_urls", "batch_seed"]
+__all__ = ["CapFilt", "CapFiltConfig", "CapFiltInput", "load_task_model", "merge_outputs", "output_urls", "sample_seed"]

@@ -15,7 +15,7 @@ that original BLIP and LAVIS ran: the whole sequence with the prompt, eos exclud
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -85,13 +85,18 @@ def _process(scores: Tensor, seqs: Tensor, step: int, cfg: GenerationConfig) -> 
     return scores
 
 
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
 @torch.no_grad()
 def generate(step: StepFn, input_ids: Tensor, attention_mask: Tensor | None, cfg: GenerationConfig,
-             reorder: ReorderFn | None = None, generator: torch.Generator | None = None) -> Tensor:
+             reorder: ReorderFn | None = None, generator: Generators = None) -> Tensor:
     """Decode from a prompt.
 
     input_ids: [B, T] prompt (already expanded to [B * num_beams, T] by the caller when num_beams > 1, beams of an
     example adjacent); attention_mask: [B(*beams), T] or None. ``step`` is called first with the whole prompt.
+    generator: one generator for the batch (``torch.multinomial``, as HF samples), or one per row: each row then
+    samples from its own stream (inverse CDF), so a row's output does not depend on the rest of the batch.
     Returns [B, T + n] with n <= max_new_tokens new tokens.
     """
     if attention_mask is None:
@@ -103,16 +108,30 @@ def generate(step: StepFn, input_ids: Tensor, attention_mask: Tensor | None, cfg
     return _greedy_or_sample(step, input_ids, attention_mask, cfg, generator)
 
 
+def _row_uniforms(generators: Sequence[torch.Generator], n: int, steps: int, device: torch.device) -> Tensor:
+    """[n, steps] uniforms, row r drawn from generators[r] (CPU generators; moved to ``device``)."""
+    if len(generators) != n:
+        raise ValueError(f"{len(generators)} generators for {n} rows: pass one per row (beams/samples expanded)")
+    return torch.stack([torch.rand(steps, generator=g) for g in generators]).to(device)
+
+
 def _greedy_or_sample(step: StepFn, seqs: Tensor, mask: Tensor, cfg: GenerationConfig,
-                      generator: torch.Generator | None) -> Tensor:
+                      generator: Generators) -> Tensor:
     n = seqs.shape[0]
     finished = torch.zeros(n, dtype=torch.bool, device=seqs.device)
+    per_row = cfg.do_sample and generator is not None and not isinstance(generator, torch.Generator)
+    uniforms = _row_uniforms(generator, n, cfg.max_new_tokens, seqs.device) if per_row else None
     logits = step(seqs, mask)
     for i in range(cfg.max_new_tokens):
         scores = _process(logits.float(), seqs, i, cfg)
         if cfg.do_sample:
-            scores = top_p_filter(top_k_filter(scores / cfg.temperature, cfg.top_k), cfg.top_p)
-            next_ids = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+            probs = top_p_filter(top_k_filter(scores / cfg.temperature, cfg.top_k), cfg.top_p).softmax(-1)
+            if per_row:  # inverse CDF with the row's own uniform
+                cdf = probs.cumsum(-1)
+                u = uniforms[:, i:i + 1] * cdf[:, -1:]
+                next_ids = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+            else:
+                next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         else:
             next_ids = scores.argmax(-1)
         next_ids = torch.where(finished, torch.full_like(next_ids, cfg.pad_token_id), next_ids)

@@ -146,6 +146,16 @@ def test_rank_sharding_equals_one_process(reference):
     assert tree(out) == tree(ref)
 
 
+def test_captions_do_not_depend_on_batching(reference):
+    """Each synthetic caption has its own random stream (seed, sample key, index): batch size is irrelevant."""
+    root, urls, ref, _ = reference
+    out = root / "batch3"
+    cap, filt = models()
+    CapFilt(cap, filt, CapFiltConfig(**{**CFG, "batch_size": 3})).run(CapFiltInput(urls=urls), out)
+    captions = lambda d: {r["key"]: [c["text"] for c in r["captions"]] for r in json.loads((d / "index.json").read_text())}  # noqa: E731
+    assert captions(out) == captions(ref)
+
+
 def test_json_input_and_index_readable_by_json_source(tmp_path):
     entries = [{"image": n, "caption": [CAPTIONS[n], "a photo"], "image_id": f"img{i}"} for i, n in enumerate(GOOD)]
     entries.append({"image": "missing.jpg", "caption": "gone"})

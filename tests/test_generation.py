@@ -114,3 +114,32 @@ def test_sampling_is_seeded_and_respects_nucleus():
     for t in range(seq.shape[1] - PROMPT.shape[1]):
         allowed = top_p_filter(logits[:, t], 0.5).isfinite()
         assert allowed.gather(1, seq[:, PROMPT.shape[1] + t, None]).all()
+
+
+def test_per_row_generators_make_rows_independent_of_the_batch():
+    lm = tiny_lm(6)
+    cfg = GenerationConfig(max_new_tokens=6, do_sample=True, top_p=0.8, eos_token_id=None, pad_token_id=1)
+    prompts = torch.tensor([[2, 10, 11, 12], [2, 20, 21, 22], [2, 30, 31, 32]])
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    batch = generate(HFStep(lm), prompts, None, cfg, generator=gens([7, 8, 9]))
+    alone = generate(HFStep(lm), prompts[1:2], None, cfg, generator=gens([8]))
+    assert torch.equal(batch[1:2], alone)
+    # the sampled tokens follow the nucleus of each step (teacher forcing)
+    logits = lm(input_ids=batch).logits[:, prompts.shape[1] - 1:-1]
+    for t in range(batch.shape[1] - prompts.shape[1]):
+        allowed = top_p_filter(logits[:, t], 0.8).isfinite()
+        assert allowed.gather(1, batch[:, prompts.shape[1] + t, None]).all()
+    with pytest.raises(ValueError, match="one per row"):
+        generate(HFStep(lm), prompts, None, cfg, generator=gens([1]))
+
+
+def test_per_row_sampling_follows_the_distribution():
+    # a fixed distribution: the step ignores its inputs
+    probs = torch.tensor([0.5, 0.3, 0.2])
+    step = lambda ids, mask: probs.log().expand(ids.shape[0], 3)  # noqa: E731
+    cfg = GenerationConfig(max_new_tokens=1, do_sample=True, eos_token_id=None)
+    rows = 3000
+    out = generate(step, torch.zeros(rows, 1, dtype=torch.long), None, cfg,
+                   generator=[torch.Generator().manual_seed(i) for i in range(rows)])
+    freq = torch.bincount(out[:, 1], minlength=3).float() / rows
+    assert torch.allclose(freq, probs, atol=0.03)
