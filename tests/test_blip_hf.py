@@ -11,13 +11,7 @@ from blip.models.blip import BlipCaption, BlipRetrieval, BlipVQA
 BOS, EOS_HF, PAD, SEP = 97, 2, 0, 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and a busy machine cannot slow them down (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def hf_config(layer_norm_eps=1e-5):

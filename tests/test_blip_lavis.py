@@ -15,13 +15,7 @@ SPECIAL_COLS = [0, 100, 101, 102, 103, 30522, 30523]
 HEADS = {"blip_caption": (4, 2), "blip_itm": (4, 2), "blip_vqa": (2, 2)}  # (vision, text): not stored in shapes
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and a busy machine cannot slow them down (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def fixture(name):

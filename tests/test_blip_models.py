@@ -26,13 +26,7 @@ HF_HUB = {"blip_base": BlipConfig(text_config=dict(num_attention_heads=12)),
                                    text_config=dict(num_attention_heads=12))}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and a busy machine cannot slow them down (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # No ViT-L VQA exists (BLIP's "capfilt_large" VQA is ViT-B); HF would give its answer decoder 1024-wide
