@@ -12,15 +12,13 @@ batch keys: "pixel_values" [B, 3, H, W], "text" list[str] (cleaned caption / que
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.tokenizer import DEC_TOKEN_ID, ENC_TOKEN_ID, PAD_TOKEN_ID, get_tokenizer, tokenize, with_first_token
-from ..losses import FeatureQueue, concat_all_gather, ema_update, lm_loss
-from .blip_pretrain import MOMENTUM_PAIRS, itm_hard_negatives, momentum_itc, ramped_alpha
+from ..losses import FeatureQueue, concat_all_gather, lm_loss
+from .blip_pretrain import MomentumDistillation, itm_hard_negatives, momentum_itc, ramped_alpha
 
 
 class TaskObjective(nn.Module):
@@ -67,7 +65,7 @@ class CaptionObjective(TaskObjective):
         return {"loss": loss, "loss_lm": loss}
 
 
-class RetrievalObjective(TaskObjective):
+class RetrievalObjective(MomentumDistillation, TaskObjective):
     """ITC (momentum distillation over world batch + queue, targets spread over every caption of the same image id)
     + ITM (hard negatives never sharing the image id), as BLIP ``blip_retrieval.py``.
 
@@ -81,9 +79,7 @@ class RetrievalObjective(TaskObjective):
         super().__init__(model)
         self.momentum, self.alpha, self.alpha_warmup_epochs = momentum, alpha, alpha_warmup_epochs
         self.max_txt_len, self.negative_all_rank, self.itc_world_batch = max_txt_len, negative_all_rank, itc_world_batch
-        self.temp = nn.Parameter(torch.tensor(temp))
-        for online, shadow in MOMENTUM_PAIRS:
-            setattr(self, shadow, copy.deepcopy(getattr(self, online)).requires_grad_(False))
+        self.init_momentum(temp)
         self.queue = FeatureQueue(self.vision_proj.out_features, queue_size)
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
@@ -109,15 +105,6 @@ class RetrievalObjective(TaskObjective):
         loss_itm = itm_hard_negatives(self.text_encoder, self.itm_head, image_embeds, enc_ids, mask, sim_i2t, sim_t2i,
                                       image_ids, self.negative_all_rank)
         return {"loss": loss_itc + loss_itm, "loss_itc": loss_itc, "loss_itm": loss_itm}
-
-    @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        for online, shadow in MOMENTUM_PAIRS:
-            ema_update(getattr(self, online), getattr(self, shadow), self.momentum)
-        self.temp.clamp_(0.001, 0.5)
-
-    def no_weight_decay(self) -> set[str]:
-        return {"temp"}
 
 
 def answer_weights(answers: list[str]) -> tuple[list[str], list[float]]:

@@ -105,7 +105,27 @@ def itm_hard_negatives(text_encoder: TextTransformer, itm_head: nn.Module, image
     return itm_loss(itm_head(torch.cat([pos, neg])), enc_ids.shape[0])
 
 
-class BlipPretrain(nn.Module):
+class MomentumDistillation:
+    """ALBEF/BLIP momentum machinery shared by pretraining and retrieval fine-tuning: EMA copies of the
+    ``MOMENTUM_PAIRS`` modules (no gradients) and a learnable ITC temperature clamped to [0.001, 0.5]."""
+
+    def init_momentum(self, temp: float) -> None:
+        self.temp = nn.Parameter(torch.tensor(temp))
+        for online, shadow in MOMENTUM_PAIRS:
+            setattr(self, shadow, copy.deepcopy(getattr(self, online)).requires_grad_(False))
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """EMA of the momentum copies and the temperature clamp (BLIP does both at the start of forward)."""
+        for online, shadow in MOMENTUM_PAIRS:
+            ema_update(getattr(self, online), getattr(self, shadow), self.momentum)
+        self.temp.clamp_(0.001, 0.5)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"temp"}
+
+
+class BlipPretrain(MomentumDistillation, nn.Module):
     """BLIP pretraining objective. ``forward(batch) -> {"loss", "loss_itc", "loss_itm", "loss_lm"}``.
 
     batch: {"pixel_values": [B, 3, H, W], "text": list[str] (cleaned captions), "image_ids": LongTensor [B],
@@ -132,9 +152,7 @@ class BlipPretrain(nn.Module):
         self.vision_proj = nn.Linear(cfg.vision.width, cfg.embed_dim)
         self.text_proj = nn.Linear(cfg.text.hidden_size, cfg.embed_dim)
         self.itm_head = nn.Linear(cfg.text.hidden_size, 2)
-        self.temp = nn.Parameter(torch.tensor(temp))
-        for online, shadow in MOMENTUM_PAIRS:
-            setattr(self, shadow, copy.deepcopy(getattr(self, online)).requires_grad_(False))
+        self.init_momentum(temp)
         self.queue = FeatureQueue(cfg.embed_dim, queue_size)
 
     # ---- training -------------------------------------------------------------------------------------------
@@ -174,16 +192,6 @@ class BlipPretrain(nn.Module):
         loss_lm = lm_loss(logits, dec_ids.masked_fill(dec_ids == PAD_TOKEN_ID, -100), self.label_smoothing)
         return {"loss": loss_itc + loss_itm + loss_lm, "loss_itc": loss_itc, "loss_itm": loss_itm,
                 "loss_lm": loss_lm}
-
-    @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        """EMA of the momentum copies and the temperature clamp (BLIP does both at the start of forward)."""
-        for online, shadow in MOMENTUM_PAIRS:
-            ema_update(getattr(self, online), getattr(self, shadow), self.momentum)
-        self.temp.clamp_(0.001, 0.5)
-
-    def no_weight_decay(self) -> set[str]:
-        return {"temp"}
 
     # ---- retrieval API (evaluation during pretraining), as BlipRetrieval ---------------------------------------
     def encode_image(self, pixel_values: Tensor) -> Tensor:
