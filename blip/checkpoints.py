@@ -92,8 +92,8 @@ _BERT_LAYER = [  # (BERT suffix, our suffix, fused slot or None)
     ("intermediate_query.dense", "ffn_query.fc1", None), ("output_query.dense", "ffn_query.fc2", None),
     ("output_query.LayerNorm", "ffn_query.norm", None),
 ]
-_BERT_EMB = [("embeddings.word_embeddings", "embeddings.word"), ("embeddings.position_embeddings", "embeddings.position"),
-             ("embeddings.LayerNorm", "embeddings.norm")]
+_BERT_EMB = {"embeddings.word_embeddings": "embeddings.word", "embeddings.position_embeddings": "embeddings.position",
+             "embeddings.LayerNorm": "embeddings.norm"}
 
 
 def bert_to_ours(sd: StateDict, src: str, dst: str, self_name: str = "self",
@@ -107,7 +107,7 @@ def bert_to_ours(sd: StateDict, src: str, dst: str, self_name: str = "self",
     out: StateDict = {}
     used: set[str] = set()
     fused: dict[str, dict[int, Tensor]] = {}
-    emb = embeddings if embeddings is not None else {s: d for s, d in _BERT_EMB}
+    emb = _BERT_EMB if embeddings is None else embeddings
     for name, value in sd.items():
         if not name.startswith(src):
             continue
@@ -140,7 +140,7 @@ def ours_to_bert(sd: StateDict, src: str, dst: str, self_name: str = "self",
                  embeddings: dict[str, str] | None = None) -> StateDict:
     """Inverse of :func:`bert_to_ours`: split fused projections back into BERT names."""
     out: StateDict = {}
-    emb = embeddings if embeddings is not None else {s: d for s, d in _BERT_EMB}
+    emb = _BERT_EMB if embeddings is None else embeddings
     for name, value in sd.items():
         if not name.startswith(src):
             continue

@@ -1,5 +1,6 @@
 """blip.create_model / list_models / load dispatch."""
 import pytest
+import torch
 
 import blip
 from blip.checkpoints import CheckpointError
@@ -11,7 +12,8 @@ def test_every_listed_model_is_buildable_at_tiny_size():
     assert ("blip2_vitg_qformer", "stage2") not in pairs  # a Q-Former arch has no LLM
     for arch, task in pairs:
         if "tiny" in arch:
-            assert blip.create_model(arch, task) is not None, (arch, task)
+            model = blip.create_model(arch, task)
+            assert isinstance(model, torch.nn.Module) and any(p.requires_grad for p in model.parameters()), (arch, task)
 
 
 def test_load_errors_name_the_problem(tmp_path):

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from blip.data.datasets import ImageTextStream, JsonSource, TrainData, eval_batches
 from blip.data.mixing import mixed

@@ -12,10 +12,7 @@ def tiny_lm(seed: int = 0) -> OPTForCausalLM:
     cfg = OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
                     max_position_embeddings=64, word_embed_proj_dim=32, init_std=0.3, bos_token_id=2,
                     eos_token_id=2, pad_token_id=1)
-    lm = OPTForCausalLM(cfg).eval()
-
-
-    return lm
+    return OPTForCausalLM(cfg).eval()
 
 
 class HFStep:
