@@ -88,6 +88,12 @@ _BERT_LAYER = [  # (BERT suffix, our suffix, fused slot or None)
     ("crossattention.{s}.query", "cross_attn.q", None), ("crossattention.{s}.key", "cross_attn.kv", 0),
     ("crossattention.{s}.value", "cross_attn.kv", 1),
     ("crossattention.output.dense", "cross_attn.out", None), ("crossattention.output.LayerNorm", "cross_attn.norm", None),
+    # BLIP NLVR2's twin cross-attention: self0/dense0 read image 0, self1/dense1 image 1, merge_layer joins them
+    *[(f"crossattention.self{i}.{src}", f"cross_attn.image{i}.{dst}", slot) for i in (0, 1)
+      for src, dst, slot in (("query", "q", None), ("key", "kv", 0), ("value", "kv", 1))],
+    ("crossattention.output.dense0", "cross_attn.image0.out", None),
+    ("crossattention.output.dense1", "cross_attn.image1.out", None),
+    ("crossattention.output.merge_layer", "cross_attn.merge", None),
     ("intermediate.dense", "ffn.fc1", None), ("output.dense", "ffn.fc2", None), ("output.LayerNorm", "ffn.norm", None),
     ("intermediate_query.dense", "ffn_query.fc1", None), ("output_query.dense", "ffn_query.fc2", None),
     ("output_query.LayerNorm", "ffn_query.norm", None),

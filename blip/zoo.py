@@ -33,6 +33,7 @@ PRETRAINED: dict[str, Pretrained] = {
     "blip-base-retrieval-coco": Pretrained(f"{BLIP_GCS}/model_base_retrieval_coco.pth", "blip_base", "retrieval", 384),
     "blip-large-retrieval-coco": Pretrained(f"{BLIP_GCS}/model_large_retrieval_coco.pth", "blip_large", "retrieval", 384),
     "blip-base-retrieval-flickr": Pretrained(f"{BLIP_GCS}/model_base_retrieval_flickr.pth", "blip_base", "retrieval", 384),
+    "blip-base-nlvr": Pretrained(f"{BLIP_GCS}/model_base_nlvr.pth", "blip_base", "nlvr", 384),   # LAVIS blip_nlvr too
     # HF transformers ports
     "hf-blip-image-captioning-base": Pretrained("Salesforce/blip-image-captioning-base", "blip_base", "caption", 384),
     "hf-blip-image-captioning-large": Pretrained("Salesforce/blip-image-captioning-large", "blip_large", "caption", 384),

@@ -137,5 +137,5 @@ def test_weights_flow_pretrain_to_objective_to_task_model():
     vqa = VQAObjective(tiny("vqa"))
     load_pretrain_weights(vqa, pre.state_dict(), "pretrain")   # tiny: vision width == text width, so K/V fit
     with pytest.raises(KeyError):
-        wrap_objective("nlvr", task)
+        wrap_objective("snli_ve", task)
     assert isinstance(wrap_objective("caption", tiny("caption"), prompt="a photo of "), CaptionObjective)

@@ -7,7 +7,8 @@ Formats and what each is expected to carry without use (everything else must loa
   ``idx_queue``, ``queue_ptr``/``ptr_queue`` (ours: ``queue.*``), ``temp``; loaded into ``BlipPretrain``
   (task="pretrain") they all load, except ``queue.idx_queue`` which pretraining checkpoints lack;
 - a task model takes what it needs: a caption model ignores ``text_encoder``/projections/``itm_head``, retrieval
-  and the feature extractor ignore ``text_decoder`` (and the latter ``itm_head``), VQA ignores projections and ITM.
+  and the feature extractor ignore ``text_decoder`` (and the latter ``itm_head``), VQA ignores projections and ITM;
+- NLVR2 (``model_base_nlvr.pth``, LAVIS ``blip_nlvr``; started from other checkpoints too): :mod:`.blip_nlvr`.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from ..models.blip import ARCHS, TASK_CLASSES, BlipConfig, build
 from ..models.blip_tasks import BlipCaption, BlipRetrieval, BlipVQA
 from ..nn.transformer import TextConfig
 from ..nn.vit import VisionConfig, resize_pos_embed
+from .blip_nlvr import FROM_SINGLE_MISSING, NLVR_UNUSED, is_nlvr, twin_from_single
 
 ALWAYS_UNUSED = [r".*embeddings\.position_ids", r"text_decoder(_m)?\.cls\.predictions\.decoder\.(weight|bias)"]
 PRETRAIN_UNUSED = [r".*_m\..*", r"queue\.(image_queue|text_queue|idx_queue|queue_ptr)", r"temp"]
@@ -35,12 +37,13 @@ TASK_UNUSED = {
     "retrieval": [r"text_decoder\..*"],
     "feature_extractor": [r"text_decoder\..*", r"itm_head\..*"],
     "vqa": [r"(vision_proj|text_proj|itm_head)\..*"],
+    "nlvr": NLVR_UNUSED,
     "pretrain": [],
 }
 TASK_MISSING = {"pretrain": [r"queue\.idx_queue"]}   # BLIP pretraining keeps no image-id queue
 _LM_HEAD = [("predictions.bias", "bias"), ("predictions.transform.dense.", "dense."),
             ("predictions.transform.LayerNorm.", "norm.")]
-_PASS_THROUGH = re.compile(r"(visual_encoder(_m)?|vision_proj(_m)?|text_proj(_m)?|itm_head)\.")
+_PASS_THROUGH = re.compile(r"(visual_encoder(_m)?|vision_proj(_m)?|text_proj(_m)?|itm_head|cls_head)\.")
 
 
 def owns(sd: StateDict) -> bool:
@@ -103,12 +106,14 @@ def ours_to_original(sd: StateDict) -> StateDict:
 
 def detect_task(sd: StateDict) -> str:
     """Task from the keys (ours or original names): decoder only -> caption; encoder + ITM head -> retrieval (also
-    with momentum encoders and queues, as BLIP's retrieval checkpoints); encoder + decoder -> vqa. A pretraining
-    checkpoint holds decoder and ITM head: the caller must choose."""
+    with momentum encoders and queues, as BLIP's retrieval checkpoints); encoder + decoder -> vqa; classifier or
+    twin cross-attention -> nlvr. A pretraining checkpoint holds decoder and ITM head: the caller must choose."""
+    if is_nlvr(sd):
+        return "nlvr"
     has = {p: any(k.startswith(p) for k in sd) for p in ("text_encoder.", "text_decoder.", "itm_head.")}
     if has["text_decoder."] and has["itm_head."]:
         raise CheckpointError("this is a BLIP pretraining checkpoint (text encoder, decoder, ITM head): pass "
-                              "task='caption' | 'retrieval' | 'vqa' | 'feature_extractor' | 'pretrain'")
+                              "task='caption' | 'retrieval' | 'vqa' | 'nlvr' | 'feature_extractor' | 'pretrain'")
     if has["text_decoder."] and has["text_encoder."]:
         return "vqa"
     if has["text_decoder."]:
@@ -150,12 +155,15 @@ def _fit_pos_embed(sd: StateDict, model: nn.Module, report: LoadReport) -> None:
             report.resized.append(f"{key} {old}->{own[key].shape[1]} positions")
 
 
-def load_state(model: nn.Module, sd: StateDict, source: str, task: str, pretrain: bool = False) -> LoadReport:
-    """Load a converted (ours-layout) state dict against the explicit expected-unused lists; keep the report."""
+def load_state(model: nn.Module, sd: StateDict, source: str, task: str, pretrain: bool = False,
+               expected_missing: list[str] = ()) -> LoadReport:
+    """Load a converted (ours-layout) state dict against the explicit expected-absent / expected-unused lists
+    (the task's, plus ``expected_missing`` of the conversion); keep the report."""
     report = LoadReport(source)
     _fit_pos_embed(sd, model, report)
     unused = ALWAYS_UNUSED + TASK_UNUSED.get(task, []) + (PRETRAIN_UNUSED if pretrain else [])
-    load_into(model, sd, source, expected_missing=TASK_MISSING.get(task, []), expected_unused=unused, report=report)
+    missing = TASK_MISSING.get(task, []) + list(expected_missing)
+    load_into(model, sd, source, expected_missing=missing, expected_unused=unused, report=report)
     model.load_report = report
     return report
 
@@ -184,8 +192,11 @@ def load_original(state_dict: StateDict, source: str, arch: str | None = None, t
             config = config_from_dict(saved["config"])
         else:
             config = config_from_state_dict(sd)
+    missing = []
+    if task == "nlvr" and not is_nlvr(sd):   # start NLVR2 fine-tuning: both branches from the one cross-attention
+        sd, missing = twin_from_single(sd), FROM_SINGLE_MISSING
     model = build(config.with_overrides(**overrides), task)
-    load_state(model, sd, source, task, pretrain)
+    load_state(model, sd, source, task, pretrain, missing)
     return model.eval()
 
 

@@ -10,10 +10,11 @@ from torch import nn
 from ..nn.transformer import TextConfig
 from ..nn.vit import VisionConfig
 from .blip_core import BlipConfig, BlipOutput, TextDecoder
+from .blip_nlvr import BlipNLVR, NLVROutput
 from .blip_tasks import BlipCaption, BlipFeatureExtractor, BlipRetrieval, BlipVQA, RankOutput, RetrievalOutput
 
 __all__ = ["ARCHS", "TASKS", "create", "BlipConfig", "BlipCaption", "BlipRetrieval", "BlipVQA", "BlipFeatureExtractor",
-           "BlipOutput", "RankOutput", "RetrievalOutput", "TextDecoder"]
+           "BlipNLVR", "BlipOutput", "NLVROutput", "RankOutput", "RetrievalOutput", "TextDecoder"]
 
 ARCHS: dict[str, BlipConfig] = {
     # ViT-B/16 at 384 px + BERT-base MED (768 / 12 layers / 12 heads), vocab 30522 + [DEC] + [ENC]
@@ -29,7 +30,7 @@ ARCHS: dict[str, BlipConfig] = {
 }
 
 TASK_CLASSES: dict[str, type[nn.Module]] = {"caption": BlipCaption, "retrieval": BlipRetrieval, "vqa": BlipVQA,
-                                            "feature_extractor": BlipFeatureExtractor}
+                                            "feature_extractor": BlipFeatureExtractor, "nlvr": BlipNLVR}
 TASKS: tuple[str, ...] = (*TASK_CLASSES, "pretrain")
 
 

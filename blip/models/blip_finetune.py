@@ -1,4 +1,5 @@
-"""BLIP fine-tuning objectives (original BLIP ``train_caption.py`` / ``train_retrieval.py`` / ``train_vqa.py``):
+"""BLIP fine-tuning objectives (original BLIP ``train_caption.py`` / ``train_retrieval.py`` / ``train_vqa.py`` /
+``train_nlvr.py``):
 ``forward(batch) -> {"loss", ...terms}`` around a task model, for the trainer (DDP wraps the objective).
 
 The task model's submodules are registered under their own names (``visual_encoder``, ``text_encoder``...), so an
@@ -8,7 +9,8 @@ encoders, queues and temperature, as BLIP's ``blip_retrieval(pretrained=...)`` d
 loads back into the task model by name. ``objective.model`` is the task model (generation, evaluation).
 
 batch keys: "pixel_values" [B, 3, H, W], "text" list[str] (cleaned caption / question), "image_ids" [B],
-"progress" (epochs); VQA also "answers" list[list[str]] and optionally "weights" list[list[float]].
+"progress" (epochs); VQA also "answers" list[list[str]] and optionally "weights" list[list[float]]; NLVR2 instead
+"pixel_values_left" / "pixel_values_right" [B, 3, H, W], "text" and "labels" [B] (1 = the sentence is true).
 """
 from __future__ import annotations
 
@@ -151,8 +153,25 @@ class VQAObjective(TaskObjective):
         return {"loss": loss, "loss_vqa": loss}
 
 
+class NLVRObjective(TaskObjective):
+    """BLIP NLVR2: cross-entropy (no label smoothing) of the 2-way logits. The sentence is tokenized as BLIP does:
+    ``[ENC] sentence [SEP]`` padded to the longest, not truncated (``max_txt_len`` defaults to the model's
+    position limit)."""
+
+    def __init__(self, model: nn.Module, max_txt_len: int | None = None):
+        super().__init__(model)
+        self.max_txt_len = max_txt_len or model.cfg.text.max_position_embeddings
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        ids, mask = self._tokens(batch["text"], self.max_txt_len)
+        ids = with_first_token(ids, ENC_TOKEN_ID)
+        logits = self.model(batch["pixel_values_left"], batch["pixel_values_right"], ids, mask).logits
+        loss = F.cross_entropy(logits, batch["labels"].to(logits.device))
+        return {"loss": loss, "loss_nlvr": loss}
+
+
 OBJECTIVES: dict[str, type[TaskObjective]] = {"caption": CaptionObjective, "retrieval": RetrievalObjective,
-                                              "vqa": VQAObjective}
+                                              "vqa": VQAObjective, "nlvr": NLVRObjective}
 
 
 def wrap_objective(task: str, model: nn.Module, **settings) -> TaskObjective:

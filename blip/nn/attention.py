@@ -51,8 +51,8 @@ def grouped_cross_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None
 
 
 def padding_mask(attention_mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Key-padding mask [B, Tk] (1 = token, 0 = pad) -> additive [B, 1, 1, Tk]."""
-    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+    """Key-padding mask [..., B, Tk] (1 = token, 0 = pad) -> additive [..., B, 1, 1, Tk]."""
+    return (1.0 - attention_mask[..., None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
 def causal_mask(attention_mask: Tensor, query_length: int, prefix_length: int = 0,

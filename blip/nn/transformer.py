@@ -5,6 +5,8 @@ Post-LayerNorm BERT layers with
   query tokens that text can see but that cannot see text) — chosen per call by the mask;
 - cross-attention to image features in every ``cross_attention_freq``-th layer, applied to all positions
   (MED) or to the query positions only (Q-Former, ``cross_attention_queries_only``);
+- twin cross-attention to two images (BLIP NLVR2, ``twin_cross_attention``): one cross-attention per image, their
+  outputs averaged, or concatenated and projected from layer ``twin_merge_from_layer`` on;
 - an optional second FFN for the leading query positions (Q-Former);
 - a preallocated KV cache for decoding, and cross-attention K/V that can be computed once per batch.
 
@@ -36,6 +38,8 @@ class TextConfig:
     encoder_width: int | None = 768      # width of the image features; None: no cross-attention at all
     cross_attention_freq: int = 1        # cross-attention in layers i with i % freq == 0
     cross_attention_queries_only: bool = False  # Q-Former: only query positions attend to the image
+    twin_cross_attention: bool = False   # BLIP NLVR2: attend to two images ([2, B, S, E] features) separately
+    twin_merge_from_layer: int = 6       # NLVR2: layers >= this merge the two by a linear layer, earlier ones average
     query_ffn: bool = False              # Q-Former: separate FFN for the leading query positions
     text_ffn: bool = True                # BLIP-2 stage 2 drops the text FFN
     word_embeddings: bool = True         # BLIP-2 stage 2 drops word/position embeddings
@@ -82,24 +86,61 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    """Text -> image attention; with ``residual_norm=False`` only the projected context (a twin branch)."""
+
+    def __init__(self, cfg: TextConfig, residual_norm: bool = True):
         super().__init__()
         self.heads, self.dropout_p = cfg.num_heads, cfg.attention_dropout
         self.q = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.kv = nn.Linear(cfg.encoder_width, 2 * cfg.hidden_size)
         self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        if residual_norm:
+            self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+            self.dropout = nn.Dropout(cfg.hidden_dropout)
 
     def project_kv(self, encoder_hidden_states: Tensor) -> tuple[Tensor, Tensor]:
         """[B, S, E] -> (k, v), each [B, H, S, Dh]."""
         k, v = self.kv(encoder_hidden_states).chunk(2, dim=-1)
         return split_heads(k, self.heads), split_heads(v, self.heads)
 
-    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], mask: Tensor | None, group: int = 1) -> Tensor:
+    def attend(self, x: Tensor, kv: tuple[Tensor, Tensor], mask: Tensor | None, group: int = 1) -> Tensor:
+        """x [B, T, D] -> projected context [B, T, D] (no residual)."""
         q = split_heads(self.q(x), self.heads)
         h = grouped_cross_attention(q, kv[0], kv[1], mask, group, self.dropout_p if self.training else 0.0)
-        return self.norm(x + self.dropout(self.out(merge_heads(h))))
+        return self.out(merge_heads(h))
+
+    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], mask: Tensor | None, group: int = 1) -> Tensor:
+        return self.norm(x + self.dropout(self.attend(x, kv, mask, group)))
+
+
+class TwinCrossAttention(nn.Module):
+    """BLIP NLVR2: the text attends to image 0 and image 1 with separate cross-attentions (own q, k/v and output
+    projections); the two outputs are averaged, or, with ``merge``, concatenated and projected by a linear layer
+    (no activation, as BLIP / LAVIS). Then dropout, residual and one LayerNorm.
+
+    Image features come stacked: [2, B, S, E] (index 0 = image 0), masks [2, B, 1, 1, S].
+    """
+
+    def __init__(self, cfg: TextConfig, merge: bool):
+        super().__init__()
+        self.image0 = CrossAttention(cfg, residual_norm=False)
+        self.image1 = CrossAttention(cfg, residual_norm=False)
+        self.merge = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size) if merge else None
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def project_kv(self, encoder_hidden_states: Tensor) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """[2, B, S, E] -> ((k0, v0), (k1, v1)), each [B, H, S, Dh]."""
+        if encoder_hidden_states.dim() != 4 or encoder_hidden_states.shape[0] != 2:
+            raise ValueError("twin cross-attention reads two images: pass encoder_hidden_states stacked as "
+                             f"[2, B, S, E], got {tuple(encoder_hidden_states.shape)}")
+        return self.image0.project_kv(encoder_hidden_states[0]), self.image1.project_kv(encoder_hidden_states[1])
+
+    def forward(self, x: Tensor, kv: tuple, mask: Tensor | None, group: int = 1) -> Tensor:
+        h0 = self.image0.attend(x, kv[0], None if mask is None else mask[0], group)
+        h1 = self.image1.attend(x, kv[1], None if mask is None else mask[1], group)
+        h = (h0 + h1) / 2 if self.merge is None else self.merge(torch.cat([h0, h1], dim=-1))
+        return self.norm(x + self.dropout(h))
 
 
 class FeedForward(nn.Module):
@@ -115,19 +156,22 @@ class FeedForward(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, cfg: TextConfig, has_cross_attention: bool):
+    def __init__(self, cfg: TextConfig, index: int):
         super().__init__()
         self.cfg = cfg
         self.self_attn = SelfAttention(cfg)
-        self.cross_attn = CrossAttention(cfg) if has_cross_attention else None
+        self.cross_attn = None
+        if cfg.encoder_width is not None and index % cfg.cross_attention_freq == 0:
+            self.cross_attn = (TwinCrossAttention(cfg, merge=index >= cfg.twin_merge_from_layer)
+                               if cfg.twin_cross_attention else CrossAttention(cfg))
         self.ffn = FeedForward(cfg) if cfg.text_ffn else None
         self.ffn_query = FeedForward(cfg) if cfg.query_ffn else None
 
     def forward(self, x: Tensor, mask: Tensor | None, cross: Tensor | tuple[Tensor, Tensor] | None,
                 cross_mask: Tensor | None, query_length: int, cache: KVCache | None, layer: int,
                 group: int) -> Tensor:
-        """cross: image features [B', S, E] (projected here, inside the layer, so FSDP can shard per layer and
-        checkpointing recomputes them) or this layer's precomputed (k, v) (decoding)."""
+        """cross: image features [B', S, E] (twin: [2, B', S, E]), projected here, inside the layer, so FSDP can
+        shard per layer and checkpointing recomputes them; or this layer's precomputed (k, v) (decoding)."""
         x = self.self_attn(x, mask, cache, layer)
         queries_only = self.cfg.cross_attention_queries_only  # Q-Former: text never attends to the image
         if self.cross_attn is not None and cross is not None and (query_length or not queries_only):
@@ -157,9 +201,7 @@ class TextTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embeddings = Embeddings(cfg)
-        self.layers = nn.ModuleList(
-            TransformerLayer(cfg, cfg.encoder_width is not None and i % cfg.cross_attention_freq == 0)
-            for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(TransformerLayer(cfg, i) for i in range(cfg.num_layers))
         self.grad_checkpointing = False
         self.apply(self._init_weights)
 
@@ -193,8 +235,9 @@ class TextTransformer(nn.Module):
         input_ids: [B, T]; query_embeds: [B, Q, D] (placed before the text).
         attention_mask: [B, Tk] over all keys, cached ones included (1 = token, 0 = pad); default all ones.
         causal: causal self-attention; ``prefix_length`` leading keys form a bidirectional prefix (Q-Former ITG).
-        encoder_hidden_states: [B', S, E] image features (or ``cross_kv`` from :meth:`cross_kv`), with B = B' * beam_group.
-        encoder_attention_mask: [B', S]. cache: a :class:`KVCache` (decoding); position_offset: first text position
+        encoder_hidden_states: [B', S, E] image features (or ``cross_kv`` from :meth:`cross_kv`), with B = B' * beam_group;
+        twin cross-attention: both images' features stacked, [2, B', S, E].
+        encoder_attention_mask: [B', S] (twin: [2, B', S]). cache: a :class:`KVCache` (decoding); position_offset: first text position
         (default: the number of text tokens already in the cache).
         Returns [B, Q + T, D].
         """
