@@ -41,8 +41,8 @@ def test_lavis_logits_hidden_states_and_loss(lavis):
         states = model.text_encoder(fed["text_input_ids"], attention_mask=fed["text_attention_mask"],
                                     encoder_hidden_states=res.image_embeds)
         # the objective tokenizes the raw sentences itself ([ENC] first, padded to the longest, not truncated)
-        loss = NLVRObjective(model)({"pixel_values_left": inp["image0"], "pixel_values_right": inp["image1"],
-                                     "text": inp["text_input"], "labels": inp["label"]})["loss"]
+        pairs = torch.stack([inp["image0"], inp["image1"]], dim=1)
+        loss = NLVRObjective(model)({"pixel_values": pairs, "text": inp["text_input"], "label": inp["label"]})["loss"]
     close(res.image_embeds, out["image_embeds"])
     close(states, out["text_last_hidden_state"])
     close(res.logits, out["logits"])

@@ -69,7 +69,7 @@ def test_each_option_composes_with_the_schema_of_its_group(group, option):
 def test_each_task_composes(task):
     cfg = compose_cfg(["stage=1", f"task={task}"])
     out = resolved(cfg)
-    assert out["model"]["task"] in ("caption", "retrieval", "vqa")
+    assert out["model"]["task"] in ("caption", "retrieval", "vqa", "nlvr")
     assert "init_from" in out
     assert set(out["eval"]) == set(resolved(compose_cfg(["stage=1"]))["eval"])
     assert key_paths(out["trainer"]) == key_paths(resolved(compose_cfg(["stage=1", "trainer=blip_pretrain"]))["trainer"])

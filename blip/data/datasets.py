@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from blip.data.collate import collate_image_text
 from blip.data.mixing import Source, mixed, slot_stream
+from blip.data.nlvr2 import swap_left_right
 from blip.data.skips import SkipCounter
 from blip.data.webdataset import stable_id
 
@@ -77,11 +78,15 @@ def _load_image(data):
 
 
 def decode(raw: dict, transform: Callable | None, text_fn: Callable[[str], str], skips: SkipCounter) -> dict | None:
-    """Raw sample → {"pixel_values", "text", "image_id"}; None (counted, logged) if the image can't be read.
+    """Raw sample → {"pixel_values", "text", "image_id"}; None (counted, logged) if an image can't be read.
 
+    A pair sample (NLVR2: `raw["image"]` is a (left, right) tuple) gives pixel_values [2, 3, H, W], each image
+    transformed on its own; with `raw["random_swap"]` the pair is swapped with probability 0.5 together with the
+    words "left" / "right" of its (cleaned) text, as BLIP trains NLVR2.
     With `transform=None` the image is only decoded (used when fast-forwarding, to skip the same samples)."""
+    paired = isinstance(raw["image"], tuple)
     try:
-        image = _load_image(raw["image"])
+        images = [_load_image(p) for p in (raw["image"] if paired else [raw["image"]])]
     except (ValueError, OSError) as exc:  # ImageDecodeError is a ValueError; a missing file an OSError
         skips.add("bad_image", f"{raw['key']}: {exc}")
         return None
@@ -89,7 +94,11 @@ def decode(raw: dict, transform: Callable | None, text_fn: Callable[[str], str],
     if not text:
         skips.add("empty_text", raw["key"])
         return None
-    pixel_values = transform(image) if transform is not None else None
+    pixel_values = None
+    if transform is not None:
+        pixel_values = torch.stack([transform(im) for im in images]) if paired else transform(images[0])
+        if raw.get("random_swap") and torch.rand(()) < 0.5:
+            pixel_values, text = pixel_values.flip(0), swap_left_right(text)
     return {"pixel_values": pixel_values, "text": text, "image_id": raw["image_id"], "key": raw["key"],
             **raw.get("extra", {})}
 

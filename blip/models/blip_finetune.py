@@ -9,8 +9,8 @@ encoders, queues and temperature, as BLIP's ``blip_retrieval(pretrained=...)`` d
 loads back into the task model by name. ``objective.model`` is the task model (generation, evaluation).
 
 batch keys: "pixel_values" [B, 3, H, W], "text" list[str] (cleaned caption / question), "image_ids" [B],
-"progress" (epochs); VQA also "answers" list[list[str]] and optionally "weights" list[list[float]]; NLVR2 instead
-"pixel_values_left" / "pixel_values_right" [B, 3, H, W], "text" and "labels" [B] (1 = the sentence is true).
+"progress" (epochs); VQA also "answers" list[list[str]] and optionally "weights" list[list[float]]; NLVR2's
+"pixel_values" are pairs [B, 2, 3, H, W] (left, right) with "label" [B] (1 = the sentence is true).
 """
 from __future__ import annotations
 
@@ -165,8 +165,9 @@ class NLVRObjective(TaskObjective):
     def forward(self, batch: dict) -> dict[str, Tensor]:
         ids, mask = self._tokens(batch["text"], self.max_txt_len)
         ids = with_first_token(ids, ENC_TOKEN_ID)
-        logits = self.model(batch["pixel_values_left"], batch["pixel_values_right"], ids, mask).logits
-        loss = F.cross_entropy(logits, batch["labels"].to(logits.device))
+        pairs = batch["pixel_values"]
+        logits = self.model(pairs[:, 0], pairs[:, 1], ids, mask).logits
+        loss = F.cross_entropy(logits, torch.as_tensor(batch["label"], device=logits.device))
         return {"loss": loss, "loss_nlvr": loss}
 
 

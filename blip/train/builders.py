@@ -31,7 +31,7 @@ def create_training_model(arch: str, task: str, *, objective: dict | None = None
         elif llm_tokenizer:
             model.config.tokenizer = llm_tokenizer
         return Blip2Stage2Objective(model, **(objective or {}))
-    if task in ("caption", "retrieval", "vqa") and arch.startswith("blip_"):  # BLIP fine-tuning
+    if task in ("caption", "retrieval", "vqa", "nlvr") and arch.startswith("blip_"):  # BLIP fine-tuning
         from blip.models.blip_finetune import wrap_objective
 
         return wrap_objective(task, blip.create_model(arch, task, **overrides), **(objective or {}))

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from blip.data.datasets import ImageTextStream, JsonSource, TrainData, eval_batches
+from blip.convert.blip_nlvr import is_nlvr, twin_from_single
 from blip.data.webdataset import WebDatasetSource
 from blip.train.checkpoint import list_checkpoints, load_checkpoint
 from blip.train.distributed import DistInfo, barrier, block_lists, init_distributed, unwrap, wrap_model
@@ -73,6 +74,8 @@ def load_init_weights(model: nn.Module, path: str | Path) -> None:
     ckpt = checkpoint_path(path)
     state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)["model"]
     own = model.state_dict()
+    if is_nlvr(own) and not is_nlvr(state):  # NLVR2 from a single-image run: both branches start from its cross-attn
+        state = twin_from_single(state)
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     missing, _ = model.load_state_dict(usable, strict=False)
     log.info("init_from %s: loaded %d tensors, %d not in the checkpoint (kept at init), %d unused",
@@ -103,7 +106,10 @@ def make_source(entry: DictConfig):
         return JsonSource(entry.annotation, entry.get("image_root", ""), text_field=entry.get("text_field", "caption"))
     if entry.type == "wds":
         return WebDatasetSource(entry.urls, num_samples=int(entry.num_samples))
-    raise ValueError(f"unknown dataset type {entry.type!r} (json | wds)")
+    if entry.type == "nlvr2":
+        from blip.data.nlvr2 import NLVR2Source
+        return NLVR2Source(entry.annotation, entry.get("image_root", ""), random_swap=entry.get("random_swap", True))
+    raise ValueError(f"unknown dataset type {entry.type!r} (json | wds | nlvr2)")
 
 
 def text_cleaner(max_words: int):
@@ -221,7 +227,7 @@ def run(cfg: DictConfig) -> dict:
     init = locate(str(cfg.init_from), cfg, run_dir) if cfg.get("init_from") else None
     if init is not None:
         load_init_weights(model, init)
-    if init is None and cfg.model.task in ("caption", "retrieval", "vqa"):
+    if init is None and cfg.model.task in ("caption", "retrieval", "vqa", "nlvr"):
         log.warning("%s/%s starts from random weights: set init_from=<run dir> to fine-tune pretrained weights",
                     cfg.model.arch, cfg.model.task)
     resume_from = find_resume(cfg, run_dir)
@@ -267,7 +273,7 @@ def run(cfg: DictConfig) -> dict:
         eval_model = unsharded_copy(wrapped, cfg, info)  # sharded weights are only whole inside forward
     if info.is_main:
         write_loss_curve(history, run_dir)
-        if cfg.model.task in ("caption", "retrieval", "vqa"):
+        if cfg.model.task in ("caption", "retrieval", "vqa", "nlvr"):
             log.info("fine-tuning run: evaluate its checkpoint with the task's own protocol (blip.evaluation)")
         elif cfg.eval.enabled and eval_source is not None:
             results["eval"] = evaluate(eval_model, cfg, eval_source, info)
