@@ -101,3 +101,14 @@ def test_create_model_base_nlvr_structure():
     merge = sorted(int(k.split(".")[2]) for k in model.state_dict() if k.endswith("cross_attn.merge.weight"))
     assert merge == list(range(6, 12))   # BLIP's nlvr_encoder: layers >= 6 merge, earlier ones average
     assert model.cls_head[2].out_features == 2 and model.cfg.image_size == 384
+
+
+def test_safetensors_export_round_trip(lavis, tmp_path):
+    from blip.convert.blip import save_safetensors
+    model, inp, out = lavis
+    again = blip.load(save_safetensors(model, tmp_path / "nlvr.safetensors"))
+    assert isinstance(again, BlipNLVR) and again.cfg == model.cfg
+    fed = inp["tokens_as_fed"]
+    with torch.no_grad():
+        logits = again(inp["image0"], inp["image1"], fed["text_input_ids"], fed["text_attention_mask"]).logits
+    close(logits, out["logits"])

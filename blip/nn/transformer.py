@@ -235,10 +235,10 @@ class TextTransformer(nn.Module):
         input_ids: [B, T]; query_embeds: [B, Q, D] (placed before the text).
         attention_mask: [B, Tk] over all keys, cached ones included (1 = token, 0 = pad); default all ones.
         causal: causal self-attention; ``prefix_length`` leading keys form a bidirectional prefix (Q-Former ITG).
-        encoder_hidden_states: [B', S, E] image features (or ``cross_kv`` from :meth:`cross_kv`), with B = B' * beam_group;
-        twin cross-attention: both images' features stacked, [2, B', S, E].
-        encoder_attention_mask: [B', S] (twin: [2, B', S]). cache: a :class:`KVCache` (decoding); position_offset: first text position
-        (default: the number of text tokens already in the cache).
+        encoder_hidden_states: [B', S, E] image features (or ``cross_kv`` from :meth:`cross_kv`), with
+        B = B' * beam_group; twin cross-attention: both images' features stacked, [2, B', S, E].
+        encoder_attention_mask: [B', S] (twin: [2, B', S]). cache: a :class:`KVCache` (decoding);
+        position_offset: first text position (default: the number of text tokens already in the cache).
         Returns [B, Q + T, D].
         """
         q_len = 0 if query_embeds is None else query_embeds.shape[1]
