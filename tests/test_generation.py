@@ -22,7 +22,8 @@ class HFStep:
         self.lm, self.cache = lm, DynamicCache()
         self.cache_kwarg = _cache_kwarg(lm)  # transformers renamed past_key_values -> cache
 
-    def __call__(self, ids, mask):
+    def __call__(self, ids, mask):  # mask spans the final length: HF's dynamic cache wants the keys so far
+        mask = mask[:, :self.cache.get_seq_length() + ids.shape[1]]
         out = self.lm(input_ids=ids, attention_mask=mask, use_cache=True, **{self.cache_kwarg: self.cache})
         return out.logits[:, -1]
 

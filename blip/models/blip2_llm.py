@@ -213,13 +213,15 @@ class Blip2LanguageModel(LanguageInterface, nn.Module):
                  top_p: float = 1.0, top_k: int = 0, temperature: float = 1.0, repetition_penalty: float = 1.0,
                  length_penalty: float = 1.0, early_stopping: bool = False, eos_token_id: int | None = None,
                  beam_length_convention: str = "generated", generator: torch.Generator | None = None,
-                 qformer_input_ids: Tensor | None = None, qformer_attention_mask: Tensor | None = None) -> Tensor:
+                 qformer_input_ids: Tensor | None = None, qformer_attention_mask: Tensor | None = None,
+                 compile: bool | str = False, stop_check_every: int = 0) -> Tensor:
         """Decode from the image queries and an optional prompt.
 
         input_ids/attention_mask: [B, T] prompt (any padding side: rows are re-aligned, left for decoder-only,
         right for seq2seq encoders, so a batch gives the same tokens as each prompt alone). Default: the bos.
         Returns decoder-only: [B, T + n] (aligned prompt + new tokens); seq2seq: [B, 1 + n] (decoder start + new).
-        ``beam_length_convention="total"`` reproduces the transformers 4.2x beam search LAVIS ran.
+        ``beam_length_convention="total"`` reproduces the transformers 4.2x beam search LAVIS ran. compile: the decode
+        loop under torch.compile (CUDA graphs on GPU), the same ids; stop_check_every: steps between stop checks.
         """
         self._check_ids(input_ids)
         prefix = self.query_embeds(pixel_values, qformer_input_ids, qformer_attention_mask)
@@ -229,7 +231,8 @@ class Blip2LanguageModel(LanguageInterface, nn.Module):
                                repetition_penalty=repetition_penalty, length_penalty=length_penalty,
                                early_stopping=early_stopping, pad_token_id=self.pad_token_id,
                                eos_token_id=eos_token_id if eos_token_id is not None else self.eos_token_id,
-                               beam_length_convention=beam_length_convention)
+                               beam_length_convention=beam_length_convention, compile=compile,
+                               stop_check_every=stop_check_every)
         device = pixel_values.device
         if input_ids is None:
             input_ids = torch.full((b, 1), self.start_token_id, dtype=torch.long, device=device)
@@ -238,11 +241,12 @@ class Blip2LanguageModel(LanguageInterface, nn.Module):
         nb = num_beams
         if self.is_seq2seq:
             hidden, enc_mask = seq2seq_encode(self.llm, prefix, input_ids, mask)
-            step = Seq2SeqStep(self.llm, hidden.repeat_interleave(nb, 0), enc_mask.repeat_interleave(nb, 0))
+            step = Seq2SeqStep(self.llm, hidden.repeat_interleave(nb, 0), enc_mask.repeat_interleave(nb, 0),
+                               1 + max_new_tokens)
             start = self.llm.config.decoder_start_token_id
             ids = torch.full((b * nb, 1), start, dtype=torch.long, device=device)
             return generate(step, ids, torch.ones_like(ids), cfg, reorder=step.reorder, generator=generator)
-        step = CausalStep(self.llm, prefix.repeat_interleave(nb, 0))
+        step = CausalStep(self.llm, prefix.repeat_interleave(nb, 0), input_ids.shape[1] + max_new_tokens)
         return generate(step, input_ids.repeat_interleave(nb, 0), mask.repeat_interleave(nb, 0), cfg,
                         reorder=step.reorder, generator=generator)
 

@@ -7,7 +7,9 @@ driven through ``inputs_embeds``. The projected Q-Former queries are a prefix of
   sit anywhere), and during decoding the queries are fed at the first step only (the KV cache holds them after);
 - encoder-decoder: the encoder reads ``[queries; prompt]`` once, the decoder is driven step by step.
 
-Both plug into :func:`blip.generation.generate` through the ``step``/``reorder`` protocol.
+Both plug into :func:`blip.generation.generate` through the ``step``/``reorder`` protocol over a transformers
+``StaticCache`` (preallocated, written at a device-tensor position, reordered in place), so decode steps have fixed
+shapes and compile without recompiling per step.
 """
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, DynamicCache, EncoderDecoderCache,
-                          PretrainedConfig)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, EncoderDecoderCache, PretrainedConfig,
+                          StaticCache)
 from transformers.modeling_outputs import BaseModelOutput
 
 LLMSource = str | Path | dict | PretrainedConfig
@@ -105,48 +107,64 @@ def seq2seq_logits(llm: nn.Module, prefix: Tensor, input_ids: Tensor, attention_
     return out.logits
 
 
-class CausalStep:
-    """``step``/``reorder`` for :func:`blip.generation.generate` over a decoder-only HF LLM with its own cache.
+def reorder_static_cache(cache: StaticCache, index: Tensor) -> None:
+    """Beam reorder of a ``StaticCache`` in place (its own ``reorder_cache`` rebinds the buffers and syncs)."""
+    for layer in cache.layers:
+        if layer.is_initialized:
+            layer.keys.copy_(layer.keys.index_select(0, index))
+            layer.values.copy_(layer.values.index_select(0, index))
 
-    prefix: [N, Q, H] projected queries, one row per decoded sequence (beams already expanded). The first call
-    receives the whole prompt and feeds ``[prefix; prompt]``; later calls feed only the new ids.
+
+class CausalStep:
+    """``step``/``reorder`` for :func:`blip.generation.generate` over a decoder-only HF LLM with a static cache.
+
+    prefix: [N, Q, H] projected queries, one row per decoded sequence (beams already expanded); max_length: the
+    prompt plus the new tokens. The first call receives the whole prompt and feeds ``[prefix; prompt]``; later
+    calls feed only the new ids. ``position`` (device scalar) is the next cache position.
     """
 
-    def __init__(self, llm: nn.Module, prefix: Tensor):
+    def __init__(self, llm: nn.Module, prefix: Tensor, max_length: int):
         self.llm, self.prefix = llm, prefix
-        self.cache = DynamicCache(config=llm.config)
+        self.cache = StaticCache(config=llm.config, max_cache_len=prefix.shape[1] + max_length)
         self.cache_kw = _cache_kwarg(llm)
         self.positions = _accepts(llm, "position_ids")
         self.keep = {"logits_to_keep": 1} if _accepts(llm, "logits_to_keep") else {}
+        self.position = torch.zeros((), dtype=torch.long, device=prefix.device)
         self.started = False
 
     def __call__(self, new_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """new_ids [N, t]; attention_mask [N, max_length] -> logits [N, V] of the last position."""
         mask = torch.cat([attention_mask.new_ones(self.prefix.shape[:2]), attention_mask], dim=1)
         kwargs = {self.cache_kw: self.cache, "use_cache": True, "attention_mask": mask, **self.keep}
-        if self.positions:
-            kwargs["position_ids"] = mask_positions(mask)[:, -new_ids.shape[1]:]
-        if not self.started:
-            self.started = True
-            embeds = torch.cat([self.prefix, self.llm.get_input_embeddings()(new_ids)], dim=1)
-            if self.positions:
-                kwargs["position_ids"] = mask_positions(mask)
-            out = self.llm(inputs_embeds=embeds, **kwargs)
+        if self.started:
+            inputs = {"input_ids": new_ids}
         else:
-            out = self.llm(input_ids=new_ids, **kwargs)
+            self.started = True
+            inputs = {"inputs_embeds": torch.cat([self.prefix, self.llm.get_input_embeddings()(new_ids)], dim=1)}
+        t = next(iter(inputs.values())).shape[1]
+        if self.positions:
+            where = self.position + torch.arange(t, device=mask.device)
+            kwargs["position_ids"] = mask_positions(mask).index_select(1, where)
+        out = self.llm(**inputs, **kwargs)
+        self.position.add_(t)
         return out.logits[:, -1]
 
     def reorder(self, index: Tensor) -> None:
-        self.cache.reorder_cache(index)
+        reorder_static_cache(self.cache, index)
 
 
 class Seq2SeqStep:
-    """``step``/``reorder`` over a seq2seq HF LLM's decoder; encoder hidden states [N, S, H] and mask [N, S] fixed."""
+    """``step``/``reorder`` over a seq2seq HF LLM's decoder; encoder hidden states [N, S, H] and mask [N, S] fixed.
 
-    def __init__(self, llm: nn.Module, encoder_hidden: Tensor, encoder_mask: Tensor):
+    Static caches: the decoder's self-attention for ``max_length`` decoder positions, the cross-attention K/V
+    (written once). The decoder ids are never padded, so the step's attention mask is not needed."""
+
+    def __init__(self, llm: nn.Module, encoder_hidden: Tensor, encoder_mask: Tensor, max_length: int):
         self.llm = llm
         self.encoder = BaseModelOutput(last_hidden_state=encoder_hidden)
         self.encoder_mask = encoder_mask
-        self.cache = EncoderDecoderCache(DynamicCache(config=llm.config), DynamicCache(config=llm.config))
+        self.cache = EncoderDecoderCache(StaticCache(config=llm.config, max_cache_len=max_length),
+                                         StaticCache(config=llm.config, max_cache_len=encoder_hidden.shape[1]))
         self.cache_kw = _cache_kwarg(llm)
 
     def __call__(self, new_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -155,7 +173,8 @@ class Seq2SeqStep:
         return out.logits[:, -1]
 
     def reorder(self, index: Tensor) -> None:
-        self.cache.reorder_cache(index)
+        # the cross-attention K/V are equal for every beam of an example: only the self-attention moves
+        reorder_static_cache(self.cache.self_attention_cache, index)
 
 
 def align_padding(input_ids: Tensor, attention_mask: Tensor, pad_token_id: int, side: str) -> tuple[Tensor, Tensor]:

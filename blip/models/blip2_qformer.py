@@ -203,7 +203,8 @@ class Blip2Qformer(nn.Module):
                  top_p: float = 1.0, top_k: int = 0, temperature: float = 1.0, repetition_penalty: float = 1.0,
                  length_penalty: float = 1.0, beam_length_convention: str = "generated",
                  eos_token_id: int = SEP_TOKEN_ID, pad_token_id: int = PAD_TOKEN_ID,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, compile: bool | str = False,
+                 stop_check_every: int = 0) -> Tensor:
         """Q-Former captioning (LAVIS ``Blip2Qformer.generate``): returns [B, T + n] ids, prompt included.
 
         input_ids: [B, T] prompt, default ``[DEC]`` alone. The queries are run once per image into a KV cache, which
@@ -237,7 +238,8 @@ class Blip2Qformer(nn.Module):
                                do_sample=do_sample, top_p=top_p, top_k=top_k, temperature=temperature,
                                repetition_penalty=repetition_penalty, length_penalty=length_penalty,
                                eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                               beam_length_convention=beam_length_convention)
+                               beam_length_convention=beam_length_convention, compile=compile,
+                               stop_check_every=stop_check_every)
         return generate(step, input_ids, attention_mask, cfg, reorder=cache.reorder, generator=generator)
 
     # ---- string level: LAVIS conventions on top of the tensor API ------------------------------------------------

@@ -108,7 +108,7 @@ class DecoderStep:
 
 GENERATE_DEFAULTS = dict(max_new_tokens=20, min_new_tokens=0, num_beams=1, do_sample=False, top_p=1.0, top_k=0,
                          temperature=1.0, repetition_penalty=1.0, length_penalty=1.0, early_stopping=False,
-                         beam_length_convention="generated")
+                         beam_length_convention="generated", compile=False, stop_check_every=0)
 
 
 def decode(decoder: TextDecoder, cfg: BlipConfig, encoder_states: Tensor, encoder_mask: Tensor | None,

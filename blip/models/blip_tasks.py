@@ -39,7 +39,8 @@ class BlipCaption(CaptionStrings, BlipModel):
 
         options: max_new_tokens=20, min_new_tokens=0, num_beams=1, do_sample=False, top_p=1.0, top_k=0,
         temperature=1.0, repetition_penalty=1.0, length_penalty=1.0, early_stopping=False,
-        beam_length_convention="generated" ("total": the transformers 4.2x beam scores original BLIP / LAVIS ran).
+        beam_length_convention="generated" ("total": the transformers 4.2x beam scores original BLIP / LAVIS ran),
+        compile=False (True: the decode loop under torch.compile, CUDA graphs on GPU; same ids), stop_check_every=0.
         """
         image_embeds = self.visual_encoder(pixel_values)
         return decode(self.text_decoder, self.cfg, image_embeds, None, input_ids, attention_mask, generator, **options)

@@ -56,17 +56,19 @@ def padding_mask(attention_mask: Tensor, dtype: torch.dtype = torch.float32) -> 
 
 
 def causal_mask(attention_mask: Tensor, query_length: int, prefix_length: int = 0,
-                dtype: torch.dtype = torch.float32) -> Tensor:
+                dtype: torch.dtype = torch.float32, query_positions: Tensor | None = None) -> Tensor:
     """Additive mask [B, 1, Tq, Tk] for causal attention over Tk = ``attention_mask.shape[1]`` keys.
 
-    The last ``query_length`` keys are the new positions; key j is visible from query i when
-    j <= (Tk - Tq + i) and key j is not padding. The first ``prefix_length`` keys form a bidirectional
-    prefix that cannot see later keys (the Q-Former's "multimodal causal" mask: queries see only queries,
-    text sees queries and earlier text).
+    The new positions are the last ``query_length`` keys, or ``query_positions`` [Tq] (a static cache, whose
+    buffer extends past them); key j is visible from the query at position p when j <= p and key j is not
+    padding. The first ``prefix_length`` keys form a bidirectional prefix that cannot see later keys (the
+    Q-Former's "multimodal causal" mask: queries see only queries, text sees queries and earlier text).
     """
     b, tk = attention_mask.shape
     device = attention_mask.device
-    rows = torch.arange(tk - query_length, tk, device=device)[:, None]
+    if query_positions is None:
+        query_positions = torch.arange(tk - query_length, tk, device=device)
+    rows = query_positions[:, None]
     cols = torch.arange(tk, device=device)[None, :]
     allowed = cols <= rows
     if prefix_length:
@@ -79,8 +81,9 @@ def causal_mask(attention_mask: Tensor, query_length: int, prefix_length: int = 
 class KVCache:
     """Preallocated self-attention cache for all layers: k, v of shape [L, B, H, max_len, Dh].
 
-    ``length`` is a host-side int (the decode loop knows the step count without asking the device).
-    Reads return the filled prefix; :meth:`reorder` follows beam search.
+    The write position is a device tensor and every read returns the whole buffer (the attention mask hides the
+    unwritten keys), so a decode step has the same shapes and addresses at every position: it can be compiled
+    once and captured in a CUDA graph. :meth:`reorder` (beam search) works in place for the same reason.
     """
 
     def __init__(self, num_layers: int, batch_size: int, num_heads: int, max_length: int, head_dim: int,
@@ -88,36 +91,44 @@ class KVCache:
         shape = (num_layers, batch_size, num_heads, max_length, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = 0
-        self._pending = 0
+        self.position = torch.zeros((), dtype=torch.long, device=device)   # next position to write
 
     @property
     def max_length(self) -> int:
         return self.k.shape[3]
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v [B, H, T, Dh] at the current position of ``layer``; return all keys/values so far."""
-        start, t = self.length, k.shape[2]
-        if start + t > self.max_length:
-            raise RuntimeError(f"KV cache overflow: {start + t} positions > max_length {self.max_length}")
-        self.k[layer, :, :, start:start + t] = k
-        self.v[layer, :, :, start:start + t] = v
-        self._pending = t
-        return self.k[layer, :, :, :start + t], self.v[layer, :, :, :start + t]
+    def positions(self, t: int) -> Tensor:
+        """The [t] positions the next forward pass of t tokens writes."""
+        return self.position + torch.arange(t, device=self.position.device)
 
-    def advance(self) -> None:
-        """Commit the positions written by the last forward pass (called once per pass, after all layers)."""
-        self.length += self._pending
-        self._pending = 0
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v [B, H, T, Dh] at the current position of ``layer``; return the whole buffer [B, H, max_len, Dh]."""
+        index = self.positions(k.shape[2])
+        self.k[layer].index_copy_(2, index, k)
+        self.v[layer].index_copy_(2, index, v)
+        return self.k[layer], self.v[layer]
+
+    def advance(self, t: int) -> None:
+        """Commit the t positions written by the last forward pass (called once per pass, after all layers)."""
+        self.position.add_(t)
 
     def reorder(self, index: Tensor) -> None:
-        """Select batch rows (beam search): index [B]."""
-        self.k = self.k.index_select(1, index)
-        self.v = self.v.index_select(1, index)
+        """Select batch rows (beam search): index [B'] — in place when B' = B, so captured graphs stay valid."""
+        if index.shape[0] == self.k.shape[1]:
+            self.k.copy_(self.k.index_select(1, index))
+            self.v.copy_(self.v.index_select(1, index))
+        else:  # a new batch size (expanding to beams before decoding): new buffers
+            self.k = self.k.index_select(1, index)
+            self.v = self.v.index_select(1, index)
+
+    def mark_static(self) -> None:
+        """Tell torch.compile the buffers keep their addresses (CUDA graphs may then update them in place)."""
+        for t in (self.k, self.v, self.position):
+            torch._dynamo.mark_static_address(t)
 
 
 class ConcatKVCache:
-    """Autograd-friendly cache with :class:`KVCache`'s interface: keys/values grow by concatenation, never in place.
+    """Autograd-friendly cache: keys/values grow by concatenation, never in place; ``length`` is a host int.
 
     For training passes that reuse cached K/V under autograd (BLIP-2 ITG reuses the query K/V of the ITC pass);
     :class:`KVCache` writes into a preallocated buffer, which autograd cannot differentiate across passes.
@@ -126,7 +137,6 @@ class ConcatKVCache:
     def __init__(self, num_layers: int):
         self.kv: list[tuple[Tensor, Tensor] | None] = [None] * num_layers
         self.length = 0
-        self._pending = 0
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append k, v [B, H, T, Dh] to ``layer``; return all keys/values so far."""
@@ -134,12 +144,10 @@ class ConcatKVCache:
             k = torch.cat([self.kv[layer][0], k], dim=2)
             v = torch.cat([self.kv[layer][1], v], dim=2)
         self.kv[layer] = (k, v)
-        self._pending = k.shape[2] - self.length
         return k, v
 
-    def advance(self) -> None:
-        self.length += self._pending
-        self._pending = 0
+    def advance(self, t: int) -> None:
+        self.length += t
 
     def reorder(self, index: Tensor) -> None:
         self.kv = [None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index))

@@ -55,13 +55,13 @@ class Embeddings(nn.Module):
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def forward(self, input_ids: Tensor | None, query_embeds: Tensor | None, position_offset: int) -> Tensor:
+    def forward(self, input_ids: Tensor | None, query_embeds: Tensor | None, position_offset: int | Tensor) -> Tensor:
         """input_ids [B, T] and/or query_embeds [B, Q, D] -> [B, Q + T, D]. Queries get no position embedding."""
         parts = [] if query_embeds is None else [query_embeds]
         if input_ids is not None:
             if not hasattr(self, "word"):
                 raise ValueError("this transformer has no word embeddings (BLIP-2 stage-2 Q-Former): pass queries only")
-            pos = torch.arange(position_offset, position_offset + input_ids.shape[1], device=input_ids.device)
+            pos = position_offset + torch.arange(input_ids.shape[1], device=input_ids.device)
             parts.append(self.word(input_ids) + self.position(pos))
         if not parts:
             raise ValueError("pass input_ids, query_embeds or both")
@@ -237,7 +237,8 @@ class TextTransformer(nn.Module):
         causal: causal self-attention; ``prefix_length`` leading keys form a bidirectional prefix (Q-Former ITG).
         encoder_hidden_states: [B', S, E] image features (or ``cross_kv`` from :meth:`cross_kv`), with
         B = B' * beam_group; twin cross-attention: both images' features stacked, [2, B', S, E].
-        encoder_attention_mask: [B', S] (twin: [2, B', S]). cache: a :class:`KVCache` (decoding);
+        encoder_attention_mask: [B', S] (twin: [2, B', S]). cache: a :class:`KVCache` (decoding: ``attention_mask``
+        then covers its whole ``max_length``, keys not yet written may read 1) or a :class:`ConcatKVCache`;
         position_offset: first text position (default: the number of text tokens already in the cache).
         Returns [B, Q + T, D].
         """
@@ -246,17 +247,25 @@ class TextTransformer(nn.Module):
             # only queries read the image: image features without queries would be silently ignored
             raise ValueError("Q-Former: image features were passed without query_embeds; only the queries attend to "
                              "the image, so pass the query tokens too (or no image for text-only use)")
-        past = 0 if cache is None else cache.length
+        static = isinstance(cache, KVCache)
+        past = 0 if cache is None or static else cache.length
         if position_offset is None:
-            position_offset = max(past - prefix_length, 0) if cache is not None else 0
+            start = cache.position if static else past
+            position_offset = (start - prefix_length).clamp(min=0) if static else max(start - prefix_length, 0)
         x = self.embeddings(input_ids, query_embeds, position_offset)
         b, t = x.shape[:2]
+        keys = cache.max_length if static else past + t
         if attention_mask is None:
-            attention_mask = torch.ones(b, past + t, dtype=torch.long, device=x.device)
-        if attention_mask.shape[1] != past + t:
-            raise ValueError(f"attention_mask covers {attention_mask.shape[1]} keys, expected {past + t} "
-                             f"({past} cached + {t} new)")
-        if causal:
+            attention_mask = torch.ones(b, keys, dtype=torch.long, device=x.device)
+        if attention_mask.shape[1] != keys:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[1]} keys, expected {keys} "
+                             + ("(the static cache's max_length)" if static else f"({past} cached + {t} new)"))
+        if static:  # the whole buffer is attended: keys past the new positions are hidden
+            new_positions = cache.positions(t)
+            visible = attention_mask.bool() & (torch.arange(keys, device=x.device) <= new_positions[-1])
+            # not causal: a prefix of all keys makes the mask bidirectional over the visible ones
+            mask = causal_mask(visible, t, prefix_length if causal else keys, x.dtype, new_positions)
+        elif causal:
             mask = causal_mask(attention_mask, t, prefix_length, x.dtype)
         else:
             mask = padding_mask(attention_mask, x.dtype)
@@ -269,7 +278,7 @@ class TextTransformer(nn.Module):
             else:
                 x = layer(x, *args)
         if cache is not None:
-            cache.advance()
+            cache.advance(t)
         return x
 
 
