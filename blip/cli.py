@@ -1,9 +1,15 @@
-"""The ``blip`` command: caption, ask, match, convert, models.
+"""The ``blip`` command: caption, ask, match, caption-dir, serve, convert, models.
 
     blip caption cat.jpg rocket.jpg --model model_base_caption_capfilt_large.pth
-    blip ask cat.jpg "what animal is this?" --model blip-vqa-base/
+    blip ask cat.jpg "what animal is this?" --model blip2_pretrained_opt2.7b.pth --llm opt-2.7b/ \\
+        --vision-weights eva_vit_g.pth --context "Question: is it indoors? Answer: yes."
     blip match cat.jpg "a cat" "a rocket" --model model_base_retrieval_coco.pth
+    blip caption-dir photos/ --out captions.jsonl --model model_base_caption_capfilt_large.pth
+    blip serve --model model_base_caption_capfilt_large.pth --host 127.0.0.1 --port 8000
     blip convert model_base_caption_capfilt_large.pth out/ --to hf
+
+--model takes a checkpoint file, an HF directory, a name from `blip models` or a run directory of scripts/train.py.
+Every expected failure prints one line on stderr and exits with status 2.
 """
 from __future__ import annotations
 
@@ -14,34 +20,139 @@ from pathlib import Path
 
 import torch
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+RUN_TASK_FOR = {"caption": "caption", "answer": "vqa", "match": "retrieval"}  # a BLIP pretraining run serves any
 
-def _load(args):
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not the usage block
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def check_device(device: str) -> None:
+    from .predictor import UsageError
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible")
+
+
+def load_predictor(args, need: str):
+    """Load ``--model`` with the shared options and check it can do ``need`` (caption / answer / match)."""
     import blip
-    return blip.load(args.model, arch=args.arch, task=args.task, device=args.device)
+    from .predictor import Predictor
+    check_device(args.device)
+    extra = {k: v for k, v in (("llm", args.llm), ("vision_weights", args.vision_weights)) if v}
+    task = args.task
+    if task is None and _run_task(args.model) == "pretrain":
+        task = RUN_TASK_FOR[need]
+    model = blip.load(args.model, arch=args.arch, task=task, device=args.device, dtype=DTYPES[args.dtype], **extra)
+    predictor = Predictor(model, name=str(args.model))
+    predictor.require(need)
+    return predictor
 
 
-def cmd_caption(args) -> None:
-    model = _load(args)
-    captions = model.caption(args.images, prompt=args.prompt, num_beams=args.beams, max_length=args.max_length,
-                             min_length=args.min_length, do_sample=args.sample, top_p=args.top_p)
-    for path, caption in zip(args.images, captions):
-        print(f"{path}\t{caption}")
+def _run_task(source: str) -> str | None:
+    """The task a scripts/train.py run directory trained, or None for anything else."""
+    config = Path(source) / "config.yaml"
+    if not config.is_file():
+        return None
+    from omegaconf import OmegaConf
+    return OmegaConf.load(config).model.get("task")
 
 
-def cmd_ask(args) -> None:
-    model = _load(args)
-    for answer in model.answer([args.image], [args.question]):
-        print(answer)
+def decoding_from(args):
+    from .predictor import Decoding
+    return Decoding(prompt=getattr(args, "prompt", None), num_beams=args.beams, max_new_tokens=args.max_new_tokens,
+                    min_new_tokens=args.min_new_tokens, do_sample=args.sample, top_p=args.top_p,
+                    temperature=args.temperature, repetition_penalty=args.repetition_penalty)
 
 
-def cmd_match(args) -> None:
-    model = _load(args)
-    result = model.match(args.image, args.texts)
-    for text, itm, itc in zip(args.texts, result.itm_prob.tolist(), result.itc_sim.tolist()):
-        print(f"{itm:.4f}\t{itc:.4f}\t{text}")
+def _batches(paths: list[str], predictor, batch_size: int):
+    """Decoded batches of the given files; unreadable ones are reported on stderr and skipped."""
+    from torch.utils.data import DataLoader
+    from .caption_dir import ImageFiles, collate
+    for batch in DataLoader(ImageFiles(paths, predictor.transform()), batch_size=batch_size, collate_fn=collate):
+        for err in batch["errors"]:
+            print(f"blip: skipped {err['path']}: {err['reason']}", file=sys.stderr)
+        if batch["pixels"] is not None:
+            yield batch
 
 
-def cmd_convert(args) -> None:
+def _emit(args, row: dict, text: str) -> None:
+    print(json.dumps(row, ensure_ascii=False) if args.json else text, flush=True)
+
+
+def cmd_caption(args) -> int:
+    predictor, decoding = load_predictor(args, "caption"), decoding_from(args)
+    n = 0
+    for batch in _batches(args.images, predictor, args.batch_size):
+        seeds = [args.seed] * len(batch["records"]) if args.seed is not None else None
+        for rec, caption in zip(batch["records"], predictor.caption(batch["pixels"], decoding, seeds)):
+            _emit(args, {"path": rec["path"], "caption": caption}, f"{rec['path']}\t{caption}")
+            n += 1
+    return 0 if n else 2
+
+
+def cmd_ask(args) -> int:
+    predictor, decoding = load_predictor(args, "answer"), decoding_from(args)
+    for batch in _batches([args.image], predictor, 1):
+        seeds = [args.seed] if args.seed is not None else None
+        answer = predictor.answer(batch["pixels"], [args.question], decoding, [args.context], seeds)[0]
+        _emit(args, {"path": args.image, "question": args.question, "answer": answer}, answer)
+        return 0
+    return 2
+
+
+def cmd_match(args) -> int:
+    predictor = load_predictor(args, "match")
+    for batch in _batches([args.image], predictor, 1):
+        for score in predictor.match(batch["pixels"], args.texts):
+            _emit(args, {"path": args.image, **score}, f"{score['itm']:.4f}\t{score['itc']:.4f}\t{score['text']}")
+        return 0
+    return 2
+
+
+def cmd_caption_dir(args) -> int:
+    import logging
+    from .caption_dir import CaptionDirJob
+    from .train.distributed import all_reduce_sum_int, barrier, init_distributed
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    check_device(args.device)
+    info = init_distributed(args.device)
+    args.device = str(info.device)
+    job = CaptionDirJob(load_predictor(args, "caption" if args.question is None else "answer"), decoding_from(args),
+                        question=args.question, batch_size=args.batch_size, chunk_size=args.chunk_size,
+                        num_workers=args.workers, progress=info.is_main and not args.no_progress)
+    counts = job.run(args.src, args.out, args.errors, rank=info.rank, world_size=info.world_size,
+                     barrier=lambda: barrier(info),
+                     all_reduce=lambda c: {k: all_reduce_sum_int(v, info) for k, v in c.items()})
+    if info.is_main:
+        errors = args.errors or str(Path(args.out).with_name(Path(args.out).name.removesuffix(".jsonl") +
+                                                             ".errors.jsonl"))
+        print(f"captioned {counts['captioned']}, skipped {counts['skipped']} (unreadable: {errors}), "
+              f"already done {counts['already_done']} -> {args.out}", flush=True)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve import ServeConfig, serve
+    if not 0 < args.port < 65536:
+        from .predictor import UsageError
+        raise UsageError(f"--port {args.port} is out of range (1-65535)")
+    predictor = load_predictor(args, "any")
+    serve(predictor, args.host, args.port, ServeConfig(max_batch_size=args.batch_size, max_wait_ms=args.max_wait_ms,
+                                                        max_queue=args.max_queue, timeout_s=args.timeout_s,
+                                                        max_image_bytes=int(args.max_image_mb * 2**20),
+                                                        decoding=decoding_from(args)))
+    return 0
+
+
+def cmd_convert(args) -> int:
     import blip
     model = blip.load(args.source, arch=args.arch, task=args.task)
     family = "blip2" if type(model).__module__.startswith("blip.models.blip2") else "blip"
@@ -55,46 +166,108 @@ def cmd_convert(args) -> None:
     else:
         from .convert.blip import save_safetensors
         print(save_safetensors(model, out))
+    return 0
 
 
-def cmd_models(args) -> None:
+def cmd_models(args) -> int:
     import blip
     from .zoo import PRETRAINED
-    print(json.dumps({"architectures": sorted({a for a, _ in blip.list_models()}),
-                      "tasks": sorted({t for _, t in blip.list_models()}),
-                      "pretrained": {k: v.url for k, v in PRETRAINED.items()}}, indent=1))
+    tasks: dict[str, list[str]] = {}
+    for arch, task in blip.list_models():
+        tasks.setdefault(arch, []).append(task)
+    if args.json:
+        print(json.dumps({"architectures": tasks, "pretrained": {
+            k: {"arch": v.arch, "task": v.task, "image_size": v.image_size, "source": v.url, "needs": list(v.needs)}
+            for k, v in PRETRAINED.items()}}, indent=1))
+        return 0
+    rows = [("architecture", "tasks")] + [(a, ", ".join(t)) for a, t in tasks.items()]
+    print(_table(rows) + "\n")
+    rows = [("name", "arch", "task", "size", "source")]
+    rows += [(k, v.arch, v.task, str(v.image_size), v.url.rsplit("/", 1)[-1] if "://" in v.url else v.url)
+             for k, v in PRETRAINED.items()]
+    print(_table(rows))
+    print("\nnamed checkpoints load from $BLIP_HOME (default ~/.cache/blip); blip never downloads")
+    return 0
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+# ---- arguments -----------------------------------------------------------------------------------------------------
+def _model_options(p: argparse.ArgumentParser, batch_size: int = 16) -> argparse.ArgumentParser:
+    p.add_argument("--model", required=True, help="checkpoint file, HF directory, zoo name or training run directory")
+    p.add_argument("--arch", default=None, help="architecture, where the checkpoint cannot tell")
+    p.add_argument("--task", default=None, help="task, where the checkpoint cannot tell")
+    p.add_argument("--llm", default=None, help="BLIP-2: HF directory of the language model the checkpoint lacks")
+    p.add_argument("--vision-weights", default=None, help="BLIP-2: the frozen ViT file (e.g. eva_vit_g.pth)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--batch-size", type=int, default=batch_size, help="images per forward pass")
+    p.add_argument("--json", action="store_true", help="one JSON object per result")
+    return p
+
+
+def _decoding_options(p: argparse.ArgumentParser, prompt: bool = True, seed: bool = True) -> None:
+    if prompt:
+        p.add_argument("--prompt", default=None, help='caption prompt (BLIP default "a picture of ", BLIP-2 e.g. '
+                       '"a photo of")')
+    p.add_argument("--beams", type=int, default=None, help="beam width (default BLIP 3, BLIP-2 5)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default BLIP 15 (caption), BLIP-2 30")
+    p.add_argument("--min-new-tokens", type=int, default=None)
+    p.add_argument("--sample", action="store_true", help="nucleus sampling instead of beam search")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    if seed:
+        p.add_argument("--seed", type=int, default=None, help="makes --sample reproducible")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="blip", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="blip", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def with_model(p):
-        p.add_argument("--model", required=True, help="checkpoint file, HF directory or zoo name")
-        p.add_argument("--arch", default=None)
-        p.add_argument("--task", default=None)
-        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        return p
-
-    p = with_model(sub.add_parser("caption", help="caption images"))
+    p = _model_options(sub.add_parser("caption", help="caption images"))
     p.add_argument("images", nargs="+")
-    p.add_argument("--prompt", default="a picture of ")
-    p.add_argument("--beams", type=int, default=3)
-    p.add_argument("--max-length", type=int, default=20)
-    p.add_argument("--min-length", type=int, default=5)
-    p.add_argument("--sample", action="store_true", help="nucleus sampling instead of beam search")
-    p.add_argument("--top-p", type=float, default=0.9)
+    _decoding_options(p)
     p.set_defaults(func=cmd_caption)
 
-    p = with_model(sub.add_parser("ask", help="answer a question about an image"))
+    p = _model_options(sub.add_parser("ask", help="answer a question about an image"))
     p.add_argument("image")
     p.add_argument("question")
+    p.add_argument("--context", default=None, help='BLIP-2: previous turns, e.g. "Question: what is it? Answer: '
+                   'a cat."')
+    _decoding_options(p, prompt=False)
     p.set_defaults(func=cmd_ask)
 
-    p = with_model(sub.add_parser("match", help="image-text matching scores (ITM probability, ITC cosine)"))
+    p = _model_options(sub.add_parser("match", help="image-text matching scores (ITM probability, ITC cosine)"))
     p.add_argument("image")
     p.add_argument("texts", nargs="+")
     p.set_defaults(func=cmd_match)
+
+    p = _model_options(sub.add_parser("caption-dir", help="caption a folder, file list or shards into JSONL"))
+    p.add_argument("src", help="folder, text file of image paths, or local shards ('shards/{000..009}.tar')")
+    p.add_argument("--out", required=True, help="output JSONL (re-running the same command resumes)")
+    p.add_argument("--errors", default=None, help="unreadable images (default: OUT.errors.jsonl)")
+    p.add_argument("--question", default=None, help="answer this question about every image instead (VQA)")
+    p.add_argument("--chunk-size", type=int, default=1024, help="images per write to the output")
+    p.add_argument("--workers", type=int, default=4, help="data-loader processes decoding images")
+    p.add_argument("--no-progress", action="store_true")
+    _decoding_options(p)
+    p.set_defaults(func=cmd_caption_dir)
+
+    p = _model_options(sub.add_parser("serve", help="HTTP server: /predictions (hosted schema), /caption, /answer, "
+                                      "/match, /health"))
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond this get 503")
+    p.add_argument("--timeout-s", type=float, default=60.0, help="per-request timeout (504 after it)")
+    p.add_argument("--max-image-mb", type=float, default=20.0, help="larger uploads get 413")
+    _decoding_options(p, seed=False)   # the defaults for requests that leave them out
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("convert", help="convert a checkpoint to HF layout or blip safetensors")
     p.add_argument("source")
@@ -104,20 +277,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default=None)
     p.set_defaults(func=cmd_convert)
 
-    sub.add_parser("models", help="list architectures, tasks and named checkpoints").set_defaults(func=cmd_models)
+    p = sub.add_parser("models", help="list architectures, tasks and named checkpoints")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoints import CheckpointError
-    from .data.images import ImageDecodeError
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
-    except (ImageDecodeError, CheckpointError, FileNotFoundError, KeyError) as e:
-        print(f"blip {args.command}: error: {e}", file=sys.stderr)
+        return args.func(args)
+    except (ValueError, KeyError, OSError) as e:  # usage, checkpoint, image and file errors: named, one line
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"blip {args.command}: error: {' '.join(str(message).split())}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -10,3 +10,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def shared():
+    """The shared read-only assets and fixtures beside the checkout (``../shared``)."""
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "shared"
+    if not path.is_dir():
+        pytest.fail(f"{path} is missing: tests need the shared assets and fixtures checked out beside the repo")
+    return path

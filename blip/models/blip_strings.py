@@ -47,17 +47,20 @@ class _StringAPI:
             self.__dict__["_tokenizer"] = tok
         return tok
 
-    def _pixels(self, images: ImageLike | Sequence[ImageLike]) -> Tensor:
-        """Paths / PIL images -> [B, 3, S, S] on the model's device and dtype (BLIP eval transform)."""
+    def _pixels(self, images: ImageLike | Sequence[ImageLike] | Tensor) -> Tensor:
+        """Paths / PIL images / preprocessed [B, 3, S, S] -> [B, 3, S, S] on the model's device and dtype (BLIP eval
+        transform)."""
         from ..data.images import load_image
         from ..data.transforms import image_transform
+        p = next(self.parameters())
+        if isinstance(images, Tensor):
+            return (images[None] if images.ndim == 3 else images).to(device=p.device, dtype=p.dtype)
         if isinstance(images, (str, os.PathLike, Image.Image)):
             images = [images]
         if len(images) == 0:
             raise ValueError("no images given")
         transform = image_transform(self.cfg.image_size, train=False, kind="blip")
         batch = torch.stack([transform(load_image(img)) for img in images])
-        p = next(self.parameters())
         return batch.to(device=p.device, dtype=p.dtype)
 
     def _tokens(self, texts: Sequence[str], first_token: int | None, max_length: int = 35,

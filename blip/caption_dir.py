@@ -1,0 +1,285 @@
+"""``blip caption-dir``: caption (or ask one question about) every image of a folder, a file list or local webdataset
+shards, into one JSONL file, resumably.
+
+- Inputs: a folder (recursive, image extensions), a text file of image paths (relative ones are relative to the
+  list's folder), or shards (``shards/{000..009}.tar``, local files only). Data-loader workers decode and resize.
+- Output: one JSON object per image: ``"path"`` (or ``"key"`` and ``"shard"``), ``"caption"`` (or ``"question"`` and
+  ``"answer"``), ``"model"`` and ``"settings"``. Lines are appended in chunks with one write each; a run killed at
+  any point and re-run with the same command skips the images already in the output (a torn last line is cut off)
+  and writes every image exactly once. Lines follow the order in which chunks finish, not the input order.
+- Unreadable images go to the errors file (``"path"`` or ``"key"``, ``"reason"``) and are skipped; a re-run tries
+  them again and rewrites the errors file.
+- Under ``torchrun`` each rank captions its own share into ``OUT.rank{r}.jsonl``; rank 0 merges them into ``OUT``
+  when every rank has finished.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from .predictor import Decoding, Predictor, UsageError
+
+log = logging.getLogger("blip.caption_dir")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+# ---- inputs -------------------------------------------------------------------------------------------------------
+def list_inputs(src: str) -> tuple[list[str], list[str]]:
+    """SRC -> (image paths, shard paths); exactly one of them is non-empty."""
+    if ".tar" in src:
+        from .data.webdataset import expand_urls
+        shards = expand_urls(src)
+        remote = [s for s in shards if "://" in s or s.startswith("pipe:")]
+        if remote:
+            raise UsageError(f"caption-dir reads local shards only, got {remote[0]}")
+        missing = [s for s in shards if not Path(s).is_file()]
+        if missing:
+            raise UsageError(f"{len(missing)} of {len(shards)} shards are missing, e.g. {missing[0]}")
+        return [], shards
+    path = Path(src)
+    if path.is_dir():
+        paths = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+        if not paths:
+            raise UsageError(f"{src}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
+        return paths, []
+    if path.is_file():
+        lines = [line.strip() for line in path.read_text().splitlines()]
+        return [str(path.parent / line) if not Path(line).is_absolute() else line
+                for line in lines if line and not line.startswith("#")], []
+    raise UsageError(f"{src}: no such folder, file list or shard pattern")
+
+
+def record_id(record: dict) -> str:
+    return record["path"] if "path" in record else f"{record['shard']}#{record['key']}"
+
+
+def _decode(source, name: str, transform) -> dict:
+    from .data.images import ImageDecodeError, load_image
+    try:
+        return {"pixels": transform(load_image(source)), "error": None}
+    except ImageDecodeError as e:
+        return {"pixels": None, "error": e.reason}
+    except Exception as e:  # noqa: BLE001 - any decoder failure is this image's problem, reported and skipped
+        return {"pixels": None, "error": f"{type(e).__name__}: {e} ({name})"}
+
+
+class ImageFiles(Dataset):
+    def __init__(self, paths: list[str], transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"record": {"path": self.paths[i]}, **_decode(self.paths[i], self.paths[i], self.transform)}
+
+
+class ShardImages(IterableDataset):
+    """Images of webdataset shards; each data-loader worker reads its own shards and skips those already done."""
+
+    def __init__(self, shards: list[str], transform, done: set[str]):
+        self.shards, self.transform, self.done = shards, transform, done
+
+    def __iter__(self) -> Iterator[dict]:
+        from .data.skips import SkipCounter
+        from .data.webdataset import IMAGE_EXTENSIONS, iter_tar_samples
+        info = get_worker_info()
+        mine = self.shards[info.id::info.num_workers] if info is not None else self.shards
+        for shard in mine:
+            skips = SkipCounter()
+            for sample in iter_tar_samples(shard, skips):
+                record = {"key": sample.get("__key__", "?"), "shard": shard}
+                if record_id(record) in self.done:
+                    continue
+                data = next((sample[k] for k in IMAGE_EXTENSIONS if k in sample), None)
+                if data is None:
+                    yield {"record": record, "pixels": None, "error": f"no image ({'/'.join(IMAGE_EXTENSIONS)}) in "
+                           f"the sample, only {sorted(k for k in sample if not k.startswith('__'))}"}
+                    continue
+                yield {"record": record, **_decode(data, record_id(record), self.transform)}
+            for reason, n in skips.counts.items():  # a broken tar ends its shard: report it as one error
+                yield {"record": {"key": None, "shard": shard}, "pixels": None,
+                       "error": f"shard read error ({reason}); the rest of this shard was not read"}
+
+
+def collate(items: list[dict]) -> dict:
+    good = [it for it in items if it["error"] is None]
+    return {"records": [it["record"] for it in good],
+            "pixels": torch.stack([it["pixels"] for it in good]) if good else None,
+            "errors": [{**it["record"], "reason": it["error"]} for it in items if it["error"] is not None]}
+
+
+# ---- output -------------------------------------------------------------------------------------------------------
+def _read_jsonl(path: Path) -> list[dict]:
+    """Complete lines of a JSONL file (a torn last line, from a killed run, is ignored)."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_bytes().split(b"\n")[:-1]:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Drop an incomplete last line left by a run killed mid-write."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+
+
+def _append(path: Path, rows: list[dict]) -> None:
+    """One write per chunk, flushed to disk before the next chunk starts."""
+    if not rows:
+        return
+    with open(path, "ab") as f:
+        f.write(b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@dataclass
+class Outputs:
+    out: Path
+    errors: Path
+    rank: int = 0
+    world_size: int = 1
+    part: Path = field(init=False)
+    error_part: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        multi = self.world_size > 1
+        self.part = self.out.with_name(f"{self.out.name}.rank{self.rank}.jsonl") if multi else self.out
+        self.error_part = self.errors.with_name(f"{self.errors.name}.rank{self.rank}.jsonl") if multi else self.errors
+
+    def parts(self) -> list[Path]:
+        return sorted(self.out.parent.glob(f"{self.out.name}.rank*.jsonl"))
+
+    def written(self) -> list[dict]:
+        """Every complete line of the output and of any rank's part (whatever world size wrote them)."""
+        return [row for path in [self.out, *self.parts()] for row in _read_jsonl(path)]
+
+    def error_parts(self) -> list[Path]:
+        return sorted(self.errors.parent.glob(f"{self.errors.name}.rank*.jsonl"))
+
+    def start(self) -> None:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        if self.world_size == 1 and self.parts():  # left by an unfinished torchrun run
+            self.merge()
+        _cut_torn_tail(self.part)
+        self.error_part.write_bytes(b"")   # errors are retried, so they are this run's
+
+    def merge(self) -> None:
+        """Rank 0, once every rank has finished: append the parts' new lines to OUT, then remove the parts."""
+        _cut_torn_tail(self.out)
+        seen = {record_id(r) for r in _read_jsonl(self.out)}
+        new = [r for part in self.parts() for r in _read_jsonl(part) if record_id(r) not in seen]
+        _append(self.out, list({record_id(r): r for r in new}.values()))
+        errors = [r for part in self.error_parts() for r in _read_jsonl(part)]
+        self.errors.write_bytes(b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in errors))
+        for path in [*self.parts(), *self.error_parts()]:
+            path.unlink()
+
+
+# ---- the job ------------------------------------------------------------------------------------------------------
+@dataclass
+class CaptionDirJob:
+    predictor: Predictor
+    decoding: Decoding = field(default_factory=Decoding)
+    question: str | None = None
+    batch_size: int = 16
+    chunk_size: int = 1024      # images per flush to the output
+    num_workers: int = 2
+    progress: bool = True
+
+    def settings(self) -> dict:
+        task = "caption" if self.question is None else "answer"
+        return {**self.predictor.settings(self.decoding, task), **({"question": self.question} if self.question else {})}
+
+    def label(self, pixels: torch.Tensor) -> list[dict]:
+        if self.question is None:
+            return [{"caption": c} for c in self.predictor.caption(pixels, self.decoding)]
+        answers = self.predictor.answer(pixels, [self.question] * pixels.shape[0], self.decoding)
+        return [{"question": self.question, "answer": a} for a in answers]
+
+    def _check_same_settings(self, written: list[dict]) -> None:
+        if written and (written[0].get("model"), written[0].get("settings")) != (self.predictor.name, self.settings()):
+            raise UsageError(f"the output already holds results of model {written[0].get('model')!r} with settings "
+                             f"{written[0].get('settings')}; re-run with the same options or choose another --out")
+
+    def run(self, src: str, out: str | Path, errors: str | Path | None = None, rank: int = 0,
+            world_size: int = 1, barrier=lambda: None, all_reduce=lambda counts: counts) -> dict:
+        """Caption ``src`` into ``out``; returns {"captioned", "skipped", "already_done"} summed over ranks."""
+        self.predictor.require("caption" if self.question is None else "answer")
+        if self.batch_size < 1 or self.chunk_size < 1:
+            raise UsageError("--batch-size and --chunk-size must be >= 1")
+        out = Path(out)
+        files = Outputs(out, Path(errors) if errors else out.with_name(out.name.removesuffix(".jsonl") +
+                                                                        ".errors.jsonl"), rank, world_size)
+        paths, shards = list_inputs(src)
+        written = files.written()
+        self._check_same_settings(written)
+        done = {record_id(r) for r in written}
+        barrier()   # every rank has read what is done before any rank writes
+        files.start()
+        transform = self.predictor.transform()
+        if paths:
+            pending = [p for p in paths if p not in done]
+            dataset = ImageFiles(pending[rank::world_size], transform)
+            total = len(dataset)
+            already = len(paths) - len(pending)
+        else:
+            dataset, total = ShardImages(shards[rank::world_size], transform, done), None
+            already = len(done)
+        counts = self._label_all(dataset, total, files)
+        counts = all_reduce({**counts, "already_done": already if rank == 0 else 0})
+        barrier()
+        if world_size > 1 and rank == 0:
+            files.merge()
+        return counts
+
+    def _label_all(self, dataset, total: int | None, files: Outputs) -> dict:
+        from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+        loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate,
+                            pin_memory=self.predictor.device.type == "cuda")
+        bar = tqdm(total=total, unit="img", dynamic_ncols=True, disable=not self.progress, desc="caption-dir")
+        with logging_redirect_tqdm():
+            counts = self._loop(loader, bar, files)
+        bar.close()
+        return counts
+
+    def _loop(self, loader: DataLoader, bar, files: Outputs) -> dict:
+        counts = {"captioned": 0, "skipped": 0}
+        rows, bad = [], []
+        base = {"model": self.predictor.name, "settings": self.settings()}
+        for batch in loader:
+            if batch["pixels"] is not None:
+                rows += [{**rec, **result, **base} for rec, result in zip(batch["records"], self.label(batch["pixels"]))]
+            for err in batch["errors"]:
+                log.warning("skipped %s: %s", record_id(err), err["reason"])
+            bad += batch["errors"]
+            bar.update(len(batch["records"]) + len(batch["errors"]))
+            if len(rows) + len(bad) >= self.chunk_size:
+                counts = self._flush(files, rows, bad, counts)
+                rows, bad = [], []
+        return self._flush(files, rows, bad, counts)
+
+    @staticmethod
+    def _flush(files: Outputs, rows: list[dict], bad: list[dict], counts: dict) -> dict:
+        _append(files.error_part, bad)
+        _append(files.part, rows)   # last: a chunk counts as done only once its results are on disk
+        return {"captioned": counts["captioned"] + len(rows), "skipped": counts["skipped"] + len(bad)}

@@ -1,0 +1,219 @@
+"""One front for labelling with any loaded model: ``caption``, ``answer`` (with the hosted BLIP-2 chat context) and
+``match``, driven by one set of decoding settings. The CLI, ``blip caption-dir`` and ``blip serve`` all go through it.
+
+Images arrive as preprocessed pixels [B, 3, S, S] (:meth:`Predictor.transform` makes them from decoded RGB images in
+data-loader workers), so decoding and resizing never run on the device thread.
+
+Prompts follow the hosted BLIP-2 predictor: a question becomes ``"Question: {q} Answer:"``, and a context (previous
+turns, e.g. ``"Question: what is it? Answer: a cat."``) is put in front of it with a space.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+DEFAULT_QUESTION = "What is this a picture of?"
+
+
+# (family, task) -> (num_beams, max_new_tokens, min_new_tokens): BLIP's caption (max_length 20 / min_length 5 with
+# the 4-token prompt) and VQA (max_length 10, counting [DEC]) defaults; BLIP-2's LAVIS generate() defaults, which the
+# hosted predictor uses for answers too.
+DEFAULTS = {("blip", "caption"): (3, 16, 1), ("blip", "answer"): (3, 9, 0),
+            ("blip2", "caption"): (5, 30, 1), ("blip2", "answer"): (5, 30, 1)}
+
+
+class UsageError(ValueError):
+    """A request the loaded model or the given options cannot serve; the message says what to change."""
+
+
+@dataclass
+class Decoding:
+    """Decoding settings with one meaning for every family; None means the family's default (see ``DEFAULTS``; the
+    BLIP caption prompt is "a picture of ", BLIP-2 has none)."""
+    prompt: str | None = None
+    num_beams: int | None = None
+    max_new_tokens: int | None = None
+    min_new_tokens: int | None = None
+    do_sample: bool = False
+    top_p: float = 0.9
+    temperature: float = 1.0
+    repetition_penalty: float | None = None
+
+    def __post_init__(self) -> None:
+        checks = [(self.num_beams is None or self.num_beams >= 1, "num_beams must be >= 1"),
+                  (self.max_new_tokens is None or self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+                  (self.min_new_tokens is None or self.min_new_tokens >= 0, "min_new_tokens must be >= 0"),
+                  (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+                  (self.temperature > 0.0, "temperature must be > 0"),
+                  (self.repetition_penalty is None or self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+                  (self.max_new_tokens is None or self.min_new_tokens is None
+                   or self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be <= max_new_tokens")]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def question_prompt(question: str, context: str | None = None) -> str:
+    """The hosted BLIP-2 prompt: ``"[context ]Question: {question} Answer:"``."""
+    prompt = f"Question: {question} Answer:"
+    return f"{context.strip()} {prompt}" if context and context.strip() else prompt
+
+
+def _is_language_model(model: nn.Module) -> bool:
+    return hasattr(model, "chat")  # BLIP-2 / InstructBLIP with a frozen LLM
+
+
+def image_size_of(model: nn.Module) -> int:
+    cfg = getattr(model, "cfg", None) or getattr(model, "config")
+    vision = getattr(cfg, "vision", None)
+    return int(vision.image_size if vision is not None else cfg.image_size)
+
+
+class Predictor:
+    """Wraps a model from :func:`blip.load`; ``name`` (how the user named the model) is reported with results."""
+
+    def __init__(self, model: nn.Module, name: str = ""):
+        self.model, self.name = model.eval(), name
+        self.llm = _is_language_model(model)
+
+    # ---- what the model can do ----------------------------------------------------------------------------------
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(t for t, method in (("caption", "caption"), ("answer", "answer"), ("match", "match"))
+                     if hasattr(self.model, method))
+
+    def require(self, task: str) -> None:
+        """Raise UsageError unless the model can do ``task`` ("any": at least one task)."""
+        if task == "any" and not self.tasks:
+            raise UsageError(f"{self.name or type(self.model).__name__} ({type(self.model).__name__}) has no "
+                             "caption / answer / match: load a task model")
+        if task != "any" and task not in self.tasks:
+            kind = {"caption": "a captioning", "answer": "a VQA or BLIP-2 language", "match": "a retrieval / "
+                    "BLIP-2 Q-Former"}[task]
+            raise UsageError(f"{self.name or type(self.model).__name__} ({type(self.model).__name__}) cannot {task}: "
+                             f"load {kind} model (it can: {', '.join(self.tasks) or 'nothing at string level'})")
+
+    def check(self, task: str, decoding: Decoding | None = None, context: str | None = None) -> None:
+        """Raise UsageError unless the model can do ``task`` with these settings."""
+        self.require(task)
+        if task == "answer" and not self.llm:
+            if context and context.strip():
+                raise UsageError("a context (previous questions and answers) needs a BLIP-2 language model; BLIP VQA "
+                                 "answers one question at a time")
+            if decoding is not None and decoding.do_sample:
+                raise UsageError("BLIP VQA answers with beam search; sampling needs a BLIP-2 language model")
+
+    def transform(self):
+        """Decoded RGB PIL image -> float32 [3, S, S] at this model's resolution (the eval transform)."""
+        from .data.transforms import image_transform
+        return image_transform(image_size_of(self.model), train=False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def _pixels(self, pixels: Tensor) -> Tensor:
+        return pixels.to(self.device, self.dtype, non_blocking=True)
+
+    # ---- tasks --------------------------------------------------------------------------------------------------
+    def resolve(self, d: Decoding, task: str = "caption") -> Decoding:
+        """``d`` with the defaults of this family and task filled in (what the model will actually run)."""
+        beams, most, least = DEFAULTS["blip2" if self.llm else "blip", task]
+        prompt = None if self.llm or task != "caption" else "a picture of "
+        return replace(d, prompt=d.prompt if d.prompt is not None else prompt,
+                       num_beams=1 if d.do_sample else (d.num_beams or beams), max_new_tokens=d.max_new_tokens or most,
+                       min_new_tokens=d.min_new_tokens if d.min_new_tokens is not None else least)
+
+    def settings(self, d: Decoding, task: str = "caption") -> dict:
+        """The effective settings, as recorded next to results."""
+        out = self.resolve(d, task).as_dict()
+        if not d.do_sample:
+            out.pop("top_p"), out.pop("temperature")
+        return out
+
+    def _generation(self, d: Decoding, task: str, seeds: Sequence[int | None] | None, n: int) -> dict:
+        d = self.resolve(d, task)
+        gen = dict(num_beams=d.num_beams, max_new_tokens=d.max_new_tokens, min_new_tokens=d.min_new_tokens,
+                   do_sample=d.do_sample)
+        if d.do_sample:
+            gen.update(top_p=d.top_p, temperature=d.temperature, generator=row_generators(seeds, n))
+        if d.repetition_penalty is not None:
+            gen["repetition_penalty"] = d.repetition_penalty
+        return gen
+
+    @torch.no_grad()
+    def caption(self, pixels: Tensor, decoding: Decoding = Decoding(), seeds: Sequence[int | None] | None = None
+                ) -> list[str]:
+        """pixels [B, 3, S, S] -> B captions. seeds: one per image (None: unseeded) when sampling."""
+        self.require("caption")
+        gen = self._generation(decoding, "caption", seeds, pixels.shape[0])
+        prompt = self.resolve(decoding).prompt
+        if self.llm:
+            return self.model.caption(self._pixels(pixels), prompt=prompt, **gen)
+        return self.model.caption(self._pixels(pixels), prompt, **_blip_lengths(self.model, prompt, gen))
+
+    @torch.no_grad()
+    def answer(self, pixels: Tensor, questions: Sequence[str], decoding: Decoding = Decoding(),
+               contexts: Sequence[str | None] | None = None, seeds: Sequence[int | None] | None = None) -> list[str]:
+        """pixels [B, 3, S, S] and B questions (one context per question, BLIP-2 only) -> B answers."""
+        self.check("answer", decoding, next((c for c in contexts or () if c), None))
+        if len(questions) != pixels.shape[0]:
+            raise ValueError(f"{pixels.shape[0]} images for {len(questions)} questions")
+        gen = self._generation(decoding, "answer", seeds, pixels.shape[0])
+        if self.llm:
+            contexts = contexts or [None] * len(questions)
+            prompts = [question_prompt(q, c) for q, c in zip(questions, contexts)]
+            return self.model.answer(self._pixels(pixels), prompts, prompt="{}", length_penalty=1.0, **gen)
+        # padded question positions masked: each answer is what the question alone gives, whatever its batch
+        return self.model.answer(self._pixels(pixels), list(questions), num_beams=gen["num_beams"],
+                                 max_length=gen["max_new_tokens"] + 1, min_length=gen["min_new_tokens"] + 1,
+                                 mask_question_padding=True)
+
+    @torch.no_grad()
+    def match(self, pixels: Tensor, texts: Sequence[str]) -> list[dict]:
+        """One image [1, 3, S, S] against texts -> [{"text", "itm", "itc"}]: ITM match probability and ITC cosine."""
+        self.require("match")
+        pixels = self._pixels(pixels)
+        result = self.model.match(pixels, list(texts))
+        if isinstance(result, Tensor):  # BLIP-2 Q-Former: [images, texts] matrices, one head per call
+            itm, itc = result[0], self.model.match(pixels, list(texts), head="itc")[0]
+        else:
+            itm, itc = result.itm_prob, result.itc_sim
+        return [{"text": t, "itm": float(a), "itc": float(b)} for t, a, b in zip(texts, itm.tolist(), itc.tolist())]
+
+
+def _blip_lengths(model: nn.Module, prompt: str, gen: dict) -> dict:
+    """BLIP's caption() counts lengths with the prompt tokens ([DEC] included): convert from new-token counts."""
+    from .data.tokenizer import caption_prompt_ids
+    plen = caption_prompt_ids(model.tokenizer, prompt, 1).shape[1]
+    gen = dict(gen)
+    gen["max_length"] = plen + gen.pop("max_new_tokens")
+    gen["min_length"] = plen + gen.pop("min_new_tokens")
+    gen.pop("temperature", None)
+    return gen
+
+
+def row_generators(seeds: Sequence[int | None] | None, n: int) -> list[torch.Generator]:
+    """One CPU generator per row: a seeded row samples the same tokens whatever else shares its batch."""
+    seeds = list(seeds) if seeds is not None else [None] * n
+    if len(seeds) != n:
+        raise ValueError(f"{len(seeds)} seeds for {n} rows")
+    out = []
+    for seed in seeds:
+        g = torch.Generator()
+        if seed is None:
+            g.seed()
+        else:
+            g.manual_seed(int(seed))
+        out.append(g)
+    return out
