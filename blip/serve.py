@@ -351,5 +351,10 @@ def create_app(predictor: Predictor, cfg: ServeConfig | None = None) -> FastAPI:
 
 
 def serve(predictor: Predictor, host: str = "127.0.0.1", port: int = 8000, cfg: ServeConfig | None = None) -> None:
+    import sys
+
     import uvicorn
+    # The device thread holds the GIL between kernels; hand it over sooner so /health and request parsing stay
+    # responsive while a batch runs (Python's default is 5 ms per hand-over).
+    sys.setswitchinterval(0.0005)
     uvicorn.run(create_app(predictor, cfg), host=host, port=port, log_level="info")
