@@ -29,6 +29,16 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"   # argparse names the type in its message
+    return parse
+
+
 def check_device(device: str) -> None:
     from .predictor import UsageError
     try:
@@ -205,7 +215,7 @@ def _model_options(p: argparse.ArgumentParser, batch_size: int = 16) -> argparse
     p.add_argument("--vision-weights", default=None, help="BLIP-2: the frozen ViT file (e.g. eva_vit_g.pth)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--batch-size", type=int, default=batch_size, help="images per forward pass")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=batch_size, help="images per forward pass")
     p.add_argument("--json", action="store_true", help="one JSON object per result")
     return p
 
@@ -252,8 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output JSONL (re-running the same command resumes)")
     p.add_argument("--errors", default=None, help="unreadable images (default: OUT.errors.jsonl)")
     p.add_argument("--question", default=None, help="answer this question about every image instead (VQA)")
-    p.add_argument("--chunk-size", type=int, default=1024, help="images per write to the output")
-    p.add_argument("--workers", type=int, default=4, help="data-loader processes decoding images")
+    p.add_argument("--chunk-size", type=_int_at_least(1), default=1024, help="images per write to the output")
+    p.add_argument("--workers", type=_int_at_least(0), default=4, help="data-loader processes decoding images")
     p.add_argument("--no-progress", action="store_true")
     _decoding_options(p)
     p.set_defaults(func=cmd_caption_dir)
@@ -288,8 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, KeyError, OSError) as e:  # usage, checkpoint, image and file errors: named, one line
-        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"blip {args.command}: error: {' '.join(str(message).split())}", file=sys.stderr)
+        message = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
+        for keyword, flag in (("llm=", "--llm "), ("vision_weights=", "--vision-weights ")):  # name the CLI flags
+            message = message.replace(keyword, flag)
+        print(f"blip {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -1,32 +1,115 @@
-"""The `blip` command on a tiny model: real images in, one caption per image out; bad input -> exit 2 with the file."""
-from pathlib import Path
+"""The `blip` command on tiny BLIP and BLIP-2 models: every subcommand, JSON output, and every expected failure as
+one line on stderr with exit status 2."""
+import json
 
+import pytest
 import torch
 
 import blip
 from blip.cli import main
 from blip.convert.blip import save_safetensors
+from blip.predictor import question_prompt
+from tiny_weights import randomize
 
-IMAGES = Path(__file__).resolve().parents[2] / "shared" / "assets" / "images"
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    out = {}
+    for task in ("caption", "vqa", "retrieval"):
+        model = blip.create_model("blip_tiny", task)
+        randomize(model, seed=3)
+        out[task] = save_safetensors(model, d / f"{task}.safetensors")
+    return out
 
 
-def test_caption_match_convert_and_errors(tmp_path, capsys):
-    torch.manual_seed(0)
-    cap = save_safetensors(blip.create_model("blip_tiny", "caption"), tmp_path / "cap.safetensors")
-    images = [str(IMAGES / "cat.jpg"), str(IMAGES / "rocket.jpg")]
-    assert main(["caption", *images, "--model", str(cap), "--beams", "2", "--max-length", "8"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split("\t")[0] for line in lines] == images
+@pytest.fixture
+def images(shared):
+    return shared / "assets" / "images"
 
-    ret = save_safetensors(blip.create_model("blip_tiny", "retrieval"), tmp_path / "ret.safetensors")
-    assert main(["match", images[0], "a cat", "a rocket", "--model", str(ret)]) == 0
-    rows = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
-    assert [r[2] for r in rows] == ["a cat", "a rocket"] and all(0.0 <= float(r[0]) <= 1.0 for r in rows)
 
-    assert main(["convert", str(cap), str(tmp_path / "hf"), "--to", "hf"]) == 0
+def test_blip_caption_ask_match_convert_models(models, images, tmp_path, capsys, one_thread):
+    cat, rocket, bad = images / "cat.jpg", images / "rocket.jpg", images / "unusual" / "truncated.jpg"
+    assert main(["caption", str(cat), str(bad), str(rocket), "--model", str(models["caption"]), "--beams", "2",
+                 "--max-new-tokens", "6", "--batch-size", "2"]) == 0
+    out, err = capsys.readouterr()
+    lines = [line.split("\t") for line in out.strip().splitlines()]
+    model = blip.load(models["caption"])
+    assert lines == [[str(p), model.caption(p, num_beams=2, max_length=4 + 6, min_length=5)[0]] for p in (cat, rocket)]
+    assert "truncated.jpg" in err   # reported and skipped, the others captioned
+
+    assert main(["ask", str(cat), "what is this?", "--model", str(models["vqa"]), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row == {"path": str(cat), "question": "what is this?",
+                   "answer": blip.load(models["vqa"]).answer(cat, "what is this?")[0]}
+
+    assert main(["match", str(cat), "a cat", "a rocket", "--model", str(models["retrieval"]), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    ref = blip.load(models["retrieval"]).match(cat, ["a cat", "a rocket"])
+    assert [r["text"] for r in rows] == ["a cat", "a rocket"]
+    assert [r["itm"] for r in rows] == pytest.approx(ref.itm_prob.tolist(), abs=1e-6)
+
+    assert main(["convert", str(models["caption"]), str(tmp_path / "hf"), "--to", "hf"]) == 0
     assert (tmp_path / "hf" / "config.json").exists()
+    capsys.readouterr()
+    assert main(["models"]) == 0
+    table = capsys.readouterr().out
+    assert "blip_base" in table and "blip2-pretrain-opt2.7b" in table and "model_base_capfilt_large.pth" in table
+    assert main(["models", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert "caption" in listing["architectures"]["blip_tiny"] and listing["pretrained"]["blip-base"]["task"]
 
-    bad = str(IMAGES / "unusual" / "truncated.jpg")
-    assert main(["caption", bad, "--model", str(tmp_path / "hf")]) == 2
-    assert "truncated.jpg" in capsys.readouterr().err
-    assert main(["caption", images[0], "--model", str(tmp_path / "missing.pth")]) == 2
+
+def test_blip2_caption_and_ask_with_context(shared, images, capsys, one_thread):
+    opt = shared / "fixtures" / "lavis" / "blip2_opt"
+    eva = shared / "fixtures" / "lavis" / "eva_vit_tiny.pth"
+    source = ["--model", str(opt / "checkpoint_trainable_only.pth"), "--llm", str(opt / "opt_llm"),
+              "--vision-weights", str(eva)]
+    cat = images / "cat.jpg"
+    assert main(["caption", str(cat), *source, "--prompt", "a photo of", "--max-new-tokens", "5", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    model = blip.load(opt / "checkpoint_trainable_only.pth", llm=opt / "opt_llm", vision_weights=eva)
+    assert row["caption"] == model.caption(cat, prompt="a photo of", max_new_tokens=5)[0]
+
+    context = "Question: what is it? Answer: a cat."
+    assert main(["ask", str(cat), "what colour?", *source, "--context", context, "--sample", "--seed", "5",
+                 "--temperature", "2", "--max-new-tokens", "5"]) == 0
+    prompt = question_prompt("what colour?", context)
+    expected = model.answer(cat, prompt, prompt="{}", do_sample=True, temperature=2.0, top_p=0.9, num_beams=1,
+                            max_new_tokens=5, min_new_tokens=1, generator=[torch.Generator().manual_seed(5)])[0]
+    assert capsys.readouterr().out.strip() == expected.strip()
+
+
+def test_expected_failures_are_one_line_and_exit_2(models, images, shared, tmp_path, capsys, monkeypatch):
+    cat = str(images / "cat.jpg")
+    lavis = shared / "fixtures" / "lavis"
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"not a checkpoint")
+    cases = [
+        (["caption", cat, "--model", str(models["vqa"])], "cannot caption"),
+        (["ask", cat, "what?", "--model", str(models["caption"])], "cannot answer"),
+        (["match", cat, "a cat", "--model", str(models["caption"])], "cannot match"),
+        (["ask", cat, "what?", "--model", str(models["vqa"]), "--context", "Question: a? Answer: b."], "BLIP-2"),
+        (["caption", cat, "--model", str(models["caption"]), "--device", "cuda"], "no CUDA GPU"),
+        (["caption", cat, "--model", str(models["caption"]), "--device", "toaster"], "not a device"),
+        (["caption", cat, "--model", str(models["caption"]), "--beams", "0"], "num_beams must be >= 1"),
+        (["caption", cat, "--model", str(models["caption"]), "--top-p", "1.5"], "top_p"),
+        (["caption", cat, "--model", str(models["caption"]), "--temperature", "0"], "temperature"),
+        (["caption", cat, "--model", str(models["caption"]), "--batch-size", "0"], "must be >= 1"),
+        (["caption", cat, "--model", str(models["caption"]), "--beams", "two"], "invalid"),
+        (["caption", cat, "--model", str(lavis / "blip2_t5" / "checkpoint_trainable_only.pth"), "--vision-weights",
+          str(lavis / "eva_vit_tiny.pth")], "--llm"),
+        (["caption", cat, "--model", str(tmp_path / "missing.pth")], "no such file"),
+        (["caption", cat, "--model", str(corrupt)], "corrupt.pth"),
+        (["caption", str(images / "unusual" / "empty.jpg"), "--model", str(models["caption"])], "empty.jpg"),
+        (["serve", "--model", str(models["caption"]), "--port", "70000"], "out of range"),
+    ]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for argv, needle in cases:
+        try:
+            status = main(argv)
+        except SystemExit as e:  # argparse's own errors
+            status = e.code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert status == 2, (argv, err)
+        assert len([line for line in err if line.startswith("blip")]) == 1 and needle in err[-1], (argv, err)
