@@ -150,9 +150,12 @@ def cmd_caption_dir(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .serve import ServeConfig, serve
+    from .predictor import UsageError
+    try:
+        from .serve import ServeConfig, serve
+    except ModuleNotFoundError as e:
+        raise UsageError(f"blip serve needs {e.name}: pip install -e '.[serve]'") from None
     if not 0 < args.port < 65536:
-        from .predictor import UsageError
         raise UsageError(f"--port {args.port} is out of range (1-65535)")
     predictor = load_predictor(args, "any")
     serve(predictor, args.host, args.port, ServeConfig(max_batch_size=args.batch_size, max_wait_ms=args.max_wait_ms,
