@@ -43,7 +43,8 @@ from torch import nn
 
 from .data.images import load_image
 from .data.skips import SkipCounter
-from .data.tokenizer import ENC_TOKEN_ID, caption_prompt_ids, get_tokenizer, pre_caption, tokenize, with_first_token
+from .data.text import pre_caption
+from .data.tokenizer import ENC_TOKEN_ID, caption_prompt_ids, get_tokenizer, tokenize, with_first_token
 from .data.transforms import image_transform
 from .data.webdataset import WebDatasetSource, stable_id
 

@@ -10,8 +10,6 @@ from blip.data import tokenizer as tk
 from blip.data.tokenizer import (
     caption_prompt_ids,
     get_tokenizer,
-    pre_caption,
-    pre_question,
     tokenize,
     with_first_token,
 )
@@ -178,28 +176,3 @@ def test_source_with_wrong_size_is_rejected(tmp_path):
         get_tokenizer("gpt2")
     with pytest.raises(FileNotFoundError):
         get_tokenizer("blip", tmp_path / "missing.txt")
-
-
-@pytest.mark.parametrize(
-    "raw, expected",
-    [
-        ("A Dog's ball-game, on the grass!!\n", "a dogs ball game on the grass"),
-        ("  Two   cats (sleeping) on a sofa/couch.  ", "two cats sleeping on a sofa couch"),
-        ("<person> riding a bike; \"fast\"~", "person riding a bike fast"),
-        ("What?! #Nope: *really*", "what nope really"),
-    ],
-)
-def test_pre_caption(raw, expected):
-    assert pre_caption(raw) == expected
-
-
-def test_pre_caption_truncates_words():
-    assert pre_caption("one two three four five", max_words=3) == "one two three"
-    assert pre_caption(" ".join(["w"] * 60)) == " ".join(["w"] * 50)
-
-
-def test_pre_question():
-    assert pre_question("What's in the Picture?") == "what's in the picture?"
-    assert pre_question("Is it red!!!   ") == "is it red"
-    assert pre_question("How many cars, trucks and bikes?", max_words=3) == "how many cars,"
-    assert pre_question("well-lit (room)") == "well-lit room"

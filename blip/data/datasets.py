@@ -28,6 +28,7 @@ from blip.data.collate import collate_image_text
 from blip.data.mixing import Source, mixed, slot_stream
 from blip.data.nlvr2 import swap_left_right
 from blip.data.skips import SkipCounter
+from blip.data.text import answer_weights
 from blip.data.webdataset import stable_id
 
 
@@ -36,12 +37,14 @@ class JsonSource:
     """A BLIP-style annotation list: `[{"image": relative path, "caption": str | [str, ...], "image_id"?}, ...]`
     (COCO Karpathy, VG, CC3M/CC12M, SBU as the BLIP repo ships them). One sample per (image, caption) pair.
 
-    For VQA lists (`{"image", "question", "answer": [...]}`) use `text_field="question"`: the answers travel along
-    as the sample's "answers"."""
+    For VQA lists (`{"image", "question", "answer": [...]}`) use `text_field="question"`: the unique answers travel
+    along as the sample's "answers" with their loss "weights": BLIP's VQAv2 rule (each answer's share of the
+    annotators) or, with `answer_weight` set, that weight for every answer (BLIP gives VG-QA answers 0.2)."""
 
     annotation: str | Path
     image_root: str | Path = ""
     text_field: str = "caption"
+    answer_weight: float | None = None
     unit_size: int = 256  # annotations per unit: the granularity of splitting across ranks/workers
     pairs: list[tuple[str, str, int, dict]] = field(init=False, repr=False)
 
@@ -53,9 +56,14 @@ class JsonSource:
             texts = texts if isinstance(texts, list) else [texts]
             image_id = entry.get("image_id", entry["image"])
             image_id = image_id if isinstance(image_id, int) else stable_id(str(image_id))
-            extra = {"answers": list(entry["answer"]) if isinstance(entry["answer"], list) else [entry["answer"]]} \
-                if "answer" in entry else {}
+            extra = self._answers(entry["answer"]) if "answer" in entry else {}
             self.pairs += [(entry["image"], t, image_id, extra) for t in texts]
+
+    def _answers(self, answer: str | list[str]) -> dict:
+        answers, weights = answer_weights(answer if isinstance(answer, list) else [answer])
+        if self.answer_weight is not None:
+            weights = [float(self.answer_weight)] * len(answers)
+        return {"answers": answers, "weights": weights}
 
     @property
     def num_samples(self) -> int:
@@ -109,12 +117,16 @@ def _identity(text: str) -> str:
 
 class ImageTextStream(IterableDataset):
     """Batches `{"pixel_values", "text", "image_ids", "key" (sample keys), "batch_index", "skipped"}` of one rank
-    for one epoch."""
+    for one epoch. `text_fn`: one text cleaning function for every source, or one per source."""
 
     def __init__(self, sources: Sequence[Source], transform: Callable, *, batch_size: int, batches_per_epoch: int,
                  weights: Sequence[float] | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 shuffle_buffer: int = 1000, text_fn: Callable[[str], str] = _identity) -> None:
-        self.sources, self.transform, self.text_fn = list(sources), transform, text_fn
+                 shuffle_buffer: int = 1000,
+                 text_fn: Callable[[str], str] | Sequence[Callable[[str], str]] = _identity) -> None:
+        self.sources, self.transform = list(sources), transform
+        self.text_fns = list(text_fn) if isinstance(text_fn, Sequence) else [text_fn] * len(self.sources)
+        if len(self.text_fns) != len(self.sources):
+            raise ValueError(f"{len(self.text_fns)} text functions for {len(self.sources)} sources")
         self.weights = list(weights) if weights is not None else [s.num_samples for s in self.sources]
         self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
         self.seed, self.rank, self.world_size, self.shuffle_buffer = seed, rank, world_size, shuffle_buffer
@@ -128,6 +140,7 @@ class ImageTextStream(IterableDataset):
         streams = [slot_stream(s, seed=self.seed + 1000 * i, epoch=self.epoch, slot=slot, num_slots=num_slots,
                                skips=skips, shuffle_buffer=self.shuffle_buffer, rng=np.random.default_rng(seeds + [i]))
                    for i, s in enumerate(self.sources)]
+        streams = [_tagged(stream, i) for i, stream in enumerate(streams)]
         return mixed(streams, self.weights, np.random.default_rng(seeds + [len(self.sources)]))
 
     def __iter__(self) -> Iterator[dict]:
@@ -147,13 +160,13 @@ class ImageTextStream(IterableDataset):
                 sample = next(raw)
                 counter += 1
                 if fast_forward:
-                    ok = decode(sample, None, self.text_fn, skips) is not None
+                    ok = decode(sample, None, self.text_fns[sample["source"]], skips) is not None
                     samples += [None] if ok else []
                     continue
                 # augmentation randomness is a function of the sample's place in the stream, not of worker state
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(hash((*seeds, counter)) & 0x7FFF_FFFF_FFFF_FFFF)
-                    out = decode(sample, self.transform, self.text_fn, skips)
+                    out = decode(sample, self.transform, self.text_fns[sample["source"]], skips)
                 if out is not None:
                     samples.append(out)
             if fast_forward:
@@ -162,6 +175,12 @@ class ImageTextStream(IterableDataset):
             batch["batch_index"] = k
             batch["skipped"] = skips.take()
             yield batch
+
+
+def _tagged(stream: Iterator[dict], source: int) -> Iterator[dict]:
+    for sample in stream:
+        sample["source"] = source
+        yield sample
 
 
 def _worker_init(_: int) -> None:

@@ -7,12 +7,15 @@ Everything here is a pure function of its seeds, so the sample order of an epoch
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 import numpy as np
 
 from blip.data.skips import SkipCounter
+
+log = logging.getLogger(__name__)
 
 
 class Source(Protocol):
@@ -73,14 +76,42 @@ def shuffled(stream: Iterator[dict], buffer_size: int, rng: np.random.Generator)
     yield from buffer
 
 
-def mixed(streams: Sequence[Iterator[dict]], weights: Sequence[float], rng: np.random.Generator) -> Iterator[dict]:
-    """Draw each sample from stream i with probability weights[i] / sum(weights) (streams must be endless)."""
+def mixed(streams: Sequence[Iterator[dict]], weights: Sequence[float], rng: np.random.Generator,
+          block: int = 1000) -> Iterator[dict]:
+    """Interleave endless streams, stream i giving weights[i] / sum(weights) of the samples.
+
+    Like a shuffled concatenation (BLIP's ConcatDataset), the shares are exact rather than drawn: each block of
+    `block` samples takes floor or ceil of p_i * block from stream i (systematic sampling with a random offset,
+    so the expected count is exactly p_i * block) in a random order.
+    """
     if len(streams) == 1:
         yield from streams[0]
         return
     p = np.asarray(weights, dtype=np.float64)
     if (p < 0).any() or p.sum() <= 0:
         raise ValueError(f"mixing weights must be >= 0 with a positive sum, got {list(weights)}")
-    p = p / p.sum()
+    edges = np.cumsum(p / p.sum())
     while True:
-        yield next(streams[int(rng.choice(len(streams), p=p))])
+        points = (np.arange(block) + rng.random()) / block
+        labels = np.minimum(np.searchsorted(edges, points, side="right"), len(streams) - 1)
+        rng.shuffle(labels)
+        for i in labels:
+            yield next(streams[int(i)])
+
+
+def mixing_weights(names: Sequence[str], sizes: Sequence[int], weights: Sequence[float | None]) -> list[float]:
+    """Each source's share of the mix: proportional to its size when no weight is given (BLIP / LAVIS concatenate
+    their datasets), the given weights otherwise (all or none). Logs the effective shares."""
+    given = [w is not None for w in weights]
+    if any(given) and not all(given):
+        missing = [n for n, g in zip(names, given) if not g]
+        raise ValueError(f"data.datasets: `weight` is set on some datasets but not on {missing}; set it on all of "
+                         f"them, or on none to mix in proportion to their sizes")
+    shares = [float(w) for w in weights] if all(given) else [float(n) for n in sizes]
+    total = sum(shares)
+    if total <= 0 or min(shares) < 0:
+        raise ValueError(f"data.datasets: mixing weights must be >= 0 with a positive sum, got {shares} for {list(names)}")
+    how = "explicit weights" if all(given) else "proportional to size"
+    log.info("data mix (%s): %s", how, ", ".join(f"{n} {100 * s / total:.2f}% ({size:,} samples)"
+                                                 for n, s, size in zip(names, shares, sizes)))
+    return shares

@@ -10,7 +10,6 @@ you, so string-level code goes through the helpers below.
 from __future__ import annotations
 
 import inspect
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -144,27 +143,3 @@ def caption_prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, batch: i
     ids = tokenizer(prompt, add_special_tokens=True)["input_ids"][:-1]
     ids[0] = DEC_TOKEN_ID
     return torch.tensor([ids] * batch, dtype=torch.long)
-
-
-_CAPTION_PUNCT = re.compile(r"[,.'!?\"()*#:;~]")
-_QUESTION_PUNCT = re.compile(r"[.!\"()*#:;~]")  # questions keep , ' ? - /
-
-
-def _truncate_words(text: str, max_words: int) -> str:
-    words = text.split(" ")
-    return " ".join(words[:max_words]) if len(words) > max_words else text
-
-
-def pre_caption(text: str, max_words: int = 50) -> str:
-    """BLIP caption cleaning: lowercase, drop , . ' ! ? " ( ) * # : ; ~, turn - and / into spaces, `<person>` ->
-    `person`, collapse runs of whitespace to one space, trim, keep the first `max_words` words. Same output as BLIP."""
-    text = _CAPTION_PUNCT.sub("", text.lower()).replace("-", " ").replace("/", " ").replace("<person>", "person")
-    text = re.sub(r"\s{2,}", " ", text).rstrip("\n").strip(" ")
-    return _truncate_words(text, max_words)
-
-
-def pre_question(text: str, max_words: int = 50) -> str:
-    """BLIP question cleaning: lowercase, drop . ! " ( ) * # : ; ~ (keeps `?`), trim trailing spaces, first
-    `max_words` words. Same output as BLIP."""
-    text = _QUESTION_PUNCT.sub("", text.lower()).rstrip(" ")
-    return _truncate_words(text, max_words)

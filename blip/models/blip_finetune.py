@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.text import answer_weights
 from ..data.tokenizer import DEC_TOKEN_ID, ENC_TOKEN_ID, PAD_TOKEN_ID, get_tokenizer, tokenize, with_first_token
 from ..losses import FeatureQueue, concat_all_gather, lm_loss
 from .blip_pretrain import MomentumDistillation, itm_hard_negatives, momentum_itc, ramped_alpha
@@ -107,14 +108,6 @@ class RetrievalObjective(MomentumDistillation, TaskObjective):
         loss_itm = itm_hard_negatives(self.text_encoder, self.itm_head, image_embeds, enc_ids, mask, sim_i2t, sim_t2i,
                                       image_ids, self.negative_all_rank)
         return {"loss": loss_itc + loss_itm, "loss_itc": loss_itc, "loss_itm": loss_itm}
-
-
-def answer_weights(answers: list[str]) -> tuple[list[str], list[float]]:
-    """BLIP's VQAv2 rule: unique answers, each weighted by its share of the annotators' answers."""
-    weights: dict[str, float] = {}
-    for a in answers:
-        weights[a] = weights.get(a, 0.0) + 1.0 / len(answers)
-    return list(weights), list(weights.values())
 
 
 class VQAObjective(TaskObjective):

@@ -7,7 +7,6 @@ import json
 import logging
 import re
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -16,6 +15,8 @@ from torch import nn
 
 from blip.data.datasets import ImageTextStream, JsonSource, TrainData, eval_batches
 from blip.convert.blip_nlvr import is_nlvr, twin_from_single
+from blip.data.mixing import mixing_weights
+from blip.data.text import text_cleaner
 from blip.data.webdataset import WebDatasetSource
 from blip.train.checkpoint import list_checkpoints, load_checkpoint
 from blip.train.distributed import DistInfo, barrier, block_lists, init_distributed, unwrap, wrap_model
@@ -93,17 +94,21 @@ def build_sources(data_cfg: DictConfig) -> tuple[list, list[float], object | Non
                                          shard_size=s.shard_size, image_size=s.render_size, seed=s.seed)
         return ([WebDatasetSource(shards.train_urls, num_samples=shards.num_train)], [1.0],
                 WebDatasetSource(shards.val_urls, num_samples=shards.num_val))
-    sources, weights = [], []
-    for entry in data_cfg.datasets:
-        sources.append(make_source(entry))
-        weights.append(float(entry.get("weight", 1.0)))
+    sources = [make_source(entry) for entry in data_cfg.datasets]
+    weights = mixing_weights([source_name(e) for e in data_cfg.datasets], [s.num_samples for s in sources],
+                             [e.get("weight") for e in data_cfg.datasets])
     eval_cfg = data_cfg.get("eval")
     return sources, weights, make_source(eval_cfg) if eval_cfg else None
 
 
+def source_name(entry: DictConfig) -> str:
+    return str(entry.get("name") or Path(str(entry.get("annotation") or entry.get("urls"))).stem)
+
+
 def make_source(entry: DictConfig):
     if entry.type == "json":
-        return JsonSource(entry.annotation, entry.get("image_root", ""), text_field=entry.get("text_field", "caption"))
+        return JsonSource(entry.annotation, entry.get("image_root", ""), text_field=entry.get("text_field", "caption"),
+                          answer_weight=entry.get("answer_weight"))
     if entry.type == "wds":
         return WebDatasetSource(entry.urls, num_samples=int(entry.num_samples))
     if entry.type == "nlvr2":
@@ -112,10 +117,16 @@ def make_source(entry: DictConfig):
     raise ValueError(f"unknown dataset type {entry.type!r} (json | wds | nlvr2)")
 
 
-def text_cleaner(max_words: int):
-    from blip.data.tokenizer import pre_caption
-
-    return partial(pre_caption, max_words=max_words)
+def dataset_text_cleaners(data_cfg: DictConfig, num_sources: int) -> list:
+    """Per dataset: BLIP's pre_caption (captions, `data.max_words`) or pre_question (`text_cleaning: question`,
+    the default for `text_field: question`; 50 words as BLIP) unless the entry sets its own `max_words`."""
+    entries = list(data_cfg.datasets) or [DictConfig({})] * num_sources  # synthetic: captions
+    cleaners = []
+    for e in entries:
+        kind = e.get("text_cleaning") or ("question" if e.get("text_field") == "question" else "caption")
+        words = e.get("max_words") or (data_cfg.max_words if kind == "caption" else None)
+        cleaners.append(text_cleaner(kind, words))
+    return cleaners
 
 
 def build_train_data(cfg: DictConfig, info: DistInfo, sources: list, weights: list[float]) -> TrainData:
@@ -129,7 +140,7 @@ def build_train_data(cfg: DictConfig, info: DistInfo, sources: list, weights: li
     batches -= batches % t.grad_accum
     stream = ImageTextStream(sources, transform, batch_size=t.batch_size, batches_per_epoch=batches, weights=weights,
                              seed=cfg.seed, rank=info.rank, world_size=info.world_size,
-                             shuffle_buffer=d.shuffle_buffer, text_fn=text_cleaner(d.max_words))
+                             shuffle_buffer=d.shuffle_buffer, text_fn=dataset_text_cleaners(d, len(sources)))
     return TrainData(stream, num_workers=d.num_workers)
 
 
@@ -303,7 +314,7 @@ def evaluate(model: nn.Module, cfg: DictConfig, source, info: DistInfo) -> dict:
     from blip.train.heldout import retrieval_eval
 
     transform = image_transform(cfg.model.image_size, train=False, kind=cfg.model.transform)
-    batches = eval_batches(source, transform, cfg.eval.batch_size, text_cleaner(cfg.data.max_words))
+    batches = eval_batches(source, transform, cfg.eval.batch_size, text_cleaner("caption", cfg.data.max_words))
     if cfg.stage.id == 2:
         from blip.train.stage2 import caption_eval
 
