@@ -66,6 +66,8 @@ def load(source: str | Path, *, arch: str | None = None, task: str | None = None
             arch, task = arch or entry.arch, task or entry.task
             if entry.arch.startswith("blip_"):  # BLIP releases differ in resolution (caption 384, VQA 480)
                 kwargs.setdefault("image_size", entry.image_size)
+            for key, value in entry.options.items():  # e.g. the prompt and generation settings it was evaluated with
+                kwargs.setdefault(key, value)
     if path.is_dir():
         config_file = path / "config.json"
         if not config_file.exists():

@@ -6,7 +6,7 @@ blip never downloads. ``blip.load("blip-base-caption")`` looks for the file unde
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 BLIP_GCS = "https://storage.googleapis.com/sfr-vision-language-research/BLIP/models"
@@ -20,6 +20,12 @@ class Pretrained:
     task: str
     image_size: int
     needs: tuple[str, ...] = ()   # other files the checkpoint relies on (frozen ViT, LLM directory)
+    options: dict = field(default_factory=dict)  # how the original evaluates it (blip.load defaults)
+
+
+def _coco_caption(min_new_tokens: int) -> dict:
+    return {"prompt": "a photo of", "generation": {"num_beams": 5, "max_new_tokens": 30,
+                                                   "min_new_tokens": min_new_tokens}}
 
 
 PRETRAINED: dict[str, Pretrained] = {
@@ -47,6 +53,17 @@ PRETRAINED: dict[str, Pretrained] = {
                                          "stage2", 224, needs=("blip2-eva-vit-g", "facebook/opt-2.7b")),
     "blip2-pretrain-flant5xl": Pretrained(f"{LAVIS_GCS}/BLIP2/blip2_pretrained_flant5xl.pth", "blip2_vitg_flant5xl",
                                           "stage2", 224, needs=("blip2-eva-vit-g", "google/flan-t5-xl")),
+    # COCO-finetuned captioners (ViT fine-tuned at 364 px, in the file): LAVIS caption_coco_* prompt "a photo of",
+    # beam 5, max_len 30, min_len 8 (which counts T5's decoder start: 7 new tokens)
+    "blip2-caption-coco-opt2.7b": Pretrained(f"{LAVIS_GCS}/BLIP2/blip2_caption_opt2.7b.pth", "blip2_vitg_opt2.7b",
+                                             "stage2", 364, needs=("facebook/opt-2.7b",),
+                                             options=_coco_caption(min_new_tokens=8)),
+    "blip2-caption-coco-opt6.7b": Pretrained(f"{LAVIS_GCS}/BLIP2/blip2_caption_opt6.7b.pth", "blip2_vitg_opt6.7b",
+                                             "stage2", 364, needs=("facebook/opt-6.7b",),
+                                             options=_coco_caption(min_new_tokens=8)),
+    "blip2-caption-coco-flant5xl": Pretrained(f"{LAVIS_GCS}/BLIP2/blip2_caption_flant5xl.pth", "blip2_vitg_flant5xl",
+                                              "stage2", 364, needs=("google/flan-t5-xl",),
+                                              options=_coco_caption(min_new_tokens=7)),
     "hf-blip2-opt-2.7b": Pretrained("Salesforce/blip2-opt-2.7b", "blip2_vitg_opt2.7b", "stage2", 224),
     "hf-blip2-flan-t5-xl": Pretrained("Salesforce/blip2-flan-t5-xl", "blip2_vitg_flant5xl", "stage2", 224),
     "hf-blip2-itm-vit-g": Pretrained("Salesforce/blip2-itm-vit-g", "blip2_vitg_qformer", "qformer", 224),

@@ -44,7 +44,12 @@ def test_full_size_archs_match_hf_key_for_key(arch, task, tmp_path):
     HF_HUB[arch].save_pretrained(tmp_path)
     from_hf = config_from_hf(tmp_path)
     assert from_hf.vision.layer_norm_eps == 1e-5  # HF's default; the original BLIP ViT (ours) uses 1e-6
-    assert replace(from_hf, vision=replace(from_hf.vision, layer_norm_eps=1e-6)) == ARCHS[arch]
+    # HF's hub configs train without dropout / drop-path; BLIP's own configs (ours) use 0.1
+    assert (from_hf.text.hidden_dropout, from_hf.text.attention_dropout) == (0.0, 0.0)
+    regularised = replace(from_hf, vision=replace(from_hf.vision, layer_norm_eps=1e-6,
+                                                  drop_path=ARCHS[arch].vision.drop_path),
+                          text=replace(from_hf.text, hidden_dropout=0.1, attention_dropout=0.1))
+    assert regularised == ARCHS[arch]
 
 
 def test_feature_extractor_against_lavis_itm_fixture():

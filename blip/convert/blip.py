@@ -262,7 +262,8 @@ def config_from_hf(directory: str | Path) -> BlipConfig:
     text = TextConfig(vocab_size=tc.vocab_size, hidden_size=tc.hidden_size, num_layers=tc.num_hidden_layers,
                       num_heads=tc.num_attention_heads, intermediate_size=tc.intermediate_size,
                       max_position_embeddings=tc.max_position_embeddings, layer_norm_eps=tc.layer_norm_eps,
-                      encoder_width=vc.hidden_size)
+                      encoder_width=vc.hidden_size, hidden_dropout=tc.hidden_dropout_prob,
+                      attention_dropout=tc.attention_probs_dropout_prob)
     return BlipConfig(vision, text, embed_dim=hf.image_text_hidden_size, bos_token_id=tc.bos_token_id,
                       sep_token_id=tc.sep_token_id, pad_token_id=tc.pad_token_id)
 

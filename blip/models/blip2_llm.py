@@ -44,6 +44,7 @@ class Blip2LLMConfig:
     tokenizer: str | Path | None = None   # LLM tokenizer directory (default: ``llm`` when it is a directory)
     eos: str | int | None = None          # "\n" (OPT convention: the id of "\n"), an id, or None: the LLM's eos
     prompt: str = ""                      # default caption prompt
+    generation: dict = field(default_factory=dict)  # this checkpoint's caption defaults (num_beams, min_new_tokens..)
     ln_vision_eps: float = 1e-5           # LAVIS 1e-5; HF post_layernorm uses the vision layer_norm_eps
     frozen_dtype: str | torch.dtype | None = None  # storage dtype of the frozen ViT + LLM ("bf16", "fp16"); None: fp32
     image_token_id: int | None = None     # HF placeholder id, rejected in input_ids (queries are prepended inside)

@@ -91,19 +91,31 @@ class LanguageInterface:
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
     # ---- public ----------------------------------------------------------------------------------------------
-    def caption(self, images: ImageInput, prompt: str | None = None, *, num_beams: int = 5, max_new_tokens: int = 30,
-                min_new_tokens: int = 1, **gen) -> list[str]:
-        """Captions (LAVIS generate defaults: 5 beams, up to 30 new tokens). prompt: e.g. "a photo of"."""
+    def caption_defaults(self) -> dict:
+        """LAVIS ``generate`` defaults (5 beams, 30 new tokens, min_length 1, which for T5 counts the decoder start:
+        0 new tokens), then this checkpoint's own (``config.generation``; the COCO-finetuned zoo models: 5 beams,
+        30 tokens, min 8)."""
+        return {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 0 if self.is_seq2seq else 1,
+                **self.config.generation}
+
+    def caption(self, images: ImageInput, prompt: str | None = None, **gen) -> list[str]:
+        """Captions with :meth:`caption_defaults` unless given. prompt: default ``config.prompt`` (e.g. "a photo of")."""
         prompt = self.config.prompt if prompt is None else prompt
-        return self._run(images, [prompt], num_beams=num_beams, max_new_tokens=max_new_tokens,
-                         min_new_tokens=min_new_tokens, **gen)
+        return self._run(images, [prompt], **{**self.caption_defaults(), **gen})
 
     def answer(self, images: ImageInput, questions: str | Sequence[str], prompt: str = "Question: {} Short answer:",
-               *, num_beams: int = 5, max_new_tokens: int = 10, min_new_tokens: int = 1, length_penalty: float = -1.0,
-               **gen) -> list[str]:
-        """Open-ended VQA with the BLIP-2 prompt template (LAVIS predict_answers defaults)."""
+               *, num_beams: int = 5, max_new_tokens: int = 10, min_new_tokens: int | None = None,
+               length_penalty: float | None = None, **gen) -> list[str]:
+        """Open-ended VQA as LAVIS's zero-shot VQA: questions cleaned by BLIP's ``pre_question`` (the
+        ``blip_question`` processor), the BLIP-2 prompt template, 5 beams, 10 new tokens; OPT: length penalty 0, at
+        least 1 new token; T5: length penalty -1, min_length 1 counting the decoder start (0 new tokens)."""
+        from ..data.text import pre_question
         questions = [questions] if isinstance(questions, str) else list(questions)
-        return self._run(images, [prompt.format(q) for q in questions], num_beams=num_beams,
+        if min_new_tokens is None:
+            min_new_tokens = 0 if self.is_seq2seq else 1
+        if length_penalty is None:
+            length_penalty = -1.0 if self.is_seq2seq else 0.0
+        return self._run(images, [prompt.format(pre_question(q)) for q in questions], num_beams=num_beams,
                          max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, length_penalty=length_penalty,
                          **gen)
 

@@ -95,10 +95,9 @@ class FrozenImageEncoder(nn.Module):
         return self
 
     def cast_vit(self, dtype: torch.dtype) -> "FrozenImageEncoder":
-        """Store the ViT's Linear/Conv weights and biases in ``dtype`` (LAVIS ``convert_weights_to_fp16``)."""
-        for m in self.visual_encoder.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                m.to(dtype)
+        """Store the ViT's Linear/Conv weights and biases in ``dtype`` (LAVIS ``convert_weights_to_fp16``); its
+        residual stream stays fp32."""
+        self.visual_encoder.cast_matmul_weights(dtype)
         return self
 
     def forward(self, pixel_values: Tensor) -> Tensor:

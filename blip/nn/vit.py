@@ -68,6 +68,7 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, d = x.shape
+        x = x.to(self.qkv.weight.dtype)  # an fp32 residual stream into low-precision weights
         bias = self.qkv.bias
         if hasattr(self, "q_bias"):
             bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias]).to(x.dtype)
@@ -84,7 +85,7 @@ class Mlp(nn.Module):
         self.act = ACTIVATIONS[cfg.act]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x.to(self.fc1.weight.dtype))))
 
 
 class DropPath(nn.Module):
@@ -151,6 +152,8 @@ class VisionTransformer(nn.Module):
 
     forward(pixel_values [B, 3, H, W]) -> [B, 1 + N, width] (CLS first; final norm applied when configured).
     Images of another size than ``cfg.image_size`` are accepted: the position embedding is resized on the fly.
+    The residual stream has the dtype of ``pos_embed``: after :meth:`cast_matmul_weights` (frozen towers in bf16 /
+    fp16, as LAVIS stores EVA) the matmuls run in low precision while the stream and the norms stay fp32.
     """
 
     def __init__(self, cfg: VisionConfig):
@@ -178,6 +181,14 @@ class VisionTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
+    def cast_matmul_weights(self, dtype: torch.dtype) -> "VisionTransformer":
+        """Store the Linear / Conv weights and biases in ``dtype`` (LAVIS ``convert_weights_to_fp16``); norms, cls
+        and position embeddings and EVA's q/v biases keep their dtype, so the residual stream stays fp32."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                m.to(dtype)
+        return self
+
     @property
     def width(self) -> int:
         return self.cfg.width
@@ -186,11 +197,11 @@ class VisionTransformer(nn.Module):
         return {"pos_embed", "cls_token"}
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        x = self.patch_embed(pixel_values.to(self.patch_embed.proj.weight.dtype))
+        x = self.patch_embed(pixel_values.to(self.patch_embed.proj.weight.dtype)).to(self.pos_embed.dtype)
         pos = self.pos_embed
         if x.shape[1] != pos.shape[1] - 1:
             pos = resize_pos_embed(pos, x.shape[1])
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1) + pos.to(x.dtype)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1) + pos
         x = self.norm_pre(x)
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():

@@ -4,7 +4,8 @@
 - bf16: autocast to bf16; trainable weights stay fp32 (the optimizer's master copy); no scaler needed.
 - fp16: autocast to fp16 with a GradScaler (unscaled before clipping).
 With `frozen_dtype` set, frozen towers (modules whose parameters are all frozen, e.g. BLIP-2's ViT and LLM) are stored
-in that dtype to halve their memory; their norm layers stay fp32, as the originals need. Momentum (EMA) copies
+in that dtype to halve their memory; their norm layers stay fp32, as the originals need, and a ViT keeps its residual
+stream fp32 (only its Linear / Conv weights are cast, as LAVIS stores EVA). Momentum (EMA) copies
 (`*_m` modules, BLIP's `visual_encoder_m` ...) are frozen too but updated every step, so they always stay fp32.
 """
 
@@ -51,13 +52,22 @@ class PrecisionPolicy:
         dtype = DTYPES[self.frozen_dtype]
         cast: list[str] = []
         for name, module in frozen_towers(model):
-            for sub in module.modules():
-                if isinstance(sub, NORMS):
-                    continue
-                for pname, p in sub.named_parameters(recurse=False):
-                    p.data = p.data.to(dtype)
+            _cast_tower(module, dtype)
             cast.append(name)
         return cast
+
+
+def _cast_tower(module: nn.Module, dtype: torch.dtype) -> None:
+    """Parameters to ``dtype`` except norms; a module with ``cast_matmul_weights`` (the ViT) casts itself, keeping its
+    residual stream fp32 as LAVIS does for EVA."""
+    if hasattr(module, "cast_matmul_weights"):
+        module.cast_matmul_weights(dtype)
+        return
+    if not isinstance(module, NORMS):
+        for p in module.parameters(recurse=False):
+            p.data = p.data.to(dtype)
+    for child in module.children():
+        _cast_tower(child, dtype)
 
 
 def frozen_towers(model: nn.Module) -> list[tuple[str, nn.Module]]:
