@@ -1,6 +1,4 @@
 """Evaluation metrics against hand-computed values."""
-import shutil
-
 import pytest
 import torch
 
@@ -47,8 +45,7 @@ def test_vqa_normalisation_and_accuracy():
         vqa_accuracy({3: "x"}, {1: ["y"]})
 
 
-@pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap needs Java")
-def test_caption_metrics_perfect_and_imperfect():
+def test_caption_metrics_perfect_and_imperfect(java):
     from blip.evaluation.captioning import caption_metrics
     refs = {1: ["a dog sitting on a bench"], 2: ["two red cars parked near the street"], 3: ["a cup of coffee"]}
     perfect = caption_metrics({k: v[0] for k, v in refs.items()}, refs)

@@ -7,7 +7,7 @@ punctuation, number words, articles and contractions. The normalisation tables b
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 _CONTRACTIONS = dict(pair.split("=") for pair in """
 aint=ain't arent=aren't cant=can't couldve=could've couldnt=couldn't couldn'tve=couldn’t’ve couldnt’ve=couldn’t’ve
@@ -73,10 +73,49 @@ def answer_accuracy(prediction: str, gt_answers: Iterable[str]) -> float:
     return sum(scores) / len(scores)
 
 
-def vqa_accuracy(predictions: Mapping[int, str], ground_truth: Mapping[int, list[str]]) -> dict[str, float]:
-    """Overall VQA accuracy (percent) over question ids; every predicted id must have ground truth."""
+def vqa_accuracy(predictions: Mapping[Any, str], ground_truth: Mapping[Any, list[str]],
+                 answer_types: Mapping[Any, str] | None = None) -> dict:
+    """Official VQA accuracy in percent, rounded to 2 decimals as the official tool reports it: {"overall", and with
+    ``answer_types`` (question id -> "yes/no" | "number" | "other") "perAnswerType": {type: accuracy}}. Every
+    predicted id must have ground truth."""
     missing = [q for q in predictions if q not in ground_truth]
     if missing:
         raise KeyError(f"{len(missing)} predicted question ids have no ground truth, e.g. {missing[:5]}")
-    accs = [answer_accuracy(predictions[q], ground_truth[q]) for q in predictions]
-    return {"overall": 100.0 * sum(accs) / max(len(accs), 1), "count": float(len(accs))}
+    accs = {q: answer_accuracy(predictions[q], ground_truth[q]) for q in predictions}
+    out: dict = {"overall": round(100.0 * sum(accs.values()) / max(len(accs), 1), 2)}
+    if answer_types is not None:
+        by_type: dict[str, list[float]] = {}
+        for q, acc in accs.items():
+            by_type.setdefault(answer_types[q], []).append(acc)
+        out["perAnswerType"] = {t: round(100.0 * sum(a) / len(a), 2) for t, a in sorted(by_type.items())}
+    return out
+
+
+def exact_match_accuracy(predictions: Mapping[Any, str], ground_truth: Mapping[Any, list[str]]) -> dict:
+    """GQA accuracy in percent: the normalised prediction equals the (single) answer (LAVIS GQA task)."""
+    missing = [q for q in predictions if q not in ground_truth]
+    if missing:
+        raise KeyError(f"{len(missing)} predicted question ids have no ground truth, e.g. {missing[:5]}")
+    hits = [normalize_answer(predictions[q]) == ground_truth[q][0] for q in predictions]
+    return {"overall": 100.0 * sum(hits) / max(len(hits), 1)}
+
+
+def lemmatizer(setting: bool | str) -> tuple[Callable[[str], str] | None, str | None]:
+    """LAVIS's OK-VQA answer lemmatizer (spaCy en_core_web_sm: nouns and verbs -> lemma) and why it is off.
+
+    setting: False (off), True (required), "auto" (on when spaCy and its English model are installed)."""
+    if setting is False or setting == "false":
+        return None, None
+    try:
+        import spacy
+        nlp = spacy.load("en_core_web_sm")
+    except (ImportError, OSError) as e:
+        why = (f"answer lemmatization skipped (LAVIS apply_lemmatizer): spaCy's en_core_web_sm is not available "
+               f"({type(e).__name__}); install spacy and `python -m spacy download en_core_web_sm`")
+        if setting is True or setting == "true":
+            raise RuntimeError(why) from e
+        return None, why
+
+    def lemmatize(answer: str) -> str:
+        return " ".join(t.lemma_ if t.pos_ in ("NOUN", "VERB") else t.text for t in nlp(answer))
+    return lemmatize, None

@@ -1,0 +1,120 @@
+"""One benchmark evaluation: check the data, load the model, run the task sharded and resumable, write the results.
+
+Used by ``scripts/evaluate.py`` (config: ``configs/evaluate/``) and at the end of every fine-tuning run. Outputs in
+``output_dir``: ``predictions.json`` (the format the task's evaluation server takes), ``metrics.json``, for retrieval
+``scores.safetensors`` (each query's top-k scores), and ``partial/`` (finished chunks: a re-run skips them).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from ..data import eval_datasets
+from .sharding import EvalContext, check_manifest, write_json_atomic
+
+log = logging.getLogger("blip.evaluate")
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def read_task_data(task: Mapping, split: str, root: str | Path):
+    """The task's dataset; raises MissingDataError listing every missing file before any model work."""
+    kind = task["kind"]
+    if kind == "caption":
+        return eval_datasets.read_caption_data(task, split, root)
+    if kind == "vqa":
+        return eval_datasets.read_vqa_data(task, split, root)
+    if kind == "retrieval":
+        return eval_datasets.read_retrieval_data(task, split, root, max_words=task.get("max_words", 30))
+    raise ValueError(f"unknown task kind {kind!r} (caption | vqa | retrieval)")
+
+
+def load_model(source: str, model_cfg: Mapping, device: torch.device) -> nn.Module:
+    """A checkpoint file, HF directory, zoo name (blip.load) or a training run / checkpoint directory."""
+    path = Path(source)
+    if path.is_dir() and not (path / "config.json").exists():
+        return _load_run(path, device)
+    import blip
+    kwargs = {k: v for k, v in model_cfg.items() if v is not None}
+    return blip.load(source, device=device, **kwargs)
+
+
+def _load_run(path: Path, device: torch.device) -> nn.Module:
+    """The newest checkpoint of a training run (run dir with config.yaml, or one of its checkpoint dirs); a training
+    objective (e.g. CaptionObjective) is unwrapped to the task model it trains."""
+    from ..train.run import build_model, checkpoint_path
+    ckpt = checkpoint_path(path)
+    run_dir = next((p for p in (ckpt, *ckpt.parents) if (p / "config.yaml").exists()), None)
+    if run_dir is None:
+        raise FileNotFoundError(f"{path}: no config.yaml in the run directory above {ckpt}")
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    model = build_model(cfg.model)
+    model.load_state_dict(torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)["model"])
+    return getattr(model, "model", model).to(device).eval()
+
+
+def evaluate(model: nn.Module, task: Mapping, split: str, data_root: str | Path, output_dir: str | Path,
+             ctx_settings: Mapping[str, Any], data=None, label: Mapping[str, Any] | None = None) -> dict:
+    """Collective over the ranks in ``ctx_settings``: run ``task`` on ``split`` and write the outputs (rank 0).
+
+    ctx_settings: EvalContext fields (device, rank, world_size, batch_size, num_workers, progress_bar,
+    autocast_dtype). label: extra fields recorded in the manifest and metrics (checkpoint, zero_shot).
+    Returns the metrics (empty for splits without public ground truth)."""
+    from .retrieval import run_retrieval
+    from .tasks import model_family, run_captioning, run_vqa
+    started = time.perf_counter()
+    data = data if data is not None else read_task_data(task, split, data_root)
+    output_dir = Path(output_dir)
+    ctx = EvalContext(work_dir=output_dir / "partial", **ctx_settings)
+    label = dict(label or {})
+    protocol = OmegaConf.to_container(task["protocol"]) if isinstance(task, DictConfig) else task["protocol"]
+    check_manifest(ctx, {"task": task["name"], "split": split, "batch_size": ctx.batch_size,
+                         "family": model_family(model), "protocol": protocol, **label})
+    model.eval()
+    extra = {}
+    if task["kind"] == "caption":
+        predictions, metrics = run_captioning(model, data, task, ctx)
+    elif task["kind"] == "vqa":
+        predictions, metrics = run_vqa(model, data, task, ctx)
+    else:
+        predictions, metrics, extra = run_retrieval(model, data, task, ctx)
+    if ctx.is_main:
+        write_json_atomic(output_dir / "predictions.json", predictions)
+        if extra:
+            from safetensors.torch import save_file
+            save_file({k: v.contiguous() for k, v in extra.items()}, str(output_dir / "scores.safetensors"))
+        n = len(data.images)
+        record = {**metrics, "task": task["name"], "split": split, "num_items": n, **label}
+        (output_dir / "metrics.json").write_text(json.dumps(record, indent=1))
+        print(summary_line(task["name"], split, metrics, n, time.perf_counter() - started,
+                           output_dir), flush=True)
+    return metrics
+
+
+def summary_line(name: str, split: str, metrics: Mapping, n: int, seconds: float, output_dir: Path) -> str:
+    """One line: caption metrics ×100 (as papers print them), accuracies and recalls in percent."""
+    parts = []
+    for key in ("Bleu_4", "METEOR", "CIDEr", "SPICE"):
+        if isinstance(metrics.get(key), float):
+            parts.append(f"{key} {100 * metrics[key]:.1f}")
+    for key in ("overall", "txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"):
+        if isinstance(metrics.get(key), float):
+            parts.append(f"{'accuracy' if key == 'overall' else key} {metrics[key]:.2f}")
+    shown = ", ".join(parts) if parts else "no public ground truth: submit predictions.json"
+    return f"{name} {split}: {shown} ({n} items, {seconds:.0f} s) -> {output_dir}"
+
+
+def context_settings(cfg: Mapping, info) -> dict:
+    """EvalContext fields from an evaluate config (batch_size, num_workers, progress_bar, precision) + DistInfo."""
+    precision = cfg.get("precision", "fp32")
+    if precision not in DTYPES:
+        raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
+    return {"device": info.device, "rank": info.rank, "world_size": info.world_size,
+            "batch_size": int(cfg.get("batch_size", 32)), "num_workers": int(cfg.get("num_workers", 0)),
+            "progress_bar": bool(cfg.get("progress_bar", True)), "autocast_dtype": DTYPES[precision]}

@@ -1,0 +1,154 @@
+"""Benchmark task runners: captioning, VQA and retrieval over a dataset, sharded and resumable.
+
+Each runner takes a loaded model, the dataset (:mod:`blip.data.eval_datasets`), the task config (its ``protocol``
+block holds one entry per model family: ``blip``, ``blip2_qformer``, ``blip2_llm``) and an
+:class:`~blip.evaluation.sharding.EvalContext`, and returns ``(predictions, metrics)`` on every rank. Decoding goes
+through the models' string API, so the conventions (prompts, [DEC]/[ENC], BLIP's length counting) live in one place.
+"""
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..data.eval_datasets import CaptionData, RetrievalData, VQAData
+from .sharding import EvalContext, ListDataset, run_pass
+
+log = logging.getLogger("blip.evaluate")
+
+
+# ---- models -----------------------------------------------------------------------------------------------------
+def model_family(model: nn.Module) -> str:
+    """"blip" (BLIP task models), "blip2_qformer" (BLIP-2 stage 1) or "blip2_llm" (BLIP-2 / InstructBLIP + LLM)."""
+    from ..models.blip2_qformer import Blip2Qformer
+    from ..models.blip_core import BlipModel
+    if isinstance(model, BlipModel):
+        return "blip"
+    if isinstance(model, Blip2Qformer):
+        return "blip2_qformer"
+    if hasattr(model, "llm") and hasattr(model, "query_embeds"):
+        return "blip2_llm"
+    raise TypeError(f"{type(model).__name__} is not a BLIP / BLIP-2 model this evaluation knows")
+
+
+def protocol_for(task: Mapping, model: nn.Module) -> tuple[str, Mapping]:
+    """(family, the task's protocol settings for that family); a clear error when the task has none."""
+    family = model_family(model)
+    protocols = task["protocol"]
+    if family not in protocols:
+        raise ValueError(f"task {task['name']} has no protocol for {family} models ({type(model).__name__}); it "
+                         f"evaluates {sorted(protocols)} checkpoints")
+    return family, protocols[family]
+
+
+def image_preprocess(model: nn.Module):
+    """The model's eval transform: bicubic resize to its own image size, CLIP normalisation."""
+    from ..data.transforms import image_transform
+    family = model_family(model)
+    if family == "blip":
+        return image_transform(model.cfg.image_size, train=False, kind="blip")
+    vision = model.cfg.vision if family == "blip2_qformer" else model.config.vision
+    return image_transform(vision.image_size, train=False, kind="blip2")
+
+
+def _load_pixels(transform, item, index: int) -> tuple[torch.Tensor, int]:
+    """item = (anything, image path) -> ([3, S, S], index); runs in the DataLoader workers."""
+    from ..data.images import load_image
+    return transform(load_image(item[1])), index
+
+
+def _collate_pixels(samples: list) -> tuple[torch.Tensor, list[int]]:
+    return torch.stack([s[0] for s in samples]), [s[1] for s in samples]
+
+
+def _image_dataset(model: nn.Module, items: list) -> ListDataset:
+    return ListDataset(items, partial(_load_pixels, image_preprocess(model)))
+
+
+# ---- captioning -------------------------------------------------------------------------------------------------
+def caption_images(model: nn.Module, family: str, p: Mapping, pixels: torch.Tensor) -> list[str]:
+    """One caption per image with the protocol ``p`` of ``family`` (BLIP lengths count the prompt tokens)."""
+    if family == "blip":
+        return model.caption(pixels, prompt=p["prompt"], num_beams=p["num_beams"], max_length=p["max_length"],
+                             min_length=p["min_length"])
+    if family == "blip2_qformer":
+        return model.caption(pixels, num_beams=p["num_beams"], max_length=p["max_length"],
+                             min_length=p["min_length"])
+    return model.caption(pixels, prompt=p["prompt"], num_beams=p["num_beams"], max_new_tokens=p["max_new_tokens"],
+                         min_new_tokens=p["min_new_tokens"], beam_length_convention="total")
+
+
+def run_captioning(model: nn.Module, data: CaptionData, task: Mapping, ctx: EvalContext) -> tuple[list, dict]:
+    from .captioning import caption_metrics, nocaps_metrics, spice_status
+    family, p = protocol_for(task, model)
+    items = list(zip(data.image_ids, data.images))
+
+    def compute(batch):
+        pixels, index = batch
+        captions = caption_images(model, family, p, pixels.to(ctx.device))
+        return [{"image_id": data.image_ids[i], "caption": c} for i, c in zip(index, captions)]
+
+    predictions = run_pass(ctx, "caption", _image_dataset(model, items), _collate_pixels, compute)
+    if data.references is None or not ctx.is_main:
+        return predictions, {}
+    spice, why = spice_status(task.get("spice", "auto"))
+    if why:
+        log.warning(why)
+    by_id = {r["image_id"]: r["caption"] for r in predictions}
+    if data.domains is not None:
+        metrics = nocaps_metrics(by_id, data.references, data.domains, spice=spice)
+    else:
+        metrics = caption_metrics(by_id, data.references, spice=spice)
+    if why:
+        metrics["SPICE_skipped"] = why
+    return predictions, metrics
+
+
+# ---- VQA --------------------------------------------------------------------------------------------------------
+def answer_questions(model: nn.Module, family: str, p: Mapping, pixels: torch.Tensor, questions: list[str],
+                     answer_list: list[str] | None) -> list[str]:
+    """One answer per (image, question) with the protocol ``p`` (BLIP: rank over ``answer_list`` or generate)."""
+    if family == "blip":
+        if p["method"] == "rank":
+            if answer_list is None:
+                raise ValueError("BLIP's rank protocol needs the task's answer_list file")
+            return model.answer(pixels, questions, method="rank", answer_list=answer_list, k=p["k"])
+        return model.answer(pixels, questions, method="generate", num_beams=p["num_beams"],
+                            max_length=p["max_length"], min_length=p["min_length"])
+    return model.answer(pixels, questions, prompt=p["prompt"], num_beams=p["num_beams"],
+                        max_new_tokens=p["max_new_tokens"], min_new_tokens=p["min_new_tokens"],
+                        length_penalty=p["length_penalty"], beam_length_convention="total")
+
+
+def run_vqa(model: nn.Module, data: VQAData, task: Mapping, ctx: EvalContext) -> tuple[list, dict]:
+    from .vqa import exact_match_accuracy, lemmatizer, vqa_accuracy
+    family, p = protocol_for(task, model)
+    items = list(zip(range(len(data.images)), data.images))
+
+    def compute(batch):
+        pixels, index = batch
+        answers = answer_questions(model, family, p, pixels.to(ctx.device), [data.questions[i] for i in index],
+                                   data.answer_list)
+        return [{"question_id": data.question_ids[i], "answer": a} for i, a in zip(index, answers)]
+
+    predictions = run_pass(ctx, "answer", _image_dataset(model, items), _collate_pixels, compute, unit="question")
+    lemmatize, why = lemmatizer(task.get("lemmatize", False)) if family != "blip" else (None, None)
+    if why:
+        log.warning(why)
+    if lemmatize is not None:
+        predictions = [{**r, "answer": lemmatize(r["answer"])} for r in predictions]
+    gqa = task["format"] == "gqa"
+    if gqa:  # the GQA evaluation's own result format
+        predictions = [{"questionId": r["question_id"], "prediction": r["answer"]} for r in predictions]
+    if data.answers is None or not ctx.is_main:
+        return predictions, {}
+    if gqa:
+        metrics = exact_match_accuracy({r["questionId"]: r["prediction"] for r in predictions}, data.answers)
+    else:
+        metrics = vqa_accuracy({r["question_id"]: r["answer"] for r in predictions}, data.answers, data.answer_types)
+    if why:
+        metrics["lemmatizer_skipped"] = why
+    return predictions, metrics

@@ -1,0 +1,46 @@
+"""Evaluate a checkpoint on a benchmark with its original protocol (configs/evaluate/; tasks in docs/data.md).
+
+    python scripts/evaluate.py task=caption_coco split=test checkpoint=model_base_caption_capfilt_large.pth \
+        data.root=/data/coco output_dir=outputs/eval/caption_coco
+    torchrun --nproc_per_node 8 scripts/evaluate.py task=retrieval_coco checkpoint=... data.root=...
+
+Tasks: caption_coco, caption_nocaps, vqa_v2, okvqa, gqa, retrieval_coco, retrieval_flickr. Missing data files are
+listed (with where to get them) before the model loads; a killed evaluation re-run with the same output_dir skips
+what was done.
+"""
+
+import logging
+import sys
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from blip.data.eval_datasets import MissingDataError
+from blip.evaluation.runner import context_settings, evaluate, load_model, read_task_data
+from blip.train.distributed import init_distributed
+
+
+@hydra.main(config_path="../configs/evaluate", config_name="evaluate", version_base=None)
+def main(cfg: DictConfig) -> None:
+    try:
+        data = read_task_data(cfg.task, cfg.split, cfg.data.root)
+    except MissingDataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    info = init_distributed(cfg.device)
+    if not info.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    torch.manual_seed(cfg.seed)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model = load_model(str(cfg.checkpoint), model_cfg, info.device)
+    label = {"checkpoint": str(cfg.checkpoint), "zero_shot": bool(cfg.zero_shot)}
+    evaluate(model, cfg.task, cfg.split, cfg.data.root, cfg.output_dir, context_settings(cfg, info), data=data,
+             label=label)
+    if info.distributed:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
