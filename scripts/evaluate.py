@@ -13,12 +13,9 @@ import logging
 import sys
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from blip.data.eval_datasets import MissingDataError
-from blip.evaluation.runner import context_settings, evaluate, load_model, read_task_data
-from blip.train.distributed import init_distributed
+from blip.data.eval_datasets import MissingDataError, read_task_data
 
 
 @hydra.main(config_path="../configs/evaluate", config_name="evaluate", version_base=None)
@@ -28,6 +25,11 @@ def main(cfg: DictConfig) -> None:
     except MissingDataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    import torch
+
+    from blip.evaluation.runner import context_settings, evaluate, load_model
+    from blip.train.distributed import init_distributed
+
     info = init_distributed(cfg.device)
     if not info.is_main:
         logging.getLogger().setLevel(logging.WARNING)

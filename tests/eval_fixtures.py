@@ -113,7 +113,7 @@ def run_task(model, task: str, split: str, root: Path, out: Path, overrides: tup
              info: DistInfo | None = None) -> dict:
     cfg = task_config(task, overrides)
     return evaluate(model, cfg.task, split, root, out, context_settings(cfg, info or DistInfo()),
-                    label={"checkpoint": "test"})
+                    label={"checkpoint": "test", "zero_shot": False})
 
 
 def tiny_blip(task: str, seed: int = 0, **overrides):

@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .tokenizer import pre_caption, pre_question
-
 
 class MissingDataError(FileNotFoundError):
     """Evaluation data is not where the config says; the message lists every missing path and its source."""
@@ -123,6 +121,8 @@ def read_caption_data(task: Mapping, split: str, root: str | Path) -> CaptionDat
 
 
 def read_vqa_data(task: Mapping, split: str, root: str | Path, max_words: int = 50) -> VQAData:
+    """Questions BLIP-cleaned (pre_question); GQA or the official VQA format (see the module docstring)."""
+    from .tokenizer import pre_question
     files = required_files(task, split, root)
     check_files(files, f"{task['name']} ({split})")
     paths = {k: p for k, (p, _) in files.items()}
@@ -151,6 +151,7 @@ def read_vqa_data(task: Mapping, split: str, root: str | Path, max_words: int = 
 
 def read_retrieval_data(task: Mapping, split: str, root: str | Path, max_words: int = 30) -> RetrievalData:
     """One image per entry; its captions, BLIP-cleaned to ``max_words`` words, numbered in file order."""
+    from .tokenizer import pre_caption
     files = required_files(task, split, root)
     check_files(files, f"{task['name']} ({split})")
     entries = _read_json(files["annotation"][0])
@@ -161,3 +162,15 @@ def read_retrieval_data(task: Mapping, split: str, root: str | Path, max_words: 
         data.img2txt.append(list(range(len(data.texts), len(data.texts) + len(captions))))
         data.texts += [pre_caption(c, max_words) for c in captions]
     return data
+
+
+def read_task_data(task: Mapping, split: str, root: str | Path):
+    """The task's dataset; raises MissingDataError listing every missing file before any model work."""
+    kind = task["kind"]
+    if kind == "caption":
+        return read_caption_data(task, split, root)
+    if kind == "vqa":
+        return read_vqa_data(task, split, root)
+    if kind == "retrieval":
+        return read_retrieval_data(task, split, root, max_words=task.get("max_words", 30))
+    raise ValueError(f"unknown task kind {kind!r} (caption | vqa | retrieval)")

@@ -16,23 +16,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ..data import eval_datasets
+from ..data.eval_datasets import read_task_data
 from .sharding import EvalContext, check_manifest, write_json_atomic
 
 log = logging.getLogger("blip.evaluate")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def read_task_data(task: Mapping, split: str, root: str | Path):
-    """The task's dataset; raises MissingDataError listing every missing file before any model work."""
-    kind = task["kind"]
-    if kind == "caption":
-        return eval_datasets.read_caption_data(task, split, root)
-    if kind == "vqa":
-        return eval_datasets.read_vqa_data(task, split, root)
-    if kind == "retrieval":
-        return eval_datasets.read_retrieval_data(task, split, root, max_words=task.get("max_words", 30))
-    raise ValueError(f"unknown task kind {kind!r} (caption | vqa | retrieval)")
 
 
 def load_model(source: str, model_cfg: Mapping, device: torch.device) -> nn.Module:
