@@ -120,3 +120,19 @@ def tiny_blip(task: str, seed: int = 0, **overrides):
     import blip
     torch.manual_seed(seed)
     return blip.create_model("blip_tiny", task, **overrides).eval()
+
+
+def write_nlvr2(shared: Path, root: Path, n: int = 5) -> list[dict]:
+    """The official NLVR2 JSON lines (dev.json) and its flat image folder (<pair>-img0.png, <pair>-img1.png)."""
+    entries = []
+    for i in range(n):
+        pair = f"dev-{850 + i}-0"
+        place_photos(shared, root, [f"nlvr2/images/dev/{pair}-img0.png"])
+        (root / f"nlvr2/images/dev/{pair}-img1.png").write_bytes(
+            (shared / "assets" / "images" / PHOTOS[(i + 2) % len(PHOTOS)]).read_bytes())
+        entries.append({"identifier": f"{pair}-{i % 2}", "sentence": f"The left image shows a {NAMES[i]}.",
+                        "label": "True" if i % 2 else "False", "synset": "x", "query": "y"})
+    path = root / "nlvr2/data/dev.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(json.dumps(e) for e in entries) + "\n")
+    return entries

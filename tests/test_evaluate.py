@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-from eval_fixtures import (run_task, tiny_blip, write_coco_karpathy, write_gqa, write_nocaps, write_retrieval,
-                           write_vqa)
+from eval_fixtures import (run_task, tiny_blip, write_coco_karpathy, write_gqa, write_nlvr2, write_nocaps,
+                           write_retrieval, write_vqa)
 
 
 def cocoevalcap_reference(gt_file, predictions_file, monkeypatch, image_ids=None) -> dict:
@@ -223,3 +223,27 @@ def test_retrieval_flickr_blip2_and_itc_only(tmp_path, shared, one_thread):
     img2txt = [list(range(5 * i, 5 * i + 5)) for i in range(5)]
     sim = torch.full((5, 25), -1e9).scatter_(1, scores["i2t_index"], scores["i2t_score"])
     assert itc["txt_r1"] == pytest.approx(recall_at_k(sim, img2txt)["i2t_r1"])
+
+
+def test_nlvr2_dev_accuracy_from_the_two_image_classifier(tmp_path, shared_dir, one_thread):
+    from blip.data.images import load_image
+    from blip.data.tokenizer import pre_caption, tokenize, with_first_token
+    from blip.data.transforms import image_transform
+    root, out = tmp_path / "data", tmp_path / "out"
+    entries = write_nlvr2(shared_dir, root)
+    model = tiny_blip("nlvr", seed=5)
+    metrics = run_task(model, "nlvr2", "val", root, out)
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert [p["identifier"] for p in predictions] == [e["identifier"] for e in entries]
+    transform = image_transform(model.cfg.image_size)
+    pair = [e["identifier"].rsplit("-", 1)[0] for e in entries]
+    left = torch.stack([transform(load_image(root / f"nlvr2/images/dev/{p}-img0.png")) for p in pair])
+    right = torch.stack([transform(load_image(root / f"nlvr2/images/dev/{p}-img1.png")) for p in pair])
+    enc = tokenize(model.tokenizer, [pre_caption(e["sentence"], 40) for e in entries], 512)
+    with torch.no_grad():
+        logits = model(left, right, with_first_token(enc["input_ids"], model.cfg.enc_token_id),
+                       enc["attention_mask"]).logits
+    expected = ["True" if c == 1 else "False" for c in logits.argmax(-1).tolist()]
+    assert [p["prediction"] for p in predictions] == expected
+    hits = sum(p == e["label"] for p, e in zip(expected, entries))
+    assert metrics["accuracy"] == pytest.approx(100 * hits / len(entries))

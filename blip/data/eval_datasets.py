@@ -11,6 +11,8 @@ where each comes from, before anything is loaded. Formats:
   ``{"annotations": [{"question_id", "answers": [{"answer"}...], "answer_type"}]}``; images ``<prefix>%012d.jpg``.
 - ``gqa``: ``{split}_balanced_questions.json`` (``{question_id: {"imageId", "question", "answer"}}``).
 - ``karpathy_retrieval``: ``{coco_karpathy,flickr30k}_test.json`` (``[{"image", "caption": [5 captions]}]``).
+- ``nlvr2``: the official ``dev.json`` / ``test1.json`` JSON lines or BLIP's ``nlvr_{dev,test}.json`` lists
+  (:func:`blip.data.nlvr2.read_nlvr2`).
 """
 from __future__ import annotations
 
@@ -53,6 +55,21 @@ class RetrievalData:
     images: list[Path]
     texts: list[str]
     img2txt: list[list[int]] = field(default_factory=list)
+
+
+@dataclass
+class NLVRData:
+    """One entry per sentence: identifiers[i], its image pair (lefts[i], rights[i]), sentences[i] (BLIP-cleaned),
+    labels[i] (True / False; None without ground truth)."""
+    identifiers: list[str]
+    lefts: list[Path]
+    rights: list[Path]
+    sentences: list[str]
+    labels: list[bool | None]
+
+    @property
+    def images(self) -> list[tuple[Path, Path]]:
+        return list(zip(self.lefts, self.rights))
 
 
 def check_files(required: Mapping[str, tuple[Path, str]], what: str) -> None:
@@ -164,6 +181,16 @@ def read_retrieval_data(task: Mapping, split: str, root: str | Path, max_words: 
     return data
 
 
+def read_nlvr_data(task: Mapping, split: str, root: str | Path, max_words: int = 40) -> NLVRData:
+    from .nlvr2 import read_nlvr2
+    from .tokenizer import pre_caption
+    files = required_files(task, split, root)
+    check_files(files, f"{task['name']} ({split})")
+    examples = read_nlvr2(files["annotation"][0], files["images"][0])
+    return NLVRData([e.identifier for e in examples], [e.left for e in examples], [e.right for e in examples],
+                    [pre_caption(e.sentence, max_words) for e in examples], [e.label for e in examples])
+
+
 def read_task_data(task: Mapping, split: str, root: str | Path):
     """The task's dataset; raises MissingDataError listing every missing file before any model work."""
     kind = task["kind"]
@@ -173,4 +200,6 @@ def read_task_data(task: Mapping, split: str, root: str | Path):
         return read_vqa_data(task, split, root)
     if kind == "retrieval":
         return read_retrieval_data(task, split, root, max_words=task.get("max_words", 30))
-    raise ValueError(f"unknown task kind {kind!r} (caption | vqa | retrieval)")
+    if kind == "nlvr":
+        return read_nlvr_data(task, split, root, max_words=task.get("max_words", 40))
+    raise ValueError(f"unknown task kind {kind!r} (caption | vqa | retrieval | nlvr)")

@@ -55,7 +55,7 @@ def evaluate(model: nn.Module, task: Mapping, split: str, data_root: str | Path,
     autocast_dtype). label: extra fields recorded in the manifest and metrics (checkpoint, zero_shot).
     Returns the metrics (empty for splits without public ground truth)."""
     from .retrieval import run_retrieval
-    from .tasks import model_family, run_captioning, run_vqa
+    from .tasks import model_family, run_captioning, run_nlvr, run_vqa
     started = time.perf_counter()
     data = data if data is not None else read_task_data(task, split, data_root)
     output_dir = Path(output_dir)
@@ -70,6 +70,8 @@ def evaluate(model: nn.Module, task: Mapping, split: str, data_root: str | Path,
         predictions, metrics = run_captioning(model, data, task, ctx)
     elif task["kind"] == "vqa":
         predictions, metrics = run_vqa(model, data, task, ctx)
+    elif task["kind"] == "nlvr":
+        predictions, metrics = run_nlvr(model, data, task, ctx)
     else:
         predictions, metrics, extra = run_retrieval(model, data, task, ctx)
     if ctx.is_main:
@@ -91,9 +93,9 @@ def summary_line(name: str, split: str, metrics: Mapping, n: int, seconds: float
     for key in ("Bleu_4", "METEOR", "CIDEr", "SPICE"):
         if isinstance(metrics.get(key), float):
             parts.append(f"{key} {100 * metrics[key]:.1f}")
-    for key in ("overall", "txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"):
+    for key in ("overall", "accuracy", "txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"):
         if isinstance(metrics.get(key), float):
-            parts.append(f"{'accuracy' if key == 'overall' else key} {metrics[key]:.2f}")
+            parts.append(f"{'accuracy' if key in ('overall', 'accuracy') else key} {metrics[key]:.2f}")
     shown = ", ".join(parts) if parts else "no public ground truth: submit predictions.json"
     return f"{name} {split}: {shown} ({n} items, {seconds:.0f} s) -> {output_dir}"
 
