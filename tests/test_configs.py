@@ -70,6 +70,7 @@ def test_each_task_composes(task):
     cfg = compose_cfg(["stage=1", f"task={task}"])
     out = resolved(cfg)
     assert out["model"]["task"] in ("caption", "retrieval", "vqa", "nlvr")
+    assert out["eval_task"]["kind"] == out["model"]["task"]  # the benchmark evaluated at the end of the run
     assert "init_from" in out
     assert set(out["eval"]) == set(resolved(compose_cfg(["stage=1"]))["eval"])
     assert key_paths(out["trainer"]) == key_paths(resolved(compose_cfg(["stage=1", "trainer=blip_pretrain"]))["trainer"])

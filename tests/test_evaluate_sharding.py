@@ -93,3 +93,19 @@ def test_killed_evaluation_resumes_to_the_same_files(tmp_path, shared_dir, one_t
     assert len(ids) == len(set(ids)) == 10
     with pytest.raises(RuntimeError, match="another evaluation"):  # other settings never mix with these chunks
         run_task(model, "vqa_v2", "val", root, tmp_path / "resumed", ("batch_size=3",))
+
+
+def test_fine_tuning_run_ends_with_its_benchmark_evaluation(tmp_path, shared_dir):
+    from test_train_run import config
+
+    from blip.train.run import run
+    root = tmp_path / "benchmark"
+    write_retrieval(shared_dir, root, "annotations/coco_karpathy_test.json", "val2014")
+    out = run(config(tmp_path, "ft", ["stage=1", "task=retrieval_coco", "model=blip_tiny", "data=synthetic",
+                                      "model.image_size=48", "trainer.max_steps=2", "trainer.batch_size=8",
+                                      "~model.freeze", "model.objective.queue_size=32", f"+data.root={root}",
+                                      "eval.batch_size=2", "eval_task.protocol.blip.k=6"]))
+    run_dir = tmp_path / "outputs" / "test" / "ft"
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert out["eval"]["txt_r1"] == metrics["txt_r1"] and metrics["task"] == "retrieval_coco"
+    assert len(json.loads((run_dir / "eval" / "predictions.json").read_text())["i2t"]) == 5

@@ -108,3 +108,38 @@ def context_settings(cfg: Mapping, info) -> dict:
     return {"device": info.device, "rank": info.rank, "world_size": info.world_size,
             "batch_size": int(cfg.get("batch_size", 32)), "num_workers": int(cfg.get("num_workers", 0)),
             "progress_bar": bool(cfg.get("progress_bar", True)), "autocast_dtype": DTYPES[precision]}
+
+
+# ---- end of a fine-tuning run -----------------------------------------------------------------------------------
+def benchmark_data(cfg: DictConfig):
+    """At the start of a fine-tuning run: the benchmark data of ``cfg.eval_task`` (a configs/evaluate/task entry
+    the recipe includes) on ``cfg.data.root``, or None with one warning naming what is missing (the run trains
+    anyway; its end-of-run evaluation is skipped)."""
+    from ..data.eval_datasets import MissingDataError
+    if not cfg.get("eval_task") or not cfg.eval.enabled:
+        return None
+    try:
+        return read_task_data(cfg.eval_task, cfg.eval.split, cfg.data.get("root") or "data")
+    except MissingDataError as e:
+        log.warning("the end-of-run %s evaluation will be skipped (eval.enabled=false silences this): %s",
+                    cfg.eval_task.name, e)
+        return None
+
+
+def evaluate_after_training(model: nn.Module | None, cfg: DictConfig, data, run_dir: Path, info) -> dict:
+    """Collective: the task's benchmark evaluation of the trained model into ``run_dir/eval`` (as
+    scripts/evaluate.py would write it). ``model`` None on ranks without the full weights (FSDP: rank 0 evaluates
+    an unsharded copy alone)."""
+    if data is None:
+        return {}
+    if model is None:
+        return {}
+    alone = info.distributed and cfg.trainer.distributed.strategy == "fsdp"
+    settings = {"batch_size": cfg.eval.batch_size, "num_workers": min(int(cfg.data.get("num_workers", 0)), 4),
+                "progress_bar": cfg.trainer.get("progress_bar", True),
+                "precision": cfg.trainer.precision if cfg.trainer.precision in DTYPES else "fp32"}
+    ctx = context_settings(settings, info)
+    if alone:
+        ctx.update(rank=0, world_size=1)
+    return evaluate(getattr(model, "model", model), cfg.eval_task, cfg.eval.split, cfg.data.get("root") or "data",
+                    Path(run_dir) / "eval", ctx, data=data, label={"checkpoint": str(run_dir)})

@@ -18,6 +18,7 @@ from blip.convert.blip_nlvr import is_nlvr, twin_from_single
 from blip.data.mixing import mixing_weights
 from blip.data.text import text_cleaner
 from blip.data.webdataset import WebDatasetSource
+from blip.evaluation.runner import benchmark_data, evaluate_after_training
 from blip.train.checkpoint import list_checkpoints, load_checkpoint
 from blip.train.distributed import DistInfo, barrier, block_lists, init_distributed, unwrap, wrap_model
 from blip.train.loop import Trainer
@@ -233,6 +234,7 @@ def run(cfg: DictConfig) -> dict:
     started = time.perf_counter()
 
     sources, weights, eval_source = build_sources(cfg.data)  # every rank: the cache write is atomic
+    benchmark = benchmark_data(cfg)  # fine-tuning: the task's benchmark files, checked before any training
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg.model)
     init = locate(str(cfg.init_from), cfg, run_dir) if cfg.get("init_from") else None
@@ -280,13 +282,15 @@ def run(cfg: DictConfig) -> dict:
     results = {"steps": trainer.state.step, "samples": trainer.state.samples, "skipped": trainer.state.skipped,
                "train_seconds": round(train_seconds, 1)}
     eval_model = unwrap(wrapped)
-    if t.distributed.strategy == "fsdp" and info.distributed and cfg.eval.enabled and eval_source is not None:
+    held_out = eval_source is not None or benchmark is not None
+    if t.distributed.strategy == "fsdp" and info.distributed and cfg.eval.enabled and held_out:
         eval_model = unsharded_copy(wrapped, cfg, info)  # sharded weights are only whole inside forward
+    if benchmark is not None:
+        results["eval"] = evaluate_after_training(eval_model, cfg, benchmark, run_dir, info)
     if info.is_main:
         write_loss_curve(history, run_dir)
-        if cfg.model.task in ("caption", "retrieval", "vqa", "nlvr"):
-            log.info("fine-tuning run: evaluate its checkpoint with the task's own protocol (blip.evaluation)")
-        elif cfg.eval.enabled and eval_source is not None:
+        fine_tuning = cfg.model.task in ("caption", "retrieval", "vqa", "nlvr")  # evaluated on their benchmark
+        if not fine_tuning and cfg.eval.enabled and eval_source is not None:
             results["eval"] = evaluate(eval_model, cfg, eval_source, info)
         results["total_seconds"] = round(time.perf_counter() - started, 1)
         (run_dir / "results.json").write_text(json.dumps(results, indent=1))
