@@ -225,12 +225,12 @@ def test_retrieval_flickr_blip2_and_itc_only(tmp_path, shared, one_thread):
     assert itc["txt_r1"] == pytest.approx(recall_at_k(sim, img2txt)["i2t_r1"])
 
 
-def test_nlvr2_dev_accuracy_from_the_two_image_classifier(tmp_path, shared_dir, one_thread):
+def test_nlvr2_dev_accuracy_from_the_two_image_classifier(tmp_path, shared, one_thread):
     from blip.data.images import load_image
     from blip.data.tokenizer import pre_caption, tokenize, with_first_token
     from blip.data.transforms import image_transform
     root, out = tmp_path / "data", tmp_path / "out"
-    entries = write_nlvr2(shared_dir, root)
+    entries = write_nlvr2(shared, root)
     model = tiny_blip("nlvr", seed=5)
     metrics = run_task(model, "nlvr2", "val", root, out)
     predictions = json.loads((out / "predictions.json").read_text())
