@@ -182,7 +182,7 @@ def test_retrieval_coco_itm_rerank_matches_a_brute_force_score_matrix(tmp_path, 
     from safetensors.torch import load_file
 
     from blip.data.images import load_image
-    from blip.data.tokenizer import pre_caption
+    from blip.data.text import pre_caption
     from blip.data.transforms import image_transform
     root, out = tmp_path / "data", tmp_path / "out"
     paths = write_retrieval(shared, root, "annotations/coco_karpathy_test.json", "val2014")
@@ -227,7 +227,8 @@ def test_retrieval_flickr_blip2_and_itc_only(tmp_path, shared, one_thread):
 
 def test_nlvr2_dev_accuracy_from_the_two_image_classifier(tmp_path, shared, one_thread):
     from blip.data.images import load_image
-    from blip.data.tokenizer import pre_caption, tokenize, with_first_token
+    from blip.data.text import pre_caption
+    from blip.data.tokenizer import tokenize, with_first_token
     from blip.data.transforms import image_transform
     root, out = tmp_path / "data", tmp_path / "out"
     entries = write_nlvr2(shared, root)

@@ -139,7 +139,7 @@ def read_caption_data(task: Mapping, split: str, root: str | Path) -> CaptionDat
 
 def read_vqa_data(task: Mapping, split: str, root: str | Path, max_words: int = 50) -> VQAData:
     """Questions BLIP-cleaned (pre_question); GQA or the official VQA format (see the module docstring)."""
-    from .tokenizer import pre_question
+    from .text import pre_question
     files = required_files(task, split, root)
     check_files(files, f"{task['name']} ({split})")
     paths = {k: p for k, (p, _) in files.items()}
@@ -168,7 +168,7 @@ def read_vqa_data(task: Mapping, split: str, root: str | Path, max_words: int = 
 
 def read_retrieval_data(task: Mapping, split: str, root: str | Path, max_words: int = 30) -> RetrievalData:
     """One image per entry; its captions, BLIP-cleaned to ``max_words`` words, numbered in file order."""
-    from .tokenizer import pre_caption
+    from .text import pre_caption
     files = required_files(task, split, root)
     check_files(files, f"{task['name']} ({split})")
     entries = _read_json(files["annotation"][0])
@@ -183,7 +183,7 @@ def read_retrieval_data(task: Mapping, split: str, root: str | Path, max_words: 
 
 def read_nlvr_data(task: Mapping, split: str, root: str | Path, max_words: int = 40) -> NLVRData:
     from .nlvr2 import read_nlvr2
-    from .tokenizer import pre_caption
+    from .text import pre_caption
     files = required_files(task, split, root)
     check_files(files, f"{task['name']} ({split})")
     examples = read_nlvr2(files["annotation"][0], files["images"][0])

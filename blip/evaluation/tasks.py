@@ -77,8 +77,10 @@ def caption_images(model: nn.Module, family: str, p: Mapping, pixels: torch.Tens
     if family == "blip2_qformer":
         return model.caption(pixels, num_beams=p["num_beams"], max_length=p["max_length"],
                              min_length=p["min_length"])
+    # LAVIS's min_length counts new tokens for decoder-only LLMs and the decoder start token for T5
+    min_new = p["min_length"] - 1 if model.is_seq2seq else p["min_length"]
     return model.caption(pixels, prompt=p["prompt"], num_beams=p["num_beams"], max_new_tokens=p["max_new_tokens"],
-                         min_new_tokens=p["min_new_tokens"], beam_length_convention="total")
+                         min_new_tokens=max(min_new, 0), beam_length_convention="total")
 
 
 def run_captioning(model: nn.Module, data: CaptionData, task: Mapping, ctx: EvalContext) -> tuple[list, dict]:
@@ -119,8 +121,7 @@ def answer_questions(model: nn.Module, family: str, p: Mapping, pixels: torch.Te
         return model.answer(pixels, questions, method="generate", num_beams=p["num_beams"],
                             max_length=p["max_length"], min_length=p["min_length"])
     return model.answer(pixels, questions, prompt=p["prompt"], num_beams=p["num_beams"],
-                        max_new_tokens=p["max_new_tokens"], min_new_tokens=p["min_new_tokens"],
-                        length_penalty=p["length_penalty"], beam_length_convention="total")
+                        max_new_tokens=p["max_new_tokens"], beam_length_convention="total")
 
 
 def run_vqa(model: nn.Module, data: VQAData, task: Mapping, ctx: EvalContext) -> tuple[list, dict]:
