@@ -126,13 +126,11 @@ def benchmark_data(cfg: DictConfig):
         return None
 
 
-def evaluate_after_training(model: nn.Module | None, cfg: DictConfig, data, run_dir: Path, info) -> dict:
-    """Collective: the task's benchmark evaluation of the trained model into ``run_dir/eval`` (as
+def evaluate_after_training(model: nn.Module | None, cfg: DictConfig, data, run_dir: Path, info, step: int) -> dict:
+    """Collective: the task's benchmark evaluation of the model trained for ``step`` steps into ``run_dir/eval`` (as
     scripts/evaluate.py would write it). ``model`` None on ranks without the full weights (FSDP: rank 0 evaluates
     an unsharded copy alone)."""
-    if data is None:
-        return {}
-    if model is None:
+    if data is None or model is None:
         return {}
     alone = info.distributed and cfg.trainer.distributed.strategy == "fsdp"
     settings = {"batch_size": cfg.eval.batch_size, "num_workers": min(int(cfg.data.get("num_workers", 0)), 4),
@@ -142,4 +140,4 @@ def evaluate_after_training(model: nn.Module | None, cfg: DictConfig, data, run_
     if alone:
         ctx.update(rank=0, world_size=1)
     return evaluate(getattr(model, "model", model), cfg.eval_task, cfg.eval.split, cfg.data.get("root") or "data",
-                    Path(run_dir) / "eval", ctx, data=data, label={"checkpoint": str(run_dir)})
+                    Path(run_dir) / "eval", ctx, data=data, label={"checkpoint": f"{run_dir} (step {step})"})

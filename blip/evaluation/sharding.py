@@ -103,12 +103,11 @@ def run_pass(ctx: EvalContext, stage: str, dataset: Dataset, collate: Callable[[
     batches = [list(range(c * bs, min(n, (c + 1) * bs))) for c in todo]
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=ctx.num_workers)
     bar = _progress(ctx, stage, sum(len(b) for b in batches), unit)
-    for chunk, batch in zip(todo, loader):
+    for chunk, items, batch in zip(todo, batches, loader):
         with torch.inference_mode(), ctx.autocast():
             results = compute(batch)
-        if len(results) != len(batches[todo.index(chunk)]):
-            raise RuntimeError(f"{stage}: chunk {chunk} produced {len(results)} results for "
-                               f"{len(batches[todo.index(chunk)])} items")
+        if len(results) != len(items):
+            raise RuntimeError(f"{stage}: chunk {chunk} produced {len(results)} results for {len(items)} items")
         _save_chunk(stage_dir / f"{chunk}{suffix}", results)
         if bar is not None:
             bar.update(len(results))

@@ -45,13 +45,10 @@ def protocol_for(task: Mapping, model: nn.Module) -> tuple[str, Mapping]:
 
 
 def image_preprocess(model: nn.Module):
-    """The model's eval transform: bicubic resize to its own image size, CLIP normalisation."""
+    """The model's eval transform: bicubic resize to its own image size, CLIP normalisation (BLIP and BLIP-2 alike)."""
     from ..data.transforms import image_transform
-    family = model_family(model)
-    if family == "blip":
-        return image_transform(model.cfg.image_size, train=False, kind="blip")
-    vision = model.cfg.vision if family == "blip2_qformer" else model.config.vision
-    return image_transform(vision.image_size, train=False, kind="blip2")
+    from ..predictor import image_size_of
+    return image_transform(image_size_of(model), train=False)
 
 
 def _load_pixels(transform, item, index: int) -> tuple[torch.Tensor, int]:

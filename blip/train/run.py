@@ -286,7 +286,7 @@ def run(cfg: DictConfig) -> dict:
     if t.distributed.strategy == "fsdp" and info.distributed and cfg.eval.enabled and held_out:
         eval_model = unsharded_copy(wrapped, cfg, info)  # sharded weights are only whole inside forward
     if benchmark is not None:
-        results["eval"] = evaluate_after_training(eval_model, cfg, benchmark, run_dir, info)
+        results["eval"] = evaluate_after_training(eval_model, cfg, benchmark, run_dir, info, trainer.state.step)
     if info.is_main:
         write_loss_curve(history, run_dir)
         fine_tuning = cfg.model.task in ("caption", "retrieval", "vqa", "nlvr")  # evaluated on their benchmark
