@@ -105,7 +105,7 @@ def test_output_readable_by_project_loader(reference):
     assert len(samples) == summary["num_samples"] and not skips.counts
     index = {r["image_id"]: r for r in json.loads((out / "index.json").read_text())}
     for s in samples:
-        d = decode(s, transform, lambda t: t, skips)
+        d = decode(s, transform, lambda t: t)
         assert d is not None and d["pixel_values"].shape == (3, 32, 32)
         kept = [c["text"] for c in index[s["image_id"]]["captions"] if c["kept"]]
         assert s["text"] in kept

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from blip.data.collate import collate_image_text
 from blip.data.mixing import Source, mixed, slot_stream
 from blip.data.nlvr2 import swap_left_right
-from blip.data.skips import SkipCounter
+from blip.data.skips import BadSample, DatasetError, DecodeGuard, SkipCounter
 from blip.data.text import answer_weights
 from blip.data.webdataset import stable_id
 
@@ -39,19 +39,24 @@ class JsonSource:
 
     For VQA lists (`{"image", "question", "answer": [...]}`) use `text_field="question"`: the unique answers travel
     along as the sample's "answers" with their loss "weights": BLIP's VQAv2 rule (each answer's share of the
-    annotators) or, with `answer_weight` set, that weight for every answer (BLIP gives VG-QA answers 0.2)."""
+    annotators) or, with `answer_weight` set, that weight for every answer (BLIP gives VG-QA answers 0.2).
+    A caption that is not a string (null, a number) is skipped and counted as bad_text; an entry without the
+    "image" or text field is an error naming the entry."""
 
     annotation: str | Path
     image_root: str | Path = ""
     text_field: str = "caption"
     answer_weight: float | None = None
     unit_size: int = 256  # annotations per unit: the granularity of splitting across ranks/workers
-    pairs: list[tuple[str, str, int, dict]] = field(init=False, repr=False)
+    pairs: list[tuple[str, object, int, dict]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        entries = json.loads(Path(self.annotation).read_text())
         self.pairs = []
-        for entry in entries:
+        for index, entry in enumerate(read_annotations(self.annotation)):
+            if not isinstance(entry, dict) or "image" not in entry or self.text_field not in entry:
+                keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+                raise DatasetError(f"{self.annotation}: entry {index} has {keys}, every entry needs 'image' and "
+                                   f"{self.text_field!r} (for VQA lists set text_field: question); fix or drop it")
             texts = entry[self.text_field]
             texts = texts if isinstance(texts, list) else [texts]
             image_id = entry.get("image_id", entry["image"])
@@ -64,6 +69,10 @@ class JsonSource:
         if self.answer_weight is not None:
             weights = [float(self.answer_weight)] * len(answers)
         return {"answers": answers, "weights": weights}
+
+    @property
+    def name(self) -> str:
+        return f"{self.annotation} (image_root {str(self.image_root)!r})"
 
     @property
     def num_samples(self) -> int:
@@ -79,29 +88,57 @@ class JsonSource:
                    "extra": extra}
 
 
-def _load_image(data):
-    from blip.data.images import load_image  # owned by the image-loading module
+def read_annotations(path: str | Path) -> list:
+    """A JSON annotation list, or DatasetError naming the file and what is wrong with it."""
+    try:
+        entries = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read the annotation file ({e}); check data.root / the path") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: not a valid JSON annotation list ({e}); re-download or re-export it") from e
+    if not isinstance(entries, list):
+        raise DatasetError(f"{path}: expected a JSON list of entries, found {type(entries).__name__}")
+    return entries
 
-    return load_image(data)
+
+def check_text(text: object) -> str:
+    """A caption as str; BadSample("bad_text") for a non-string (null), non-UTF-8 bytes or a NUL character."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadSample("bad_text", f"caption is not UTF-8 ({e})") from None
+    if not isinstance(text, str):
+        raise BadSample("bad_text", f"caption is {type(text).__name__} ({text!r}), not a string")
+    if "\x00" in text:
+        raise BadSample("bad_text", f"caption contains a NUL character ({text[:40]!r})")
+    return text
 
 
-def decode(raw: dict, transform: Callable | None, text_fn: Callable[[str], str], skips: SkipCounter) -> dict | None:
-    """Raw sample → {"pixel_values", "text", "image_id"}; None (counted, logged) if an image can't be read.
+def decode(raw: dict, transform: Callable | None, text_fn: Callable[[str], str],
+           max_pixels: int | None = None) -> dict:
+    """Raw sample → {"pixel_values", "text", "image_id", "key", ...}; raises BadSample (bad_text, empty_text,
+    too_large, bad_image) naming the sample.
 
     A pair sample (NLVR2: `raw["image"]` is a (left, right) tuple) gives pixel_values [2, 3, H, W], each image
     transformed on its own; with `raw["random_swap"]` the pair is swapped with probability 0.5 together with the
     words "left" / "right" of its (cleaned) text, as BLIP trains NLVR2.
     With `transform=None` the image is only decoded (used when fast-forwarding, to skip the same samples)."""
+    from blip.data.images import ImageTooLargeError, load_image  # owned by the image-loading module
+
+    try:
+        text = text_fn(check_text(raw["text"]))
+    except BadSample as bad:
+        raise BadSample(bad.reason, f"{raw['key']}: {bad.detail}") from None
+    if not text:
+        raise BadSample("empty_text", raw["key"])
     paired = isinstance(raw["image"], tuple)
     try:
-        images = [_load_image(p) for p in (raw["image"] if paired else [raw["image"]])]
+        images = [load_image(p, max_pixels=max_pixels) for p in (raw["image"] if paired else [raw["image"]])]
+    except ImageTooLargeError as exc:
+        raise BadSample("too_large", f"{raw['key']}: {exc}") from None
     except (ValueError, OSError) as exc:  # ImageDecodeError is a ValueError; a missing file an OSError
-        skips.add("bad_image", f"{raw['key']}: {exc}")
-        return None
-    text = text_fn(raw["text"])
-    if not text:
-        skips.add("empty_text", raw["key"])
-        return None
+        raise BadSample("bad_image", f"{raw['key']}: {exc}") from None
     pixel_values = None
     if transform is not None:
         pixel_values = torch.stack([transform(im) for im in images]) if paired else transform(images[0])
@@ -122,7 +159,8 @@ class ImageTextStream(IterableDataset):
     def __init__(self, sources: Sequence[Source], transform: Callable, *, batch_size: int, batches_per_epoch: int,
                  weights: Sequence[float] | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
                  shuffle_buffer: int = 1000,
-                 text_fn: Callable[[str], str] | Sequence[Callable[[str], str]] = _identity) -> None:
+                 text_fn: Callable[[str], str] | Sequence[Callable[[str], str]] = _identity,
+                 max_image_pixels: int | None = None, max_consecutive_failures: int = 1000) -> None:
         self.sources, self.transform = list(sources), transform
         self.text_fns = list(text_fn) if isinstance(text_fn, Sequence) else [text_fn] * len(self.sources)
         if len(self.text_fns) != len(self.sources):
@@ -130,6 +168,7 @@ class ImageTextStream(IterableDataset):
         self.weights = list(weights) if weights is not None else [s.num_samples for s in self.sources]
         self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
         self.seed, self.rank, self.world_size, self.shuffle_buffer = seed, rank, world_size, shuffle_buffer
+        self.max_image_pixels, self.max_consecutive_failures = max_image_pixels, max_consecutive_failures
         self.epoch, self.start_batch = 0, 0
 
     def set_position(self, epoch: int, start_batch: int = 0) -> None:
@@ -150,6 +189,7 @@ class ImageTextStream(IterableDataset):
         slot, num_slots = self.rank * num_workers + logical, self.world_size * num_workers
         seeds = [self.seed, self.epoch, slot, num_slots]
         skips = SkipCounter()
+        guard = DecodeGuard([source_name(s) for s in self.sources], self.max_consecutive_failures)
         raw = self._samples(slot, num_slots, skips, seeds)
         counter = 0
         for k in range(logical, self.batches_per_epoch, num_workers):
@@ -159,16 +199,18 @@ class ImageTextStream(IterableDataset):
             while len(samples) < self.batch_size:
                 sample = next(raw)
                 counter += 1
-                if fast_forward:
-                    ok = decode(sample, None, self.text_fns[sample["source"]], skips) is not None
-                    samples += [None] if ok else []
-                    continue
                 # augmentation randomness is a function of the sample's place in the stream, not of worker state
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(hash((*seeds, counter)) & 0x7FFF_FFFF_FFFF_FFFF)
-                    out = decode(sample, self.transform, self.text_fns[sample["source"]], skips)
-                if out is not None:
-                    samples.append(out)
+                    try:
+                        out = decode(sample, None if fast_forward else self.transform,
+                                     self.text_fns[sample["source"]], self.max_image_pixels)
+                    except BadSample as bad:
+                        skips.add(bad.reason, bad.detail)
+                        guard.failed(sample["source"], sample["pass"], bad)
+                        continue
+                guard.decoded(sample["source"], sample["pass"])
+                samples.append(out)
             if fast_forward:
                 continue
             batch = collate_image_text(samples)
@@ -181,6 +223,10 @@ def _tagged(stream: Iterator[dict], source: int) -> Iterator[dict]:
     for sample in stream:
         sample["source"] = source
         yield sample
+
+
+def source_name(source: Source) -> str:
+    return getattr(source, "name", type(source).__name__)
 
 
 def _worker_init(_: int) -> None:
@@ -212,15 +258,17 @@ class TrainData:
 
 
 def eval_batches(source: Source, transform: Callable, batch_size: int,
-                 text_fn: Callable[[str], str] = _identity) -> Iterator[dict]:
+                 text_fn: Callable[[str], str] = _identity, max_image_pixels: int | None = None) -> Iterator[dict]:
     """Every readable sample of `source` once, in order, unaugmented (for held-out evaluation on rank 0)."""
     skips = SkipCounter()
     samples = []
     for unit in range(source.num_units):
         for raw in source.iter_unit(unit, skips):
-            out = decode(raw, transform, text_fn, skips)
-            if out is not None:
-                samples.append(out)
+            try:
+                samples.append(decode(raw, transform, text_fn, max_image_pixels))
+            except BadSample as bad:
+                skips.add(bad.reason, bad.detail)
+                continue
             if len(samples) == batch_size:
                 yield collate_image_text(samples)
                 samples = []

@@ -39,6 +39,10 @@ class ImageDecodeError(ValueError):
         return (type(self), (self.path, self.reason))
 
 
+class ImageTooLargeError(ImageDecodeError):
+    """The image's header declares more pixels than the caller's `max_pixels` allows (checked before decoding)."""
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB (see the module docstring for the alpha / 16-bit choices)."""
     if img.mode in _ALPHA_MODES or "transparency" in img.info:
@@ -89,11 +93,12 @@ def _open_source(source: ImageSource) -> tuple[BinaryIO | str, str]:
     return str(path), str(path)
 
 
-def load_image(source: ImageSource) -> Image.Image:
+def load_image(source: ImageSource, max_pixels: int | None = None) -> Image.Image:
     """Decode `source` (path, bytes, binary file object or PIL image) -> upright RGB `PIL.Image.Image`.
 
     Raises ImageDecodeError (a ValueError) naming the file for missing/unreadable paths, empty files, non-images,
-    truncated or corrupt data and decompression bombs.
+    truncated or corrupt data and decompression bombs; ImageTooLargeError (a subclass) when `max_pixels` is given
+    and the header declares more pixels (read from the header, before any pixel is decoded).
     """
     if isinstance(source, Image.Image):
         name = getattr(source, "filename", "") or "<PIL image>"
@@ -106,8 +111,13 @@ def load_image(source: ImageSource) -> Image.Image:
     fp, name = _open_source(source)
     try:
         with Image.open(fp) as img:
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise ImageTooLargeError(name, f"{img.width}x{img.height} pixels, more than the limit of {max_pixels} "
+                                         "(data.max_image_pixels); downscale the image or raise the limit")
             img.load()  # full decode now: truncation must fail here, not later in a worker
             return to_rgb(_upright(img, name))  # exif_transpose returns a copy, detached from the file
+    except ImageTooLargeError:
+        raise
     except UnidentifiedImageError as e:
         head = _peek(fp)
         raise ImageDecodeError(

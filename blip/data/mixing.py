@@ -13,7 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
-from blip.data.skips import SkipCounter
+from blip.data.skips import DatasetError, SkipCounter
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,13 @@ def slot_stream(source: Source, *, seed: int, epoch: int, slot: int, num_slots: 
         produced = 0
         for sample in shuffled(_one_pass(source, order, slot, num_slots, skips), shuffle_buffer, rng):
             produced += 1
+            sample["pass"] = pass_index  # the decode guard tells passes apart
             yield sample
         if produced == 0:
-            raise RuntimeError(f"slot {slot}/{num_slots} got no readable sample in a full pass over "
-                               f"{type(source).__name__} with {source.num_units} units")
+            name = getattr(source, "name", type(source).__name__)
+            raise DatasetError(f"dataset {name}: slot {slot}/{num_slots} read no sample in a full pass over its "
+                               f"{source.num_units} units (skips so far: {dict(skips.counts)}); check that the "
+                               "shards / annotation files exist and are readable")
 
 
 def _one_pass(source: Source, order: np.ndarray, slot: int, num_slots: int, skips: SkipCounter) -> Iterator[dict]:

@@ -31,7 +31,7 @@ def training_captions(sources: list, limit: int = 20000) -> list[str]:
     """Captions of the first `limit` training samples (text only: images are not decoded)."""
     skips = SkipCounter()
     texts = (raw["text"] for source in sources for unit in range(source.num_units)
-             for raw in source.iter_unit(unit, skips))
+             for raw in source.iter_unit(unit, skips) if isinstance(raw["text"], str) and raw["text"])
     return list(itertools.islice(texts, limit))
 
 
