@@ -37,11 +37,13 @@ def test_run_writes_its_outputs_and_resume_latest_continues(tmp_path):
     ev = json.loads((d / "results.json").read_text())["eval"]
     assert ev["num_images"] == 32 and 0 <= ev["i2t_r1"] <= 100
 
-    # a longer run of the same name continues where the newest earlier run stopped
+    # a longer run of the same name continues where the newest earlier run stopped, in that run's directory
     more = run(config(tmp_path / "a", "r2", stand_in[:2] + ["trainer.epochs=2", "resume=latest"]))
     assert more["steps"] == 32 and more["samples"] == 512
-    steps = [json.loads(x)["step"] for x in (tmp_path / "a/outputs/test/r2/metrics.jsonl").read_text().splitlines()]
-    assert steps[0] > 16
+    assert not (tmp_path / "a/outputs/test/r2").exists()
+    steps = [json.loads(x)["step"] for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 32 and 16 in steps  # one curve, no repeated steps
+    assert [p.name for p in sorted((d / "checkpoints").iterdir())] == ["step_00000016", "step_00000032"]
 
 
 def test_real_blip_pretraining_model_runs(tmp_path):

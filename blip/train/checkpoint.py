@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from blip.train.distributed import DistInfo, barrier
+from blip.train.distributed import DistInfo, barrier, stop_if_any_rank_failed
 
 CHECKPOINT_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -55,28 +55,89 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written; `str()` names the errno, the cause and the path."""
+
+
+def remove_stale_tmp(directory: str | Path) -> list[Path]:
+    """Remove the temp directories of saves that never completed (a killed run, a full disk): at the start of a run,
+    before anything resumes or writes. Returns what was removed."""
+    d = Path(directory)
+    stale = sorted(d.glob(".step_*.tmp")) if d.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write(obj: dict, path: Path) -> None:
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except RuntimeError as e:  # torch's zip writer reports a failed write as a RuntimeError raised while unwinding
+        cause = e.__context__
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is None:
+            raise
+        raise cause from e
+
+
+def _save_error(e: OSError, path: Path) -> CheckpointSaveError:
+    return CheckpointSaveError(e.errno, f"{e.strerror or e} while writing checkpoint {path}; free space (or fix "
+                                        "the permissions) and resume=latest: the last complete checkpoint is kept",
+                               str(getattr(e, "filename", None) or path))
+
+
 def save_checkpoint(directory: str | Path, step: int, state: dict, info: DistInfo, keep_last: int | None = 3) -> Path:
-    """Collective: every rank calls it (each saves its RNG), rank 0 writes `state` and publishes atomically."""
+    """Collective: every rank calls it (each saves its RNG), rank 0 writes `state` and publishes atomically: files
+    and directory are fsynced before the rename, so a published checkpoint is complete even after a power loss.
+    A failed write (e.g. ENOSPC) removes the partial temp directory and raises CheckpointSaveError on every rank."""
     d = Path(directory)
     final = d / f"step_{step:08d}"
     tmp = d / f".step_{step:08d}.tmp"
+    error = None
     if info.is_main:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    barrier(info)
-    torch.save(rng_state(), tmp / f"rng_rank{info.rank}.pt")
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            error = _save_error(e, tmp)
+    stop_if_any_rank_failed(error, info)
+    try:
+        _write(rng_state(), tmp / f"rng_rank{info.rank}.pt")
+        if info.is_main:
+            _write(state, tmp / "state.pt")
+    except OSError as e:
+        error = _save_error(e, tmp)
+    barrier(info)  # every rank's files are written (or failed) before the partial directory may go
+    if error is not None and info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    stop_if_any_rank_failed(error, info)
     if info.is_main:
-        torch.save(state, tmp / "state.pt")
-    barrier(info)
-    if info.is_main:
-        if final.exists():  # re-saving the same step (e.g. after a resume): replace
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if keep_last:
+        try:
+            _fsync(tmp)
+            if final.exists():  # re-saving the same step (e.g. after a resume): replace
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync(d)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = _save_error(e, final)
+        if error is None and keep_last:
             for old in list_checkpoints(d)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
-    barrier(info)
+    stop_if_any_rank_failed(error, info)
     return final
 
 

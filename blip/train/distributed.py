@@ -82,6 +82,40 @@ def all_reduce_sum_int(value: int, info: DistInfo) -> int:
     return int(t.item())
 
 
+_CONTROL_GROUP: list = []
+
+
+def _control_group():
+    """A CPU (gloo) group for control messages: agreeing on a failure must not wait for the GPU stream."""
+    if not _CONTROL_GROUP:
+        _CONTROL_GROUP.append(None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo"))
+    return _CONTROL_GROUP[0]
+
+
+class PeerFailed(RuntimeError):
+    """Another rank stopped the job; the message quotes its error."""
+
+
+def stop_if_any_rank_failed(error: BaseException | None, info: DistInfo) -> None:
+    """Collective: raise on every rank if any rank has an `error` (its own error on the failing rank, PeerFailed
+    quoting it elsewhere), so that no rank is left waiting in a collective its peer never reaches."""
+    if not info.distributed:
+        if error is not None:
+            raise error
+        return
+    group = _control_group()
+    flag = torch.tensor([int(error is not None)])
+    dist.all_reduce(flag, group=group)
+    if int(flag.item()) == 0:
+        return
+    messages: list = [None] * info.world_size
+    dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}", group=group)
+    if error is not None:
+        raise error
+    rank, message = next((r, m) for r, m in enumerate(messages) if m is not None)
+    raise PeerFailed(f"rank {rank} stopped the job: {message}")
+
+
 def block_lists(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks of every nn.ModuleList in the model (ViT blocks, BERT layers, LLM decoder layers):
     the units of FSDP sharding and activation checkpointing. (Training forwards project cross-attention K/V inside

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from blip.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
-from blip.train.distributed import DistInfo, all_reduce_mean, all_reduce_sum_int, gradient_sync, unwrap
+from blip.train.distributed import (DistInfo, all_reduce_mean, all_reduce_sum_int, gradient_sync,
+                                    stop_if_any_rank_failed, unwrap)
 from blip.train.metrics_log import MetricLogger
 from blip.train.precision import PrecisionPolicy
 from blip.train.schedule import IterationSchedule
@@ -35,6 +36,10 @@ class StopTraining(Exception):
     """Raised by a step callback to end `fit` early (e.g. to simulate a killed job in tests)."""
 
 
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf: the run stops before the optimizer step, so the last checkpoint stays good."""
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -45,7 +50,9 @@ class Trainer:
                  grad_clip: float | None = None, epochs: int = 1, max_steps: int | None = None,
                  log_every: int = 10, checkpoint_dir: str | Path | None = None, checkpoint_every: int | None = None,
                  keep_last: int = 3, logger: MetricLogger | None = None, fsdp: bool = False,
-                 on_step: Callable[[TrainState, dict], None] | None = None) -> None:
+                 on_step: Callable[[TrainState, dict], None] | None = None, layout: dict | None = None) -> None:
+        """layout: settings a resume cannot change without changing the data order (per-rank batch size; the
+        world size and grad_accum are always included); saved with every checkpoint and checked on load."""
         self.model, self.optimizer, self.schedule, self.info = model, optimizer, schedule, info
         self.precision = precision or PrecisionPolicy(device_type=info.device.type)
         self.scaler = self.precision.grad_scaler()
@@ -56,6 +63,7 @@ class Trainer:
         self.history: list[dict] = []  # logged metrics (every `log_every` steps)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self._saved_step: int | None = None
+        self.layout = {**(layout or {}), "world_size": info.world_size, "grad_accum": grad_accum}
 
     # ---- checkpoint state --------------------------------------------------------------------------------
     def _model_and_optim_state(self) -> tuple[dict, dict]:
@@ -70,9 +78,10 @@ class Trainer:
         model_state, optim_state = self._model_and_optim_state()
         return {"model": model_state, "optimizer": optim_state, "schedule": self.schedule.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else {},
-                "trainer": asdict(self.state)}
+                "trainer": asdict(self.state), "layout": dict(self.layout)}
 
     def load_state_dict(self, state: dict) -> None:
+        check_layout(state.get("layout"), self.layout)
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
@@ -153,7 +162,7 @@ class Trainer:
                 terms: dict[str, torch.Tensor] = {}
                 num_samples, skipped = 0, {}
                 for i in range(self.grad_accum):
-                    batch = next(batches)
+                    batch = self._next_batch(batches)
                     for reason, n in batch.pop("skipped", {}).items():
                         skipped[reason] = skipped.get(reason, 0) + n
                     batch["progress"] = self.state.epoch + (self.state.batch + i) / per_epoch
@@ -161,6 +170,7 @@ class Trainer:
                     out = self._micro_step(_to_device(batch, self.info.device), sync=i == self.grad_accum - 1)
                     for k, v in out.items():
                         terms[k] = terms.get(k, 0) + v / self.grad_accum
+                self._check_finite(terms)
                 lr = self.optimizer.param_groups[-1]["lr"]
                 grad_norm = self._optimizer_step()
                 self.state.step += 1
@@ -186,6 +196,30 @@ class Trainer:
             self.save()  # the final state, unless the periodic save just wrote it
         return self.history
 
+    def _next_batch(self, batches: Iterator[dict]) -> dict:
+        """The next micro-batch; a data error on any rank (e.g. a source with no readable sample) stops every rank
+        here, before the forward, so no rank waits in a gradient all-reduce its peer never reaches."""
+        batch, error = None, None
+        try:
+            batch = next(batches)
+        except StopIteration:
+            error = RuntimeError(f"the data stream ended early at epoch {self.state.epoch}, batch {self.state.batch}")
+        except Exception as e:  # noqa: BLE001 - re-raised on this rank, reported to the others
+            error = e
+        stop_if_any_rank_failed(error, self.info)
+        return batch
+
+    def _check_finite(self, terms: dict[str, torch.Tensor]) -> None:
+        loss = terms.get("loss")
+        error = None
+        if loss is not None and not bool(torch.isfinite(loss).all()):
+            last = list_checkpoints(self.checkpoint_dir)[-1:] if self.checkpoint_dir else []
+            error = NonFiniteLossError(
+                f"loss is {float(loss)} at step {self.state.step + 1} (epoch {self.state.epoch}, batch "
+                f"{self.state.batch}): training stopped before the optimizer step; last good checkpoint: "
+                f"{last[0] if last else 'none'}. Lower the learning rate, set trainer.grad_clip, or use fp32/bf16.")
+        stop_if_any_rank_failed(error, self.info)
+
     def _log(self, sums: dict, steps: int, samples: int, seconds: float, lr: float, grad_norm: float | None) -> None:
         metrics = {k: float(v) / steps for k, v in sums.items()}
         metrics = all_reduce_mean(metrics, self.info)
@@ -201,3 +235,16 @@ class Trainer:
             self.logger.log(self.state.step, metrics)
             self.logger.progress(steps, {"loss": f"{metrics.get('loss', float('nan')):.3f}", "lr": f"{lr:.2e}",
                                          "img/s": f"{metrics['samples_per_s']:.0f}"})
+
+
+def check_layout(saved: dict | None, current: dict) -> None:
+    """Refuse to resume when the data layout changed: the saved position (epoch, micro-batch) would point at other
+    samples, and the per-rank RNG states would not match the ranks."""
+    if not saved:
+        return  # a checkpoint from before layouts were recorded
+    changed = {k: (saved[k], current[k]) for k in saved.keys() & current.keys() if saved[k] != current[k]}
+    if changed:
+        listed = ", ".join(f"{k} {a} -> {b}" for k, a, b in ((k, *v) for k, v in sorted(changed.items())))
+        raise ValueError(f"cannot resume: the checkpoint was written with {saved}, this run changes {listed}, "
+                         "which changes the order and grouping of the data. Resume with the saved settings, or "
+                         "start a new run from its weights with init_from=<checkpoint>.")

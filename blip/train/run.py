@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
 import logging
 import re
@@ -19,7 +20,7 @@ from blip.data.mixing import mixing_weights
 from blip.data.text import text_cleaner
 from blip.data.webdataset import WebDatasetSource
 from blip.evaluation.runner import benchmark_data, evaluate_after_training
-from blip.train.checkpoint import list_checkpoints, load_checkpoint
+from blip.train.checkpoint import list_checkpoints, load_checkpoint, remove_stale_tmp
 from blip.train.distributed import DistInfo, barrier, block_lists, init_distributed, unwrap, wrap_model
 from blip.train.loop import Trainer
 from blip.train.metrics_log import MetricLogger
@@ -141,7 +142,9 @@ def build_train_data(cfg: DictConfig, info: DistInfo, sources: list, weights: li
     batches -= batches % t.grad_accum
     stream = ImageTextStream(sources, transform, batch_size=t.batch_size, batches_per_epoch=batches, weights=weights,
                              seed=cfg.seed, rank=info.rank, world_size=info.world_size,
-                             shuffle_buffer=d.shuffle_buffer, text_fn=dataset_text_cleaners(d, len(sources)))
+                             shuffle_buffer=d.shuffle_buffer, text_fn=dataset_text_cleaners(d, len(sources)),
+                             max_image_pixels=d.get("max_image_pixels"),
+                             max_consecutive_failures=int(d.get("max_consecutive_failures") or 1000))
     return TrainData(stream, num_workers=d.num_workers)
 
 
@@ -173,6 +176,35 @@ def find_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
     if found is None:
         log.warning("resume=%s: nothing to resume; starting fresh", cfg.resume)
     return found
+
+
+def own_run_dir(checkpoint: Path) -> Path | None:
+    """The run directory a checkpoint belongs to (`<run>/checkpoints/step_*`), if it is one."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+
+
+def claim_run_dir(cfg: DictConfig, resume_from: Path | None) -> Path:
+    """This run's directory, claimed by creating its config.yaml exclusively: runs of one name started in the same
+    second get `<dir>`, `<dir>-1`, ... . A resumed run continues in the directory of the run it resumes."""
+    config = OmegaConf.to_yaml(cfg, resolve=True)
+    if resume_from is not None and (own := own_run_dir(resume_from)) is not None:
+        removed = remove_stale_tmp(own / "checkpoints")
+        (own / "config.yaml").write_text(config)
+        log.info("resuming in the run's own directory %s%s", own,
+                 f" (removed {len(removed)} incomplete checkpoint(s))" if removed else "")
+        return own
+    base = Path(cfg.run_dir)
+    for i in itertools.count():
+        run_dir = base if i == 0 else base.with_name(f"{base.name}-{i}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(run_dir / "config.yaml", "x") as f:
+                f.write(config)
+        except FileExistsError:
+            continue
+        remove_stale_tmp(run_dir / "checkpoints")
+        return run_dir
+    raise AssertionError("unreachable")
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
@@ -224,13 +256,12 @@ def run(cfg: DictConfig) -> dict:
     info = init_distributed(t.device, t.distributed.backend)
     if t.get("threads"):
         torch.set_num_threads(int(t.threads))
-    run_dir = Path(broadcast_str(str(cfg.run_dir), info))  # ranks may resolve ${now:...} a second apart
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")  # no-op under Hydra
     if not info.is_main:
         logging.getLogger().setLevel(logging.WARNING)  # one copy of the INFO lines, from rank 0
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    resume_from = find_resume(cfg, Path(cfg.run_dir))
+    # rank 0 claims the directory; ranks may resolve ${now:...} a second apart
+    run_dir = Path(broadcast_str(str(claim_run_dir(cfg, resume_from)) if info.is_main else "", info))
     started = time.perf_counter()
 
     sources, weights, eval_source = build_sources(cfg.data)  # every rank: the cache write is atomic
@@ -243,7 +274,6 @@ def run(cfg: DictConfig) -> dict:
     if init is None and cfg.model.task in ("caption", "retrieval", "vqa", "nlvr"):
         log.warning("%s/%s starts from random weights: set init_from=<run dir> to fine-tune pretrained weights",
                     cfg.model.arch, cfg.model.task)
-    resume_from = find_resume(cfg, run_dir)
     if cfg.stage.id == 2 and t.get("llm_warmup_steps") and resume_from is None:  # a checkpoint holds the warm LLM
         from blip.train.stage2 import warm_up_llm
 
@@ -260,7 +290,8 @@ def run(cfg: DictConfig) -> dict:
     trainer = Trainer(wrapped, optimizer, None, info=info, precision=policy, grad_accum=t.grad_accum,
                       grad_clip=t.grad_clip, epochs=t.epochs, max_steps=t.max_steps, log_every=t.log_every,
                       checkpoint_dir=run_dir / "checkpoints", checkpoint_every=t.checkpoint_every,
-                      keep_last=t.keep_last, fsdp=t.distributed.strategy == "fsdp")
+                      keep_last=t.keep_last, fsdp=t.distributed.strategy == "fsdp",
+                      layout={"batch_size": int(t.batch_size)})
     total = trainer.total_steps(data.batches_per_epoch)
     trainer.schedule = IterationSchedule(optimizer, name=t.schedule.name, lr=t.optimizer.lr, total_steps=total,
                                          steps_per_epoch=steps_per_epoch, warmup_steps=t.schedule.warmup_steps,
@@ -318,7 +349,8 @@ def evaluate(model: nn.Module, cfg: DictConfig, source, info: DistInfo) -> dict:
     from blip.train.heldout import retrieval_eval
 
     transform = image_transform(cfg.model.image_size, train=False, kind=cfg.model.transform)
-    batches = eval_batches(source, transform, cfg.eval.batch_size, text_cleaner("caption", cfg.data.max_words))
+    batches = eval_batches(source, transform, cfg.eval.batch_size, text_cleaner("caption", cfg.data.max_words),
+                           cfg.data.get("max_image_pixels"))
     if cfg.stage.id == 2:
         from blip.train.stage2 import caption_eval
 
