@@ -101,7 +101,7 @@ def test_consecutive_failures_limit_is_configurable(tmp_path, photos):
 
 def test_all_empty_captions_end_the_job(tmp_path, photos):
     ann = write_json(tmp_path / "a.json", [{"image": f"{i}.jpg", "caption": " ... "} for i in range(4)])
-    from blip.data.tokenizer import pre_caption
+    from blip.data.text import pre_caption
 
     with pytest.raises(DatasetError, match="empty_text"):
         list(stream([JsonSource(ann, photos)], text_fn=pre_caption))
