@@ -13,7 +13,11 @@ reads:
 - ``index.json``: one record per input image with every caption (text, source, ITM score, kept, output key) and,
   for JSON inputs, BLIP-style ``image`` + ``caption`` (kept captions) fields, so
   :class:`blip.data.datasets.JsonSource` reads it with the original image root;
-- ``summary.json``: images read / skipped (by reason), captions kept / dropped per source, shard list, sample count.
+- ``skipped.json``: one record per input that is not in ``index.json`` (key or shard, reason, detail), so every input
+  appears exactly once in one of the two;
+- ``summary.json``: images read / skipped (by reason), captions kept / dropped per source, shard list, sample count;
+- ``settings.json``: the output-changing settings, the input and the models, recorded by the first run; a resume
+  with other ones is refused (:class:`CapFiltSettingsError` lists the differences).
 
 Work is split into units (an input shard, or ``images_per_unit`` entries of a JSON list), units into chunks of
 ``chunk_size`` input samples; unit u goes to rank ``u % world_size``. Every chunk is written to a temporary name and
@@ -41,8 +45,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .data.images import load_image
-from .data.skips import SkipCounter
+from .data.datasets import check_text, read_annotations
+from .data.images import ImageTooLargeError, load_image
+from .data.skips import BadSample, DatasetError, SkipCounter
 from .data.text import pre_caption
 from .data.tokenizer import ENC_TOKEN_ID, caption_prompt_ids, get_tokenizer, tokenize, with_first_token
 from .data.transforms import image_transform
@@ -68,8 +73,16 @@ class CapFiltConfig:
     chunk_size: int = 1000          # input samples per output shard / commit
     images_per_unit: int = 10000    # JSON inputs: entries per unit
     seed: int = 0
+    max_image_pixels: int | None = 50_000_000  # larger images (by their header) are skipped as too_large
     num_workers: int = 4            # decode / transform threads
     progress: bool = True
+
+
+# the settings that change what a run writes: a resumed run must use the same ones (batch_size, num_workers and
+# progress do not change a byte of the output)
+OUTPUT_SETTINGS = ("num_captions", "prompt", "top_p", "max_length", "min_length", "repetition_penalty", "threshold",
+                   "filter_web", "filter_synthetic", "max_words", "chunk_size", "images_per_unit", "seed",
+                   "max_image_pixels")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -84,7 +97,15 @@ class CapFiltInput:
             raise ValueError("give exactly one of urls (webdataset shards) or annotation (JSON list)")
         self.images_per_unit, self.image_root = images_per_unit, Path(image_root)
         self.shards = WebDatasetSource(urls, num_samples=0) if urls is not None else None
-        self.entries = json.loads(Path(annotation).read_text()) if annotation is not None else None
+        self.annotation = annotation
+        self.entries = read_annotations(annotation) if annotation is not None else None
+
+    def describe(self) -> dict:
+        """What is read, for the settings a resumed run is checked against."""
+        if self.shards is not None:
+            return {"urls": self.shards.shards}
+        return {"annotation": str(self.annotation), "image_root": str(self.image_root),
+                "images_per_unit": self.images_per_unit}
 
     @property
     def num_units(self) -> int:
@@ -97,7 +118,11 @@ class CapFiltInput:
             for s in self.shards.iter_unit(unit, skips):
                 yield {"key": s["key"], "image": s["image"], "texts": [s["text"]], "image_id": s["image_id"]}
             return
-        for entry in self.entries[unit * self.images_per_unit:(unit + 1) * self.images_per_unit]:
+        first = unit * self.images_per_unit
+        for index, entry in enumerate(self.entries[first:first + self.images_per_unit], start=first):
+            if not isinstance(entry, dict) or "image" not in entry:
+                raise DatasetError(f"{self.annotation}: entry {index} has no 'image' field ({entry!r:.80}); "
+                                   "fix or drop it")
             texts = entry.get("caption", [])
             image_id = entry.get("image_id", entry["image"])
             yield {"key": entry["image"], "image": self.image_root / entry["image"], "path": entry["image"],
@@ -196,13 +221,23 @@ class CapFilt:
             i += n
         return out
 
-    def _prepare(self, raw: dict) -> dict | str:
-        """Decode + transform (runs in a worker thread): the item, or the reason it is skipped."""
+    def _prepare(self, raw: dict) -> dict:
+        """Decode + transform (runs in a worker thread): the item, or {"key", "reason", "detail"} if it is skipped.
+        Web captions that are not text (null, non-UTF-8, NUL) are left out and listed under "bad_web_captions"."""
         try:
-            image = load_image(raw["image"])
+            image = load_image(raw["image"], max_pixels=self.cfg.max_image_pixels)
             data, ext = _image_bytes(raw, image)
+        except ImageTooLargeError as exc:
+            return {"key": raw["key"], "reason": "too_large", "detail": str(exc)}
         except (ValueError, OSError) as exc:   # ImageDecodeError is a ValueError; a missing file an OSError
-            return f"{raw['key']}: {exc}"
+            return {"key": raw["key"], "reason": "bad_image", "detail": str(exc)}
+        texts, bad = [], []
+        for text in raw["texts"]:
+            try:
+                texts.append(check_text(text))
+            except BadSample as b:
+                bad.append(b.detail)
+        raw = {**raw, "texts": texts, **({"bad_web_captions": bad} if bad else {})}
         pix_cap = self.cap_transform(image)
         return {**raw, "bytes": data, "ext": ext, "pix_cap": pix_cap,
                 "pix_filt": pix_cap if self.filt_transform is None else self.filt_transform(image)}
@@ -227,7 +262,8 @@ class CapFilt:
                 cap["kept"] = bool(cap["score_text"]) and (not filtered or s >= c.threshold)
                 del cap["score_text"]
             rec = {"key": it["key"], "image_id": it["image_id"], "captions": caps, "_bytes": it["bytes"],
-                   "_ext": it["ext"]}
+                   "_ext": it["ext"], **({"bad_web_captions": it["bad_web_captions"]} if "bad_web_captions" in it
+                                         else {})}
             if "path" in it:
                 rec["image"] = it["path"]
             records.append(rec)
@@ -235,7 +271,7 @@ class CapFilt:
 
     # ---- a chunk, a unit, the run ---------------------------------------------------------------------------
     def _write_chunk(self, out: Path, unit: int, chunk: int, records: list[dict], skips: dict[str, int],
-                     num_input: int) -> None:
+                     num_input: int, skipped_inputs: list[dict]) -> None:
         from webdataset import TarWriter
 
         name = f"{unit:05d}-{chunk:04d}"
@@ -259,7 +295,7 @@ class CapFilt:
             if "image" in rec:
                 rec["caption"] = [cap["text"] for cap in rec["captions"] if cap["kept"]]
         commit = {"unit": unit, "chunk": chunk, "shard": f"shards/{name}.tar", "num_input": num_input,
-                  "num_samples": n, "skipped": skips, "records": records}
+                  "num_samples": n, "skipped": skips, "records": records, "skipped_inputs": skipped_inputs}
         _atomic_write(out / "records" / f"{name}.json", json.dumps(commit, sort_keys=True).encode())
 
     def _chunks(self, source: CapFiltInput, unit: int, skips: SkipCounter) -> Iterator[list[dict]]:
@@ -272,12 +308,13 @@ class CapFilt:
         if chunk:
             yield chunk
 
-    def _batches(self, prepared: Iterator[dict | str], skips: SkipCounter, bar=None) -> Iterator[list[dict]]:
-        """Decoded items in batches of ``batch_size``; undecodable images are counted and dropped."""
+    def _batches(self, prepared: Iterator[dict], skips: SkipCounter, bar=None) -> Iterator[list[dict]]:
+        """Decoded items in batches of ``batch_size``; undecodable images are counted, recorded and dropped."""
         batch: list[dict] = []
         for item in prepared:
-            if isinstance(item, str):
-                skips.add("bad_image", item)
+            if "reason" in item:
+                skips.add(item["reason"], item["detail"])
+                skips.records[-1]["key"] = item["key"]
                 if bar is not None:
                     bar.update(1)
                 continue
@@ -295,16 +332,17 @@ class CapFilt:
         if done.exists():
             return
         num_chunks = 0
-        source_skips = SkipCounter()   # broken shard / missing fields, counted with the chunk being read
+        source_skips = SkipCounter(record=True)   # broken shard / missing fields, counted with the chunk being read
         for chunk_index, raws in enumerate(self._chunks(source, unit, source_skips)):
             num_chunks += 1
-            read_skips = source_skips.take()
+            read_skips, read_records = source_skips.take(), source_skips.take_records()
             if (out / "records" / f"{unit:05d}-{chunk_index:04d}.json").exists():
                 if bar is not None:
                     bar.update(len(raws))
                 continue
-            skips = SkipCounter()
+            skips = SkipCounter(record=True)
             skips.counts.update(read_skips)
+            skips.records += read_records
             records = []
             prepared = prefetch(pool, self._prepare, raws, depth=2 * self.cfg.batch_size)
             for index, batch in enumerate(self._batches(prepared, skips, bar)):
@@ -313,18 +351,23 @@ class CapFilt:
                     bar.update(len(batch))
                 if on_batch is not None:
                     on_batch(unit, chunk_index, index)
-            self._write_chunk(out, unit, chunk_index, records, dict(skips.counts), len(raws))
+            self._write_chunk(out, unit, chunk_index, records, dict(skips.counts), len(raws), skips.records)
         _atomic_write(done, json.dumps({"unit": unit, "num_chunks": num_chunks,
-                                        "skipped_after_last_chunk": source_skips.take()}).encode())
+                                        "skipped_after_last_chunk": source_skips.take(),
+                                        "skipped_inputs_after_last_chunk": source_skips.take_records()}).encode())
 
     def run(self, source: CapFiltInput, out_dir: str | Path, rank: int = 0, world_size: int = 1,
             on_batch: Callable[[int, int, int], None] | None = None, merge: bool = True,
-            wait_timeout_s: float = 0.0) -> dict | None:
+            wait_timeout_s: float = 0.0, provenance: dict | None = None) -> dict | None:
         """Process this rank's units; then rank 0 merges (waiting up to ``wait_timeout_s`` for the other ranks'
-        units). Returns the summary on the merging rank, else None. Safe to call again after a crash."""
+        units). Returns the summary on the merging rank, else None. Safe to call again after a crash, with the same
+        settings: the first call records them (``settings.json``: the output-changing config, the input, and
+        ``provenance``, e.g. the captioner / filter sources) and a later call with other ones is refused."""
         out = Path(out_dir)
         (out / "shards").mkdir(parents=True, exist_ok=True)
         (out / "records").mkdir(parents=True, exist_ok=True)
+        record_settings(out, {"capfilt": {k: getattr(self.cfg, k) for k in OUTPUT_SETTINGS},
+                              "input": source.describe(), **(provenance or {})})
         units = [u for u in range(source.num_units) if u % world_size == rank]
         for unit in units:   # temp files of a run killed mid-write (never committed): remove
             for stale in [*(out / "shards").glob(f"{unit:05d}-*.tmp*"), *(out / "records").glob(f"{unit:05d}*.tmp*")]:
@@ -349,6 +392,39 @@ class CapFilt:
                 return None
             time.sleep(5.0)
         return merge_outputs(out, source.num_units, asdict(self.cfg))
+
+
+class CapFiltSettingsError(ValueError):
+    """A resumed CapFilt run with other output-changing settings than the run that wrote the directory."""
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def record_settings(out: Path, settings: dict) -> None:
+    """Write ``settings.json`` if this is the first run into ``out`` (exclusively: concurrent ranks agree on one),
+    else refuse settings that differ from the recorded ones, listing every difference."""
+    path = out / "settings.json"
+    settings = json.loads(json.dumps(settings))  # as the file will hold them (tuples -> lists)
+    tmp = path.with_name(f"settings.json.tmp{os.getpid()}")
+    _atomic_write(tmp, json.dumps(settings, indent=1, sort_keys=True).encode())
+    try:
+        os.link(tmp, path)  # fails if another run (or rank) recorded first
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    saved, now = _flatten(json.loads(path.read_text())), _flatten(settings)
+    diff = [f"{k}: {saved.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}"
+            for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)]
+    if diff:
+        raise CapFiltSettingsError(
+            f"{out} holds a CapFilt run with other settings ({path}); this run changes:\n  " + "\n  ".join(diff) +
+            "\nResume with the recorded settings, or write to a new output_dir.")
 
 
 def load_task_model(source: str | Path | None, arch: str, task: str, image_size: int | None = None) -> nn.Module:
@@ -378,29 +454,33 @@ def load_task_model(source: str | Path | None, arch: str, task: str, image_size:
 
 
 def merge_outputs(out_dir: str | Path, num_units: int, config: dict | None = None) -> dict:
-    """Concatenate the chunk records of all units (in order) into ``index.json`` and ``summary.json``."""
+    """Concatenate the chunk records of all units (in order) into ``index.json``, ``skipped.json`` and
+    ``summary.json``."""
     out = Path(out_dir)
-    index, shards, skipped = [], [], Counter()
+    index, shards, skipped, skipped_inputs = [], [], Counter(), []
     counts = {src: Counter() for src in ("web", "synthetic")}
     images_in = samples = 0
     for unit in range(num_units):
         done = json.loads((out / "records" / f"{unit:05d}.done").read_text())
-        skipped.update(done.get("skipped_after_last_chunk", {}))
         for chunk in range(done["num_chunks"]):
             commit = json.loads((out / "records" / f"{unit:05d}-{chunk:04d}.json").read_text())
             images_in += commit["num_input"]
             samples += commit["num_samples"]
             skipped.update(commit["skipped"])
+            skipped_inputs += commit.get("skipped_inputs", [])
             shards.append(commit["shard"])
             for rec in commit["records"]:
                 index.append(rec)
                 for cap in rec["captions"]:
                     counts[cap["source"]]["kept" if cap["kept"] else "dropped"] += 1
+        skipped.update(done.get("skipped_after_last_chunk", {}))
+        skipped_inputs += done.get("skipped_inputs_after_last_chunk", [])
     summary = {"images_in": images_in, "images_skipped": dict(skipped), "images_out":
                sum(any(c["kept"] for c in r["captions"]) for r in index), "num_samples": samples,
                "captions": {k: {"kept": v["kept"], "dropped": v["dropped"]} for k, v in counts.items()},
                "shards": shards, "config": config or {}}
     _atomic_write(out / "index.json", json.dumps(index, indent=1, sort_keys=True).encode())
+    _atomic_write(out / "skipped.json", json.dumps(skipped_inputs, indent=1, sort_keys=True).encode())
     _atomic_write(out / "summary.json", json.dumps(summary, indent=1, sort_keys=True).encode())
     log.info("capfilt: %d images in, %d skipped, %d samples out; captions %s", images_in, sum(skipped.values()),
              samples, summary["captions"])
@@ -413,4 +493,4 @@ def output_urls(out_dir: str | Path) -> list[str]:
     return [str(Path(out_dir) / s) for s in summary["shards"]]
 
 
-__all__ = ["CapFilt", "CapFiltConfig", "CapFiltInput", "load_task_model", "merge_outputs", "output_urls", "sample_seed"]
+__all__ = ["CapFilt", "CapFiltConfig", "CapFiltInput", "CapFiltSettingsError", "load_task_model", "merge_outputs", "output_urls", "sample_seed"]

@@ -36,7 +36,10 @@ def main(cfg: DictConfig) -> None:
                           images_per_unit=cfg.capfilt.images_per_unit)
     job = CapFilt(build(cfg.captioner, "caption", device, dtype), build(cfg.filter, "retrieval", device, dtype),
                   CapFiltConfig(**OmegaConf.to_container(cfg.capfilt)), device=device)
-    summary = job.run(source, cfg.output_dir, rank=rank, world_size=world, wait_timeout_s=cfg.wait_timeout_s)
+    provenance = {name: {"source": str(spec.source), "arch": spec.arch, "image_size": spec.get("image_size")}
+                  for name, spec in (("captioner", cfg.captioner), ("filter", cfg.filter))}
+    summary = job.run(source, cfg.output_dir, rank=rank, world_size=world, wait_timeout_s=cfg.wait_timeout_s,
+                      provenance=provenance)
     if summary is not None:
         print(f"capfilt: {summary['images_in']} images in, {summary['images_skipped']} skipped, "
               f"{summary['num_samples']} samples in {len(summary['shards'])} shards; captions {summary['captions']}")

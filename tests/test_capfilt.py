@@ -201,3 +201,43 @@ def test_load_task_model_from_a_training_run(tmp_path):
     assert loaded.cfg.image_size == 32
     for (name, a), (_, b) in zip(cap.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_every_input_is_in_the_index_or_the_skip_list(reference):
+    _, _, out, summary = reference
+    index = json.loads((out / "index.json").read_text())
+    skipped = json.loads((out / "skipped.json").read_text())
+    assert [(s["reason"], s["key"].rsplit(":", 1)[1]) for s in skipped] == [("bad_image", "00000002"),
+                                                                             ("bad_image", "00100001")]
+    assert "not a recognised image format" in skipped[0]["detail"] and "truncated" in skipped[1]["detail"]
+    keys = [r["key"].rsplit(":", 1)[1] for r in index + skipped]
+    assert sorted(keys) == sorted(f"{s:03d}{i:05d}" for s, files in enumerate(SHARDS) for i in range(len(files)))
+
+
+@pytest.mark.parametrize("change, listed", [
+    ({"chunk_size": 3}, "capfilt.chunk_size: 4 -> 3"),
+    ({"threshold": 0.6}, "capfilt.threshold: 0.5 -> 0.6"),
+    ({"urls": "first_only"}, "input.urls"),
+])
+def test_resume_with_other_settings_refuses_and_lists_the_differences(reference, change, listed):
+    from blip.capfilt import CapFiltSettingsError
+
+    root, urls, ref, _ = reference
+    before = tree(ref)
+    source = CapFiltInput(urls=urls.replace("{000..001}", "000") if "urls" in change else urls)
+    cap, filt = models()
+    cfg = CapFiltConfig(**{**CFG, **{k: v for k, v in change.items() if k != "urls"}})
+    with pytest.raises(CapFiltSettingsError, match=listed.replace(".", r"\.")) as err:
+        CapFilt(cap, filt, cfg).run(source, ref)
+    assert "settings.json" in str(err.value) and tree(ref) == before  # nothing written
+
+
+def test_bad_web_captions_are_left_out_and_listed(tmp_path):
+    entries = [{"image": "cat.jpg", "caption": None}, {"image": "coffee.jpg", "caption": ["coffee\x00cup", "ok"]}]
+    (tmp_path / "ann.json").write_text(json.dumps(entries))
+    run(tmp_path / "out", CapFiltInput(annotation=tmp_path / "ann.json", image_root=ASSETS))
+    index = {r["image"]: r for r in json.loads((tmp_path / "out" / "index.json").read_text())}
+    assert [c["text"] for c in index["cat.jpg"]["captions"] if c["source"] == "web"] == []
+    assert "NoneType" in index["cat.jpg"]["bad_web_captions"][0]
+    assert [c["text"] for c in index["coffee.jpg"]["captions"] if c["source"] == "web"] == ["ok"]
+    assert "NUL" in index["coffee.jpg"]["bad_web_captions"][0]

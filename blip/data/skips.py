@@ -37,8 +37,9 @@ class SkipCounter:
     carry those to the main process, which keeps the run's totals)."""
 
     def __init__(self, log_first: int = 5, log_interval_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, record: bool = False) -> None:
         self.counts: Counter[str] = Counter()
+        self.records: list[dict] | None = [] if record else None  # {"reason", "detail"} of every skip, if asked
         self._pending: Counter[str] = Counter()
         self.log_first, self.log_interval_s, self.clock = log_first, log_interval_s, clock
         self._last_summary = clock()
@@ -49,6 +50,8 @@ class SkipCounter:
             return
         self.counts[reason] += n
         self._pending[reason] += n
+        if self.records is not None:
+            self.records.append({"reason": reason, "detail": detail, **({"count": n} if n != 1 else {})})
         total = self.counts[reason]
         if total - n < self.log_first:
             log.warning("skipped sample (%s, #%d): %s", reason, total, detail)
@@ -60,6 +63,11 @@ class SkipCounter:
         """Counts added since the last call."""
         out = dict(self._pending)
         self._pending.clear()
+        return out
+
+    def take_records(self) -> list[dict]:
+        """The recorded skips since the last call (with `record=True`)."""
+        out, self.records = self.records or [], [] if self.records is not None else None
         return out
 
 
