@@ -1,163 +1,105 @@
-"""Throughput of blip vs HF transformers, side by side in one run, on the same random weights.
+"""The performance record: blip against HF transformers, side by side in one run, on identical weights.
 
-Each HF model is built from a config of the real size (``--size real``: BLIP-base at 384 px, BLIP-2 ViT-g + OPT-2.7b)
-or a tiny one (``--size tiny``, a CPU sanity run), saved with ``save_pretrained`` and loaded into blip with
-``blip.load`` — so both sides hold identical weights. Generation runs a fixed number of new tokens on both sides
-(min = max new tokens), so the work is equal. Results are images/s and the ratio blip / HF, printed as JSON.
+Every HF model is built from a config of the chosen size with random weights, saved with ``save_pretrained`` and
+loaded into blip with ``blip.load`` — so both sides hold the same weights. For each workload the script first
+checks that both sides give the same outputs (token ids, or logits / losses within a tolerance), then times both
+interleaved (warm-up, device synchronisation, median of the repeats), and reports images/s, the ratio blip / HF,
+peak memory and blip's model FLOP utilisation (FLOPs counted by ``torch.utils.flop_counter`` against a measured
+matmul peak of this device and dtype). Generation uses min = max new tokens, so both sides do the same work.
 
-    python scripts/benchmark.py --device cuda --dtype bf16 --size real --batch 64
-    python scripts/benchmark.py                       # tiny, CPU, float32: checks that everything runs
+    python scripts/benchmark.py --device cpu --size real --batch 8              # the CPU record
+    python scripts/benchmark.py --device cuda --dtype bf16 --size real --batch 64 --best-batches 64,256,1024 --compile
+    python scripts/benchmark.py --size tiny --device cpu                         # a fast check that everything runs
+    python scripts/benchmark.py ... --out bench.json --markdown docs/benchmarks.md
+
+Sizes: ``real`` is BLIP-base (ViT-B/16 at 384 px) and, on a GPU, BLIP-2 ViT-g + OPT-2.7b / FlanT5-XL; on a CPU
+the BLIP-2 rows use ViT-g with OPT-125m / FlanT5-small-sized language models (the 2.7B/3B models need ~28 GB for
+two copies). ``tiny`` is for tests. Rows without an HF counterpart (pretraining steps) report blip alone.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import platform
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-import blip
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark_tools import Race, matmul_peak, write_markdown  # noqa: E402
+from benchmark_workloads import WORKLOADS  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def blip_config(size: str):
-    from transformers import BlipConfig
-    if size == "real":  # Salesforce/blip-image-captioning-base
-        return BlipConfig(text_config=dict(num_attention_heads=12), vision_config=dict(initializer_range=0.02))
-    return BlipConfig(vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, image_size=64, patch_size=16, initializer_range=0.02),
-                      text_config=dict(vocab_size=30524, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                       num_attention_heads=4))
-
-
-def blip2_config(size: str):
-    from transformers import Blip2Config, OPTConfig
-    if size == "real":  # Salesforce/blip2-opt-2.7b sizes
-        opt = OPTConfig(vocab_size=50304, hidden_size=2560, ffn_dim=10240, num_hidden_layers=32, num_attention_heads=32,
-                        word_embed_proj_dim=2560, eos_token_id=50118)
-        return Blip2Config(text_config=opt.to_dict(), num_query_tokens=32, image_token_index=50265)
-    opt = OPTConfig(vocab_size=512, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                    word_embed_proj_dim=64, eos_token_id=50)
-    return Blip2Config(vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                          num_attention_heads=4, image_size=56, patch_size=14),
-                       qformer_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                           num_attention_heads=4, encoder_hidden_size=64),
-                       text_config=opt.to_dict(), num_query_tokens=8, image_token_index=511)
-
-
-def timed(fn, device: str, iters: int, warmup: int = 2) -> float:
-    """Median seconds per call."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
-def pair(hf_cls, config, tmp: Path, device: str, dtype: torch.dtype):
-    torch.manual_seed(0)
-    hf = hf_cls(config).eval()
-    hf.save_pretrained(tmp)
-    ours = blip.load(tmp, device=device, dtype=dtype)
-    return hf.to(device=device, dtype=dtype), ours
-
-
-def bench_caption(args, tmp: Path, out: dict) -> None:
-    from transformers import BlipForConditionalGeneration
-    cfg = blip_config(args.size)
-    hf, ours = pair(BlipForConditionalGeneration, cfg, tmp / "blip", args.device, DTYPES[args.dtype])
-    size = cfg.vision_config.image_size
-    px = torch.randn(args.batch, 3, size, size, device=args.device, dtype=DTYPES[args.dtype])
-    prompt = torch.tensor([[30522, 1037, 3861, 1997]], device=args.device).expand(args.batch, -1)  # [DEC] a picture of
-    hf_prompt = torch.cat([prompt, torch.full_like(prompt[:, :1], 102)], 1)  # HF drops a trailing [SEP]
-    n = args.new_tokens
-    for beams in (1, 3):
-        kw = dict(max_new_tokens=n, min_new_tokens=n, num_beams=beams)
-        with torch.inference_mode():
-            t_hf = timed(lambda: hf.generate(pixel_values=px, input_ids=hf_prompt, do_sample=False, **kw),
-                         args.device, args.iters)
-            t_us = timed(lambda: ours.generate(px, prompt, **kw), args.device, args.iters)
-        out[f"blip_caption_beam{beams}"] = dict(hf_img_s=args.batch / t_hf, blip_img_s=args.batch / t_us,
-                                                 ratio=t_hf / t_us)
-    labels = torch.cat([prompt, torch.randint(1000, 30000, (args.batch, 16), device=args.device)], 1)
-    out["blip_caption_train_step"] = train_step_pair(args, hf, ours, px, labels)
-
-
-def train_step_pair(args, hf, ours, px, ids) -> dict:
-    """One LM fine-tuning step (forward, backward, AdamW) under autocast, same batch for both."""
-    from blip.losses import lm_loss
-    amp = dict(device_type=args.device.split(":")[0], dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32")
-    labels = ids.masked_fill(ids == 0, -100)
-    results = {}
-    for name, model, fwd in (
-            ("hf", hf, lambda: hf(pixel_values=px, input_ids=ids, labels=labels).loss),
-            ("blip", ours, lambda: lm_loss(ours(px, ids).logits, labels))):
-        model.float().train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-
-        def step():
-            with torch.autocast(**amp):
-                loss = fwd()
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        results[name] = timed(step, args.device, args.iters)
-    return dict(hf_img_s=args.batch / results["hf"], blip_img_s=args.batch / results["blip"],
-                ratio=results["hf"] / results["blip"])
-
-
-def bench_blip2(args, tmp: Path, out: dict) -> None:
-    from transformers import Blip2ForConditionalGeneration
-    cfg = blip2_config(args.size)
-    hf, ours = pair(Blip2ForConditionalGeneration, cfg, tmp / "blip2", args.device, DTYPES[args.dtype])
-    size = cfg.vision_config.image_size
-    px = torch.randn(args.batch, 3, size, size, device=args.device, dtype=DTYPES[args.dtype])
-    prompt = torch.full((args.batch, 1), 2, device=args.device)  # OPT bos only: plain captioning
-    hf_ids = torch.cat([torch.full((args.batch, cfg.num_query_tokens), cfg.image_token_index, device=args.device),
-                        prompt], 1)
-    n = args.new_tokens
-    kw = dict(max_new_tokens=n, min_new_tokens=n)
-    with torch.inference_mode():
-        t_hf = timed(lambda: hf.generate(pixel_values=px, input_ids=hf_ids, do_sample=False, **kw), args.device,
-                     args.iters)
-        t_us = timed(lambda: ours.generate(px, prompt, **kw), args.device, args.iters)
-    out["blip2_opt_greedy"] = dict(hf_img_s=args.batch / t_hf, blip_img_s=args.batch / t_us, ratio=t_hf / t_us)
-
-
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=DTYPES, default="bf16" if torch.cuda.is_available() else "fp32")
-    p.add_argument("--size", choices=("tiny", "real"), default="real" if torch.cuda.is_available() else "tiny")
-    p.add_argument("--batch", type=int, default=8)
+    cuda = torch.cuda.is_available()
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="bf16" if cuda else "fp32")
+    p.add_argument("--size", choices=("tiny", "real"), default="real" if cuda else "tiny")
+    p.add_argument("--batch", type=int, default=8, help="the moderate batch every workload runs at")
+    p.add_argument("--best-batches", default="", help="comma-separated batches to search each side's fastest "
+                   "generation batch over (HF is overhead-bound at small batch), e.g. 64,256,1024")
     p.add_argument("--new-tokens", type=int, default=20)
-    p.add_argument("--iters", type=int, default=3)
-    p.add_argument("--only", choices=("caption", "blip2"), default=None)
-    p.add_argument("--out", default=None, help="also write the JSON here")
-    args = p.parse_args()
-    out: dict = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-                 "torch": torch.__version__, "dtype": args.dtype, "size": args.size, "batch": args.batch}
+    p.add_argument("--iters", type=int, default=3, help="timed repeats per side (median)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--compile", action="store_true", help="also time blip with compile=True (CUDA graphs on GPU)")
+    p.add_argument("--only", default="", help=f"comma-separated workloads; known: {','.join(WORKLOADS)}")
+    p.add_argument("--out", default=None, help="write the JSON here")
+    p.add_argument("--markdown", default=None, help="write the table here (docs/benchmarks.md)")
+    p.add_argument("--note", default="", help="free text stored with the run (e.g. the machine's load average)")
+    args = p.parse_args(argv)
+    args.torch_dtype = DTYPES[args.dtype]
+    args.best_batches = [int(b) for b in args.best_batches.split(",") if b]
+    return args
+
+
+def environment(args) -> dict:
     import transformers
-    out["transformers"] = transformers.__version__
+    cuda = args.device.startswith("cuda")
+    load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    return {"device_kind": "cuda" if cuda else "cpu", "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "device": torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine()),
+            "cpu_threads": torch.get_num_threads(), "load_average": load, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(), "dtype": args.dtype,
+            "size": args.size, "batch": args.batch, "new_tokens": args.new_tokens, "iters": args.iters,
+            "compile": args.compile, "note": args.note}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    only = [w for w in args.only.split(",") if w]
+    unknown = set(only) - set(WORKLOADS)
+    if unknown:
+        raise SystemExit(f"unknown workloads {sorted(unknown)}; known: {', '.join(WORKLOADS)}")
+    race = Race(args.device, args.iters, args.warmup)
+    out = {"environment": environment(args), "matmul_peak_tflops": matmul_peak(args.device, args.torch_dtype) / 1e12,
+           "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
-        if args.only in (None, "caption"):
-            bench_caption(args, Path(tmp), out)
-        if args.only in (None, "blip2"):
-            bench_blip2(args, Path(tmp), out)
-    text = json.dumps(out, indent=1)
-    print(text)
+        for name, workload in WORKLOADS.items():
+            if only and name not in only:
+                continue
+            rows = workload(args, Path(tmp) / name, race)
+            for row in rows:
+                row.setdefault("workload", name)
+                if row.get("blip_flops") and row.get("blip_s"):
+                    row["blip_mfu"] = row["blip_flops"] / row["blip_s"] / (out["matmul_peak_tflops"] * 1e12)
+                print(json.dumps(row), flush=True)
+            out["rows"] += rows
+            save(args, out)  # after every workload: a run cut short by a time limit keeps what it measured
+    return out
+
+
+def save(args, out: dict) -> None:
     if args.out:
-        Path(args.out).write_text(text)
+        Path(args.out).write_text(json.dumps(out, indent=1))
+    if args.markdown:
+        write_markdown(Path(args.markdown), out)
 
 
 if __name__ == "__main__":

@@ -222,7 +222,8 @@ class Blip2LanguageModel(LanguageInterface, nn.Module):
         right for seq2seq encoders, so a batch gives the same tokens as each prompt alone). Default: the bos.
         Returns decoder-only: [B, T + n] (aligned prompt + new tokens); seq2seq: [B, 1 + n] (decoder start + new).
         ``beam_length_convention="total"`` reproduces the transformers 4.2x beam search LAVIS ran. compile: the decode
-        loop under torch.compile (CUDA graphs on GPU), the same ids; stop_check_every: steps between stop checks.
+        loop under torch.compile (CUDA graphs on GPU), the same ids; stop_check_every: steps between stop checks
+        (compiled default 1: one LLM step per graph keeps the compile time bounded).
         """
         self._check_ids(input_ids)
         prefix = self.query_embeds(pixel_values, qformer_input_ids, qformer_attention_mask)
@@ -233,7 +234,8 @@ class Blip2LanguageModel(LanguageInterface, nn.Module):
                                early_stopping=early_stopping, pad_token_id=self.pad_token_id,
                                eos_token_id=eos_token_id if eos_token_id is not None else self.eos_token_id,
                                beam_length_convention=beam_length_convention, compile=compile,
-                               stop_check_every=stop_check_every)
+                               # an LLM step is a large graph: compile one step (bounded warm-up), not a chunk
+                               stop_check_every=stop_check_every or (1 if compile else 0))
         device = pixel_values.device
         if input_ids is None:
             input_ids = torch.full((b, 1), self.start_token_id, dtype=torch.long, device=device)
