@@ -2,6 +2,8 @@
 and the frozen image encoder in front of it (a ViT configuration + ``ln_vision``)."""
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, field
 
 import torch
@@ -101,6 +103,7 @@ class FrozenImageEncoder(nn.Module):
         return self
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        feats = self.visual_encoder(pixel_values).float()
+        with torch.no_grad() if self.frozen else contextlib.nullcontext():  # a frozen tower keeps no activations
+            feats = self.visual_encoder(pixel_values).float()
         ln = self.ln_vision  # fp32 even when the whole model was cast to bf16/fp16, as LAVIS computes it
         return F.layer_norm(feats, ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps)

@@ -67,8 +67,11 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float, layer_deca
 def build_optimizer(model: nn.Module, *, name: str = "adamw", lr: float, weight_decay: float = 0.05,
                     betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                     layer_decay: float | None = None, fused: bool | None = None) -> torch.optim.Optimizer:
+    """fused: one kernel for the whole AdamW update; default: on where torch has it (plain CUDA tensors)."""
     groups = param_groups(model, lr=lr, weight_decay=weight_decay, layer_decay=layer_decay)
     if name == "adamw":
+        if fused is None:
+            fused = all(p.is_cuda and type(p.data) is torch.Tensor for g in groups for p in g["params"]) or None
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=fused)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=betas[0], weight_decay=weight_decay)
