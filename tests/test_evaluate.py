@@ -248,3 +248,24 @@ def test_nlvr2_dev_accuracy_from_the_two_image_classifier(tmp_path, shared, one_
     assert [p["prediction"] for p in predictions] == expected
     hits = sum(p == e["label"] for p, e in zip(expected, entries))
     assert metrics["accuracy"] == pytest.approx(100 * hits / len(entries))
+
+
+def test_caption_coco_with_blip2_models_uses_the_lavis_settings(tmp_path, shared, java, one_thread):
+    from blip.models.blip2 import create
+    root = tmp_path / "data"
+    ids = write_coco_karpathy(shared, root, n=3)
+    files = [str(root / f"val2014/COCO_val2014_{i:012d}.jpg") for i in ids]
+    llm = tiny_blip2_opt(shared)
+    metrics = run_task(llm, "caption_coco", "test", root, tmp_path / "llm",
+                       ("task.spice=false", "task.protocol.blip2_llm.num_beams=2"))
+    predictions = json.loads((tmp_path / "llm/predictions.json").read_text())
+    # prompt "a photo of", 30 new tokens, LAVIS min_length 8 (OPT: 8 new tokens)
+    assert [p["caption"] for p in predictions] == llm.caption(files, prompt="a photo of", num_beams=2,
+                                                              max_new_tokens=30, min_new_tokens=8,
+                                                              beam_length_convention="total")
+    assert 0 <= metrics["CIDEr"]
+    torch.manual_seed(0)
+    qformer = create("blip2_tiny_qformer", "qformer").eval()
+    run_task(qformer, "caption_coco", "test", root, tmp_path / "qformer", ("task.spice=false",))
+    predictions = json.loads((tmp_path / "qformer/predictions.json").read_text())
+    assert [p["caption"] for p in predictions] == qformer.caption(files, num_beams=3, max_length=30, min_length=10)

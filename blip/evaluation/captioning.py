@@ -42,14 +42,11 @@ def meteor():
     return Meteor()
 
 
-def caption_metrics(predictions: Mapping[object, str], references: Mapping[object, list[str]],
-                    spice: bool = False) -> dict[str, float]:
-    """Corpus-level scores for ``predictions`` (image id -> caption) against ``references`` (id -> captions)."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
+def ptb_tokenize(predictions: Mapping[object, str], references: Mapping[object, list[str]]
+                 ) -> tuple[dict[object, list[str]], dict[object, list[str]]]:
+    """(res, gts) as pycocoevalcap scores them: every caption through its PTB tokenizer (line by line, so a subset
+    of the output is what tokenizing the subset gives)."""
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
     if shutil.which("java") is None:
         raise RuntimeError("caption metrics need Java for the PTB tokenizer and METEOR: install a JRE (e.g. "
                            "`apt-get install default-jre-headless`)")
@@ -59,6 +56,15 @@ def caption_metrics(predictions: Mapping[object, str], references: Mapping[objec
     tokenizer = PTBTokenizer()
     res = tokenizer.tokenize({i: [{"caption": predictions[i]}] for i in predictions})
     gts = tokenizer.tokenize({i: [{"caption": c} for c in references[i]] for i in predictions})
+    return res, gts
+
+
+def score_tokenized(res: Mapping[object, list[str]], gts: Mapping[object, list[str]],
+                    spice: bool = False) -> dict[str, float]:
+    """BLEU-1..4, METEOR, ROUGE-L, CIDEr (+ SPICE) of tokenized captions (:func:`ptb_tokenize`)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
     scorers = [(Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]), (meteor(), ["METEOR"]), (Rouge(), ["ROUGE_L"]),
                (Cider(), ["CIDEr"])]
     if spice:
@@ -66,19 +72,26 @@ def caption_metrics(predictions: Mapping[object, str], references: Mapping[objec
         scorers.append((Spice(), ["SPICE"]))
     out: dict[str, float] = {}
     for scorer, names in scorers:
-        score, _ = scorer.compute_score(gts, res)
+        score, _ = scorer.compute_score(dict(gts), dict(res))
         for name, value in zip(names, score if isinstance(score, list) else [score]):
             out[name] = float(value)
     return out
+
+
+def caption_metrics(predictions: Mapping[object, str], references: Mapping[object, list[str]],
+                    spice: bool = False) -> dict[str, float]:
+    """Corpus-level scores for ``predictions`` (image id -> caption) against ``references`` (id -> captions)."""
+    return score_tokenized(*ptb_tokenize(predictions, references), spice=spice)
 
 
 def nocaps_metrics(predictions: Mapping[int, str], references: Mapping[int, list[str]], domains: Mapping[int, str],
                    spice: bool = False) -> dict:
     """NoCaps: the overall scores at the top level plus one entry per domain ("in-domain", "near-domain",
     "out-domain"), each subset scored on its own (CIDEr's document frequencies come from that subset's references,
-    as on the NoCaps evaluation server)."""
-    out: dict = caption_metrics(predictions, references, spice=spice)
+    as on the NoCaps evaluation server). The captions are tokenized once."""
+    res, gts = ptb_tokenize(predictions, references)
+    out: dict = score_tokenized(res, gts, spice=spice)
     for domain in sorted(set(domains.values())):
-        ids = [i for i in predictions if domains[i] == domain]
-        out[domain] = caption_metrics({i: predictions[i] for i in ids}, references, spice=spice)
+        ids = [i for i in res if domains[i] == domain]
+        out[domain] = score_tokenized({i: res[i] for i in ids}, {i: gts[i] for i in ids}, spice=spice)
     return out
