@@ -54,7 +54,8 @@ def load(source: str | Path, *, arch: str | None = None, task: str | None = None
 
     source: an HF model directory (``config.json["architectures"]`` picks the class), an original BLIP / LAVIS
     ``.pth`` (``arch``/``task`` where the file can't tell), a ``.safetensors`` exported by blip, or a name from
-    ``blip.zoo.PRETRAINED`` (the file must already be under ``$BLIP_HOME``: blip never downloads).
+    ``blip.zoo.PRETRAINED`` (the file must already be under ``$BLIP_HOME``: blip never downloads), or a run directory
+    of ``scripts/train.py`` (rebuilt from its config.yaml; ``task`` picks the head of a BLIP pretraining run).
     llm: HF directory of the language model for BLIP-2 checkpoints that carry no LLM weights.
     """
     path = Path(source)
@@ -68,6 +69,9 @@ def load(source: str | Path, *, arch: str | None = None, task: str | None = None
                 kwargs.setdefault("image_size", entry.image_size)
             for key, value in entry.options.items():  # e.g. the prompt and generation settings it was evaluated with
                 kwargs.setdefault(key, value)
+    if path.is_dir() and ((path / "config.yaml").is_file() or (path / "state.pt").is_file()):
+        from .runs import load_run   # a run directory of scripts/train.py (or one of its checkpoints)
+        return _finish(load_run(path, task), device, dtype)
     if path.is_dir():
         config_file = path / "config.json"
         if not config_file.exists():

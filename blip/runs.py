@@ -1,0 +1,80 @@
+"""A training run of ``scripts/train.py`` as a model: ``blip.load(<run dir>)``, ``blip caption --model <run dir>``.
+
+A run directory holds ``config.yaml`` (the resolved config of the run) and ``checkpoints/step_*/state.pt``. The model
+is rebuilt from the run's own config (arch, image size, objective, LLM and its tokenizer) with the builder training
+used, never by guessing sizes from tensor shapes, and the newest checkpoint's weights load into it strictly by name.
+What comes back is the inference model: the task model of a fine-tuning run, the Q-Former of a BLIP-2 stage-1 run,
+the LLM model of a stage-2 run; a BLIP pretraining run holds every head, so it loads into the ``task`` asked for
+(default "caption").
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoints import CheckpointError
+
+log = logging.getLogger(__name__)
+BLIP_PRETRAIN_TASKS = ("caption", "retrieval", "vqa", "feature_extractor")
+
+
+def find_run(path: str | Path) -> tuple[Path, Path] | None:
+    """(config.yaml, newest checkpoint dir) of a run directory or of one of its checkpoint dirs; None otherwise."""
+    from .train.checkpoint import list_checkpoints
+    p = Path(path)
+    if not p.is_dir():
+        return None
+    if (p / "state.pt").is_file() and (p.parent.parent / "config.yaml").is_file():
+        return p.parent.parent / "config.yaml", p
+    if (p / "config.yaml").is_file() and (p / "checkpoints").is_dir():
+        found = list_checkpoints(p / "checkpoints")
+        if not found:
+            raise CheckpointError(f"{p}: a training run without a finished checkpoint (checkpoints/step_*/state.pt); "
+                                  "train longer or lower trainer.checkpoint_every")
+        return p / "config.yaml", found[-1]
+    return None
+
+
+def load_run(path: str | Path, task: str | None = None) -> nn.Module:
+    """The inference model of the run at ``path`` (see the module docstring), on CPU."""
+    from omegaconf import OmegaConf
+
+    from .train.run import build_model
+    config, ckpt = find_run(path) or (None, None)
+    if config is None:
+        raise CheckpointError(f"{path}: not a training run directory (config.yaml + checkpoints/step_*/state.pt)")
+    cfg = OmegaConf.load(config)
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)["model"]
+    if cfg.model.task == "pretrain" and cfg.model.arch.startswith("blip_"):
+        return _blip_task_from_pretraining(cfg, state, str(ckpt), task or "caption")
+    objective = build_model(cfg.model)
+    try:
+        objective.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{ckpt}: does not fit the model its run's config.yaml builds ({cfg.model.arch}/"
+                              f"{cfg.model.task}): {' '.join(str(e).split())[:600]}") from None
+    if task is not None and task == cfg.model.task:
+        return objective
+    model = getattr(objective, "model", objective)
+    if task is not None and task not in ("qformer", "stage2", cfg.model.task):
+        raise CheckpointError(f"{path}: a {cfg.model.arch}/{cfg.model.task} run gives a {type(model).__name__}, not "
+                              f"task {task!r}")
+    log.info("%s: %s/%s run, step %s", path, cfg.model.arch, cfg.model.task, ckpt.name)
+    return model
+
+
+def _blip_task_from_pretraining(cfg, state: dict, source: str, task: str) -> nn.Module:
+    """A BLIP pretraining checkpoint holds the ViT, text encoder, decoder and heads: load the task model's part."""
+    import blip
+    from omegaconf import OmegaConf
+
+    from .models.blip_pretrain import load_pretrain_weights
+    if task not in BLIP_PRETRAIN_TASKS:
+        raise CheckpointError(f"{source}: a BLIP pretraining run loads as one of {BLIP_PRETRAIN_TASKS}, not {task!r}")
+    overrides = OmegaConf.to_container(cfg.model.overrides, resolve=True) if cfg.model.get("overrides") else {}
+    model = blip.create_model(cfg.model.arch, task, **overrides)
+    log.info(load_pretrain_weights(model, {k: v for k, v in state.items()}, source).summary())
+    return model
