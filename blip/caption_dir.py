@@ -56,6 +56,27 @@ def list_inputs(src: str) -> tuple[list[str], list[str]]:
     raise UsageError(f"{src}: no such folder, file list or shard pattern")
 
 
+def count_images(shards: list[str]) -> int:
+    """Image members of local tar shards, from their headers alone (sizes the progress bar)."""
+    import tarfile
+
+    from .data.webdataset import IMAGE_EXTENSIONS
+    n = 0
+    for shard in shards:
+        try:
+            with tarfile.open(shard) as tar:
+                n += sum(m.name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS for m in tar)
+        except (OSError, tarfile.TarError):
+            continue   # a broken shard is reported when it is read
+    return n
+
+
+def default_errors_path(out: str | Path) -> Path:
+    """``captions.jsonl`` -> ``captions.errors.jsonl``."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".jsonl") + ".errors.jsonl")
+
+
 def record_id(record: dict) -> str:
     return record["path"] if "path" in record else f"{record['shard']}#{record['key']}"
 
@@ -227,23 +248,26 @@ class CaptionDirJob:
         if self.batch_size < 1 or self.chunk_size < 1:
             raise UsageError("--batch-size and --chunk-size must be >= 1")
         out = Path(out)
-        files = Outputs(out, Path(errors) if errors else out.with_name(out.name.removesuffix(".jsonl") +
-                                                                        ".errors.jsonl"), rank, world_size)
+        files = Outputs(out, Path(errors) if errors else default_errors_path(out), rank, world_size)
         paths, shards = list_inputs(src)
         written = files.written()
         self._check_same_settings(written)
         done = {record_id(r) for r in written}
         barrier()   # every rank has read what is done before any rank writes
         files.start()
-        transform = self.predictor.transform()
+        transform, total = self.predictor.transform(), None
         if paths:
             pending = [p for p in paths if p not in done]
             dataset = ImageFiles(pending[rank::world_size], transform)
             total = len(dataset)
             already = len(paths) - len(pending)
         else:
-            dataset, total = ShardImages(shards[rank::world_size], transform, done), None
-            already = len(done)
+            mine = shards[rank::world_size]
+            dataset, already = ShardImages(mine, transform, done), len(done)
+            if self.progress:   # a total gives the bar its ETA
+                ours = set(mine)
+                done_here = sum(1 for r in written if r.get("shard") in ours)
+                total = max(count_images(mine) - done_here, 0)
         counts = self._label_all(dataset, total, files)
         counts = all_reduce({**counts, "already_done": already if rank == 0 else 0})
         barrier()

@@ -129,7 +129,7 @@ def cmd_match(args) -> int:
 
 def cmd_caption_dir(args) -> int:
     import logging
-    from .caption_dir import CaptionDirJob
+    from .caption_dir import CaptionDirJob, default_errors_path
     from .train.distributed import all_reduce_sum_int, barrier, init_distributed
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     check_device(args.device)
@@ -142,8 +142,7 @@ def cmd_caption_dir(args) -> int:
                      barrier=lambda: barrier(info),
                      all_reduce=lambda c: {k: all_reduce_sum_int(v, info) for k, v in c.items()})
     if info.is_main:
-        errors = args.errors or str(Path(args.out).with_name(Path(args.out).name.removesuffix(".jsonl") +
-                                                             ".errors.jsonl"))
+        errors = args.errors or default_errors_path(args.out)
         print(f"captioned {counts['captioned']}, skipped {counts['skipped']} (unreadable: {errors}), "
               f"already done {counts['already_done']} -> {args.out}", flush=True)
     return 0
