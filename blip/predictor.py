@@ -19,9 +19,9 @@ DEFAULT_QUESTION = "What is this a picture of?"
 
 
 # (family, task) -> (num_beams, max_new_tokens, min_new_tokens): BLIP's caption (max_length 20 / min_length 5 with
-# the 4-token prompt) and VQA (max_length 10, counting [DEC]) defaults; BLIP-2's LAVIS generate() defaults, which the
-# hosted predictor uses for answers too.
-DEFAULTS = {("blip", "caption"): (3, 16, 1), ("blip", "answer"): (3, 9, 0),
+# the 4-token prompt) and VQA (max_length 10, counting [DEC]) defaults; the BLIP-2 Q-Former's and the BLIP-2 LLM's
+# LAVIS generate() defaults (the hosted predictor uses the latter for answers too).
+DEFAULTS = {("blip", "caption"): (3, 16, 1), ("blip", "answer"): (3, 9, 0), ("qformer", "caption"): (3, 29, 9),
             ("blip2", "caption"): (5, 30, 1), ("blip2", "answer"): (5, 30, 1)}
 
 
@@ -65,8 +65,11 @@ def question_prompt(question: str, context: str | None = None) -> str:
     return f"{context.strip()} {prompt}" if context and context.strip() else prompt
 
 
-def _is_language_model(model: nn.Module) -> bool:
-    return hasattr(model, "chat")  # BLIP-2 / InstructBLIP with a frozen LLM
+def family_of(model: nn.Module) -> str:
+    """"blip2" (a frozen-LLM model: BLIP-2 stage 2, InstructBLIP), "qformer" (BLIP-2 stage 1) or "blip"."""
+    if hasattr(model, "chat"):
+        return "blip2"
+    return "qformer" if hasattr(model, "qformer") else "blip"
 
 
 def image_size_of(model: nn.Module) -> int:
@@ -80,7 +83,8 @@ class Predictor:
 
     def __init__(self, model: nn.Module, name: str = ""):
         self.model, self.name = model.eval(), name
-        self.llm = _is_language_model(model)
+        self.family = family_of(model)
+        self.llm = self.family == "blip2"
 
     # ---- what the model can do ----------------------------------------------------------------------------------
     @property
@@ -128,8 +132,8 @@ class Predictor:
     # ---- tasks --------------------------------------------------------------------------------------------------
     def resolve(self, d: Decoding, task: str = "caption") -> Decoding:
         """``d`` with the defaults of this family and task filled in (what the model will actually run)."""
-        beams, most, least = DEFAULTS["blip2" if self.llm else "blip", task]
-        prompt = None if self.llm or task != "caption" else "a picture of "
+        beams, most, least = DEFAULTS[self.family, task]
+        prompt = "a picture of " if self.family == "blip" and task == "caption" else None
         return replace(d, prompt=d.prompt if d.prompt is not None else prompt,
                        num_beams=1 if d.do_sample else (d.num_beams or beams), max_new_tokens=d.max_new_tokens or most,
                        min_new_tokens=d.min_new_tokens if d.min_new_tokens is not None else least)
@@ -160,6 +164,11 @@ class Predictor:
         prompt = self.resolve(decoding).prompt
         if self.llm:
             return self.model.caption(self._pixels(pixels), prompt=prompt, **gen)
+        if self.family == "qformer":   # LAVIS Q-Former lengths count [DEC]; it takes no prompt
+            if prompt:
+                raise UsageError("the BLIP-2 Q-Former captions without a prompt")
+            gen["max_length"], gen["min_length"] = gen.pop("max_new_tokens") + 1, gen.pop("min_new_tokens") + 1
+            return self.model.caption(self._pixels(pixels), **gen)
         return self.model.caption(self._pixels(pixels), prompt, **_blip_lengths(self.model, prompt, gen))
 
     @torch.no_grad()

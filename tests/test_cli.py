@@ -60,7 +60,7 @@ def test_blip_caption_ask_match_convert_models(models, images, tmp_path, capsys,
     assert "caption" in listing["architectures"]["blip_tiny"] and listing["pretrained"]["blip-base"]["task"]
 
 
-def test_blip2_caption_and_ask_with_context(shared, images, capsys, one_thread):
+def test_blip2_caption_ask_match(shared, images, capsys, one_thread):
     opt = shared / "fixtures" / "lavis" / "blip2_opt"
     eva = shared / "fixtures" / "lavis" / "eva_vit_tiny.pth"
     source = ["--model", str(opt / "checkpoint_trainable_only.pth"), "--llm", str(opt / "opt_llm"),
@@ -78,6 +78,15 @@ def test_blip2_caption_and_ask_with_context(shared, images, capsys, one_thread):
     expected = model.answer(cat, prompt, prompt="{}", do_sample=True, temperature=2.0, top_p=0.9, num_beams=1,
                             max_new_tokens=5, min_new_tokens=1, generator=[torch.Generator().manual_seed(5)])[0]
     assert capsys.readouterr().out.strip() == expected.strip()
+
+    stage1 = shared / "fixtures" / "lavis" / "blip2_qformer" / "checkpoint.pth"   # the Q-Former matches and captions
+    assert main(["match", str(cat), "a cat", "a rocket", "--model", str(stage1), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    qformer = blip.load(stage1)
+    assert [r["itm"] for r in rows] == pytest.approx(qformer.match(cat, ["a cat", "a rocket"])[0].tolist(), abs=1e-6)
+    assert main(["caption", str(cat), "--model", str(stage1), "--max-new-tokens", "6", "--min-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out.strip().split("\t")[1]
+    assert out == qformer.caption(cat, max_length=7, min_length=3)[0]
 
 
 def test_expected_failures_are_one_line_and_exit_2(models, images, shared, tmp_path, capsys, monkeypatch):
