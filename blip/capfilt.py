@@ -434,6 +434,7 @@ def load_task_model(source: str | Path | None, arch: str, task: str, image_size:
     import blip
     from omegaconf import OmegaConf
 
+    from .checkpoints import read_torch_file
     from .models.blip_pretrain import load_pretrain_weights
 
     if source is None:
@@ -447,7 +448,7 @@ def load_task_model(source: str | Path | None, arch: str, task: str, image_size:
             run_cfg = OmegaConf.load(config)
             arch, image_size = run_cfg.model.arch, image_size or run_cfg.model.get("image_size")
         model = blip.create_model(arch, task, **({"image_size": image_size} if image_size else {}))
-        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)["model"]
+        state = read_torch_file(ckpt / "state.pt")["model"]
         log.info(load_pretrain_weights(model, state, str(ckpt)).summary())
         return model
     return blip.load(path, arch=arch, task=task)

@@ -42,14 +42,25 @@ def read_state_dict(path: str | Path) -> StateDict:
             return load_file(str(path))
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"{path}: not a readable safetensors file ({e}); re-download or re-export it") from e
+    return unwrap_state_dict(read_torch_file(path), path)
+
+
+def read_torch_file(path: str | Path) -> object:
+    """The one reader of ``torch.save`` files (model weights, training checkpoints, RNG states): tensors and plain
+    containers only (``weights_only=True``), so a file can never run code; anything else is a CheckpointError
+    naming the file, why, and what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file; check the path (a run dir, a checkpoint dir or a weights file)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        # torch's message suggests weights_only=False, i.e. running the file's code: report only the reason
+        reason = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if str(e) else ""
         raise CheckpointError(
-            f"{path}: cannot be read as a tensors-only torch checkpoint ({type(e).__name__}: {e}). blip never unpickles "
-            "arbitrary objects; if the file is truncated re-download it, if it holds objects re-save its state_dict "
-            "with torch.save(model.state_dict()) or safetensors") from e
-    return unwrap_state_dict(obj, path)
+            f"{path}: cannot be read as a tensors-only torch checkpoint ({type(e).__name__}: {reason}). blip never "
+            "unpickles objects (they can run code); if the file is truncated re-download it, if it holds objects "
+            "re-save its state_dict with torch.save(model.state_dict()) or safetensors") from None
 
 
 def unwrap_state_dict(obj: object, path: str | Path = "<memory>") -> StateDict:

@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from ..checkpoints import read_torch_file
 from ..data.eval_datasets import read_task_data
 from .sharding import EvalContext, check_manifest, write_json_atomic
 
@@ -43,7 +44,7 @@ def _load_run(path: Path, device: torch.device) -> nn.Module:
         raise FileNotFoundError(f"{path}: no config.yaml in the run directory above {ckpt}")
     cfg = OmegaConf.load(run_dir / "config.yaml")
     model = build_model(cfg.model)
-    model.load_state_dict(torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)["model"])
+    model.load_state_dict(read_torch_file(ckpt / "state.pt")["model"])
     return getattr(model, "model", model).to(device).eval()
 
 

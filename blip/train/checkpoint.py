@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from blip.checkpoints import read_torch_file
 from blip.train.distributed import DistInfo, barrier, stop_if_any_rank_failed
 
 CHECKPOINT_DIR = re.compile(r"^step_(\d{8})$")
@@ -144,7 +145,7 @@ def save_checkpoint(directory: str | Path, step: int, state: dict, info: DistInf
 def load_checkpoint(path: str | Path, info: DistInfo) -> dict:
     """The saved state (on CPU), with this rank's RNG state under "rng" (None if the world size changed)."""
     p = Path(path)
-    state = torch.load(p / "state.pt", map_location="cpu", weights_only=True)
+    state = read_torch_file(p / "state.pt")
     rng_file = p / f"rng_rank{info.rank}.pt"
-    state["rng"] = torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.exists() else None
+    state["rng"] = read_torch_file(rng_file) if rng_file.exists() else None
     return state

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from blip.data.datasets import ImageTextStream, JsonSource, TrainData, eval_batches
+from blip.checkpoints import read_torch_file
 from blip.convert.blip_nlvr import is_nlvr, twin_from_single
 from blip.data.mixing import mixing_weights
 from blip.data.text import text_cleaner
@@ -75,7 +76,7 @@ def checkpoint_path(path: str | Path) -> Path:
 def load_init_weights(model: nn.Module, path: str | Path) -> None:
     """Start from another run's weights (e.g. stage 1 → stage 2): matching keys load, the rest is listed."""
     ckpt = checkpoint_path(path)
-    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)["model"]
+    state = read_torch_file(ckpt / "state.pt")["model"]
     own = model.state_dict()
     if is_nlvr(own) and not is_nlvr(state):  # NLVR2 from a single-image run: both branches start from its cross-attn
         state = twin_from_single(state)
