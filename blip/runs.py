@@ -12,10 +12,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from .checkpoints import CheckpointError
+from .checkpoints import CheckpointError, read_torch_file
 
 log = logging.getLogger(__name__)
 BLIP_PRETRAIN_TASKS = ("caption", "retrieval", "vqa", "feature_extractor")
@@ -47,7 +46,7 @@ def load_run(path: str | Path, task: str | None = None) -> nn.Module:
     if config is None:
         raise CheckpointError(f"{path}: not a training run directory (config.yaml + checkpoints/step_*/state.pt)")
     cfg = OmegaConf.load(config)
-    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)["model"]
+    state = read_torch_file(ckpt / "state.pt")["model"]
     if cfg.model.task == "pretrain" and cfg.model.arch.startswith("blip_"):
         return _blip_task_from_pretraining(cfg, state, str(ckpt), task or "caption")
     objective = build_model(cfg.model)
