@@ -97,7 +97,8 @@ def test_vqa_v2_val_matches_the_official_accuracy(tmp_path, shared, method, one_
     assert [p["question_id"] for p in predictions] == [q["question_id"] for q in questions["questions"]]
     assert set(predictions[0]) == {"question_id", "answer"}
     if method == "rank":
-        assert {p["answer"] for p in predictions} <= set(json.loads((root / "annotations/answer_list.json").read_text()))
+        answer_list = json.loads((root / "annotations/answer_list.json").read_text())
+        assert {p["answer"] for p in predictions} <= set(answer_list)
     annotations = json.loads((root / "annotations/v2_mscoco_val2014_annotations.json").read_text())["annotations"]
     expected = official_vqa_accuracy(predictions, annotations)
     assert metrics["overall"] == expected["overall"]

@@ -165,7 +165,8 @@ def run_retrieval(model: nn.Module, data: RetrievalData, task: Mapping, ctx: Eva
         i2t, t2i = sim, sim.t()
     r = recall_at_k(i2t, data.img2txt, scores_t2i=t2i)
     metrics = {f"txt_r{n}": r[f"i2t_r{n}"] for n in (1, 5, 10)} | {"txt_r_mean": r["i2t_r_mean"]}
-    metrics |= {f"img_r{n}": r[f"t2i_r{n}"] for n in (1, 5, 10)} | {"img_r_mean": r["t2i_r_mean"], "r_mean": r["r_mean"]}
+    metrics |= {f"img_r{n}": r[f"t2i_r{n}"] for n in (1, 5, 10)}
+    metrics |= {"img_r_mean": r["t2i_r_mean"], "r_mean": r["r_mean"]}
     top_i2t, top_t2i = i2t.topk(min(k, i2t.shape[1]), dim=1), t2i.topk(min(k, t2i.shape[1]), dim=1)
     predictions = {"i2t": top_i2t.indices[:, :10].tolist(), "t2i": top_t2i.indices[:, :10].tolist()}
     scores = {"i2t_index": top_i2t.indices, "i2t_score": top_i2t.values,
