@@ -16,7 +16,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ..checkpoints import read_torch_file
 from ..data.eval_datasets import read_task_data
 from .sharding import EvalContext, check_manifest, write_json_atomic
 
@@ -25,27 +24,10 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_model(source: str, model_cfg: Mapping, device: torch.device) -> nn.Module:
-    """A checkpoint file, HF directory, zoo name (blip.load) or a training run / checkpoint directory."""
-    path = Path(source)
-    if path.is_dir() and not (path / "config.json").exists():
-        return _load_run(path, device)
+    """A checkpoint file, HF directory, zoo name or training run directory, through ``blip.load`` (``model_cfg``:
+    its keyword arguments, None meaning the checkpoint's own)."""
     import blip
-    kwargs = {k: v for k, v in model_cfg.items() if v is not None}
-    return blip.load(source, device=device, **kwargs)
-
-
-def _load_run(path: Path, device: torch.device) -> nn.Module:
-    """The newest checkpoint of a training run (run dir with config.yaml, or one of its checkpoint dirs); a training
-    objective (e.g. CaptionObjective) is unwrapped to the task model it trains."""
-    from ..train.run import build_model, checkpoint_path
-    ckpt = checkpoint_path(path)
-    run_dir = next((p for p in (ckpt, *ckpt.parents) if (p / "config.yaml").exists()), None)
-    if run_dir is None:
-        raise FileNotFoundError(f"{path}: no config.yaml in the run directory above {ckpt}")
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    model = build_model(cfg.model)
-    model.load_state_dict(read_torch_file(ckpt / "state.pt")["model"])
-    return getattr(model, "model", model).to(device).eval()
+    return blip.load(source, device=device, **{k: v for k, v in model_cfg.items() if v is not None})
 
 
 def evaluate(model: nn.Module, task: Mapping, split: str, data_root: str | Path, output_dir: str | Path,
@@ -136,7 +118,7 @@ def evaluate_after_training(model: nn.Module | None, cfg: DictConfig, data, run_
     alone = info.distributed and cfg.trainer.distributed.strategy == "fsdp"
     settings = {"batch_size": cfg.eval.batch_size, "num_workers": min(int(cfg.data.get("num_workers", 0)), 4),
                 "progress_bar": cfg.trainer.get("progress_bar", True),
-                "precision": cfg.trainer.precision if cfg.trainer.precision in DTYPES else "fp32"}
+                "precision": cfg.eval.get("precision", "fp32")}
     ctx = context_settings(settings, info)
     if alone:
         ctx.update(rank=0, world_size=1)
