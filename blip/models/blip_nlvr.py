@@ -13,8 +13,9 @@ Tensor API (ids exactly as given: BLIP feeds ``[ENC] sentence [SEP]``, padded to
     out.logits        # [B, 2]
     out.image_embeds  # [2, B, 1 + N, W]: index 0 = left image (LAVIS's intermediate ``image_embeds``)
 
-String API: ``model.predict(images_left, images_right, texts) -> list[bool]`` (paths or PIL images, BLIP's eval
-transform, ``[ENC]`` first). Texts are used as given; BLIP's datasets clean them with ``pre_caption`` first.
+String API: ``model.predict(images_left, images_right, texts) -> list[bool]`` (paths or PIL images with BLIP's
+eval transform, or preprocessed pixels; ``[ENC]`` first). Texts are used as given; BLIP's datasets clean them with
+``pre_caption`` first.
 
 Checkpoints: BLIP's ``model_base_nlvr.pth`` (LAVIS's ``blip_nlvr`` loads the same file) and LAVIS-layout state
 dicts load with ``blip.load``; a pretraining checkpoint loaded with ``task="nlvr"`` starts both cross-attention
@@ -75,9 +76,10 @@ class BlipNLVR(_StringAPI, BlipModel):
         return NLVROutput(self.logits_from_embeds(image_embeds, input_ids, attention_mask), image_embeds)
 
     @torch.no_grad()
-    def predict(self, images_left: ImageLike | Sequence[ImageLike], images_right: ImageLike | Sequence[ImageLike],
-                texts: str | Sequence[str]) -> list[bool]:
-        """Whether each sentence holds for its (left, right) image pair; one pair may serve every sentence."""
+    def predict(self, images_left: ImageLike | Sequence[ImageLike] | Tensor,
+                images_right: ImageLike | Sequence[ImageLike] | Tensor, texts: str | Sequence[str]) -> list[bool]:
+        """Whether each sentence holds for its (left, right) image pair; one pair may serve every sentence. Images:
+        paths, PIL images or preprocessed [B, 3, S, S] pixels."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         left, right = self._pixels(images_left), self._pixels(images_right)
         if left.shape[0] != right.shape[0]:
