@@ -15,6 +15,12 @@ from typing import Mapping
 CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 
 
+def require_java() -> None:
+    if shutil.which("java") is None:
+        raise RuntimeError("caption metrics need Java for the PTB tokenizer and METEOR: install a JRE (e.g. "
+                           "`apt-get install default-jre-headless`)")
+
+
 def spice_status(setting: bool | str = "auto") -> tuple[bool, str | None]:
     """(run SPICE?, the reason it is skipped or None). setting: "auto" | True (required: raise if unavailable) |
     False."""
@@ -47,9 +53,7 @@ def ptb_tokenize(predictions: Mapping[object, str], references: Mapping[object, 
     """(res, gts) as pycocoevalcap scores them: every caption through its PTB tokenizer (line by line, so a subset
     of the output is what tokenizing the subset gives)."""
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-    if shutil.which("java") is None:
-        raise RuntimeError("caption metrics need Java for the PTB tokenizer and METEOR: install a JRE (e.g. "
-                           "`apt-get install default-jre-headless`)")
+    require_java()
     missing = [i for i in predictions if i not in references]
     if missing:
         raise KeyError(f"{len(missing)} predicted image ids have no references, e.g. {missing[:5]}")

@@ -81,9 +81,12 @@ def caption_images(model: nn.Module, family: str, p: Mapping, pixels: torch.Tens
 
 
 def run_captioning(model: nn.Module, data: CaptionData, task: Mapping, ctx: EvalContext) -> tuple[list, dict]:
-    from .captioning import caption_metrics, nocaps_metrics, spice_status
+    from .captioning import caption_metrics, nocaps_metrics, require_java, spice_status
     family, p = protocol_for(task, model)
     items = list(zip(data.image_ids, data.images))
+    if data.references is not None:  # before any decoding: what scoring will need
+        require_java()
+        spice, why = spice_status(task.get("spice", "auto"))
 
     def compute(batch):
         pixels, index = batch
@@ -93,7 +96,6 @@ def run_captioning(model: nn.Module, data: CaptionData, task: Mapping, ctx: Eval
     predictions = run_pass(ctx, "caption", _image_dataset(model, items), _collate_pixels, compute)
     if data.references is None or not ctx.is_main:
         return predictions, {}
-    spice, why = spice_status(task.get("spice", "auto"))
     if why:
         log.warning(why)
     by_id = {r["image_id"]: r["caption"] for r in predictions}
@@ -125,6 +127,7 @@ def run_vqa(model: nn.Module, data: VQAData, task: Mapping, ctx: EvalContext) ->
     from .vqa import exact_match_accuracy, lemmatizer, vqa_accuracy
     family, p = protocol_for(task, model)
     items = list(zip(range(len(data.images)), data.images))
+    lemmatize, why = lemmatizer(task.get("lemmatize", False)) if family != "blip" else (None, None)
 
     def compute(batch):
         pixels, index = batch
@@ -133,7 +136,6 @@ def run_vqa(model: nn.Module, data: VQAData, task: Mapping, ctx: EvalContext) ->
         return [{"question_id": data.question_ids[i], "answer": a} for i, a in zip(index, answers)]
 
     predictions = run_pass(ctx, "answer", _image_dataset(model, items), _collate_pixels, compute, unit="question")
-    lemmatize, why = lemmatizer(task.get("lemmatize", False)) if family != "blip" else (None, None)
     if why:
         log.warning(why)
     if lemmatize is not None:
