@@ -115,3 +115,17 @@ def test_fine_tuning_run_ends_with_its_benchmark_evaluation(tmp_path, shared):
     run_task(model, "retrieval_coco", "test", root, tmp_path / "again", ("task.protocol.blip.k=6",))
     for name in ("predictions.json", "scores.safetensors"):
         assert (tmp_path / "again" / name).read_bytes() == (run_dir / "eval" / name).read_bytes()
+
+
+def test_the_answer_list_is_needed_only_for_ranking(tmp_path, shared, one_thread):
+    from blip.data.eval_datasets import MissingDataError
+    root = tmp_path / "data"
+    write_vqa(shared, root, "annotations/v2_OpenEnded_mscoco_val2014_questions.json",
+              "annotations/v2_mscoco_val2014_annotations.json", "annotations/answer_list.json", n_images=1)
+    (root / "annotations/answer_list.json").unlink()
+    model = tiny_blip("vqa")
+    with pytest.raises(MissingDataError, match="answer_list.json"):
+        run_task(model, "vqa_v2", "val", root, tmp_path / "rank")
+    assert not (tmp_path / "rank" / "partial" / "answer").exists()  # refused before decoding
+    assert "overall" in run_task(model, "vqa_v2", "val", root, tmp_path / "generate",
+                                 ("task.protocol.blip.method=generate",))

@@ -47,6 +47,7 @@ class VQAData:
     answers: dict[Any, list[str]] | None
     answer_types: dict[Any, str] | None
     answer_list: list[str] | None = None
+    answer_list_missing: str | None = None  # the missing-file message, raised only by protocols that rank answers
 
 
 @dataclass
@@ -141,16 +142,22 @@ def read_vqa_data(task: Mapping, split: str, root: str | Path, max_words: int = 
     """Questions BLIP-cleaned (pre_question); GQA or the official VQA format (see the module docstring)."""
     from .text import pre_question
     files = required_files(task, split, root)
+    ranking = {"answer_list": files.pop("answer_list")} if "answer_list" in files else {}  # BLIP's rank protocol only
     check_files(files, f"{task['name']} ({split})")
     paths = {k: p for k, (p, _) in files.items()}
-    answer_list = _read_json(paths["answer_list"]) if "answer_list" in paths else None
+    answer_list = missing = None
+    try:
+        check_files(ranking, f"{task['name']} ({split}), ranking answers")
+        answer_list = _read_json(ranking["answer_list"][0]) if ranking else None
+    except MissingDataError as e:
+        missing = str(e)
     if task["format"] == "gqa":
         questions = _read_json(paths["questions"])
         qids = list(questions)
         images = [paths["images"] / f"{questions[q]['imageId']}.jpg" for q in qids]
         texts = [pre_question(questions[q]["question"], max_words) for q in qids]
         answers = {q: [questions[q]["answer"]] for q in qids if "answer" in questions[q]} or None
-        return VQAData(qids, images, texts, answers, None, answer_list)
+        return VQAData(qids, images, texts, answers, None, answer_list, missing)
     if task["format"] != "vqa":
         raise ValueError(f"unknown VQA format {task['format']!r} (vqa | gqa)")
     questions = _read_json(paths["questions"])["questions"]
@@ -163,7 +170,7 @@ def read_vqa_data(task: Mapping, split: str, root: str | Path, max_words: int = 
         anns = _read_json(paths["annotations"])["annotations"]
         answers = {a["question_id"]: [x["answer"] for x in a["answers"]] for a in anns}
         types = {a["question_id"]: a["answer_type"] for a in anns}
-    return VQAData(qids, images, texts, answers, types, answer_list)
+    return VQAData(qids, images, texts, answers, types, answer_list, missing)
 
 
 def read_retrieval_data(task: Mapping, split: str, root: str | Path, max_words: int = 30) -> RetrievalData:

@@ -114,8 +114,6 @@ def answer_questions(model: nn.Module, family: str, p: Mapping, pixels: torch.Te
     """One answer per (image, question) with the protocol ``p`` (BLIP: rank over ``answer_list`` or generate)."""
     if family == "blip":
         if p["method"] == "rank":
-            if answer_list is None:
-                raise ValueError("BLIP's rank protocol needs the task's answer_list file")
             return model.answer(pixels, questions, method="rank", answer_list=answer_list, k=p["k"])
         return model.answer(pixels, questions, method="generate", num_beams=p["num_beams"],
                             max_length=p["max_length"], min_length=p["min_length"])
@@ -128,6 +126,9 @@ def run_vqa(model: nn.Module, data: VQAData, task: Mapping, ctx: EvalContext) ->
     family, p = protocol_for(task, model)
     items = list(zip(range(len(data.images)), data.images))
     lemmatize, why = lemmatizer(task.get("lemmatize", False)) if family != "blip" else (None, None)
+    if family == "blip" and p["method"] == "rank" and data.answer_list is None:
+        from ..data.eval_datasets import MissingDataError
+        raise MissingDataError(data.answer_list_missing or f"task {task['name']} has no answer_list for ranking")
 
     def compute(batch):
         pixels, index = batch
