@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-RUN_TASK_FOR = {"caption": "caption", "answer": "vqa", "match": "retrieval"}  # a BLIP pretraining run serves any
+# the head a BLIP pretraining run loads as, per subcommand (its checkpoint holds them all; serve: the captioner)
+RUN_TASK_FOR = {"caption": "caption", "answer": "vqa", "match": "retrieval", "any": "caption"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -265,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--errors", default=None, help="unreadable images (default: OUT.errors.jsonl)")
     p.add_argument("--question", default=None, help="answer this question about every image instead (VQA)")
     p.add_argument("--chunk-size", type=_int_at_least(1), default=1024, help="images per write to the output")
-    p.add_argument("--workers", type=_int_at_least(0), default=4, help="data-loader processes decoding images")
+    p.add_argument("--workers", type=_int_at_least(0), default=min(4, os.cpu_count() or 1),
+                   help="data-loader processes decoding images")
     p.add_argument("--no-progress", action="store_true")
     _decoding_options(p)
     p.set_defaults(func=cmd_caption_dir)
