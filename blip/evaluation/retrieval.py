@@ -94,12 +94,14 @@ class RetrievalScorer:
         out = self.model.encode_text(ids, mask)
         return out if self.family == "blip" else out.embeds
 
-    def similarity(self, image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
-        """[N_img, N_txt] cosine similarity (BLIP-2: max over queries)."""
+    def similarity(self, image_feats: torch.Tensor, text_feats: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+        """[N_img, N_txt] cosine similarity (BLIP-2: max over queries, ``chunk`` images at a time: the per-query
+        scores [chunk, N_txt, Q] are the largest intermediate)."""
         from ..models.blip2_qformer import query_similarity
         if self.family == "blip":
             return image_feats @ text_feats.t()
-        return query_similarity(image_feats, text_feats)
+        return torch.cat([query_similarity(image_feats[i:i + chunk], text_feats)
+                          for i in range(0, len(image_feats), chunk)])
 
     def itm_logits(self, pixels: torch.Tensor, texts: list[str], chunk: int = 128) -> torch.Tensor:
         """Match logits [n] of one image [1, 3, H, W] with each of ``texts`` (BLIP-2: averaged over queries)."""
