@@ -9,14 +9,13 @@ Families plug in through two modules each (no registry side effects at import ti
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoints import CheckpointError, read_state_dict
+from .checkpoints import CheckpointError, read_hf_config_json, read_state_dict
 
 log = logging.getLogger(__name__)
 FAMILIES = ("blip", "blip2")
@@ -73,10 +72,7 @@ def load(source: str | Path, *, arch: str | None = None, task: str | None = None
         from .runs import load_run   # a run directory of scripts/train.py (or one of its checkpoints)
         return _finish(load_run(path, task), device, dtype)
     if path.is_dir():
-        config_file = path / "config.json"
-        if not config_file.exists():
-            raise CheckpointError(f"{path}: a model directory needs a config.json (HF layout)")
-        archs = json.loads(config_file.read_text()).get("architectures") or []
+        archs = read_hf_config_json(path).get("architectures") or []
         for family in FAMILIES:
             loaders = _family_module("convert", family).HF_LOADERS
             for name in archs:

@@ -63,6 +63,37 @@ def read_torch_file(path: str | Path) -> object:
             "re-save its state_dict with torch.save(model.state_dict()) or safetensors") from None
 
 
+def hf_pretrained(loader, directory: str | Path, **kwargs):
+    """``loader.from_pretrained(directory)`` (any transformers class: AutoConfig, AutoTokenizer, AutoModel*...) for a
+    local HF directory: never downloads, never runs code shipped in the directory (``trust_remote_code=False``: an
+    ``auto_map`` is refused, even if someone answers "y" on stdin), and errors name the directory."""
+    directory = Path(directory)
+    name = getattr(loader, "__name__", type(loader).__name__)
+    try:
+        return loader.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False, **kwargs)
+    except (OSError, ValueError, KeyError) as e:  # json.JSONDecodeError is a ValueError
+        if "trust_remote_code" in str(e) or "custom code" in str(e):
+            raise CheckpointError(
+                f"{directory}: config.json asks to run code shipped in the directory (auto_map); blip never runs a "
+                "model directory's code. Use a model whose model_type transformers ships") from None
+        raise CheckpointError(f"{directory}: {name} cannot load it ({type(e).__name__}: {str(e)[:300]}); check "
+                              "config.json and the weight / tokenizer files") from e
+
+
+def read_hf_config_json(directory: str | Path) -> dict:
+    """config.json of an HF directory as a dict, or a CheckpointError naming the file."""
+    path = Path(directory) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory}: a model directory needs a config.json (HF layout)") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable JSON config ({e}); re-download or re-export it") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(config).__name__}")
+    return config
+
+
 def unwrap_state_dict(obj: object, path: str | Path = "<memory>") -> StateDict:
     for key in ("model", "state_dict", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):

@@ -277,7 +277,7 @@ if side == "blip":
     model = blip.load(path)
 else:
     cls = getattr(transformers, json.load(open(path + "/config.json"))["architectures"][0])
-    model = cls.from_pretrained(path, local_files_only=True)
+    model = cls.from_pretrained(path, local_files_only=True, trust_remote_code=False)
 seconds = time.perf_counter() - t0
 peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
 print(json.dumps({"s": seconds, "peak_mb": peak / 2 ** 20}))

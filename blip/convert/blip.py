@@ -21,7 +21,7 @@ from pathlib import Path
 from torch import nn
 
 from ..checkpoints import (CheckpointError, LoadReport, StateDict, bert_to_ours, hf_vit_to_ours, load_into,
-                           ours_to_bert, ours_to_hf_vit, read_state_dict)
+                           hf_pretrained, ours_to_bert, ours_to_hf_vit, read_state_dict)
 from ..models.blip import ARCHS, TASK_CLASSES, BlipConfig, build
 from ..models.blip_tasks import BlipCaption, BlipRetrieval, BlipVQA
 from ..nn.transformer import TextConfig
@@ -251,7 +251,7 @@ HF_CLASSES = {"BlipForConditionalGeneration": "caption", "BlipForImageTextRetrie
 def config_from_hf(directory: str | Path) -> BlipConfig:
     """config.json (read by transformers' own BlipConfig, so its defaults apply) -> our config."""
     from transformers import BlipConfig as HFBlipConfig
-    hf = HFBlipConfig.from_pretrained(str(directory), local_files_only=True)
+    hf = hf_pretrained(HFBlipConfig, directory)
     vc, tc = hf.vision_config, hf.text_config
     for name, act in (("vision", vc.hidden_act), ("text", tc.hidden_act)):
         if act != "gelu":

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from torch import nn
 
-from ..checkpoints import CheckpointError, LoadReport, StateDict, load_into, ours_to_bert, read_state_dict
+from ..checkpoints import (CheckpointError, LoadReport, StateDict, hf_pretrained, load_into, ours_to_bert,
+                           read_state_dict)
 from ..models import blip2_llm
 from .blip2 import (HF_QFORMER_EMB, LAVIS_ALWAYS_UNUSED, hf_qformer_config, hf_qformer_to_ours, hf_vision_config,
                     hf_vision_to_ours, lavis_qformer_to_ours, lavis_vision_to_ours, ours_to_hf_vision,
@@ -196,7 +197,7 @@ def _load_hf(directory: Path, instruct: bool, llm=None, vision_weights=None, **o
     if llm is not None or vision_weights is not None:
         raise CheckpointError(f"{directory} is an HF directory that carries its ViT and LLM: drop llm= / "
                               "vision_weights=")
-    cfg = hf_llm_config(AutoConfig.from_pretrained(str(directory), local_files_only=True), directory, instruct)
+    cfg = hf_llm_config(hf_pretrained(AutoConfig, directory), directory, instruct)
     if "dtype" in overrides:
         overrides["frozen_dtype"] = overrides.pop("dtype")
     cfg = replace(cfg, **overrides)

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoints import CheckpointError, LoadReport, StateDict, load_into, read_state_dict
+from ..checkpoints import CheckpointError, LoadReport, StateDict, hf_pretrained, load_into, read_state_dict
 from ..models.blip2 import QFORMER_TASKS, qformer_arch_config
 from ..models.blip2_qformer import Blip2Qformer, Blip2QformerConfig
 from ..models.qformer import QFormerConfig
@@ -244,7 +244,7 @@ def load_hf_retrieval(directory: str | Path, llm=None, vision_weights=None, **ov
     if llm is not None or vision_weights is not None:
         raise CheckpointError(f"{directory}: an HF Blip2ForImageTextRetrieval directory carries its ViT and has no LLM: "
                               "drop llm= / vision_weights=")
-    hf = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    hf = hf_pretrained(AutoConfig, directory)
     v, q = hf.vision_config.to_dict(), hf.qformer_config.to_dict()
     if not q.get("use_qformer_text_input", False):
         raise CheckpointError(f"{directory}: qformer_config.use_qformer_text_input is false: no text side to load")

@@ -65,7 +65,9 @@ def get_tokenizer(kind: str = "blip", source: str | Path | None = None) -> PreTr
     required, expected_len = _KINDS[kind]
     path = Path(source) if source is not None else DEFAULT_VOCAB
     if path.is_dir():
-        tok = BertTokenizerFast.from_pretrained(str(path), local_files_only=True)
+        from blip.checkpoints import hf_pretrained
+
+        tok = hf_pretrained(BertTokenizerFast, path)
     elif path.is_file():
         tok = _from_vocab_file(path)
     else:

@@ -22,6 +22,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqL
                           StaticCache)
 from transformers.modeling_outputs import BaseModelOutput
 
+from ..checkpoints import hf_pretrained
+
 LLMSource = str | Path | dict | PretrainedConfig
 
 
@@ -31,7 +33,7 @@ def llm_config(source: LLMSource, overrides: dict | None = None) -> PretrainedCo
         if not (Path(source) / "config.json").exists():
             raise FileNotFoundError(f"{source}: not an HF model directory (no config.json); blip never downloads, "
                                     "pass llm=<local directory of the language model>")
-        cfg = AutoConfig.from_pretrained(str(source), local_files_only=True)
+        cfg = hf_pretrained(AutoConfig, source)
     elif isinstance(source, dict):
         cfg = AutoConfig.for_model(**source)
     else:
@@ -53,7 +55,7 @@ def load_llm(source: LLMSource, dtype: torch.dtype | None = None, overrides: dic
     auto = AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else AutoModelForCausalLM
     dtype = dtype or torch.float32
     if isinstance(source, (str, Path)) and weights:
-        model = auto.from_pretrained(str(source), config=cfg, local_files_only=True, dtype=dtype)
+        model = hf_pretrained(auto, source, config=cfg, dtype=dtype)
     else:
         model = auto.from_config(cfg).to(dtype)
     model.eval().requires_grad_(False)

@@ -40,7 +40,9 @@ class LanguageInterface:
                 raise ValueError("no LLM tokenizer: this model's LLM was built from a config; set model.tokenizer = "
                                  "<HF tokenizer> or create it with tokenizer=<directory>")
             from transformers import AutoTokenizer
-            self._tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
+
+            from ..checkpoints import hf_pretrained
+            self._tokenizer = hf_pretrained(AutoTokenizer, src)
         return self._tokenizer
 
     @tokenizer.setter
