@@ -19,10 +19,9 @@ DEFAULT_QUESTION = "What is this a picture of?"
 
 
 # (family, task) -> (num_beams, max_new_tokens, min_new_tokens): BLIP's caption (max_length 20 / min_length 5 with
-# the 4-token prompt) and VQA (max_length 10, counting [DEC]) defaults; the BLIP-2 Q-Former's and the BLIP-2 LLM's
-# LAVIS generate() defaults (the hosted predictor uses the latter for answers too).
-DEFAULTS = {("blip", "caption"): (3, 16, 1), ("blip", "answer"): (3, 9, 0), ("qformer", "caption"): (3, 29, 9),
-            ("blip2", "caption"): (5, 30, 1), ("blip2", "answer"): (5, 30, 1)}
+# the 4-token prompt) and VQA (max_length 10, counting [DEC]) defaults and the BLIP-2 Q-Former's LAVIS generate()
+# defaults. BLIP-2 LLM models bring their own (``caption_defaults()``), which the hosted predictor uses for answers too.
+DEFAULTS = {("blip", "caption"): (3, 16, 1), ("blip", "answer"): (3, 9, 0), ("qformer", "caption"): (3, 29, 9)}
 
 
 class UsageError(ValueError):
@@ -132,8 +131,13 @@ class Predictor:
     # ---- tasks --------------------------------------------------------------------------------------------------
     def resolve(self, d: Decoding, task: str = "caption") -> Decoding:
         """``d`` with the defaults of this family and task filled in (what the model will actually run)."""
-        beams, most, least = DEFAULTS[self.family, task]
-        prompt = "a picture of " if self.family == "blip" and task == "caption" else None
+        if self.llm:   # the checkpoint's own defaults (T5: min_length 1 counts the decoder start), answers too
+            own = self.model.caption_defaults()
+            beams, most, least = own["num_beams"], own["max_new_tokens"], own["min_new_tokens"]
+            prompt = self.model.config.prompt if task == "caption" else None
+        else:
+            beams, most, least = DEFAULTS[self.family, task]
+            prompt = "a picture of " if self.family == "blip" and task == "caption" else None
         return replace(d, prompt=d.prompt if d.prompt is not None else prompt,
                        num_beams=1 if d.do_sample else (d.num_beams or beams), max_new_tokens=d.max_new_tokens or most,
                        min_new_tokens=d.min_new_tokens if d.min_new_tokens is not None else least)
@@ -182,7 +186,7 @@ class Predictor:
         if self.llm:
             contexts = contexts or [None] * len(questions)
             prompts = [question_prompt(q, c) for q, c in zip(questions, contexts)]
-            return self.model.answer(self._pixels(pixels), prompts, prompt="{}", length_penalty=1.0, **gen)
+            return self.model.complete(self._pixels(pixels), prompts, **gen)
         # padded question positions masked: each answer is what the question alone gives, whatever its batch
         return self.model.answer(self._pixels(pixels), list(questions), num_beams=gen["num_beams"],
                                  max_length=gen["max_new_tokens"] + 1, min_length=gen["min_new_tokens"] + 1,

@@ -75,8 +75,8 @@ def test_blip2_caption_ask_match(shared, images, capsys, one_thread):
     assert main(["ask", str(cat), "what colour?", *source, "--context", context, "--sample", "--seed", "5",
                  "--temperature", "2", "--max-new-tokens", "5"]) == 0
     prompt = question_prompt("what colour?", context)
-    expected = model.answer(cat, prompt, prompt="{}", do_sample=True, temperature=2.0, top_p=0.9, num_beams=1,
-                            max_new_tokens=5, min_new_tokens=1, generator=[torch.Generator().manual_seed(5)])[0]
+    expected = model.complete(cat, [prompt], do_sample=True, temperature=2.0, top_p=0.9, num_beams=1,
+                              max_new_tokens=5, min_new_tokens=1, generator=[torch.Generator().manual_seed(5)])[0]
     assert capsys.readouterr().out.strip() == expected.strip()
 
     stage1 = shared / "fixtures" / "lavis" / "blip2_qformer" / "checkpoint.pth"   # the Q-Former matches and captions

@@ -72,13 +72,13 @@ def direct(blip2):
 
 
 def expected(model, image: Path, question: str, seed: int | None) -> str:
-    """The hosted predictor's call, made directly: "Question: q Answer:", LAVIS generate() defaults."""
+    """The hosted predictor's call, made directly: the prompt "Question: q Answer:" as it is, LAVIS generate()
+    defaults (5 beams; nucleus sampling with top_p 0.9)."""
     prompt = question_prompt(question)
     if seed is None:
-        return model.answer(image, prompt, prompt="{}", num_beams=5, max_new_tokens=MAX_NEW, min_new_tokens=1,
-                            length_penalty=1.0)[0]
-    return model.answer(image, prompt, prompt="{}", num_beams=1, do_sample=True, top_p=0.9, temperature=HOT,
-                        max_new_tokens=MAX_NEW, min_new_tokens=1, generator=[torch.Generator().manual_seed(seed)])[0]
+        return model.complete(image, [prompt], num_beams=5, max_new_tokens=MAX_NEW, min_new_tokens=1)[0]
+    return model.complete(image, [prompt], num_beams=1, do_sample=True, top_p=0.9, temperature=HOT,
+                          max_new_tokens=MAX_NEW, min_new_tokens=1, generator=[torch.Generator().manual_seed(seed)])[0]
 
 
 def test_concurrent_requests_each_get_their_own_answer(server, direct, shared, one_thread):
@@ -162,8 +162,8 @@ def test_seeded_sampling_is_reproducible_and_data_uris_work(server, direct, shar
                    files={"image": cat.read_bytes()}, timeout=60)
     prompt = question_prompt("what color?", context)
     assert prompt == "Question: what is it? Answer: a cat. Question: what color? Answer:"
-    assert r.json()["output"] == direct.answer(cat, prompt, prompt="{}", num_beams=5, max_new_tokens=MAX_NEW,
-                                               min_new_tokens=1, length_penalty=1.0)[0]
+    assert r.json()["output"] == direct.complete(cat, [prompt], num_beams=5, max_new_tokens=MAX_NEW,
+                                                 min_new_tokens=1)[0]
 
 
 def test_blip_endpoints_in_process(tmp_path, shared, one_thread):

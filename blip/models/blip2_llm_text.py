@@ -81,7 +81,11 @@ class LanguageInterface:
             out["qformer_attention_mask"] = q.attention_mask.to(device)
         return out
 
-    def _run(self, images: ImageInput, prompts: list[str], **gen) -> list[str]:
+    def complete(self, images: ImageInput, prompts: Sequence[str], **gen) -> list[str]:
+        """The LLM's continuation of each image's prompt, exactly as given (no template, no question cleaning): one
+        prompt for every image or one per image. gen: :meth:`generate` options (``num_beams``, ``max_new_tokens``,
+        ``do_sample``, per-row ``generator`` list, ...)."""
+        prompts = list(prompts)
         pixels = self.pixel_values(images)
         if len(prompts) == 1 and pixels.shape[0] > 1:
             prompts = prompts * pixels.shape[0]
@@ -103,7 +107,7 @@ class LanguageInterface:
     def caption(self, images: ImageInput, prompt: str | None = None, **gen) -> list[str]:
         """Captions with :meth:`caption_defaults` unless given. prompt: default ``config.prompt`` (e.g. "a photo of")."""
         prompt = self.config.prompt if prompt is None else prompt
-        return self._run(images, [prompt], **{**self.caption_defaults(), **gen})
+        return self.complete(images, [prompt], **{**self.caption_defaults(), **gen})
 
     def answer(self, images: ImageInput, questions: str | Sequence[str], prompt: str = "Question: {} Short answer:",
                *, num_beams: int = 5, max_new_tokens: int = 10, min_new_tokens: int | None = None,
@@ -117,7 +121,7 @@ class LanguageInterface:
             min_new_tokens = 0 if self.is_seq2seq else 1
         if length_penalty is None:
             length_penalty = -1.0 if self.is_seq2seq else 0.0
-        return self._run(images, [prompt.format(pre_question(q)) for q in questions], num_beams=num_beams,
+        return self.complete(images, [prompt.format(pre_question(q)) for q in questions], num_beams=num_beams,
                          max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, length_penalty=length_penalty,
                          **gen)
 
@@ -126,7 +130,7 @@ class LanguageInterface:
         """Multi-turn answers. turns: [q1, a1, q2, a2, ..., qn] (shared by all images) or one such list per image;
         the earlier turns are the context: "Question: q1 Answer: a1. Question: q2 Answer: ..."."""
         per_image = [turns] if turns and isinstance(turns[0], str) else list(turns)
-        return self._run(images, [chat_prompt(t) for t in per_image], num_beams=num_beams,
+        return self.complete(images, [chat_prompt(t) for t in per_image], num_beams=num_beams,
                          max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, **gen)
 
 
