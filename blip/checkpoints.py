@@ -8,6 +8,9 @@
   (whose names are the original BLIP/EVA/timm ones).
 - :func:`load_into` loads with ``strict`` semantics against explicit lists of keys a format is expected to lack
   (``expected_missing``) or to carry without use (``expected_unused``) and returns a :class:`LoadReport`.
+- Loading without a second copy: :func:`build_empty` builds a model on the meta device (no memory, no random
+  initialisation) and :func:`load_into` then assigns the checkpoint's tensors to it; ``.safetensors`` files are
+  memory-mapped (safetensors), so an assigned tensor is read from the file when first used.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +42,7 @@ def read_state_dict(path: str | Path) -> StateDict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         try:
-            return load_file(str(path))
+            return load_file(str(path))  # memory-mapped: a tensor's pages are read when first used
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"{path}: not a readable safetensors file ({e}); re-download or re-export it") from e
     return unwrap_state_dict(read_torch_file(path), path)
@@ -325,11 +328,79 @@ def load_into(model: nn.Module, sd: StateDict, source: str, expected_missing: It
             lines.append(f"  shape mismatch: {mismatched[:8]}")
         lines.append("  Check the architecture (arch=...) and the image size / config the checkpoint was trained with.")
         raise CheckpointError("\n".join(lines))
-    with torch.no_grad():
-        for k, v in sd.items():
-            if k in own:
-                own[k].copy_(v.to(own[k].dtype))
+    if any(t.is_meta for t in own.values()):
+        _assign(model, {k: v.to(own[k].dtype) for k, v in sd.items() if k in own})
+    else:
+        with torch.no_grad():
+            for k, v in sd.items():
+                if k in own:
+                    own[k].copy_(v.to(own[k].dtype))
     report.loaded += [k for k in sd if k in own]
     report.expected_missing += missing
     report.unused += unexpected
     return report
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# building on the meta device, loading by assignment
+
+def build_empty(build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` on the meta device: shapes only, nothing allocated or initialised. :func:`load_into` then assigns
+    the checkpoint's tensors, so memory holds one copy of the weights and no time goes into a random init."""
+    with torch.device("meta"):
+        return build()
+
+
+def _named_tensors(model: nn.Module) -> dict[str, Tensor]:
+    return {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
+
+
+def _set_tensor(model: nn.Module, name: str, value: Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._parameters:
+        module._parameters[attr] = value
+    else:
+        module._buffers[attr] = value
+
+
+def _assign(model: nn.Module, sd: StateDict) -> None:
+    """Make ``sd``'s tensors the model's own (``load_state_dict(assign=True)``), keep tied weights tied, and
+    initialise what the checkpoint did not hold (formats without some part; non-persistent buffers)."""
+    groups: dict[int, list[str]] = {}
+    for name, t in _named_tensors(model).items():
+        groups.setdefault(id(t), []).append(name)
+    model.load_state_dict(sd, strict=False, assign=True)
+    tensors = _named_tensors(model)
+    for names in groups.values():  # assignment replaced one alias of a tied weight: point the others at it
+        loaded = [n for n in names if n in sd]
+        for name in names if loaded else ():
+            _set_tensor(model, name, tensors[loaded[0]])
+    _materialise_missing(model)
+
+
+def _materialise_missing(model: nn.Module) -> None:
+    """Allocate and initialise the tensors still on the meta device, module by module, with the module's own
+    initialisation (an HF model's ``_init_weights``, else ``reset_parameters``); the loaded tensors of the same
+    module are set aside meanwhile so that the initialisation cannot touch them."""
+    device = next((t.device for t in _named_tensors(model).values() if not t.is_meta), torch.device("cpu"))
+    hf_inits = {name: m._init_weights for name, m in model.named_modules() if hasattr(m, "_init_weights")}
+    for name, module in model.named_modules():
+        own = {**module._parameters, **module._buffers}
+        meta = [k for k, t in own.items() if t is not None and t.is_meta]
+        if not meta:
+            continue
+        owner = max((n for n in hf_inits if name == n or name.startswith(n + ".") or n == ""), key=len, default=None)
+        init = hf_inits[owner] if owner is not None else getattr(module, "reset_parameters", None)
+        if init is None:
+            raise CheckpointError(f"{type(model).__name__}: {name}.{meta} are not in the checkpoint and {name} has no "
+                                  "initialisation of its own; build this model for real instead of on the meta device")
+        loaded = {k: t for k, t in own.items() if t is not None and not t.is_meta}
+        for k, t in own.items():
+            if t is not None:
+                empty = torch.empty_like(t, device=device)
+                _set_tensor(module, k, nn.Parameter(empty, t.requires_grad) if k in module._parameters else empty)
+        with torch.no_grad():
+            (init(module) if owner is not None else init())
+        for k, t in loaded.items():
+            _set_tensor(module, k, t)

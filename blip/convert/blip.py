@@ -20,8 +20,8 @@ from pathlib import Path
 
 from torch import nn
 
-from ..checkpoints import (CheckpointError, LoadReport, StateDict, bert_to_ours, hf_vit_to_ours, load_into,
-                           hf_pretrained, ours_to_bert, ours_to_hf_vit, read_state_dict)
+from ..checkpoints import (CheckpointError, LoadReport, StateDict, bert_to_ours, build_empty, hf_pretrained,
+                           hf_vit_to_ours, load_into, ours_to_bert, ours_to_hf_vit, read_state_dict)
 from ..models.blip import ARCHS, TASK_CLASSES, BlipConfig, build
 from ..models.blip_tasks import BlipCaption, BlipRetrieval, BlipVQA
 from ..nn.transformer import TextConfig
@@ -276,7 +276,8 @@ def load_hf(directory: str | Path, task: str | None = None, llm=None, **_) -> nn
         task = next((HF_CLASSES[a] for a in archs if a in HF_CLASSES), None)
         if task is None:
             raise CheckpointError(f"{directory}: architectures {archs} name no BLIP task model")
-    model = build(config_from_hf(directory), task)
+    cfg = config_from_hf(directory)
+    model = build_empty(lambda: build(cfg, task))
     load_state(model, hf_to_ours(read_state_dict(directory)), str(directory), task)
     return model.eval()
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..checkpoints import (CheckpointError, LoadReport, StateDict, hf_pretrained, load_into, ours_to_bert,
+from ..checkpoints import (CheckpointError, LoadReport, StateDict, build_empty, hf_pretrained, load_into, ours_to_bert,
                            read_state_dict)
 from ..models import blip2_llm
 from .blip2 import (HF_QFORMER_EMB, LAVIS_ALWAYS_UNUSED, hf_qformer_config, hf_qformer_to_ours, hf_vision_config,
@@ -108,9 +108,9 @@ def _add_vision_file(out: StateDict, vision_weights, vision, source: str) -> str
 
 def _tied_missing(model: nn.Module, sd: StateDict) -> list[str]:
     """Model keys absent from ``sd`` that alias (share storage with) a key present in it (tied LM heads)."""
-    own = model.state_dict()
-    present = {own[k].data_ptr() for k in sd if k in own}
-    return [re.escape(k) for k in own if k not in sd and own[k].data_ptr() in present]
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied weight is one Parameter (meta too)
+    present = {id(params[k]) for k in sd if k in params}
+    return [re.escape(k) for k, p in params.items() if k not in sd and id(p) in present]
 
 
 def _finish_load(model: nn.Module, sd: StateDict, source: str, origins: dict[str, str],
@@ -203,7 +203,7 @@ def _load_hf(directory: Path, instruct: bool, llm=None, vision_weights=None, **o
     cfg = replace(cfg, **overrides)
     from ..models.blip2_llm_lm import load_llm
     cls = blip2_llm.InstructBlipLanguageModel if instruct else blip2_llm.Blip2LanguageModel
-    model = cls(cfg, llm=load_llm(cfg.llm, blip2_llm.DTYPES[cfg.frozen_dtype], cfg.llm_overrides))
+    model = build_empty(lambda: cls(cfg, llm=load_llm(cfg.llm, blip2_llm.DTYPES[cfg.frozen_dtype], cfg.llm_overrides)))
     sd = read_state_dict(directory)
     out, used = hf_to_ours(sd, instruct)
     stray = [k for k in sd if k not in used and not k.endswith("position_ids")]

@@ -203,7 +203,8 @@ class TextTransformer(nn.Module):
         self.embeddings = Embeddings(cfg)
         self.layers = nn.ModuleList(TransformerLayer(cfg, i) for i in range(cfg.num_layers))
         self.grad_checkpointing = False
-        self.apply(self._init_weights)
+        if not self.embeddings.norm.weight.is_meta:  # on the meta device a checkpoint will assign every tensor
+            self.apply(self._init_weights)
 
     def _init_weights(self, m: nn.Module) -> None:
         if isinstance(m, (nn.Linear, nn.Embedding)):

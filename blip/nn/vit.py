@@ -170,6 +170,8 @@ class VisionTransformer(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
+        if self.pos_embed.is_meta:  # built on the meta device: a checkpoint will assign every tensor
+            return
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         for m in self.modules():
