@@ -63,7 +63,8 @@ def environment(args) -> dict:
     import transformers
     cuda = args.device.startswith("cuda")
     load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-    return {"device_kind": "cuda" if cuda else "cpu", "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return {"device_kind": "cuda" if cuda else "cpu", "date": now.strftime("%Y-%m-%d %H:%M UTC"),
             "device": torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine()),
             "cpu_threads": torch.get_num_threads(), "load_average": load, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(), "dtype": args.dtype,

@@ -137,7 +137,8 @@ def row(name: str, batch: int, equal: bool | None, timing: dict[str, dict], flop
 # ---- docs/benchmarks.md ---------------------------------------------------------------------------------------
 
 COLUMNS = [("workload", "workload"), ("batch", "batch"), ("outputs_equal", "outputs equal"),
-           ("hf_s", "HF s/call"), ("blip_s", "blip s/call"), ("hf_img_s", "HF img/s"), ("blip_img_s", "blip img/s"), ("blip_ratio", "ratio"),
+           ("hf_s", "HF s/call"), ("blip_s", "blip s/call"), ("hf_img_s", "HF img/s"), ("blip_img_s", "blip img/s"),
+           ("blip_ratio", "ratio"),
            ("blip_compiled_img_s", "blip compiled img/s"), ("blip_compiled_ratio", "compiled ratio"),
            ("hf_peak_mb", "HF peak MB"), ("blip_peak_mb", "blip peak MB"), ("blip_mfu", "blip MFU")]
 

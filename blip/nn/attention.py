@@ -102,7 +102,7 @@ class KVCache:
         return self.position + torch.arange(t, device=self.position.device)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v [B, H, T, Dh] at the current position of ``layer``; return the whole buffer [B, H, max_len, Dh]."""
+        """Write k, v [B, H, T, Dh] at the current position of ``layer``; return the buffer [B, H, max_len, Dh]."""
         index = self.positions(k.shape[2])
         self.k[layer].index_copy_(2, index, k)
         self.v[layer].index_copy_(2, index, v)
