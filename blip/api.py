@@ -48,7 +48,8 @@ def create_model(arch: str, task: str, **overrides) -> nn.Module:
 
 
 def load(source: str | Path, *, arch: str | None = None, task: str | None = None, llm: str | Path | None = None,
-         device: str | torch.device = "cpu", dtype: torch.dtype | None = None, **kwargs) -> nn.Module:
+         device: str | torch.device = "cpu", dtype: torch.dtype | None = None, allow_nonfinite: bool = False,
+         **kwargs) -> nn.Module:
     """Load a checkpoint into the matching model, in eval mode.
 
     source: an HF model directory (``config.json["architectures"]`` picks the class), an original BLIP / LAVIS
@@ -56,7 +57,15 @@ def load(source: str | Path, *, arch: str | None = None, task: str | None = None
     ``blip.zoo.PRETRAINED`` (the file must already be under ``$BLIP_HOME``: blip never downloads), or a run directory
     of ``scripts/train.py`` (rebuilt from its config.yaml; ``task`` picks the head of a BLIP pretraining run).
     llm: HF directory of the language model for BLIP-2 checkpoints that carry no LLM weights.
+    allow_nonfinite: load weights holding NaN / inf (by default a CheckpointError lists them).
     """
+    model = _load(source, arch, task, llm, kwargs)
+    if not allow_nonfinite:
+        check_finite(model, str(source))
+    return _finish(model, device, dtype)
+
+
+def _load(source: str | Path, arch: str | None, task: str | None, llm, kwargs: dict) -> nn.Module:
     path = Path(source)
     if not path.exists() and isinstance(source, str):
         from .zoo import PRETRAINED, resolve
@@ -70,15 +79,14 @@ def load(source: str | Path, *, arch: str | None = None, task: str | None = None
                 kwargs.setdefault(key, value)
     if path.is_dir() and ((path / "config.yaml").is_file() or (path / "state.pt").is_file()):
         from .runs import load_run   # a run directory of scripts/train.py (or one of its checkpoints)
-        return _finish(load_run(path, task), device, dtype)
+        return load_run(path, task)
     if path.is_dir():
         archs = read_hf_config_json(path).get("architectures") or []
         for family in FAMILIES:
             loaders = _family_module("convert", family).HF_LOADERS
             for name in archs:
                 if name in loaders:
-                    model = loaders[name](path, llm=llm, **kwargs)
-                    return _finish(model, device, dtype)
+                    return loaders[name](path, llm=llm, **kwargs)
         raise CheckpointError(f"{path}: architectures {archs} are not supported; supported: "
                               f"{sorted(n for f in FAMILIES for n in _family_module('convert', f).HF_LOADERS)}")
     if not path.exists():
@@ -87,10 +95,18 @@ def load(source: str | Path, *, arch: str | None = None, task: str | None = None
     for family in FAMILIES:
         convert = _family_module("convert", family)
         if convert.owns(state):
-            model = convert.load_original(state, str(path), arch=arch, task=task, llm=llm, **kwargs)
-            return _finish(model, device, dtype)
+            return convert.load_original(state, str(path), arch=arch, task=task, llm=llm, **kwargs)
     raise CheckpointError(f"{path}: not a BLIP / BLIP-2 checkpoint in any known layout (original BLIP, LAVIS, blip "
                           f"export); first keys: {list(state)[:5]}")
+
+
+def check_finite(model: nn.Module, source: str) -> None:
+    """CheckpointError listing the parameters that hold NaN / inf (a diverged or corrupted checkpoint)."""
+    bad = [name for name, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        raise CheckpointError(f"{source}: {len(bad)} weight tensors hold NaN or inf values ({bad[:5]}"
+                              f"{' ...' if len(bad) > 5 else ''}): the checkpoint is corrupt or its training "
+                              "diverged; use an earlier checkpoint, or pass allow_nonfinite=True to load it anyway")
 
 
 def _finish(model: nn.Module, device, dtype) -> nn.Module:

@@ -108,14 +108,30 @@ def unwrap_state_dict(obj: object, path: str | Path = "<memory>") -> StateDict:
     return dict(obj)
 
 
+def _index_shards(index: Path) -> list[Path]:
+    """The weight files an HF ``*.index.json`` maps to: plain file names inside its own directory only (a map to
+    ``../`` or an absolute path would read files the directory does not hold)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index}: not an HF weight index ({type(e).__name__}: {e}); re-download it") from None
+    root = index.parent.resolve()
+    for name in names:
+        target = (root / str(name)).resolve()
+        if not isinstance(name, str) or Path(name).is_absolute() or target.parent != root:
+            raise CheckpointError(f"{index}: weight_map points outside its directory ({name!r}); the index may be "
+                                  "crafted: only file names in the same directory are read")
+    return [root / n for n in names]
+
+
 def _read_hf_dir(path: Path) -> StateDict:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = path / index_name
         if index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             state: StateDict = {}
-            for shard in shards:
-                state.update(read_state_dict(path / shard))
+            for shard in _index_shards(index):
+                state.update(read_state_dict(shard))
             return state
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (path / name).exists():
@@ -301,6 +317,22 @@ class LoadReport:
         return "; ".join(parts)
 
 
+def check_fits_before_building(build: Callable[[], nn.Module], sd: StateDict, source: str) -> None:
+    """Build the model on the meta device (no memory) and compare it with the file's tensors, so a config that does
+    not describe them (metadata that is wrong or crafted to ask for 100 GB) fails before anything is allocated.
+    Position embeddings may differ (they are interpolated); everything else must have the file's shape, and the
+    model may not be much larger than the file."""
+    with torch.device("meta"):
+        own = build().state_dict()
+    bad = [f"{k}: file {tuple(v.shape)} vs config {tuple(own[k].shape)}" for k, v in sd.items()
+           if k in own and not k.endswith("pos_embed") and tuple(v.shape) != tuple(own[k].shape)]
+    size, stored = sum(t.numel() for t in own.values()), sum(t.numel() for t in sd.values())
+    if bad or size > 2 * stored + 1_000_000:
+        detail = f"shapes differ: {bad[:4]}" if bad else f"{size:,} model values for {stored:,} in the file"
+        raise CheckpointError(f"{source}: its config does not describe its tensors ({detail}); the file's metadata "
+                              "is wrong or was tampered with: re-export the file, or pass arch= to ignore it")
+
+
 def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(re.fullmatch(p, name) for p in patterns)
 
@@ -318,6 +350,8 @@ def load_into(model: nn.Module, sd: StateDict, source: str, expected_missing: It
     bad_unexpected = [k for k in unexpected if not _matches(k, expected_unused)]
     mismatched = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
                   for k in sd if k in own and sd[k].shape != own[k].shape]
+    mismatched += [f"{k}: file {sd[k].dtype} for a {own[k].dtype} tensor (a cast would invent values)"
+                   for k in sd if k in own and own[k].is_floating_point() and not sd[k].is_floating_point()]
     if bad_missing or bad_unexpected or mismatched:
         lines = [f"{source} does not fit {type(model).__name__}:"]
         if bad_missing:

@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from torch import nn
 
-from ..checkpoints import (CheckpointError, LoadReport, StateDict, bert_to_ours, build_empty, hf_pretrained,
-                           hf_vit_to_ours, load_into, ours_to_bert, ours_to_hf_vit, read_state_dict)
+from ..checkpoints import (CheckpointError, LoadReport, StateDict, bert_to_ours, build_empty,
+                           check_fits_before_building, hf_pretrained, hf_vit_to_ours, load_into, ours_to_bert,
+                           ours_to_hf_vit, read_state_dict)
 from ..models.blip import ARCHS, TASK_CLASSES, BlipConfig, build
 from ..models.blip_tasks import BlipCaption, BlipRetrieval, BlipVQA
 from ..nn.transformer import TextConfig
@@ -123,25 +124,55 @@ def detect_task(sd: StateDict) -> str:
     raise CheckpointError("no BLIP text tower (text_encoder / text_decoder) in the checkpoint")
 
 
-def _count(sd: StateDict, pattern: str) -> int:
-    return len({m.group(1) for k in sd if (m := re.match(pattern, k))})
+def _indices(sd: StateDict, pattern: str) -> list[int]:
+    return sorted({int(m.group(1)) for k in sd if (m := re.match(pattern, k))})
 
 
-def config_from_state_dict(sd: StateDict) -> BlipConfig:
-    """Sizes from tensor shapes (ours layout). Head counts are not stored: 64-wide heads are assumed (true for
-    ViT-B/L and BERT-base); pass ``vision={"heads": ...}``/``text={"num_heads": ...}`` otherwise."""
+def _towers(sd: StateDict) -> list[str]:
+    return [t for t in ("text_encoder.", "text_decoder.transformer.") if f"{t}embeddings.word.weight" in sd]
+
+
+def config_from_state_dict(sd: StateDict, source: str = "<state dict>", heads_given: bool = False) -> BlipConfig:
+    """Sizes from tensor shapes (ours layout), for files without metadata and without ``arch=``.
+
+    Head counts are not stored: they come from the known arch with the same widths (whose depths the file must then
+    have in full: a missing last block is an error naming it), or from ``vision={"heads": ...}`` /
+    ``text={"num_heads": ...}`` (``heads_given``); otherwise a CheckpointError asks for them."""
     v = "visual_encoder."
+    blocks = {v: _indices(sd, r"visual_encoder\.blocks\.(\d+)\.")}
+    blocks.update({t: _indices(sd, re.escape(t) + r"layers\.(\d+)\.") for t in _towers(sd)})
+    for prefix, found in blocks.items():
+        gaps = sorted(set(range(max(found, default=-1) + 1)) - set(found))
+        if gaps or not found:
+            name = "blocks" if prefix == v else "layers"
+            raise CheckpointError(f"{source}: {prefix}{name}.{gaps[0] if gaps else 0} is missing (found {found}); "
+                                  "the file is incomplete: re-download or re-export it")
     width, patch = sd[v + "cls_token"].shape[-1], sd[v + "patch_embed.proj.weight"].shape[-1]
-    vision = VisionConfig(image_size=_checkpoint_image_size(sd), patch_size=patch, width=width, heads=max(width // 64, 1),
-                          depth=_count(sd, r"visual_encoder\.blocks\.(\d+)\."),
-                          mlp_dim=sd[v + "blocks.0.mlp.fc1.weight"].shape[0])
-    t = "text_encoder." if "text_encoder.embeddings.word.weight" in sd else "text_decoder.transformer."
+    vision = VisionConfig(image_size=_checkpoint_image_size(sd), patch_size=patch, width=width,
+                          heads=max(width // 64, 1), depth=len(blocks[v]), mlp_dim=sd[v + "blocks.0.mlp.fc1.weight"].shape[0])
+    t = _towers(sd)[0]
     hidden = sd[t + "embeddings.word.weight"].shape[1]
     text = TextConfig(vocab_size=sd[t + "embeddings.word.weight"].shape[0], hidden_size=hidden,
-                      num_layers=_count(sd, re.escape(t) + r"layers\.(\d+)\."), num_heads=max(hidden // 64, 1),
+                      num_layers=len(blocks[t]), num_heads=max(hidden // 64, 1),
                       intermediate_size=sd[t + "layers.0.ffn.fc1.weight"].shape[0],
                       max_position_embeddings=sd[t + "embeddings.position.weight"].shape[0], encoder_width=width)
     embed_dim = sd["vision_proj.weight"].shape[0] if "vision_proj.weight" in sd else 256
+    known = next((a for a in ARCHS.values() if (a.vision.width, a.vision.patch_size, a.vision.mlp_dim,
+                  a.text.hidden_size, a.text.intermediate_size) == (width, patch, vision.mlp_dim, hidden,
+                                                                     text.intermediate_size)), None)
+    if known is not None:
+        for prefix, want in [(v, known.vision.depth)] + [(t, known.text.num_layers) for t in _towers(sd)]:
+            if len(blocks[prefix]) < want:
+                name = "blocks" if prefix == v else "layers"
+                raise CheckpointError(f"{source}: {prefix}{name}.{len(blocks[prefix])} is missing: the file has "
+                                      f"{len(blocks[prefix])} of the {want} its widths imply; re-download or re-export "
+                                      "it (or pass arch= with overrides for a deliberately shallower model)")
+        vision = replace(vision, heads=known.vision.heads)
+        text = replace(text, num_heads=known.text.num_heads)
+    elif not heads_given:
+        raise CheckpointError(f"{source}: no arch has these widths (vision {width}, text {hidden}) and the file has no "
+                              "metadata, so its attention head counts are unknown: pass arch=, or vision={'heads': "
+                              "...} and text={'num_heads': ...}")
     return BlipConfig(vision, text, embed_dim=embed_dim)
 
 
@@ -191,11 +222,14 @@ def load_original(state_dict: StateDict, source: str, arch: str | None = None, t
         elif "config" in saved:
             config = config_from_dict(saved["config"])
         else:
-            config = config_from_state_dict(sd)
+            heads_given = "heads" in overrides.get("vision", {}) and "num_heads" in overrides.get("text", {})
+            config = config_from_state_dict(sd, source, heads_given)
     missing = []
     if task == "nlvr" and not is_nlvr(sd):   # start NLVR2 fine-tuning: both branches from the one cross-attention
         sd, missing = twin_from_single(sd), FROM_SINGLE_MISSING
-    model = build(config.with_overrides(**overrides), task)
+    config = config.with_overrides(**overrides)
+    check_fits_before_building(lambda: build(config, task), sd, source)
+    model = build(config, task)
     load_state(model, sd, source, task, pretrain, missing)
     return model.eval()
 

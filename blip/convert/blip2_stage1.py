@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoints import CheckpointError, LoadReport, StateDict, hf_pretrained, load_into, read_state_dict
+from ..checkpoints import (CheckpointError, LoadReport, StateDict, check_fits_before_building, hf_pretrained,
+                           load_into, read_state_dict)
 from ..models.blip2 import QFORMER_TASKS, qformer_arch_config
 from ..models.blip2_qformer import Blip2Qformer, Blip2QformerConfig
 from ..models.qformer import QFormerConfig
@@ -182,6 +183,7 @@ def load_ours(sd: StateDict, source: str, arch: str | None = None, task: str | N
         cfg = qformer_arch_config(arch or ARCH_BY_WIDTH[key], **overrides)
     else:
         cfg = dataclasses.replace(config_from_dict(saved), **overrides)
+    check_fits_before_building(lambda: Blip2Qformer(cfg), sd, source)
     model = Blip2Qformer(cfg)
     model.has_lm_head = meta.get("blip_has_lm_head", "True") == "True"
     report = load_into(model, sd, source)
