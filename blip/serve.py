@@ -274,80 +274,94 @@ def _openapi_body(schema: type[BaseModel]) -> dict:
                                                           "application/json": {"schema": js}}}}
 
 
-def create_app(predictor: Predictor, cfg: ServeConfig | None = None) -> FastAPI:
-    from contextlib import asynccontextmanager
+class Service:
+    """What the routes share: the model, the limits, the batcher and the image transform."""
 
-    cfg = cfg or ServeConfig()
-    batcher = Batcher(predictor, cfg)
-    transform = predictor.transform()
+    def __init__(self, predictor: Predictor, cfg: ServeConfig):
+        self.predictor, self.cfg = predictor, cfg
+        self.batcher = Batcher(predictor, cfg)
+        self.transform = predictor.transform()
 
-    @asynccontextmanager
-    async def lifespan(app):
-        batcher.start()
-        yield
-        batcher.task.cancel()
+    async def read(self, request: Request, schema: type[BaseModel]) -> tuple[bytes, BaseModel]:
+        return await read_request(request, schema, self.cfg.max_image_bytes)
 
-    app = FastAPI(title="blip", description=__doc__, lifespan=lifespan)
-    app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
-    app.state.batcher = batcher
-
-    def decode(raw: bytes) -> torch.Tensor:
+    def _decode(self, raw: bytes) -> torch.Tensor:
         from .data.images import ImageDecodeError, load_image
         try:
-            return transform(load_image(raw))
+            return self.transform(load_image(raw))
         except ImageDecodeError as e:
             raise HTTPException(400, f"image: {e.reason}") from None
 
-    async def run(job: Job, raw: bytes) -> Any:
-        job.pixels = await asyncio.to_thread(decode, raw)
-        return await batcher.submit(job)
+    async def run(self, job: Job, raw: bytes) -> Any:
+        """Decode off the event loop, then wait for the job's batch."""
+        job.pixels = await asyncio.to_thread(self._decode, raw)
+        return await self.batcher.submit(job)
+
+    def health(self) -> dict:
+        p, b = self.predictor, self.batcher
+        return {"status": "ok", "model": p.name, "class": type(p.model).__name__, "tasks": list(p.tasks),
+                "device": str(p.device), "dtype": str(p.dtype).removeprefix("torch."), "queued": b.queue.qsize(),
+                "running": b.running, "batches": b.batches, "max_batch_size": self.cfg.max_batch_size}
+
+
+def create_app(predictor: Predictor, cfg: ServeConfig | None = None) -> FastAPI:
+    from contextlib import asynccontextmanager
+
+    service = Service(predictor, cfg or ServeConfig())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        service.batcher.start()
+        yield
+        service.batcher.task.cancel()
+
+    app = FastAPI(title="blip", description=__doc__, lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=service.cfg.max_body_bytes)
 
     @app.exception_handler(UsageError)
     async def unusable(request: Request, e: UsageError) -> JSONResponse:  # a task or setting this model cannot do
         return JSONResponse({"detail": str(e)}, status_code=422)
 
-    check = predictor.check
-    async def read(request: Request, schema: type[BaseModel]):
-        return await read_request(request, schema, cfg.max_image_bytes)
+    _add_routes(app, service)
+    return app
+
+
+def _add_routes(app: FastAPI, service: Service) -> None:
+    check, defaults = service.predictor.check, service.cfg.decoding
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": predictor.name, "class": type(predictor.model).__name__,
-                "tasks": list(predictor.tasks), "device": str(predictor.device),
-                "dtype": str(predictor.dtype).removeprefix("torch."), "queued": batcher.queue.qsize(),
-                "running": batcher.running, "batches": batcher.batches, "max_batch_size": cfg.max_batch_size}
+        return service.health()
 
     @app.post("/predictions", openapi_extra=_openapi_body(PredictionFields))
     async def predictions(request: Request) -> dict:
-        raw, f = await read(request, PredictionFields)
-        decoding = replace(cfg.decoding, do_sample=f.use_nucleus_sampling, temperature=f.temperature)
+        raw, f = await service.read(request, PredictionFields)
+        decoding = replace(defaults, do_sample=f.use_nucleus_sampling, temperature=f.temperature)
         if f.caption or not f.question.strip():
             check("caption", decoding)
-            return {"output": await run(Job("caption", None, decoding, seed=f.seed), raw)}
+            return {"output": await service.run(Job("caption", None, decoding, seed=f.seed), raw)}
         check("answer", decoding, f.context)
-        return {"output": await run(Job("answer", None, decoding, f.question, f.context, seed=f.seed), raw)}
+        return {"output": await service.run(Job("answer", None, decoding, f.question, f.context, seed=f.seed), raw)}
 
     @app.post("/caption", openapi_extra=_openapi_body(CaptionFields))
     async def caption(request: Request) -> dict:
-        raw, f = await read(request, CaptionFields)
-        decoding = f.decoding(cfg.decoding)
+        raw, f = await service.read(request, CaptionFields)
+        decoding = f.decoding(defaults)
         check("caption", decoding)
-        return {"caption": await run(Job("caption", None, decoding, seed=f.seed), raw)}
+        return {"caption": await service.run(Job("caption", None, decoding, seed=f.seed), raw)}
 
     @app.post("/answer", openapi_extra=_openapi_body(AnswerFields))
     async def answer(request: Request) -> dict:
-        raw, f = await read(request, AnswerFields)
-        decoding = f.decoding(cfg.decoding)
+        raw, f = await service.read(request, AnswerFields)
+        decoding = f.decoding(defaults)
         check("answer", decoding, f.context)
-        return {"answer": await run(Job("answer", None, decoding, f.question, f.context, seed=f.seed), raw)}
+        return {"answer": await service.run(Job("answer", None, decoding, f.question, f.context, seed=f.seed), raw)}
 
     @app.post("/match", openapi_extra=_openapi_body(MatchFields))
     async def match(request: Request) -> dict:
-        raw, f = await read(request, MatchFields)
+        raw, f = await service.read(request, MatchFields)
         check("match")
-        return {"scores": await run(Job("match", None, texts=f.texts), raw)}
-
-    return app
+        return {"scores": await service.run(Job("match", None, texts=f.texts), raw)}
 
 
 def serve(predictor: Predictor, host: str = "127.0.0.1", port: int = 8000, cfg: ServeConfig | None = None) -> None:

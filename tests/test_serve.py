@@ -199,3 +199,53 @@ def test_blip_endpoints_in_process(tmp_path, shared, one_thread):
         assert [s["itm"] for s in scores] == pytest.approx(ref.itm_prob.tolist(), abs=1e-6)
         assert [s["itc"] for s in scores] == pytest.approx(ref.itc_sim.tolist(), abs=1e-6)
         assert json.loads(client.get("/health").text)["tasks"] == ["match"]
+
+
+def test_batcher_groups_bounds_its_queue_and_times_out():
+    """The queue with a stand-in predictor: equal settings share a batch, a full queue answers 503, a slow batch 504."""
+    import asyncio
+
+    from fastapi import HTTPException
+
+    from blip.predictor import Decoding
+    from blip.serve import Batcher, Job, ServeConfig
+
+    class Recorder:
+        def __init__(self, delay=0.0):
+            self.batches, self.delay = [], delay
+
+        def caption(self, pixels, decoding, seeds):
+            time.sleep(self.delay)
+            self.batches.append((pixels.shape[0], decoding.num_beams))
+            return [f"{decoding.num_beams}:{float(p[0, 0, 0]):.0f}" for p in pixels]
+
+    def job(value, beams):
+        return Job("caption", torch.full((3, 2, 2), float(value)), Decoding(num_beams=beams))
+
+    async def grouped():
+        recorder = Recorder()
+        batcher = Batcher(recorder, ServeConfig(max_batch_size=8, max_wait_ms=50))
+        batcher.start()
+        out = await asyncio.gather(*(batcher.submit(job(i, 1 + i % 2)) for i in range(6)))
+        batcher.task.cancel()
+        return out, recorder.batches
+
+    out, batches = asyncio.run(grouped())
+    assert out == [f"{1 + i % 2}:{i}" for i in range(6)]          # each request its own result
+    assert sorted(batches) == [(3, 1), (3, 2)]                      # one forward pass per setting
+
+    async def overloaded():
+        batcher = Batcher(Recorder(delay=0.5), ServeConfig(max_batch_size=1, max_wait_ms=0, max_queue=1,
+                                                           timeout_s=0.2))
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(job(1, 1)))
+        await asyncio.sleep(0.05)                                   # the worker has taken it: the queue is empty
+        second = asyncio.ensure_future(batcher.submit(job(2, 1)))
+        await asyncio.sleep(0.01)
+        with pytest.raises(HTTPException) as full:
+            await batcher.submit(job(3, 1))
+        results = await asyncio.gather(first, second, return_exceptions=True)
+        batcher.task.cancel()
+        return full.value.status_code, [r.status_code for r in results]
+
+    assert asyncio.run(overloaded()) == (503, [504, 504])
