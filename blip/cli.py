@@ -140,9 +140,13 @@ def cmd_caption_dir(args) -> int:
     job = CaptionDirJob(load_predictor(args, "caption" if args.question is None else "answer"), decoding_from(args),
                         question=args.question, batch_size=args.batch_size, chunk_size=args.chunk_size,
                         num_workers=args.workers, progress=info.is_main and not args.no_progress)
-    counts = job.run(args.src, args.out, args.errors, rank=info.rank, world_size=info.world_size,
-                     barrier=lambda: barrier(info),
-                     all_reduce=lambda c: {k: all_reduce_sum_int(v, info) for k, v in c.items()})
+    try:
+        counts = job.run(args.src, args.out, args.errors, rank=info.rank, world_size=info.world_size,
+                         barrier=lambda: barrier(info),
+                         all_reduce=lambda c: {k: all_reduce_sum_int(v, info) for k, v in c.items()})
+    finally:
+        if info.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     if info.is_main:
         errors = args.errors or default_errors_path(args.out)
         print(f"captioned {counts['captioned']}, skipped {counts['skipped']} (unreadable: {errors}), "
