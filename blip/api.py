@@ -1,50 +1,26 @@
 """Public entry points: ``create_model``, ``list_models`` and ``load``.
 
-Families plug in through two modules each (no registry side effects at import time):
-- ``blip.models.<family>`` exposes ``ARCHS`` (arch name -> config) and ``create(arch, task, **overrides)``;
-- ``blip.convert.<family>`` exposes ``HF_LOADERS`` (HF class name in config.json -> ``fn(directory, **kw) -> model``),
-  ``owns(state_dict) -> bool`` (sentinel keys of its original/LAVIS formats) and
-  ``load_original(state_dict, source, arch=None, task=None, **kw) -> model``.
+``create_model`` / ``list_models`` read the ``(arch, task)`` tables of :mod:`blip.registry`; ``load`` asks each
+family's checkpoint facade (:mod:`blip.convert.blip`, :mod:`blip.convert.blip2`) which file it owns.
 """
 from __future__ import annotations
 
-import importlib
-import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .checkpoints import CheckpointError, read_hf_config_json, read_state_dict
+from .registry import create_model, family, list_models
 
-log = logging.getLogger(__name__)
-FAMILIES = ("blip", "blip2")
-
-
-def _family_module(kind: str, family: str):
-    return importlib.import_module(f"blip.{kind}.{family}")
+__all__ = ["create_model", "list_models", "load"]
 
 
-def _family_of(arch: str) -> str:
-    for family in FAMILIES:
-        if arch in _family_module("models", family).ARCHS:
-            return family
-    raise KeyError(f"unknown arch {arch!r}; known: {sorted(a for a, _ in list_models())}")
-
-
-def list_models() -> list[tuple[str, str]]:
-    """All (arch, task) pairs ``create_model`` can build."""
-    pairs = []
-    for family in FAMILIES:
-        module = _family_module("models", family)
-        tasks_for = getattr(module, "tasks_for", lambda arch: module.TASKS)
-        pairs += [(arch, task) for arch in module.ARCHS for task in tasks_for(arch)]
-    return pairs
-
-
-def create_model(arch: str, task: str, **overrides) -> nn.Module:
-    """Build a randomly initialised model, e.g. ``create_model("blip_base", "caption")``."""
-    return _family_module("models", _family_of(arch)).create(arch, task, **overrides)
+def family_converters() -> tuple:
+    """The checkpoint facades of the families, in the order ``load`` asks them."""
+    from .convert import blip as blip_convert
+    from .convert import blip2 as blip2_convert
+    return blip_convert, blip2_convert
 
 
 def load(source: str | Path, *, arch: str | None = None, task: str | None = None, llm: str | Path | None = None,
@@ -73,7 +49,7 @@ def _load(source: str | Path, arch: str | None, task: str | None, llm, kwargs: d
             entry = PRETRAINED[source]
             path = resolve(source)
             arch, task = arch or entry.arch, task or entry.task
-            if entry.arch.startswith("blip_"):  # BLIP releases differ in resolution (caption 384, VQA 480)
+            if family(entry.arch) == "blip":  # BLIP releases differ in resolution (caption 384, VQA 480)
                 kwargs.setdefault("image_size", entry.image_size)
             for key, value in entry.options.items():  # e.g. the prompt and generation settings it was evaluated with
                 kwargs.setdefault(key, value)
@@ -82,18 +58,16 @@ def _load(source: str | Path, arch: str | None, task: str | None, llm, kwargs: d
         return load_run(path, task)
     if path.is_dir():
         archs = read_hf_config_json(path).get("architectures") or []
-        for family in FAMILIES:
-            loaders = _family_module("convert", family).HF_LOADERS
+        for convert in family_converters():
             for name in archs:
-                if name in loaders:
-                    return loaders[name](path, llm=llm, **kwargs)
+                if name in convert.HF_LOADERS:
+                    return convert.HF_LOADERS[name](path, llm=llm, **kwargs)
         raise CheckpointError(f"{path}: architectures {archs} are not supported; supported: "
-                              f"{sorted(n for f in FAMILIES for n in _family_module('convert', f).HF_LOADERS)}")
+                              f"{sorted(n for c in family_converters() for n in c.HF_LOADERS)}")
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory (blip never downloads: pass a local path)")
     state = read_state_dict(path)
-    for family in FAMILIES:
-        convert = _family_module("convert", family)
+    for convert in family_converters():
         if convert.owns(state):
             return convert.load_original(state, str(path), arch=arch, task=task, llm=llm, **kwargs)
     raise CheckpointError(f"{path}: not a BLIP / BLIP-2 checkpoint in any known layout (original BLIP, LAVIS, blip "

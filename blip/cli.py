@@ -172,19 +172,13 @@ def cmd_serve(args) -> int:
 
 def cmd_convert(args) -> int:
     import blip
+    from .api import family_converters
     model = blip.load(args.source, arch=args.arch, task=args.task)
-    family = "blip2" if type(model).__module__.startswith("blip.models.blip2") else "blip"
+    convert = next((c for c in family_converters() if c.exports(model)), None)
+    if convert is None:
+        raise TypeError(f"{type(model).__name__} has no export format")
     out = Path(args.output)
-    if args.to == "hf":
-        if family == "blip":
-            from .convert.blip import export_hf
-        else:
-            from .convert.blip2_stage1 import export_hf
-        print(export_hf(model, out))
-    else:
-        from .convert.blip import save_safetensors
-        print(save_safetensors(model, out))
-    return 0
+    print(convert.export_hf(model, out) if args.to == "hf" else convert.save_safetensors(model, out))
 
 
 def cmd_models(args) -> int:

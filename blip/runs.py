@@ -10,14 +10,52 @@ the LLM model of a stage-2 run; a BLIP pretraining run holds every head, so it l
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from .checkpoints import CheckpointError, read_torch_file
+from .registry import create_model, create_objective
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 BLIP_PRETRAIN_TASKS = ("caption", "retrieval", "vqa", "feature_extractor")
+
+
+def checkpoint_path(path: str | Path) -> Path:
+    """A checkpoint directory, or the newest checkpoint of a run directory."""
+    p = Path(path)
+    if (p / "state.pt").exists():
+        return p
+    from .train.checkpoint import list_checkpoints
+    found = list_checkpoints(p / "checkpoints")
+    if not found:
+        raise FileNotFoundError(f"no checkpoint in {p} (expected {p}/state.pt or {p}/checkpoints/step_*/)")
+    return found[-1]
+
+
+def build_model(model_cfg: DictConfig) -> nn.Module:
+    """The training objective of ``(model.arch, model.task)`` from :data:`blip.registry.OBJECTIVES`."""
+    from omegaconf import OmegaConf
+    overrides = OmegaConf.to_container(model_cfg.overrides, resolve=True) if model_cfg.get("overrides") else {}
+    if model_cfg.get("objective"):
+        overrides["objective"] = OmegaConf.to_container(model_cfg.objective, resolve=True)
+    for key in ("llm", "llm_tokenizer"):  # BLIP-2 stage 2
+        if model_cfg.get(key):
+            overrides[key] = model_cfg[key]
+    model = create_objective(model_cfg.arch, model_cfg.task, **overrides)
+    patterns = [re.compile(p) for p in model_cfg.get("freeze") or []]
+    frozen = [n for n, p in model.named_parameters() if any(r.search(n) for r in patterns)]
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
+    if patterns:
+        log.info("frozen by model.freeze %s: %d parameter tensors", list(model_cfg.freeze), len(frozen))
+    return model
 
 
 def find_run(path: str | Path) -> tuple[Path, Path] | None:
@@ -41,7 +79,6 @@ def load_run(path: str | Path, task: str | None = None) -> nn.Module:
     """The inference model of the run at ``path`` (see the module docstring), on CPU."""
     from omegaconf import OmegaConf
 
-    from .train.run import build_model
     config, ckpt = find_run(path) or (None, None)
     if config is None:
         raise CheckpointError(f"{path}: not a training run directory (config.yaml + checkpoints/step_*/state.pt)")
@@ -67,13 +104,12 @@ def load_run(path: str | Path, task: str | None = None) -> nn.Module:
 
 def _blip_task_from_pretraining(cfg, state: dict, source: str, task: str) -> nn.Module:
     """A BLIP pretraining checkpoint holds the ViT, text encoder, decoder and heads: load the task model's part."""
-    import blip
     from omegaconf import OmegaConf
 
-    from .models.blip_pretrain import load_pretrain_weights
+    from .objectives.blip_pretrain import load_pretrain_weights
     if task not in BLIP_PRETRAIN_TASKS:
         raise CheckpointError(f"{source}: a BLIP pretraining run loads as one of {BLIP_PRETRAIN_TASKS}, not {task!r}")
     overrides = OmegaConf.to_container(cfg.model.overrides, resolve=True) if cfg.model.get("overrides") else {}
-    model = blip.create_model(cfg.model.arch, task, **overrides)
+    model = create_model(cfg.model.arch, task, **overrides)
     log.info(load_pretrain_weights(model, {k: v for k, v in state.items()}, source).summary())
     return model

@@ -7,8 +7,8 @@ import torch
 
 import blip
 from blip.models.blip2_llm import create
-from blip.models.blip2_llm_objective import Blip2Stage2Objective
-from blip.models.blip2_llm_text import chat_prompt
+from blip.objectives.blip2_stage2 import Blip2Stage2Objective
+from blip.models.blip2_llm_strings import chat_prompt
 from tiny_weights import randomize
 
 LAVIS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "lavis"
@@ -182,8 +182,8 @@ def test_lavis_stage1_checkpoint_hands_off():
     lavis = torch.load(LAVIS / "blip2_qformer" / "checkpoint.pth", weights_only=True)["model"]
     sizes = qformer_config(48, hidden_size=16, num_heads=2, num_layers=4, intermediate_size=64, word_embeddings=False,
                            text_ffn=False)  # the blip2_qformer fixture's Q-Former
-    model = create("blip2_tiny_opt", "stage2", qformer=QFormerConfig(sizes, 8),
-                   qformer_from=LAVIS / "blip2_qformer" / "checkpoint.pth")
+    model = blip.create_model("blip2_tiny_opt", "stage2", qformer=QFormerConfig(sizes, 8),
+                              qformer_from=LAVIS / "blip2_qformer" / "checkpoint.pth")
     layer = "Qformer.bert.encoder.layer.2."
     ours = model.qformer.transformer.layers[2]
     assert torch.equal(model.qformer.query_tokens, lavis["query_tokens"])

@@ -139,7 +139,7 @@ def test_opt_batched_prompts_of_different_lengths(opt_pair):
 def test_export_hf_round_trip(tmp_path, arch, token):
     """blip -> HF directory: transformers' own Blip2ForConditionalGeneration reproduces our ids; blip.load reads it
     back."""
-    from blip.convert.blip2_llm import export_hf
+    from blip.convert.blip2_hf import export_hf_llm as export_hf
     from blip.models.blip2_llm import create
 
     model = create(arch, "stage2").eval()
@@ -162,7 +162,7 @@ def test_real_size_keys_and_shapes_match_hf():
     one of ours with its shape and every one of ours is covered."""
     from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration, LlamaConfig
 
-    from blip.convert.blip2_llm import hf_to_ours
+    from blip.convert.blip2_hf import hf_llm_to_ours as hf_to_ours
     from blip.models.blip2_llm import create
 
     opt = OPTConfig(hidden_size=2560, num_hidden_layers=32, num_attention_heads=32, ffn_dim=10240, vocab_size=50304,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import blip
-from blip.models.blip2_llm_objective import Blip2Stage2Objective
+from blip.objectives.blip2_stage2 import Blip2Stage2Objective
 
 LAVIS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "lavis"
 EVA = LAVIS / "eva_vit_tiny.pth"
@@ -191,7 +191,7 @@ def lavis_stage2_layout(proj: str, out_dim: int, instruct: bool = False) -> dict
     ("t5_proj", 2048, False, "blip2_vitg_flant5xl"), ("t5_proj", 2048, True, "instructblip_flant5xl"),
     ("llm_proj", 4096, True, "instructblip_vicuna7b")])
 def test_real_size_lavis_layouts(proj, dim, instruct, arch):
-    from blip.convert.blip2_llm import guess_arch, lavis_to_ours
+    from blip.convert.blip2_lavis import guess_llm_arch as guess_arch, lavis_llm_to_ours as lavis_to_ours
     from blip.models.blip2_llm import create
     sd = lavis_stage2_layout(proj, dim, instruct)
     assert guess_arch(sd) == (arch, "instruct" if instruct else "stage2")

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import blip
+from blip import create_model as create
 from blip.models import blip2
-from blip.models.blip2 import create
 from blip.nn.vit import LayerNorm
 
 
@@ -118,23 +118,17 @@ def test_low_precision_vit_keeps_fp32_norms(dtype):
 
 
 def test_family_plumbing():
-    assert {"blip2_vitg_qformer", "blip2_vitL_qformer", "blip2_tiny_qformer"} <= set(blip2.ARCHS)
-    assert {"qformer", "stage1"} <= set(blip2.TASKS)
-    assert ("blip2_tiny_qformer", "qformer") in blip.list_models()
+    assert {"blip2_vitg_qformer", "blip2_vitL_qformer", "blip2_tiny_qformer"} <= set(blip2.QFORMER_ARCHS)
+    assert {("blip2_tiny_qformer", "qformer"), ("blip2_tiny_qformer", "stage1")} <= set(blip.list_models())
     vitg = blip2.QFORMER_ARCHS["blip2_vitg_qformer"]
     assert (vitg.vision.depth, vitg.vision.width, vitg.vision.qkv_bias, vitg.vision.final_norm) == (39, 1408, "qv", False)
     assert vitg.qformer.num_query_tokens == 32 and vitg.embed_dim == 256 and vitg.ln_vision_eps == 1e-5
     assert type(blip.create_model("blip2_tiny_qformer", "stage1")).__name__ == "Blip2Stage1Objective"
     from blip.convert import blip2 as convert
-    assert "Blip2ForImageTextRetrieval" in convert.HF_LOADERS
+    assert {"Blip2ForImageTextRetrieval", "Blip2ForConditionalGeneration",
+            "InstructBlipForConditionalGeneration"} <= set(convert.HF_LOADERS)
     assert convert.owns({"query_tokens": torch.zeros(1)}) and convert.owns({"Qformer.bert.x": torch.zeros(1)})
-    try:
-        from blip.convert import blip2_llm as convert_llm
-        from blip.models import blip2_llm
-    except ModuleNotFoundError:
-        return
-    assert set(blip2_llm.ARCHS) <= set(blip2.ARCHS)   # the LLM archs and loaders are merged in
-    assert set(convert_llm.HF_LOADERS) <= set(convert.HF_LOADERS)
+    assert {(arch, "stage2") for arch in blip2.LLM_ARCHS} <= set(blip.list_models())
 
 
 def _openai_clip_visual(width=32, layers=3, grid=2, embed=16):
@@ -160,7 +154,7 @@ def test_clip_vit_file_matches_timm_openai_clip():
     import timm
     from timm.models.vision_transformer import _convert_openai_clip
 
-    from blip.convert.blip2 import vision_file_to_ours
+    from blip.convert.blip2_parts import vision_file_to_ours
     from blip.models.qformer import CLIP_VIT_L, FrozenImageEncoder
     sd = _openai_clip_visual()
     cfg = dataclasses.replace(CLIP_VIT_L, image_size=28, width=32, depth=2, heads=4, mlp_dim=128)

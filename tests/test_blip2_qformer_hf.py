@@ -4,8 +4,8 @@ import torch
 from transformers import Blip2Config, Blip2ForImageTextRetrieval
 
 import blip
-from blip.convert.blip2_stage1 import export_hf
-from blip.models.blip2 import create
+from blip import create_model as create
+from blip.convert.blip2_hf import export_hf_qformer as export_hf
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
               patch_size=14)
@@ -93,7 +93,7 @@ def test_export_loads_in_transformers_with_same_scores(inputs, tmp_path):
 
 
 def test_own_format_keeps_the_missing_lm_head_marked(hf_model, tmp_path):
-    from blip.convert.blip2_stage1 import save_safetensors
+    from blip.convert.blip2 import save_safetensors
     hf_model.save_pretrained(tmp_path / "hf")
     save_safetensors(blip.load(tmp_path / "hf"), tmp_path / "ours.safetensors")
     assert not blip.load(tmp_path / "ours.safetensors").has_lm_head
@@ -102,8 +102,8 @@ def test_own_format_keeps_the_missing_lm_head_marked(hf_model, tmp_path):
 def test_real_size_keys_and_shapes_match_hf_blip2_itm_vit_g():
     """blip2_vitg_qformer <-> HF Blip2ForImageTextRetrieval at the real sizes (blip2-itm-vit-g config), on the meta
     device: every HF tensor is produced with its shape, and every one of ours is consumed."""
-    from blip.convert.blip2 import hf_qformer_to_ours, hf_vision_to_ours
-    from blip.convert.blip2_stage1 import to_hf_state_dict
+    from blip.convert.blip2_parts import hf_qformer_to_ours, hf_vision_to_ours
+    from blip.convert.blip2_hf import to_hf_state_dict
     with torch.device("meta"):
         ours = create("blip2_vitg_qformer", "qformer")
         hf = Blip2ForImageTextRetrieval(Blip2Config(qformer_config=dict(vocab_size=30523, use_qformer_text_input=True)))

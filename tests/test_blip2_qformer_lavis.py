@@ -99,7 +99,7 @@ def test_qformer_captions(model, data):
 
 
 def test_checkpoint_report_names_each_file():
-    from blip.convert.blip2_stage1 import describe
+    from blip.convert.blip2 import describe
     model = _load("trainable_only+eva")
     origins = model.load_report.origins
     assert origins["image_encoder.visual_encoder"].endswith("eva_vit_tiny.pth")
@@ -147,7 +147,7 @@ def test_vision_weights_by_zoo_name(tmp_path, monkeypatch):
 
 
 def test_own_safetensors_and_training_checkpoints_round_trip(tmp_path, data):
-    from blip.convert.blip2_stage1 import save_safetensors
+    from blip.convert.blip2 import save_safetensors
     inputs, tok, out = data
     model = _load("full")
     save_safetensors(model, tmp_path / "stage1.safetensors")
@@ -177,7 +177,7 @@ def test_whole_model_in_bf16(data):
 @pytest.mark.parametrize("trainable_only", [False, True])
 def test_export_lavis_reproduces_the_lavis_files(trainable_only):
     from blip.checkpoints import read_state_dict
-    from blip.convert.blip2_stage1 import export_lavis
+    from blip.convert.blip2_lavis import export_lavis
     name = "checkpoint_trainable_only.pth" if trainable_only else "checkpoint.pth"
     original = read_state_dict(DIR / name)
     exported = export_lavis(_load("full"), trainable_only=trainable_only)
@@ -188,7 +188,7 @@ def test_export_lavis_reproduces_the_lavis_files(trainable_only):
 
 def test_real_size_lavis_layout_round_trip():
     """blip2_vitg_qformer <-> the LAVIS blip2_pretrained.pth layout (lavis-and-blip-facts §3.3), on the meta device."""
-    from blip.convert.blip2_stage1 import export_lavis, lavis_stage1_to_ours
+    from blip.convert.blip2_lavis import export_lavis, lavis_stage1_to_ours
     with torch.device("meta"):
         model = blip.create_model("blip2_vitg_qformer", "qformer")
     lavis = export_lavis(model, trainable_only=True)

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import blip
-from blip.models.blip2 import create
+from blip import create_model as create
 
 FIX = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "lavis"
 DIR = FIX / "blip2_qformer"

@@ -12,7 +12,8 @@ from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageT
 import blip
 from blip.convert.blip import ARCHS, config_from_hf, hf_to_ours, save_safetensors
 from blip.data.images import ImageDecodeError
-from blip.models.blip import BlipFeatureExtractor, create
+from blip import create_model as create
+from blip.models.blip import BlipFeatureExtractor
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 ASSETS = SHARED / "assets" / "images"

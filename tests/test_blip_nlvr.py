@@ -9,7 +9,7 @@ import blip
 from blip.checkpoints import CheckpointError, read_state_dict
 from blip.convert.blip import load_original, original_to_ours, ours_to_original
 from blip.models.blip import BlipNLVR
-from blip.models.blip_finetune import NLVRObjective
+from blip.objectives.blip_finetune import NLVRObjective
 
 FIX = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "lavis" / "blip_nlvr"
 HEADS = dict(vision={"heads": 2}, text={"num_heads": 2})   # not stored in the shapes

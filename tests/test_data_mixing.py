@@ -16,7 +16,7 @@ from blip.data.datasets import ImageTextStream
 from blip.data.mixing import mixed
 from blip.data.transforms import image_transform
 from blip.models.blip import create
-from blip.models.blip_finetune import VQAObjective
+from blip.objectives.blip_finetune import VQAObjective
 from blip.train.run import build_sources, dataset_text_cleaners
 
 

@@ -116,7 +116,7 @@ def test_vqa_v2_test_dev_writes_the_server_file_only(tmp_path, shared, one_threa
 
 
 def tiny_blip2_opt(shared):
-    from blip.models.blip2 import create
+    from blip import create_model as create
     torch.manual_seed(0)
     return create("blip2_tiny_opt", "stage2", tokenizer=shared / "fixtures/lavis/blip2_opt/opt_llm").eval()
 
@@ -209,7 +209,7 @@ def test_retrieval_coco_itm_rerank_matches_a_brute_force_score_matrix(tmp_path, 
 
 def test_retrieval_flickr_blip2_and_itc_only(tmp_path, shared, one_thread):
     from blip.evaluation.retrieval import recall_at_k
-    from blip.models.blip2 import create
+    from blip import create_model as create
     root = tmp_path / "data"
     write_retrieval(shared, root, "annotations/flickr30k_test.json", "flickr30k-images")
     torch.manual_seed(0)
@@ -252,7 +252,7 @@ def test_nlvr2_dev_accuracy_from_the_two_image_classifier(tmp_path, shared, one_
 
 
 def test_caption_coco_with_blip2_models_uses_the_lavis_settings(tmp_path, shared, java, one_thread):
-    from blip.models.blip2 import create
+    from blip import create_model as create
     root = tmp_path / "data"
     ids = write_coco_karpathy(shared, root, n=3)
     files = [str(root / f"val2014/COCO_val2014_{i:012d}.jpg") for i in ids]

@@ -6,13 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import blip.models.blip_pretrain as bp
+import blip.objectives.momentum as bp
 from blip.data.text import answer_weights
 from blip.data.tokenizer import DEC_TOKEN_ID, ENC_TOKEN_ID
 from blip.losses import FeatureQueue, lm_loss
 from blip.models.blip import ARCHS, create
-from blip.models.blip_finetune import CaptionObjective, RetrievalObjective, VQAObjective, wrap_objective
-from blip.models.blip_pretrain import BlipPretrain, load_pretrain_weights, momentum_itc
+from blip.objectives.blip_finetune import CaptionObjective, RetrievalObjective, VQAObjective, wrap_objective
+from blip.objectives.blip_pretrain import BlipPretrain, load_pretrain_weights
+from blip.objectives.momentum import momentum_itc
 
 PIX = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 

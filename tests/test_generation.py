@@ -4,7 +4,7 @@ import torch
 from transformers import DynamicCache, OPTConfig, OPTForCausalLM
 
 from blip.generation import GenerationConfig, apply_repetition_penalty, generate, top_p_filter
-from blip.models.blip2_llm_lm import _cache_kwarg
+from blip.models.frozen_llm import _cache_kwarg
 
 
 def tiny_lm(seed: int = 0) -> OPTForCausalLM:

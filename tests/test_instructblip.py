@@ -8,7 +8,7 @@ import torch
 from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration, OPTConfig, T5Config
 
 import blip
-from blip.convert.blip2_llm import export_hf
+from blip.convert.blip2_hf import export_hf_llm as export_hf
 from tiny_weights import randomize
 
 NQ = 4
@@ -169,7 +169,7 @@ def test_string_api_feeds_the_instruction_to_the_qformer():
 
 
 def test_instruction_tuning_objective():
-    from blip.models.blip2_llm_objective import Blip2Stage2Objective
+    from blip.objectives.blip2_stage2 import Blip2Stage2Objective
     opt_dir = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "lavis" / "blip2_opt" / "opt_llm"
     model = blip.create_model("blip2_tiny_opt", "instruct", tokenizer=opt_dir).train()
     objective = Blip2Stage2Objective(model)

@@ -123,7 +123,7 @@ def test_nlvr2_recipe_trains_a_tiny_model(tmp_path):
 
 def test_init_from_a_single_image_run_starts_both_branches(tmp_path):
     import blip
-    from blip.models.blip_finetune import wrap_objective
+    from blip.objectives.blip_finetune import wrap_objective
     from blip.train.run import load_init_weights
 
     source = blip.create_model("blip_tiny", "retrieval")

@@ -8,11 +8,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import blip.models.blip_pretrain as bp
+import blip.objectives.momentum as bp
 from blip.data.tokenizer import DEC_TOKEN_ID, ENC_TOKEN_ID, PAD_TOKEN_ID
 from blip.losses import FeatureQueue
-from blip.models.blip import ARCHS, create
-from blip.models.blip_pretrain import BlipPretrain, momentum_itc, ramped_alpha
+from blip import create_model as create
+from blip.models.blip import ARCHS
+from blip.objectives.blip_pretrain import BlipPretrain
+from blip.objectives.momentum import momentum_itc, ramped_alpha
 
 CFG = ARCHS["blip_tiny"].with_overrides(image_size=32)
 TEXTS = ["a dog on the grass", "a red car", "two cats sleeping on a sofa", "a bowl of soup"]

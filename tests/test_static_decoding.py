@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from blip import create_model as create_blip2
 from blip.models.blip import create as create_blip
-from blip.models.blip2 import create as create_blip2
 from blip.models.blip2_llm import create as create_blip2_llm
 from tiny_weights import randomize
 

@@ -165,6 +165,10 @@ def test_same_name_runs_started_together_get_their_own_directories(tmp_path):
 # ---- checkpoints under a killed process and a full disk --------------------------------------------------------
 KILL_INSIDE_SAVE = """
 import io, os, runpy, signal, sys, torch
+sys.path.insert(0, "tests")
+from test_train_helpers import build_tiny
+from blip import registry
+registry.OBJECTIVES["blip_tiny", "pretrain"] = build_tiny   # the tiny stand-in model
 real_save = torch.save
 def save(obj, f, *args, **kwargs):
     if getattr(f, "name", "").endswith(os.path.join(".step_00000006.tmp", "state.pt")):
@@ -181,7 +185,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def overrides(tmp_path: Path, run: str, *extra: str, keep_last: int = 5) -> list[str]:
-    return ["stage=1", "model.builder=test_train_helpers:build_tiny", f"run_dir={tmp_path}/out/test/{run}",
+    return ["stage=1", f"run_dir={tmp_path}/out/test/{run}",
             f"output_root={tmp_path}/out", "name=test", f"data.synthetic.cache_dir={tmp_path.parent}/cache",
             "data.synthetic.num_train=64", "data.synthetic.num_val=16", "data.synthetic.shard_size=32",
             "trainer.batch_size=8", "trainer.epochs=1", "trainer.checkpoint_every=3", f"trainer.keep_last={keep_last}",
@@ -192,9 +196,12 @@ def overrides(tmp_path: Path, run: str, *extra: str, keep_last: int = 5) -> list
 def run_in_process(args: list[str]) -> dict:
     from hydra import compose, initialize_config_dir
 
+    from blip import registry
     from blip.train.run import quote_stage_override, run
+    from test_train_helpers import build_tiny
 
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+    with pytest.MonkeyPatch.context() as patch, initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        patch.setitem(registry.OBJECTIVES, ("blip_tiny", "pretrain"), build_tiny)   # the tiny stand-in model
         return run(compose("train", overrides=quote_stage_override(args)))
 
 

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from blip import registry
 from blip.train.run import quote_stage_override, run
+from test_train_helpers import build_tiny
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY_DATA = ["data.synthetic.num_train=256", "data.synthetic.num_val=32", "data.synthetic.shard_size=64",
@@ -22,9 +24,9 @@ def config(tmp_path: Path, run_name: str, overrides: list[str]):
              f"data.synthetic.cache_dir={tmp_path}/cache"] + TINY_DATA + overrides))
 
 
-def test_run_writes_its_outputs_and_resume_latest_continues(tmp_path):
-    stand_in = ["stage=1", "model.builder=test_train_helpers:build_tiny", "trainer.epochs=1",
-                "trainer.checkpoint_every=5"]
+def test_run_writes_its_outputs_and_resume_latest_continues(tmp_path, monkeypatch):
+    monkeypatch.setitem(registry.OBJECTIVES, ("blip_tiny", "pretrain"), build_tiny)   # the tiny stand-in model
+    stand_in = ["stage=1", "trainer.epochs=1", "trainer.checkpoint_every=5"]
     first = run(config(tmp_path / "a", "r1", stand_in))
     assert first["steps"] == 16 and first["samples"] == 256
     d = tmp_path / "a" / "outputs" / "test" / "r1"
@@ -38,7 +40,7 @@ def test_run_writes_its_outputs_and_resume_latest_continues(tmp_path):
     assert ev["num_images"] == 32 and 0 <= ev["i2t_r1"] <= 100
 
     # a longer run of the same name continues where the newest earlier run stopped, in that run's directory
-    more = run(config(tmp_path / "a", "r2", stand_in[:2] + ["trainer.epochs=2", "resume=latest"]))
+    more = run(config(tmp_path / "a", "r2", stand_in[:1] + ["trainer.epochs=2", "resume=latest"]))
     assert more["steps"] == 32 and more["samples"] == 512
     assert not (tmp_path / "a/outputs/test/r2").exists()
     steps = [json.loads(x)["step"] for x in (d / "metrics.jsonl").read_text().splitlines()]

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from blip.models.blip2 import create
+from blip import create_model as create
 from blip.nn.vit import VisionConfig, VisionTransformer
 from blip.train.precision import PrecisionPolicy
 

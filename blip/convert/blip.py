@@ -56,6 +56,11 @@ def owns(sd: StateDict) -> bool:
     return any(k.startswith(("text_encoder.", "text_decoder.")) for k in sd)
 
 
+def exports(model: nn.Module) -> bool:
+    """Whether ``model`` is a BLIP task model this facade writes."""
+    return type(model) in TASK_CLASSES.values()
+
+
 def is_ours(sd: StateDict) -> bool:
     return any(k.startswith(("text_decoder.transformer.", "text_encoder.layers.")) for k in sd)
 
@@ -228,10 +233,19 @@ def load_original(state_dict: StateDict, source: str, arch: str | None = None, t
     if task == "nlvr" and not is_nlvr(sd):   # start NLVR2 fine-tuning: both branches from the one cross-attention
         sd, missing = twin_from_single(sd), FROM_SINGLE_MISSING
     config = config.with_overrides(**overrides)
-    check_fits_before_building(lambda: build(config, task), sd, source)
-    model = build(config, task)
+    check_fits_before_building(lambda: build_for_task(config, task), sd, source)
+    model = build_for_task(config, task)
     load_state(model, sd, source, task, pretrain, missing)
     return model.eval()
+
+
+def build_for_task(cfg: BlipConfig, task: str) -> nn.Module:
+    """The model a checkpoint of ``task`` loads into: a task model, or for "pretrain" the pretraining objective
+    (which holds the momentum encoders and queues of pretraining checkpoints)."""
+    if task == "pretrain":
+        from ..objectives.blip_pretrain import BlipPretrain
+        return BlipPretrain(cfg)
+    return build(cfg, task)
 
 
 def _own_task(sd: StateDict) -> str | None:

@@ -1,363 +1,52 @@
-"""BLIP-2 checkpoints (LAVIS ``.pth``, EVA ``eva_vit_g.pth``, HF directories) <-> blip's BLIP-2 modules.
+"""The BLIP-2 family's checkpoint facade: which files it owns, how each loads, export and save.
 
-Shared pieces (also used by :mod:`blip.convert.blip2_llm`): pure ``state_dict -> state_dict`` converters for the
-frozen image encoder (``visual_encoder`` ViT + ``ln_vision``) and the Q-Former (``query_tokens`` + BERT stack). Each
-takes the destination prefix of the module in our model, so any model that holds a
-:class:`blip.models.qformer.FrozenImageEncoder` and a :class:`blip.models.qformer.QFormer` can use them:
-
-- our image encoder keys: ``{dst}visual_encoder.*`` (EVA/timm names) and ``{dst}ln_vision.*``;
-- our Q-Former keys: ``{dst}query_tokens`` and ``{dst}transformer.*`` (:class:`blip.nn.transformer.TextTransformer`).
-
-Each ``*_to_ours`` returns ``(converted, consumed_source_keys)`` so callers can list what a file carried unused.
+- LAVIS ``.pth`` (stage 1, stage 2, InstructBLIP): :mod:`blip.convert.blip2_lavis`;
+- HF directories (``Blip2ForImageTextRetrieval``, ``Blip2ForConditionalGeneration``,
+  ``InstructBlipForConditionalGeneration``): :mod:`blip.convert.blip2_hf`;
+- blip's own layout (``.safetensors`` with the config in its metadata, training checkpoints): here;
+- the parts every BLIP-2 model shares (image encoder, Q-Former): :mod:`blip.convert.blip2_parts`.
 """
 from __future__ import annotations
 
-import re
+import dataclasses
+import json
+from pathlib import Path
 
-import torch
+from torch import nn
 
-from ..checkpoints import CheckpointError, StateDict, bert_to_ours, hf_vit_to_ours, ours_to_bert, ours_to_hf_vit
-from ..models.qformer import QFormerConfig, qformer_config
-from ..nn.vit import VisionConfig, resize_pos_embed
+from ..checkpoints import (CheckpointError, LoadReport, StateDict, check_fits_before_building, load_into,
+                           read_state_dict)
+from ..models.blip2 import qformer_arch_config
+from ..models.blip2_llm import Blip2LanguageModel
+from ..models.blip2_qformer import Blip2Qformer, Blip2QformerConfig
+from ..models.qformer import QFormerConfig
+from ..nn.transformer import TextConfig
+from ..nn.vit import VisionConfig
+from .blip2_hf import HF_LOADERS, export_hf_llm, export_hf_qformer
+from .blip2_lavis import ARCH_BY_WIDTH, is_lavis_llm, load_lavis_llm, load_lavis_stage1
+from .blip2_parts import is_lavis_blip2, lavis_qformer_to_ours, lavis_vision_to_ours
 
-VISION_PREFIX = "image_encoder."   # where blip's BLIP-2 models keep their FrozenImageEncoder
-QFORMER_PREFIX = "qformer."        # ... and their QFormer
-HF_QFORMER_EMB = {"layernorm": "embeddings.norm"}   # Blip2QFormerModel owns only the embedding LayerNorm
+__all__ = ["HF_LOADERS", "owns", "load_original", "exports", "export_hf", "save_safetensors", "init_from_stage1"]
+QFORMER_TASKS = ("qformer", "stage1")
 
-# LAVIS keys that carry nothing a blip model needs (buffers, tied aliases)
-LAVIS_ALWAYS_UNUSED = [r"Qformer\.bert\.embeddings\.position_ids", r"Qformer\.cls\.predictions\.decoder\.(weight|bias)"]
-# the 40th EVA block (LAVIS builds 39 of them), EVA-CLIP's final norm / head, which LAVIS loads with strict=False
-EVA_FILE_UNUSED = [r"norm\.(weight|bias)", r"fc_norm\.(weight|bias)", r"head\.(weight|bias)", r"lm_head\..*"]
-
-
-def _split(sd: StateDict, src: str, dst: str) -> tuple[StateDict, set[str]]:
-    out, used = {}, set()
-    for k, v in sd.items():
-        if k.startswith(src):
-            out[dst + k[len(src):]] = v
-            used.add(k)
-    return out, used
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# image encoder
-
-def lavis_vision_to_ours(sd: StateDict, dst: str = VISION_PREFIX) -> tuple[StateDict, set[str]]:
-    """LAVIS ``visual_encoder.*`` (EVA names = ours; CLIP ViT-L names converted) and ``ln_vision.*`` ->
-    ``{dst}visual_encoder.*``, ``{dst}ln_vision.*``.
-
-    fp16 EVA weights (LAVIS ``vit_precision="fp16"``) are returned as stored; ``load_into`` casts to the model dtype.
-    """
-    if is_clip_vit(sd, "visual_encoder."):
-        out, used = clip_vit_to_ours(sd, dst, "visual_encoder.")
-    else:
-        out, used = _split(sd, "visual_encoder.", dst + "visual_encoder.")
-    more, more_used = _split(sd, "ln_vision.", dst + "ln_vision.")
-    out.update(more)
-    return out, used | more_used
-
-
-def eva_vit_to_ours(sd: StateDict, dst: str = VISION_PREFIX, depth: int | None = None,
-                    num_patches: int | None = None) -> tuple[StateDict, set[str]]:
-    """A plain EVA ViT state dict (``eva_vit_g.pth``: ``cls_token``, ``blocks.N.*``...) -> ``{dst}visual_encoder.*``.
-
-    depth: keep blocks ``< depth`` (LAVIS builds EVA ViT-g with 39 of the file's 40 blocks); the others stay unconsumed
-    (see :data:`EVA_FILE_UNUSED` for the rest). num_patches: resize ``pos_embed`` bicubically as LAVIS's
-    ``interpolate_pos_embed`` does (e.g. 224 -> 364 px models).
-    """
-    out, used = {}, set()
-    for k, v in sd.items():
-        m = re.match(r"blocks\.(\d+)\.", k)
-        if m and depth is not None and int(m.group(1)) >= depth:
-            continue
-        if m or k in ("cls_token", "pos_embed") or k.startswith("patch_embed."):
-            if k == "pos_embed" and num_patches is not None:
-                v = resize_pos_embed(v, num_patches)
-            out[dst + "visual_encoder." + k] = v
-            used.add(k)
-    return out, used
-
-
-def unused_eva_keys(sd: StateDict, used: set[str]) -> list[str]:
-    """Keys of an EVA file that :func:`eva_vit_to_ours` did not take and that are not known-harmless."""
-    return [k for k in sd if k not in used and not re.match(r"blocks\.\d+\.", k)
-            and not any(re.fullmatch(p, k) for p in EVA_FILE_UNUSED)]
-
-
-_CLIP_SWAPS = [(r"^conv1\.", "patch_embed.proj."), (r"^ln_pre\.", "norm_pre."),
-               (r"^transformer\.resblocks\.(\d+)\.ln_1\.", r"blocks.\1.norm1."),
-               (r"^transformer\.resblocks\.(\d+)\.ln_2\.", r"blocks.\1.norm2."),
-               (r"^transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", r"blocks.\1.attn.qkv.\2"),
-               (r"^transformer\.resblocks\.(\d+)\.attn\.out_proj\.", r"blocks.\1.attn.proj."),
-               (r"^transformer\.resblocks\.(\d+)\.mlp\.c_fc\.", r"blocks.\1.mlp.fc1."),
-               (r"^transformer\.resblocks\.(\d+)\.mlp\.c_proj\.", r"blocks.\1.mlp.fc2.")]
-CLIP_FILE_UNUSED = [r"ln_post\.(weight|bias)", r"proj"]   # OpenAI CLIP's head: LAVIS uses neither
-
-
-def is_clip_vit(sd: StateDict, src: str = "") -> bool:
-    """OpenAI-CLIP-named ViT weights (LAVIS ``clip_vit_L.pth``, ``visual.*`` of an OpenAI CLIP state dict)."""
-    return src + "conv1.weight" in sd
-
-
-def clip_vit_to_ours(sd: StateDict, dst: str = VISION_PREFIX, src: str = "", depth: int | None = None,
-                     num_patches: int | None = None) -> tuple[StateDict, set[str]]:
-    """OpenAI CLIP ViT names (LAVIS ``clip_vit.py``: ``conv1``, ``class_embedding``, ``positional_embedding``,
-    ``ln_pre``, ``transformer.resblocks.N.{ln_1, attn.in_proj_*, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}``) under
-    ``src`` -> ``{dst}visual_encoder.*``. Blocks ``>= depth`` are left unconsumed (LAVIS uses 23 of CLIP-L's 24);
-    fairscale's ``_checkpoint_wrapped_module.`` infix is ignored."""
-    out, used = {}, set()
-    for name, v in sd.items():
-        if not name.startswith(src):
-            continue
-        k = name[len(src):].replace("_checkpoint_wrapped_module.", "")
-        m = re.match(r"transformer\.resblocks\.(\d+)\.", k)
-        if m and depth is not None and int(m.group(1)) >= depth:
-            continue
-        if k == "class_embedding":
-            new, v = "cls_token", v.reshape(1, 1, -1)
-        elif k == "positional_embedding":
-            new, v = "pos_embed", v.unsqueeze(0)
-            if num_patches is not None:
-                v = resize_pos_embed(v, num_patches)
-        else:
-            for pattern, repl in _CLIP_SWAPS:
-                new, hit = re.subn(pattern, repl, k)
-                if hit:
-                    break
-            else:
-                continue
-        out[dst + "visual_encoder." + new] = v
-        used.add(name)
-    return out, used
-
-
-def vision_file_to_ours(sd: StateDict, dst: str = VISION_PREFIX, depth: int | None = None,
-                        num_patches: int | None = None) -> StateDict:
-    """A frozen-ViT file (EVA ``eva_vit_g.pth`` or CLIP ``clip_vit_L.pth``, optionally ``visual.``-prefixed) ->
-    ``{dst}visual_encoder.*``. Raises :class:`CheckpointError` on keys that are neither converted nor known-unused."""
-    src = "visual." if is_clip_vit(sd, "visual.") else ""
-    if is_clip_vit(sd, src):
-        out, used = clip_vit_to_ours(sd, dst, src, depth, num_patches)
-        left = [k for k in sd if k not in used and k.startswith(src)
-                and not re.match(r"transformer\.resblocks\.\d+\.", k[len(src):])
-                and not any(re.fullmatch(p, k[len(src):]) for p in CLIP_FILE_UNUSED)]
-    else:
-        out, used = eva_vit_to_ours(sd, dst, depth, num_patches)
-        left = unused_eva_keys(sd, used)
-    if left or not out:
-        raise CheckpointError(f"not an EVA or CLIP ViT state dict; unknown keys {left[:6] or list(sd)[:6]}")
-    return out
-
-
-def hf_vision_to_ours(sd: StateDict, dst: str = VISION_PREFIX, qv_bias: bool = True) -> tuple[StateDict, set[str]]:
-    """HF ``vision_model.*`` (Blip2VisionModel) -> ``{dst}visual_encoder.*``; ``post_layernorm`` -> ``{dst}ln_vision``.
-
-    HF's fused ``qkv.bias`` = cat(q_bias, k_bias, v_bias) is split into EVA's q_bias/v_bias; its k part is dropped:
-    a key bias adds the same amount to every logit of a query row, which softmax ignores.
-    """
-    out, used = hf_vit_to_ours(sd, "vision_model.", dst + "visual_encoder.", qv_bias=qv_bias)
-    renamed = {}
-    for k, v in out.items():
-        if k.startswith(dst + "visual_encoder.norm."):
-            k = dst + "ln_vision." + k[len(dst + "visual_encoder.norm."):]
-        renamed[k] = v
-    return renamed, used
-
-
-def ours_to_hf_vision(sd: StateDict, src: str = VISION_PREFIX) -> StateDict:
-    """Inverse of :func:`hf_vision_to_ours` (EVA q/v bias -> HF fused bias with a zero k part)."""
-    vit = {k: v for k, v in sd.items() if k.startswith(src + "visual_encoder.")}
-    out = ours_to_hf_vit(vit, src + "visual_encoder.", "vision_model.")
-    for k, v in sd.items():
-        if k.startswith(src + "ln_vision."):
-            out["vision_model.post_layernorm." + k[len(src + "ln_vision."):]] = v
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Q-Former
-
-def lavis_qformer_to_ours(sd: StateDict, dst: str = QFORMER_PREFIX) -> tuple[StateDict, set[str]]:
-    """LAVIS ``query_tokens`` + ``Qformer.bert.*`` -> ``{dst}query_tokens`` + ``{dst}transformer.*``.
-
-    Stage-2 files lack the word/position embeddings and the text FFN; the result then lacks them too (build the
-    Q-Former with ``word_embeddings=False, text_ffn=False``). The LM head (``Qformer.cls``):
-    :func:`lavis_lm_head_to_ours`.
-    """
-    out, used = bert_to_ours(sd, "Qformer.bert.", dst + "transformer.")
-    if "query_tokens" in sd:
-        out[dst + "query_tokens"] = sd["query_tokens"]
-        used.add("query_tokens")
-    used |= {k for k in sd if re.fullmatch(LAVIS_ALWAYS_UNUSED[0], k)}
-    return out, used
-
-
-def lavis_lm_head_to_ours(sd: StateDict, dst: str = "lm_head.") -> tuple[StateDict, set[str]]:
-    """LAVIS ``Qformer.cls.predictions.{transform.dense, transform.LayerNorm, bias}`` -> :class:`LMHead` keys.
-
-    ``decoder.weight`` / ``decoder.bias`` are tied aliases of the word embeddings / ``bias``; they are consumed and
-    checked to be equal to what they alias (a file where they differ was not saved from a tied model).
-    """
-    src = "Qformer.cls.predictions."
-    names = {"transform.dense.": "dense.", "transform.LayerNorm.": "norm."}
-    out, used = {}, set()
-    for k, v in sd.items():
-        if not k.startswith(src):
-            continue
-        rest = k[len(src):]
-        for s, d in names.items():
-            if rest.startswith(s):
-                out[dst + d + rest[len(s):]] = v
-                used.add(k)
-        if rest == "bias":
-            out[dst + "bias"] = v
-            used.add(k)
-    _check_alias(sd, src + "decoder.weight", "Qformer.bert.embeddings.word_embeddings.weight", used)
-    _check_alias(sd, src + "decoder.bias", src + "bias", used)
-    return out, used
-
-
-def _check_alias(sd: StateDict, alias: str, target: str, used: set[str]) -> None:
-    if alias in sd and target in sd:
-        a, t = sd[alias], sd[target]
-        if not (a.is_meta or t.is_meta or torch.equal(a.float(), t.float())):  # meta: shapes-only checks
-            raise CheckpointError(f"{alias} differs from {target}: BLIP-2 ties them; this file was not saved from a "
-                                  "tied LAVIS model")
-        used.add(alias)
-
-
-def hf_qformer_to_ours(sd: StateDict, dst: str = QFORMER_PREFIX, text_embeddings: str | None = "embeddings.",
-                       qformer_src: str = "qformer.", embeddings: dict[str, str] | None = None
-                       ) -> tuple[StateDict, set[str]]:
-    """HF ``query_tokens`` + ``qformer.*`` (+ Blip2ForImageTextRetrieval's top-level ``embeddings.*``) -> ours.
-
-    text_embeddings: prefix of HF's separate ``Blip2TextEmbeddings`` (word/position embeddings), None if absent.
-    embeddings: embedding-name map inside ``qformer_src`` (default: only ``layernorm``; InstructBLIP:
-    ``{"embeddings.word_embeddings": "embeddings.word", "embeddings.position_embeddings": "embeddings.position",
-    "embeddings.layernorm": "embeddings.norm"}``).
-    """
-    out, used = bert_to_ours(sd, qformer_src, dst + "transformer.", self_name="attention",
-                             embeddings=embeddings if embeddings is not None else HF_QFORMER_EMB)
-    if "query_tokens" in sd:
-        out[dst + "query_tokens"] = sd["query_tokens"]
-        used.add("query_tokens")
-    if text_embeddings is not None:
-        for s, d in (("word_embeddings", "embeddings.word"), ("position_embeddings", "embeddings.position")):
-            k = f"{text_embeddings}{s}.weight"
-            if k in sd:
-                out[f"{dst}transformer.{d}.weight"] = sd[k]
-                used.add(k)
-        used |= {k for k in sd if k == f"{text_embeddings}position_ids"}
-    return out, used
-
-
-def ours_to_hf_qformer(sd: StateDict, src: str = QFORMER_PREFIX, text_embeddings: str | None = "embeddings.",
-                       qformer_dst: str = "qformer.") -> StateDict:
-    """Inverse of :func:`hf_qformer_to_ours` (split fused q/k/v and k/v projections back into BERT names)."""
-    out = ours_to_bert(sd, src + "transformer.", qformer_dst, self_name="attention", embeddings=HF_QFORMER_EMB)
-    if src + "query_tokens" in sd:
-        out["query_tokens"] = sd[src + "query_tokens"]
-    if text_embeddings is not None:
-        for s, d in (("word_embeddings", "embeddings.word"), ("position_embeddings", "embeddings.position")):
-            k = f"{src}transformer.{d}.weight"
-            if k in sd:
-                out[f"{text_embeddings}{s}.weight"] = sd[k]
-    return out
-
-
-def is_lavis_blip2(sd: StateDict) -> bool:
-    """True for any LAVIS BLIP-2 / InstructBLIP checkpoint (stage 1, stage 2, fine-tuned)."""
-    return "query_tokens" in sd or any(k.startswith("Qformer.") for k in sd)
-
-
-def is_lavis_stage2(sd: StateDict) -> bool:
-    """True when the file belongs to an LLM model (projection or LLM weights present)."""
-    return any(k.startswith(p) for k in sd for p in ("opt_proj.", "t5_proj.", "llm_proj.", "opt_model.",
-                                                     "t5_model.", "llm_model."))
-
-
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# HF configs (dicts from ``config.to_dict()``, i.e. with HF's defaults filled in)
-
-def hf_vision_config(v: dict) -> VisionConfig:
-    """HF Blip2VisionConfig / InstructBlipVisionConfig -> our EVA-style VisionConfig (no final norm: HF's
-    ``post_layernorm`` is ``ln_vision``, whose eps is the same ``layer_norm_eps``)."""
-    act = {"gelu": "gelu", "quick_gelu": "quick_gelu"}.get(v.get("hidden_act", "gelu"))
-    if act is None:
-        raise CheckpointError(f"vision hidden_act {v.get('hidden_act')!r} is not supported (gelu, quick_gelu)")
-    return VisionConfig(image_size=v["image_size"], patch_size=v["patch_size"], width=v["hidden_size"],
-                        depth=v["num_hidden_layers"], heads=v["num_attention_heads"], mlp_dim=v["intermediate_size"],
-                        qkv_bias="qv" if v.get("qkv_bias", True) else "none", final_norm=False,
-                        layer_norm_eps=v["layer_norm_eps"], act=act)
-
-
-def hf_qformer_config(q: dict, num_query_tokens: int, text: bool = True) -> QFormerConfig:
-    """HF Blip2QFormerConfig -> ours. text: keep word/position embeddings and the text FFN (retrieval, InstructBLIP)."""
-    cfg = qformer_config(encoder_width=q["encoder_hidden_size"], vocab_size=q["vocab_size"],
-                         hidden_size=q["hidden_size"], num_layers=q["num_hidden_layers"],
-                         num_heads=q["num_attention_heads"], intermediate_size=q["intermediate_size"],
-                         max_position_embeddings=q["max_position_embeddings"], layer_norm_eps=q["layer_norm_eps"],
-                         cross_attention_freq=q["cross_attention_frequency"], hidden_dropout=q["hidden_dropout_prob"],
-                         attention_dropout=q["attention_probs_dropout_prob"], word_embeddings=text, text_ffn=text)
-    return QFormerConfig(cfg, num_query_tokens)
-
-
-def to_hf_vision_config(cfg: VisionConfig) -> dict:
-    """Inverse of :func:`hf_vision_config` for EVA-style ViTs (CLIP ViT-L has no HF Blip2VisionModel form)."""
-    if cfg.pre_norm or not cfg.patch_bias or cfg.final_norm or cfg.act != "gelu":
-        raise CheckpointError("only EVA-style ViTs (no pre-norm, patch bias, GELU) have an HF Blip2VisionModel form")
-    return dict(hidden_size=cfg.width, intermediate_size=cfg.mlp_dim, num_hidden_layers=cfg.depth,
-                num_attention_heads=cfg.heads, image_size=cfg.image_size, patch_size=cfg.patch_size,
-                layer_norm_eps=cfg.layer_norm_eps, qkv_bias=cfg.qkv_bias == "qv", hidden_act="gelu")
-
-
-def to_hf_qformer_config(cfg: QFormerConfig) -> dict:
-    t = cfg.text
-    return dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size, num_hidden_layers=t.num_layers,
-                num_attention_heads=t.num_heads, intermediate_size=t.intermediate_size,
-                max_position_embeddings=t.max_position_embeddings, layer_norm_eps=t.layer_norm_eps,
-                cross_attention_frequency=t.cross_attention_freq, encoder_hidden_size=t.encoder_width,
-                hidden_dropout_prob=t.hidden_dropout, attention_probs_dropout_prob=t.attention_dropout,
-                use_qformer_text_input=t.text_ffn)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# family plumbing (blip.api)
 
 def owns(sd: StateDict) -> bool:
-    """blip.api: this family loads every LAVIS BLIP-2 checkpoint (keys ``Qformer.*`` or ``query_tokens``) and blip's
-    own stage-1 layout (``qformer.query_tokens``, bare or under the stage-1 objective's ``model.``)."""
-    from .blip2_stage1 import is_ours
+    """Every LAVIS BLIP-2 checkpoint (keys ``Qformer.*`` or ``query_tokens``) and blip's own stage-1 layout
+    (``qformer.query_tokens``, bare or under the stage-1 objective's ``model.``)."""
     return is_lavis_blip2(sd) or is_ours(sd)
 
 
-def _llm_convert():
-    """blip.convert.blip2_llm, or None when that (optional) module is absent."""
-    try:
-        from . import blip2_llm
-    except ModuleNotFoundError as e:
-        if e.name != f"{__package__}.blip2_llm":
-            raise
-        return None
-    return blip2_llm
-
-
 def load_original(sd: StateDict, source: str, arch: str | None = None, task: str | None = None, llm=None,
-                  vision_weights=None, **overrides):
-    """A LAVIS BLIP-2 ``.pth`` -> model. Stage-1 files here (:func:`blip.convert.blip2_stage1.load_lavis_stage1`),
-    LLM files (``opt_proj``/``t5_proj``/``llm_proj``, ``*_model.*``) by :func:`blip.convert.blip2_llm.load_original`.
+                  vision_weights=None, **overrides) -> nn.Module:
+    """A LAVIS BLIP-2 ``.pth`` or a blip-layout state dict -> model in eval mode (``model.load_report``).
 
-    vision_weights: the frozen ViT file (``eva_vit_g.pth`` / ``clip_vit_L.pth``) for files saved without it.
+    vision_weights: the frozen ViT file (``eva_vit_g.pth`` / ``clip_vit_L.pth``) for files saved without it;
+    llm: the HF directory of the language model for LLM files that carry no LLM weights.
     """
-    if is_lavis_stage2(sd):
-        llm_convert = _llm_convert()
-        if llm_convert is None:
-            raise CheckpointError(f"{source} is a BLIP-2 LLM checkpoint, but blip.convert.blip2_llm is missing")
-        return llm_convert.load_original(sd, source, arch=arch, task=task, llm=llm, vision_weights=vision_weights,
-                                         **overrides)
-    from .blip2_stage1 import is_ours, load_lavis_stage1, load_ours
+    if is_lavis_llm(sd):
+        return load_lavis_llm(sd, source, arch=arch, task=task, llm=llm, vision_weights=vision_weights, **overrides)
+    if task not in (None, *QFORMER_TASKS):
+        raise CheckpointError(f"{source} is a stage-1 (Q-Former) checkpoint: task must be one of {QFORMER_TASKS}")
     if is_ours(sd):
         if any(k.startswith(("llm.", "llm_proj.", "model.llm.", "model.llm_proj.")) for k in sd):
             raise CheckpointError(f"{source}: a blip-layout BLIP-2 LLM state dict; load it with its model's "
@@ -365,12 +54,120 @@ def load_original(sd: StateDict, source: str, arch: str | None = None, task: str
         if vision_weights is not None:
             raise CheckpointError(f"{source} is in blip's own layout and carries its ViT: drop vision_weights=")
         return load_ours(sd, source, arch=arch, task=task, **overrides)
-    return load_lavis_stage1(sd, source, arch=arch, task=task, vision_weights=vision_weights, **overrides)
+    return as_task(load_lavis_stage1(sd, source, arch=arch, vision_weights=vision_weights, **overrides), task)
 
 
-def __getattr__(name: str):
-    if name == "HF_LOADERS":   # ours + blip2_llm's, merged at access time (the LLM module is optional)
-        from .blip2_stage1 import HF_LOADERS as own
-        llm_convert = _llm_convert()
-        return {**own, **(llm_convert.HF_LOADERS if llm_convert is not None else {})}
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def exports(model: nn.Module) -> bool:
+    """Whether ``model`` (or the model inside a training objective) is a BLIP-2 model this facade writes."""
+    return isinstance(getattr(model, "model", model), (Blip2Qformer, Blip2LanguageModel))
+
+
+def export_hf(model: nn.Module, directory: str | Path) -> Path:
+    """Write ``model`` as the HF directory transformers loads: ``Blip2ForImageTextRetrieval`` (stage 1),
+    ``Blip2ForConditionalGeneration`` or ``InstructBlipForConditionalGeneration`` (LLM models)."""
+    model = getattr(model, "model", model)   # a training objective holds its model
+    if isinstance(model, Blip2Qformer):
+        return export_hf_qformer(model, directory)
+    if isinstance(model, Blip2LanguageModel):
+        return export_hf_llm(model, directory)
+    raise TypeError(f"{type(model).__name__} is not a BLIP-2 model")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# blip's own layout (``save_safetensors``, training checkpoints of the stage-1 objective)
+
+def is_ours(sd: StateDict) -> bool:
+    """Our Blip2Qformer keys, bare or under the objective's ``model.`` prefix (training checkpoints)."""
+    return "qformer.query_tokens" in sd or "model.qformer.query_tokens" in sd
+
+
+def save_safetensors(model: Blip2Qformer, path: str | Path) -> Path:
+    """Our layout as ``.safetensors`` with the exact config in its metadata (``blip.load(path)`` rebuilds it)."""
+    from safetensors.torch import save_file
+    meta = {"format": "pt", "blip_family": "blip2", "blip_task": "qformer",
+            "blip_config": json.dumps(dataclasses.asdict(model.cfg)), "blip_has_lm_head": str(model.has_lm_head)}
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+    return Path(path)
+
+
+def config_from_dict(d: dict) -> Blip2QformerConfig:
+    d = dict(d)
+    q = d.pop("qformer")
+    return Blip2QformerConfig(vision=VisionConfig(**d.pop("vision")),
+                              qformer=QFormerConfig(TextConfig(**q["text"]), q["num_query_tokens"]), **d)
+
+
+def _saved_metadata(source: str) -> dict:
+    if not str(source).endswith(".safetensors") or not Path(source).is_file():
+        return {}
+    from safetensors import safe_open
+    with safe_open(str(source), "pt") as f:
+        meta = f.metadata() or {}
+    return meta if meta.get("blip_family") == "blip2" else {}
+
+
+def load_ours(sd: StateDict, source: str, arch: str | None = None, task: str | None = None, **overrides) -> nn.Module:
+    """A state dict in our layout -> :class:`Blip2Qformer` (config: ``arch``, else the file's metadata, else
+    guessed from the widths). Training checkpoints of the objective (keys under ``model.``) are accepted."""
+    if "model.qformer.query_tokens" in sd:
+        sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    meta = _saved_metadata(source)
+    saved = json.loads(meta["blip_config"]) if "blip_config" in meta else None
+    if arch is not None or saved is None:
+        key = (sd["qformer.query_tokens"].shape[-1], sd["image_encoder.ln_vision.weight"].shape[0])
+        if arch is None and key not in ARCH_BY_WIDTH:
+            raise CheckpointError(f"{source}: cannot tell the arch of a Q-Former of width {key[0]}; pass arch=")
+        cfg = qformer_arch_config(arch or ARCH_BY_WIDTH[key], **overrides)
+    else:
+        cfg = dataclasses.replace(config_from_dict(saved), **overrides)
+    check_fits_before_building(lambda: Blip2Qformer(cfg), sd, source)
+    model = Blip2Qformer(cfg)
+    model.has_lm_head = meta.get("blip_has_lm_head", "True") == "True"
+    report = load_into(model, sd, source)
+    report.origins.update({p: source for p in ("image_encoder", "qformer", "lm_head", "vision_proj", "text_proj",
+                                               "itm_head", "temp")})
+    model.load_report = report
+    return as_task(model, task)
+
+
+def as_task(model: Blip2Qformer, task: str | None) -> nn.Module:
+    """A loaded stage-1 model as task "qformer" (itself) or "stage1" (its training objective), in eval mode."""
+    if task not in (None, *QFORMER_TASKS):
+        raise CheckpointError(f"a stage-1 (Q-Former) checkpoint: task must be one of {QFORMER_TASKS}, not {task!r}")
+    if task == "stage1":
+        from ..objectives.blip2_stage1 import Blip2Stage1Objective
+        return Blip2Stage1Objective(model).eval()
+    return model.eval()
+
+
+def describe(report: LoadReport) -> str:
+    """One line per part: the file its weights came from."""
+    return "\n".join(f"{part}: {where}" for part, where in sorted(report.origins.items()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# stage 1 -> stage 2
+
+def init_from_stage1(model: nn.Module, path: str | Path) -> LoadReport:
+    """Initialise ``query_tokens``, ``ln_vision`` and the Q-Former of a stage-2 / InstructBLIP model from a stage-1
+    checkpoint (LAVIS ``blip2_pretrained.pth`` or blip's own keys). Parts the stage-2 model does not have (the ITC/ITM
+    heads, ``temp``, the LM head, and without instructions the Q-Former's text embeddings and text FFN) are dropped;
+    every Q-Former / ln_vision key of the model must be covered. The ViT and LLM are untouched."""
+    sd = read_state_dict(path)
+    if any(k.startswith("Qformer.") for k in sd):
+        out, _ = lavis_vision_to_ours(sd)
+        qf, _ = lavis_qformer_to_ours(sd)
+        out.update(qf)
+    else:
+        out = dict(sd)
+    own = model.state_dict()
+    wanted = [k for k in own if k.startswith("qformer.") or k.startswith("image_encoder.ln_vision.")]
+    lacking = [k for k in wanted if k not in out]
+    if lacking:
+        raise CheckpointError(f"{path}: not a stage-1 checkpoint for this model; lacks {lacking[:6]}")
+    sub = {k: out[k] for k in wanted}
+    report = load_into(model, sub, str(path), expected_missing=[r"image_encoder\.visual_encoder\..*", r"llm\..*",
+                                                                r"llm_proj\..*"])
+    report.origins.update({"qformer": str(path), "image_encoder.ln_vision": str(path)})
+    model.stage1_report = report
+    return report

@@ -1,7 +1,7 @@
-"""BLIP (v1) family plug-in: named architectures, tasks and ``create``.
+"""The BLIP (v1) family's named architectures and inference tasks, and ``create``.
 
 Task models live in :mod:`blip.models.blip_tasks` (tensor API) with string conveniences from
-:mod:`blip.models.blip_strings`; checkpoint conversion in :mod:`blip.convert.blip`.
+:mod:`blip.models.blip_strings`; the pretraining and fine-tuning objectives in :mod:`blip.objectives`.
 """
 from __future__ import annotations
 
@@ -34,16 +34,13 @@ ARCHS: dict[str, BlipConfig] = {
 
 TASK_CLASSES: dict[str, type[nn.Module]] = {"caption": BlipCaption, "retrieval": BlipRetrieval, "vqa": BlipVQA,
                                             "feature_extractor": BlipFeatureExtractor, "nlvr": BlipNLVR}
-TASKS: tuple[str, ...] = (*TASK_CLASSES, "pretrain")
+TASKS: tuple[str, ...] = tuple(TASK_CLASSES)
 # BLIP blip_vqa.py / blip_nlvr.py build their ViT with drop_path_rate=0.1 whatever its size
 TASK_DROP_PATH: dict[str, float] = {"vqa": 0.1, "nlvr": 0.1}
 
 
 def build(cfg: BlipConfig, task: str) -> nn.Module:
-    """Build the ``task`` model for a config (``pretrain`` comes from :mod:`blip.models.blip_pretrain`)."""
-    if task == "pretrain":
-        from .blip_pretrain import BlipPretrain  # lazy: owned by the pretraining code
-        return BlipPretrain(cfg)
+    """Build the ``task`` inference model for a config."""
     if task not in TASK_CLASSES:
         raise KeyError(f"unknown BLIP task {task!r}; known: {list(TASKS)}")
     return TASK_CLASSES[task](cfg)

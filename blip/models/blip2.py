@@ -1,24 +1,23 @@
-"""The BLIP-2 family for ``blip.create_model`` / ``blip.load``: architectures and tasks.
+"""The BLIP-2 family's named architectures: stage-1 Q-Former models and stage-2 / InstructBLIP LLM models.
 
-- tasks "qformer" (the stage-1 model, :class:`Blip2Qformer`) and "stage1" (its training objective,
-  :class:`Blip2Stage1Objective`) are built here;
-- tasks "stage2" / "instruct" (frozen-LLM models) are delegated to :mod:`blip.models.blip2_llm`.
-
-``ARCHS`` merges this module's Q-Former archs with ``blip2_llm.ARCHS`` at access time (the LLM module is optional).
+Only configurations live here (no transformers import): the models are :class:`blip.models.blip2_qformer.Blip2Qformer`
+(stage 1) and :mod:`blip.models.blip2_llm` (frozen LLM); :mod:`blip.registry` maps ``(arch, task)`` to them.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torch import nn
+import torch
 
 from ..nn.vit import VisionConfig
-from .blip2_qformer import Blip2Qformer, Blip2QformerConfig
+from .blip2_qformer import Blip2QformerConfig
 from .qformer import CLIP_VIT_L, EVA_VIT_G, QFormerConfig, qformer_config
 
-QFORMER_TASKS = ("qformer", "stage1")
-LLM_TASKS = ("stage2", "instruct")
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 # tiny EVA (image 56 px, patch 14) shared by every tiny BLIP-2 arch
 TINY_VISION = VisionConfig(image_size=56, patch_size=14, width=48, depth=2, heads=4, mlp_dim=209, qkv_bias="qv",
@@ -35,37 +34,12 @@ QFORMER_ARCHS: dict[str, Blip2QformerConfig] = {
         vision=TINY_VISION,
         qformer=QFormerConfig(qformer_config(48, hidden_size=32, num_heads=4, num_layers=4, intermediate_size=128), 8),
         embed_dim=24),
-    # the sizes of the LAVIS fixture (/work/shared/fixtures/lavis/blip2_qformer): parity tests
+    # the sizes of the LAVIS test fixture (blip2_qformer): parity tests
     "blip2_lavis_tiny_qformer": Blip2QformerConfig(
         vision=TINY_VISION,
         qformer=QFormerConfig(qformer_config(48, hidden_size=16, num_heads=2, num_layers=4, intermediate_size=64), 8),
         embed_dim=24),
 }
-
-
-def _llm_module():
-    try:
-        return importlib.import_module("blip.models.blip2_llm")
-    except ModuleNotFoundError as e:
-        if e.name != "blip.models.blip2_llm":
-            raise
-        return None
-
-
-def __getattr__(name: str):
-    if name == "ARCHS":
-        llm = _llm_module()
-        return {**QFORMER_ARCHS, **(llm.ARCHS if llm is not None else {})}
-    if name == "TASKS":
-        llm = _llm_module()
-        extra = tuple(t for t in getattr(llm, "TASKS", LLM_TASKS) if t not in QFORMER_TASKS) if llm else ()
-        return QFORMER_TASKS + extra
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def tasks_for(arch: str) -> tuple[str, ...]:
-    """The tasks ``create`` can build for ``arch``: Q-Former archs -> qformer/stage1, LLM archs -> stage2/instruct."""
-    return QFORMER_TASKS if arch in QFORMER_ARCHS else LLM_TASKS
 
 
 def qformer_arch_config(arch: str, **overrides) -> Blip2QformerConfig:
@@ -75,20 +49,48 @@ def qformer_arch_config(arch: str, **overrides) -> Blip2QformerConfig:
     return dataclasses.replace(QFORMER_ARCHS[arch], **overrides)
 
 
-def create(arch: str, task: str = "qformer", **overrides) -> nn.Module:
-    """Build a randomly initialised BLIP-2 model.
+@dataclass
+class Blip2LLMConfig:
+    vision: VisionConfig = field(default_factory=lambda: EVA_VIT_G)
+    qformer: QFormerConfig = field(default_factory=lambda: QFormerConfig(qformer_config(
+        word_embeddings=False, text_ffn=False)))
+    llm: str | Path | dict | PretrainedConfig | None = None  # HF directory (real archs: llm=...) or a config
+    llm_overrides: dict = field(default_factory=dict)  # e.g. LAVIS FlanT5: {"dense_act_fn": "gelu"}
+    tokenizer: str | Path | None = None   # LLM tokenizer directory (default: ``llm`` when it is a directory)
+    eos: str | int | None = None          # "\n" (OPT convention: the id of "\n"), an id, or None: the LLM's eos
+    prompt: str = ""                      # default caption prompt
+    generation: dict = field(default_factory=dict)  # this checkpoint's caption defaults (num_beams, min_new_tokens..)
+    ln_vision_eps: float = 1e-5           # LAVIS 1e-5; HF post_layernorm uses the vision layer_norm_eps
+    frozen_dtype: str | torch.dtype | None = None  # storage dtype of the frozen ViT + LLM ("bf16", "fp16"); None: fp32
+    image_token_id: int | None = None     # HF placeholder id, rejected in input_ids (queries are prepended inside)
+    llm_train_mode: bool = False          # True: the frozen LLM follows model.train() (dropout on), as in LAVIS
 
-    task "qformer" -> :class:`Blip2Qformer`; "stage1" -> :class:`Blip2Stage1Objective` around it (overrides for the
-    objective: ``tokenizer``; the rest go to :class:`Blip2QformerConfig`); "stage2"/"instruct" -> ``blip2_llm.create``.
-    """
-    if task in QFORMER_TASKS:
-        tokenizer = overrides.pop("tokenizer", None)
-        model = Blip2Qformer(qformer_arch_config(arch, **overrides))
-        if task == "qformer":
-            return model
-        from .blip2_stage1 import Blip2Stage1Objective
-        return Blip2Stage1Objective(model, tokenizer=tokenizer)
-    llm = _llm_module()
-    if llm is None:
-        raise KeyError(f"task {task!r} needs blip.models.blip2_llm (BLIP-2 LLM models), which is not available")
-    return llm.create(arch, task, **overrides)
+
+def _tiny_llm_qformer() -> QFormerConfig:
+    """The tiny stage-1 Q-Former without its text parts (stage-2 models keep only what the queries use)."""
+    return QFormerConfig(qformer_config(encoder_width=48, hidden_size=32, num_layers=4, num_heads=4,
+                                        intermediate_size=128, word_embeddings=False, text_ffn=False), 8)
+
+
+TINY_OPT = dict(model_type="opt", vocab_size=512, hidden_size=48, num_hidden_layers=2, ffn_dim=96,
+                num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=48, do_layer_norm_before=True,
+                activation_function="relu", pad_token_id=1, bos_token_id=2, eos_token_id=2)
+TINY_T5 = dict(model_type="t5", vocab_size=416, d_model=40, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+               num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
+               pad_token_id=0, eos_token_id=1)
+TINY_LLAMA = dict(model_type="llama", vocab_size=512, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2)
+_T5_GELU = {"dense_act_fn": "gelu"}  # LAVIS builds FlanT5 with exact GELU (HF's gated-gelu means gelu_new)
+
+LLM_ARCHS: dict[str, Blip2LLMConfig] = {
+    "blip2_vitg_opt2.7b": Blip2LLMConfig(eos="\n"),
+    "blip2_vitg_opt6.7b": Blip2LLMConfig(eos="\n"),
+    "blip2_vitg_flant5xl": Blip2LLMConfig(llm_overrides=_T5_GELU),
+    "blip2_vitg_flant5xxl": Blip2LLMConfig(llm_overrides=_T5_GELU),
+    "instructblip_vicuna7b": Blip2LLMConfig(),
+    "instructblip_flant5xl": Blip2LLMConfig(llm_overrides=_T5_GELU),
+    "blip2_tiny_opt": Blip2LLMConfig(TINY_VISION, _tiny_llm_qformer(), llm=TINY_OPT, eos="\n"),
+    "blip2_tiny_t5": Blip2LLMConfig(TINY_VISION, _tiny_llm_qformer(), llm=TINY_T5, llm_overrides=_T5_GELU),
+    "blip2_tiny_llama": Blip2LLMConfig(TINY_VISION, _tiny_llm_qformer(), llm=TINY_LLAMA),
+}

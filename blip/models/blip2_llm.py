@@ -8,7 +8,7 @@
 Tensor API (pinned): ``forward(pixel_values, input_ids, attention_mask).logits`` and ``generate(pixel_values,
 input_ids, ...)`` where ``input_ids`` are LLM tokenizer ids **without image placeholders**: the queries are
 prepended inside, always (there is no path on which an image reaches the LLM without its queries).
-String API (:class:`blip.models.blip2_llm_text.LanguageInterface`): ``caption``, ``answer``, ``chat``.
+String API (:class:`blip.models.blip2_llm_strings.LanguageInterface`): ``caption``, ``answer``, ``chat``.
 
 Precision: ``frozen_dtype`` (or :meth:`Blip2LanguageModel.cast_frozen`) stores the frozen ViT and LLM in bf16/fp16;
 ``ln_vision``, the Q-Former and ``llm_proj`` stay fp32 and the projected queries are cast to the LLM's dtype at the
@@ -17,73 +17,22 @@ boundary.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from ..generation import GenerationConfig, generate
-from ..nn.vit import VisionConfig
-from .blip2_llm_lm import (CausalStep, LLMSource, Seq2SeqStep, align_padding, causal_logits, load_llm,
-                           seq2seq_encode, seq2seq_logits)
-from .blip2_llm_text import LanguageInterface
-from .qformer import EVA_VIT_G, FrozenImageEncoder, QFormer, QFormerConfig, qformer_config
+from .blip2 import LLM_ARCHS, Blip2LLMConfig
+from .blip2_llm_strings import LanguageInterface
+from .frozen_llm import (CausalStep, LLMSource, Seq2SeqStep, align_padding, causal_logits, load_llm, seq2seq_encode,
+                         seq2seq_logits)
+from .qformer import FrozenImageEncoder, QFormer, QFormerConfig
 
 DTYPES = {None: None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           torch.float32: torch.float32, torch.bfloat16: torch.bfloat16, torch.float16: torch.float16}
-
-
-@dataclass
-class Blip2LLMConfig:
-    vision: VisionConfig = field(default_factory=lambda: EVA_VIT_G)
-    qformer: QFormerConfig = field(default_factory=lambda: QFormerConfig(qformer_config(
-        word_embeddings=False, text_ffn=False)))
-    llm: LLMSource | None = None          # HF directory (real archs: pass llm=...) or a tiny HF config dict
-    llm_overrides: dict = field(default_factory=dict)  # e.g. LAVIS FlanT5: {"dense_act_fn": "gelu"}
-    tokenizer: str | Path | None = None   # LLM tokenizer directory (default: ``llm`` when it is a directory)
-    eos: str | int | None = None          # "\n" (OPT convention: the id of "\n"), an id, or None: the LLM's eos
-    prompt: str = ""                      # default caption prompt
-    generation: dict = field(default_factory=dict)  # this checkpoint's caption defaults (num_beams, min_new_tokens..)
-    ln_vision_eps: float = 1e-5           # LAVIS 1e-5; HF post_layernorm uses the vision layer_norm_eps
-    frozen_dtype: str | torch.dtype | None = None  # storage dtype of the frozen ViT + LLM ("bf16", "fp16"); None: fp32
-    image_token_id: int | None = None     # HF placeholder id, rejected in input_ids (queries are prepended inside)
-    llm_train_mode: bool = False          # True: the frozen LLM follows model.train() (dropout on), as in LAVIS
-
-
-def _tiny_vision() -> VisionConfig:
-    return VisionConfig(image_size=56, patch_size=14, width=48, depth=2, heads=4, mlp_dim=209, qkv_bias="qv",
-                        final_norm=False, layer_norm_eps=1e-6)
-
-
-def _tiny_qformer() -> QFormerConfig:
-    return QFormerConfig(qformer_config(encoder_width=48, hidden_size=32, num_layers=4, num_heads=4,
-                                        intermediate_size=128, word_embeddings=False, text_ffn=False), 8)
-
-
-TINY_OPT = dict(model_type="opt", vocab_size=512, hidden_size=48, num_hidden_layers=2, ffn_dim=96,
-                num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=48, do_layer_norm_before=True,
-                activation_function="relu", pad_token_id=1, bos_token_id=2, eos_token_id=2)
-TINY_T5 = dict(model_type="t5", vocab_size=416, d_model=40, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
-               num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
-               pad_token_id=0, eos_token_id=1)
-TINY_LLAMA = dict(model_type="llama", vocab_size=512, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
-                  bos_token_id=1, eos_token_id=2)
-_T5_GELU = {"dense_act_fn": "gelu"}  # LAVIS builds FlanT5 with exact GELU (HF's gated-gelu means gelu_new)
-
-ARCHS: dict[str, Blip2LLMConfig] = {
-    "blip2_vitg_opt2.7b": Blip2LLMConfig(eos="\n"),
-    "blip2_vitg_opt6.7b": Blip2LLMConfig(eos="\n"),
-    "blip2_vitg_flant5xl": Blip2LLMConfig(llm_overrides=_T5_GELU),
-    "blip2_vitg_flant5xxl": Blip2LLMConfig(llm_overrides=_T5_GELU),
-    "instructblip_vicuna7b": Blip2LLMConfig(),
-    "instructblip_flant5xl": Blip2LLMConfig(llm_overrides=_T5_GELU),
-    "blip2_tiny_opt": Blip2LLMConfig(_tiny_vision(), _tiny_qformer(), llm=TINY_OPT, eos="\n"),
-    "blip2_tiny_t5": Blip2LLMConfig(_tiny_vision(), _tiny_qformer(), llm=TINY_T5, llm_overrides=_T5_GELU),
-    "blip2_tiny_llama": Blip2LLMConfig(_tiny_vision(), _tiny_qformer(), llm=TINY_LLAMA),
-}
-TASKS = ("stage2", "instruct")
+LLM_TASKS = ("stage2", "instruct")
 
 
 @dataclass
@@ -279,20 +228,18 @@ def instruct_qformer(cfg: QFormerConfig) -> QFormerConfig:
 
 
 def create(arch: str, task: str = "stage2", *, llm: LLMSource | nn.Module | None = None,
-           qformer_from: str | Path | None = None, **overrides) -> Blip2LanguageModel:
+           **overrides) -> Blip2LanguageModel:
     """Build a stage-2 BLIP-2 (``task="stage2"``) or InstructBLIP (``task="instruct"``) model.
 
     llm: HF directory of the language model (required for the real archs), a config dict, or a built HF model.
-    qformer_from: a stage-1 checkpoint (LAVIS ``blip2_pretrained.pth`` or blip's own) whose query tokens,
-    ln_vision and Q-Former initialise this model (the stage-1 -> stage-2 hand-off).
     overrides: fields of :class:`Blip2LLMConfig` (``frozen_dtype="bf16"``, ``prompt=...``, ``eos=...``); ``dtype`` is
     accepted for ``frozen_dtype``.
     """
-    if arch not in ARCHS:
-        raise KeyError(f"unknown BLIP-2 LLM arch {arch!r}; known: {sorted(ARCHS)}")
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    cfg = copy.deepcopy(ARCHS[arch])
+    if arch not in LLM_ARCHS:
+        raise KeyError(f"unknown BLIP-2 LLM arch {arch!r}; known: {sorted(LLM_ARCHS)}")
+    if task not in LLM_TASKS:
+        raise ValueError(f"task must be one of {LLM_TASKS}, got {task!r}")
+    cfg = copy.deepcopy(LLM_ARCHS[arch])
     if "dtype" in overrides:
         overrides["frozen_dtype"] = overrides.pop("dtype")
     built = llm if isinstance(llm, nn.Module) else None
@@ -303,8 +250,4 @@ def create(arch: str, task: str = "stage2", *, llm: LLMSource | nn.Module | None
     cfg = replace(cfg, **overrides)
     if task == "instruct":
         cfg.qformer = instruct_qformer(cfg.qformer)
-    model = (InstructBlipLanguageModel if task == "instruct" else Blip2LanguageModel)(cfg, llm=built)
-    if qformer_from is not None:
-        from ..convert.blip2_llm import init_from_stage1
-        init_from_stage1(model, qformer_from)
-    return model
+    return (InstructBlipLanguageModel if task == "instruct" else Blip2LanguageModel)(cfg, llm=built)

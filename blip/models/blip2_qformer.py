@@ -10,8 +10,8 @@ the image features -> heads:
   the query keys/values come from a cache filled by the query pass (the paper's reuse), the LM head is tied to the
   word embeddings.
 
-The tensor API follows /work/shared/DESIGN.md: ids are used as given (callers put [CLS] for ITC/ITM, [DEC] for ITG);
-the stage-1 training objective is :class:`blip.models.blip2_stage1.Blip2Stage1Objective`.
+The tensor API takes ids as given (callers put [CLS] for ITC/ITM, [DEC] for ITG); the stage-1 training objective is
+:class:`blip.objectives.blip2_stage1.Blip2Stage1Objective`.
 """
 from __future__ import annotations
 

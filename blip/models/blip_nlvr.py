@@ -4,7 +4,7 @@ ViT over both images (one pass over the concatenated batch) -> image-grounded te
 cross-attention layer reads the two images separately (:class:`~blip.nn.transformer.TwinCrossAttention`: averaged
 in layers 0-5, merged by a linear layer from layer 6 on, as BLIP's ``nlvr_encoder``) -> ``cls_head`` (Linear, ReLU,
 Linear) on the first token -> 2 logits; class 1 = "True". Trained with plain cross-entropy (BLIP ``train_nlvr.py``;
-:class:`blip.models.blip_finetune.NLVRObjective`).
+:class:`blip.objectives.blip_finetune.NLVRObjective`).
 
 Tensor API (ids exactly as given: BLIP feeds ``[ENC] sentence [SEP]``, padded to the longest, never truncated)::
 

@@ -1,6 +1,6 @@
 """BLIP (v1) task models: captioner, retrieval (ITC + ITM), VQA (generate and rank), feature extractor.
 
-All take preprocessed ``pixel_values`` [B, 3, H, W] and token ids exactly as given (DESIGN.md: no token is added,
+All take preprocessed ``pixel_values`` [B, 3, H, W] and token ids exactly as given (no token is added,
 replaced or dropped here); the string conveniences in :mod:`blip.models.blip_strings` apply BLIP's conventions.
 Module names follow LAVIS's top level (``visual_encoder``, ``text_encoder``, ``text_decoder``, ``vision_proj``,
 ``text_proj``, ``itm_head``) so checkpoints convert by prefix.

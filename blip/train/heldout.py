@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
 from ..evaluation.retrieval import recall_at_k
@@ -54,3 +55,26 @@ def attribute_accuracy(generated: Sequence[str], references: Sequence[str], pars
     out = {f"acc_{k}": 100 * v / n for k, v in totals.items()}
     out["acc_all_attributes"] = 100 * exact / n
     return out
+
+
+@torch.no_grad()
+def caption_eval(objective: nn.Module, batches: Iterable[dict], device: torch.device, cfg: DictConfig) -> dict:
+    """Stage-2 embedded default: generate captions for held-out images; accuracy of the attributes they name
+    (synthetic data)."""
+    from blip.data.synthetic import parse_attributes
+
+    model = objective.model if hasattr(objective, "model") else objective
+    model.eval()
+    tokenizer = objective.tokenizer
+    generated, references = [], []
+    for batch in batches:
+        out = model.generate(batch["pixel_values"].to(device), max_new_tokens=int(cfg.eval.max_new_tokens),
+                             min_new_tokens=int(cfg.eval.min_new_tokens), num_beams=int(cfg.eval.num_beams))
+        # no prompt: the output is the caption (the OPT convention ends it with "\n")
+        generated += [t.split("\n")[0].strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
+        references += batch["text"]
+    result = attribute_accuracy(generated, references, parse_attributes)
+    result["num_images"] = len(references)
+    result["samples"] = [{"reference": r, "generated": g}
+                         for r, g in zip(references[:cfg.eval.num_captions_shown], generated)]
+    return result

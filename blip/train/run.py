@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import json
 import logging
@@ -21,6 +20,7 @@ from blip.data.mixing import mixing_weights
 from blip.data.text import text_cleaner
 from blip.data.webdataset import WebDatasetSource
 from blip.evaluation.runner import benchmark_data, evaluate_after_training
+from blip.runs import build_model, checkpoint_path
 from blip.train.checkpoint import list_checkpoints, load_checkpoint, remove_stale_tmp
 from blip.train.distributed import DistInfo, barrier, block_lists, init_distributed, unwrap, wrap_model
 from blip.train.loop import Trainer
@@ -38,39 +38,6 @@ def quote_stage_override(argv: list[str]) -> list[str]:
 
 
 # ---- model -------------------------------------------------------------------------------------------------
-def resolve(dotted: str):
-    """"pkg.mod:attr" or "pkg.mod.attr" → the object."""
-    module, _, attr = dotted.partition(":") if ":" in dotted else dotted.rpartition(".")
-    return getattr(importlib.import_module(module), attr)
-
-
-def build_model(model_cfg: DictConfig) -> nn.Module:
-    overrides = OmegaConf.to_container(model_cfg.overrides, resolve=True) if model_cfg.get("overrides") else {}
-    if model_cfg.get("objective"):
-        overrides["objective"] = OmegaConf.to_container(model_cfg.objective, resolve=True)
-    for key in ("llm", "llm_tokenizer"):  # BLIP-2 stage 2
-        if model_cfg.get(key):
-            overrides[key] = model_cfg[key]
-    model = resolve(model_cfg.builder)(model_cfg.arch, model_cfg.task, **overrides)
-    patterns = [re.compile(p) for p in model_cfg.get("freeze") or []]
-    frozen = [n for n, p in model.named_parameters() if any(r.search(n) for r in patterns)]
-    for name, param in model.named_parameters():
-        if name in frozen:
-            param.requires_grad_(False)
-    if patterns:
-        log.info("frozen by model.freeze %s: %d parameter tensors", list(model_cfg.freeze), len(frozen))
-    return model
-
-
-def checkpoint_path(path: str | Path) -> Path:
-    """A checkpoint directory, or the newest checkpoint of a run directory."""
-    p = Path(path)
-    if (p / "state.pt").exists():
-        return p
-    found = list_checkpoints(p / "checkpoints")
-    if not found:
-        raise FileNotFoundError(f"no checkpoint in {p} (expected {p}/state.pt or {p}/checkpoints/step_*/)")
-    return found[-1]
 
 
 def load_init_weights(model: nn.Module, path: str | Path) -> None:
@@ -276,7 +243,7 @@ def run(cfg: DictConfig) -> dict:
         log.warning("%s/%s starts from random weights: set init_from=<run dir> to fine-tune pretrained weights",
                     cfg.model.arch, cfg.model.task)
     if cfg.stage.id == 2 and t.get("llm_warmup_steps") and resume_from is None:  # a checkpoint holds the warm LLM
-        from blip.train.stage2 import warm_up_llm
+        from blip.train.llm_warmup import warm_up_llm
 
         warm_up_llm(model, sources, t, info)
     torch.manual_seed(cfg.seed + info.rank)
@@ -353,7 +320,7 @@ def evaluate(model: nn.Module, cfg: DictConfig, source, info: DistInfo) -> dict:
     batches = eval_batches(source, transform, cfg.eval.batch_size, text_cleaner("caption", cfg.data.max_words),
                            cfg.data.get("max_image_pixels"))
     if cfg.stage.id == 2:
-        from blip.train.stage2 import caption_eval
+        from blip.train.heldout import caption_eval
 
         return caption_eval(model, batches, info.device, cfg)
     return retrieval_eval(model, batches, info.device)

@@ -1,4 +1,5 @@
-"""The stage-2 embedded default: a stand-in "pretrained" LLM, and captioning evaluation on held-out images.
+"""The stage-2 embedded default (synthetic shapes, offline): a language-model warm-up that stands in for a pretrained
+LLM.
 
 BLIP-2 stage 2 teaches the Q-Former to speak to a frozen *pretrained* LLM. Offline there is none, and a random tiny
 LLM cannot caption, so the default first gives the tiny LLM a short language-model warm-up on the training captions
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterable
 
 import torch
 from omegaconf import DictConfig
@@ -22,7 +22,6 @@ from torch import nn
 
 from blip.data.skips import SkipCounter
 from blip.train.distributed import DistInfo
-from blip.train.heldout import attribute_accuracy
 
 log = logging.getLogger("blip.train")
 
@@ -84,25 +83,3 @@ def bag_of_words(caption: str, tokenizer, length: int, generator: torch.Generato
     words = [words[i] for i in torch.randperm(len(words), generator=generator).tolist()]
     ids = tokenizer(" ".join(words), add_special_tokens=False).input_ids[:length]
     return torch.tensor(ids + [tokenizer.pad_token_id] * (length - len(ids)), dtype=torch.long)
-
-
-@torch.no_grad()
-def caption_eval(objective: nn.Module, batches: Iterable[dict], device: torch.device, cfg: DictConfig) -> dict:
-    """Generate captions for held-out images; accuracy of the attributes they name (synthetic data)."""
-    from blip.data.synthetic import parse_attributes
-
-    model = objective.model if hasattr(objective, "model") else objective
-    model.eval()
-    tokenizer = objective.tokenizer
-    generated, references = [], []
-    for batch in batches:
-        out = model.generate(batch["pixel_values"].to(device), max_new_tokens=int(cfg.eval.max_new_tokens),
-                             min_new_tokens=int(cfg.eval.min_new_tokens), num_beams=int(cfg.eval.num_beams))
-        # no prompt: the output is the caption (the OPT convention ends it with "\n")
-        generated += [t.split("\n")[0].strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
-        references += batch["text"]
-    result = attribute_accuracy(generated, references, parse_attributes)
-    result["num_images"] = len(references)
-    result["samples"] = [{"reference": r, "generated": g}
-                         for r, g in zip(references[:cfg.eval.num_captions_shown], generated)]
-    return result

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..data.text import answer_weights
 from ..data.tokenizer import DEC_TOKEN_ID, ENC_TOKEN_ID, PAD_TOKEN_ID, get_tokenizer, tokenize, with_first_token
 from ..losses import FeatureQueue, concat_all_gather, lm_loss
-from .blip_pretrain import MomentumDistillation, itm_hard_negatives, momentum_itc, ramped_alpha
+from .momentum import MomentumDistillation, itm_hard_negatives, momentum_itc, ramped_alpha
 
 
 class TaskObjective(nn.Module):

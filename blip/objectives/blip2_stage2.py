@@ -7,7 +7,7 @@
   ``</s>``; that term carries no caption information and is left out).
 - encoder-decoder LLMs (FlanT5): the paper's **prefix LM**: each caption's tokens are split at a point drawn uniformly
   from 1 .. max(1, n // 2); the prefix (+ ``</s>``) goes to the encoder after the queries, the rest (+ ``</s>``) is the
-  decoder target. LAVIS never implemented the split; with ``text_input``/``text_output`` in the batch the LAVIS
+  decoder target (:mod:`blip.objectives.prefix_lm`). LAVIS never implemented the split; with ``text_input``/``text_output`` in the batch the LAVIS
   behaviour (encoder reads text_input, decoder predicts text_output) is used instead.
 - instruction tuning / VQA (``text_input`` + ``text_output``; InstructBLIP always): decoder-only LLMs read bos +
   text_input + text_output + eos text with the loss on the output part only (LAVIS ``concat_text_input_output``);
@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..losses import lm_loss
-from .blip2_llm_lm import align_padding
+from ..models.frozen_llm import align_padding
+from .prefix_lm import pad_rows, prefix_lm_batch, split_point, text_pair_batch
 
 
 class Blip2Stage2Objective(nn.Module):
@@ -76,11 +77,11 @@ class Blip2Stage2Objective(nn.Module):
             tail = tok(out + eos, add_special_tokens=False, truncation=True, max_length=self.max_txt_len).input_ids
             rows.append(head + tail)
             starts.append(len(head))
-        padded = self._pad(rows, "input_ids", "attention_mask")
-        labels = padded["input_ids"].masked_fill(padded["attention_mask"] == 0, -100)
+        ids, mask = pad_rows(rows, self.model.pad_token_id)
+        labels = ids.masked_fill(mask == 0, -100)
         for i, start in enumerate(starts):
             labels[i, :start] = -100
-        return {**padded, "labels": labels}
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def qformer_batch(self, instructions: list[str]) -> dict[str, Tensor]:
         """InstructBLIP: the instruction as Q-Former BERT ids ([CLS] ... [SEP], truncated on the left as LAVIS)."""
@@ -88,47 +89,22 @@ class Blip2Stage2Objective(nn.Module):
                                          max_length=self.max_txt_len, return_tensors="pt")
         return {"qformer_input_ids": q.input_ids, "qformer_attention_mask": q.attention_mask}
 
-    # ---- encoder-decoder ---------------------------------------------------------------------------------------
+    # ---- encoder-decoder (FlanT5): :mod:`blip.objectives.prefix_lm` ---------------------------------------------
     def split_point(self, n: int) -> int:
         """Prefix length for a caption of n tokens: uniform in 1 .. max(1, n // 2) (BLIP-2 §3.3, prefix LM)."""
-        high = max(1, n // 2)
-        return int(torch.randint(1, high + 1, (1,), generator=self.generator))
+        return split_point(n, self.generator)
 
     def prefix_lm_batch(self, texts: list[str], splits: list[int] | None = None) -> dict[str, Tensor]:
-        """Captions -> encoder ids [B, Te] (prompt + prefix + </s>), labels [B, Td] (suffix + </s>, pad -100),
-        decoder_input_ids (labels shifted right after the decoder start), decoder_attention_mask.
-        splits: the prefix lengths (default: drawn with :meth:`split_point`)."""
-        tok = self.tokenizer
-        eos = tok.eos_token_id
-        prompt = tok(self.prompt, add_special_tokens=False).input_ids if self.prompt else []
-        enc, dec = [], []
-        for i, text in enumerate(texts):
-            ids = tok(text, add_special_tokens=False).input_ids[:self.max_txt_len - 1]
-            k = splits[i] if splits is not None else self.split_point(len(ids))
-            enc.append(prompt + ids[:k] + [eos])
-            dec.append(ids[k:] + [eos])
-        return {**self._pad(enc, "input_ids", "attention_mask"), **self._targets(dec)}
+        """Captions split into encoder prefix and decoder target (see :func:`prefix_lm_batch`)."""
+        return prefix_lm_batch(self.tokenizer, texts, self._t5_ids(), prompt=self.prompt,
+                               max_txt_len=self.max_txt_len, splits=splits, generator=self.generator)
 
     def text_pair_batch(self, inputs: list[str], outputs: list[str]) -> dict[str, Tensor]:
         """LAVIS Blip2T5 mode: encoder reads ``text_input``, the decoder predicts ``text_output`` (both with </s>)."""
-        tok = self.tokenizer
-        enc = [tok(t, truncation=True, max_length=self.max_txt_len).input_ids for t in inputs]
-        dec = [tok(t, truncation=True, max_length=self.max_txt_len).input_ids for t in outputs]
-        return {**self._pad(enc, "input_ids", "attention_mask"), **self._targets(dec)}
+        return text_pair_batch(self.tokenizer, inputs, outputs, self._t5_ids(), max_txt_len=self.max_txt_len)
 
-    def _pad(self, seqs: list[list[int]], ids_key: str, mask_key: str) -> dict[str, Tensor]:
-        width = max(len(s) for s in seqs)
-        pad = self.model.pad_token_id
-        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-        return {ids_key: ids, mask_key: mask}
-
-    def _targets(self, seqs: list[list[int]]) -> dict[str, Tensor]:
-        padded = self._pad(seqs, "ids", "mask")
-        labels = padded["ids"].masked_fill(padded["mask"] == 0, -100)
-        start = self.model.llm.config.decoder_start_token_id
-        shifted = torch.cat([torch.full_like(labels[:, :1], start), padded["ids"][:, :-1]], dim=1)
-        return {"labels": labels, "decoder_input_ids": shifted, "decoder_attention_mask": padded["mask"]}
+    def _t5_ids(self) -> tuple[int, int]:
+        return self.model.pad_token_id, self.model.llm.config.decoder_start_token_id
 
     # ---- loss ---------------------------------------------------------------------------------------------------
     def forward(self, batch: dict) -> dict[str, Tensor]:

@@ -1,4 +1,7 @@
-"""CapFilt (BLIP paper §3.3): bootstrap a noisy image–text dataset with a captioner and a filter.
+"""CapFilt (BLIP paper §3.3): bootstrap a noisy image–text dataset with a captioner and a filter; the job.
+
+The two steps: :mod:`blip.capfilt.captioner` (sampling synthetic captions) and :mod:`blip.capfilt.filter` (ITM
+scores, the keep rule). This module runs them over sharded inputs, resumably.
 
 For every image the captioner (a COCO-fine-tuned :class:`~blip.models.blip_tasks.BlipCaption`) samples
 ``num_captions`` synthetic captions (nucleus sampling, top_p 0.9); the filter (a COCO-fine-tuned
@@ -29,7 +32,6 @@ one, whatever the number of ranks, the batch size or the chunk size.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -45,13 +47,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .data.datasets import check_text, read_annotations
-from .data.images import ImageTooLargeError, load_image
-from .data.skips import BadSample, DatasetError, SkipCounter
-from .data.text import pre_caption
-from .data.tokenizer import ENC_TOKEN_ID, caption_prompt_ids, get_tokenizer, tokenize, with_first_token
-from .data.transforms import image_transform
-from .data.webdataset import WebDatasetSource, stable_id
+from ..data.datasets import check_text, read_annotations
+from ..data.images import ImageTooLargeError, load_image
+from ..data.skips import BadSample, DatasetError, SkipCounter
+from ..data.text import pre_caption
+from ..data.tokenizer import get_tokenizer
+from ..data.transforms import image_transform
+from ..data.webdataset import WebDatasetSource, stable_id
+from .captioner import sample_captions
+from .filter import itm_match_scores, keep_caption
 
 log = logging.getLogger("blip.capfilt")
 PASS_THROUGH_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -131,12 +135,6 @@ class CapFiltInput:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def sample_seed(seed: int, key: str, caption: int) -> int:
-    """A 63-bit seed for one synthetic caption of one sample, stable across runs, processes and batchings."""
-    digest = hashlib.blake2b(f"{seed}:{key}:{caption}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -187,39 +185,14 @@ class CapFilt:
             image_transform(filter_model.cfg.image_size, train=False, kind="blip")
 
     # ---- one batch ------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def synthesize(self, pixels: torch.Tensor, keys: list[str]) -> list[list[str]]:
-        """[B, 3, H, W] -> B lists of ``num_captions`` sampled captions (prompt stripped); ``keys`` seed each one."""
-        c, n = self.cfg, self.cfg.num_captions
-        pixels = pixels.repeat_interleave(n, dim=0)
-        ids = caption_prompt_ids(self.tokenizer, c.prompt, pixels.shape[0]).to(self.device)
-        plen = ids.shape[1]
-        out = self.captioner.generate(pixels, ids, max_new_tokens=c.max_length - plen,
-                                      min_new_tokens=max(c.min_length - plen, 0), do_sample=True, top_p=c.top_p,
-                                      repetition_penalty=c.repetition_penalty,
-                                      generator=[torch.Generator().manual_seed(sample_seed(c.seed, key, j))
-                                                 for key in keys for j in range(n)])
-        texts = [t[len(c.prompt):].strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
-        return [texts[i * n:(i + 1) * n] for i in range(len(texts) // n)]
+        """[B, 3, H, W] -> B lists of ``num_captions`` sampled captions (:func:`blip.capfilt.captioner.sample_captions`)."""
+        return sample_captions(self.captioner, self.tokenizer, pixels, keys, self.cfg, self.device)
 
-    @torch.no_grad()
     def itm_scores(self, pixels: torch.Tensor, texts: list[list[str]]) -> list[list[float]]:
-        """ITM match probability of every (image i, text) for the texts of image i."""
-        counts = [len(t) for t in texts]
-        flat = [t for ts in texts for t in ts]
-        if not flat:
-            return [[] for _ in texts]
-        image_embeds = self.filter.image_embeds(pixels)
-        image_embeds = image_embeds.repeat_interleave(torch.tensor(counts, device=self.device), dim=0)
-        enc = tokenize(self.tokenizer, flat, max_length=35, allow_empty=True)
-        ids = with_first_token(enc["input_ids"], ENC_TOKEN_ID).to(self.device)
-        logits = self.filter.itm_logits_from_embeds(image_embeds, ids, enc["attention_mask"].to(self.device))
-        probs = logits.float().softmax(-1)[:, 1].tolist()
-        out, i = [], 0
-        for n in counts:
-            out.append(probs[i:i + n])
-            i += n
-        return out
+        """ITM match probability of every (image i, text) for the texts of image i
+        (:func:`blip.capfilt.filter.itm_match_scores`)."""
+        return itm_match_scores(self.filter, self.tokenizer, pixels, texts, self.device)
 
     def _prepare(self, raw: dict) -> dict:
         """Decode + transform (runs in a worker thread): the item, or {"key", "reason", "detail"} if it is skipped.
@@ -259,7 +232,7 @@ class CapFilt:
             for cap, s in zip(caps, sc):
                 filtered = c.filter_web if cap["source"] == "web" else c.filter_synthetic
                 cap["itm_score"] = round(s, 6)
-                cap["kept"] = bool(cap["score_text"]) and (not filtered or s >= c.threshold)
+                cap["kept"] = keep_caption(cap["score_text"], s, c.threshold, filtered)
                 del cap["score_text"]
             rec = {"key": it["key"], "image_id": it["image_id"], "captions": caps, "_bytes": it["bytes"],
                    "_ext": it["ext"], **({"bad_web_captions": it["bad_web_captions"]} if "bad_web_captions" in it
@@ -434,14 +407,14 @@ def load_task_model(source: str | Path | None, arch: str, task: str, image_size:
     import blip
     from omegaconf import OmegaConf
 
-    from .checkpoints import read_torch_file
-    from .models.blip_pretrain import load_pretrain_weights
+    from ..checkpoints import read_torch_file
+    from ..objectives.blip_pretrain import load_pretrain_weights
 
     if source is None:
         return blip.create_model(arch, task, **({"image_size": image_size} if image_size else {}))
     path = Path(source)
     if path.is_dir() and ((path / "state.pt").exists() or (path / "checkpoints").is_dir()):
-        from .train.run import checkpoint_path
+        from ..runs import checkpoint_path
         ckpt = checkpoint_path(path)
         config = next((d / "config.yaml" for d in (ckpt, ckpt.parent.parent) if (d / "config.yaml").exists()), None)
         if config is not None:
@@ -493,5 +466,3 @@ def output_urls(out_dir: str | Path) -> list[str]:
     summary = json.loads((Path(out_dir) / "summary.json").read_text())
     return [str(Path(out_dir) / s) for s in summary["shards"]]
 
-
-__all__ = ["CapFilt", "CapFiltConfig", "CapFiltInput", "CapFiltSettingsError", "load_task_model", "merge_outputs", "output_urls", "sample_seed"]

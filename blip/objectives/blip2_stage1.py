@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from ..data.tokenizer import DEC_TOKEN_ID, PAD_TOKEN_ID, get_tokenizer, tokenize, with_first_token
 from ..losses import (all_gather_with_grad, concat_all_gather, itc_loss, itm_loss, lm_loss, rank,
                       sample_hard_negatives)
+from ..models.blip2_qformer import Blip2Qformer, query_similarity
 from ..nn.attention import ConcatKVCache
-from .blip2_qformer import Blip2Qformer, query_similarity
 
 
 class Blip2Stage1Objective(nn.Module):

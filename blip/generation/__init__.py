@@ -1,0 +1,9 @@
+"""Decoding over a KV cache: greedy, beam search, nucleus sampling, model-agnostic and HF-exact.
+
+:func:`generate` (:mod:`.decode`) runs the loop; :mod:`.sampling` and :mod:`.beam_search` choose the tokens;
+:mod:`.core` holds the settings, the logits processors and the decoding state.
+"""
+from .core import GenerationConfig, apply_repetition_penalty, top_k_filter, top_p_filter
+from .decode import generate
+
+__all__ = ["GenerationConfig", "apply_repetition_penalty", "generate", "top_k_filter", "top_p_filter"]

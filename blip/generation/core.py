@@ -1,0 +1,107 @@
+"""What every search shares: the generation settings, the logits processors (repetition penalty, eos before
+``min_new_tokens``, top-k / top-p) and the fixed-shape decoding state."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+StepFn = Callable[[Tensor, Tensor], Tensor]
+ReorderFn = Callable[[Tensor], None]
+NEG = -1.0e9
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 20
+    min_new_tokens: int = 0
+    num_beams: int = 1
+    do_sample: bool = False
+    top_p: float = 1.0
+    top_k: int = 0
+    temperature: float = 1.0
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+    early_stopping: bool = False
+    eos_token_id: int | None = None
+    pad_token_id: int = 0
+    beam_length_convention: str = "generated"   # "generated" (HF >= 4.38) or "total" (HF 4.2x: BLIP, LAVIS)
+    compile: bool | str = False     # True: torch.compile(mode="reduce-overhead"); a string: that compile backend
+    stop_check_every: int = 0       # steps between host stop checks; 0: 1 eager, 8 compiled
+
+    def __post_init__(self):
+        if self.num_beams < 1 or self.max_new_tokens < 0 or self.min_new_tokens < 0:
+            raise ValueError("num_beams >= 1, max_new_tokens >= 0 and min_new_tokens >= 0 are required")
+        if self.do_sample and self.num_beams > 1:
+            raise ValueError("sampling with beams is not supported: use num_beams=1 with do_sample=True")
+        if self.beam_length_convention not in ("generated", "total"):
+            raise ValueError(f"beam_length_convention must be 'generated' or 'total', got {self.beam_length_convention!r}")
+        if self.stop_check_every < 0:
+            raise ValueError(f"stop_check_every must be >= 0, got {self.stop_check_every}")
+
+
+def apply_repetition_penalty(scores: Tensor, seqs: Tensor, penalty: float, valid: Tensor | None = None) -> Tensor:
+    """CTRL penalty on every token of ``seqs`` [N, L] (prompt included), as HF does; ``valid`` [L] or [N, L]
+    restricts it to the positions written so far (a preallocated buffer)."""
+    if penalty == 1.0:
+        return scores
+    valid = torch.ones_like(seqs, dtype=torch.bool) if valid is None else valid.expand_as(seqs)
+    seen = torch.zeros_like(scores).scatter_add_(1, seqs, valid.to(scores.dtype)) > 0
+    return torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
+
+
+def top_p_filter(scores: Tensor, top_p: float) -> Tensor:
+    """Nucleus filter: keep the smallest set of tokens whose probability mass exceeds ``top_p``."""
+    if top_p >= 1.0:
+        return scores
+    sorted_scores, order = scores.sort(dim=-1)
+    remove_sorted = sorted_scores.softmax(-1).cumsum(-1) <= 1 - top_p
+    remove_sorted[..., -1] = False
+    return scores.masked_fill(remove_sorted.scatter(1, order, remove_sorted), float("-inf"))
+
+
+def top_k_filter(scores: Tensor, top_k: int) -> Tensor:
+    if top_k <= 0 or top_k >= scores.shape[-1]:
+        return scores
+    kth = scores.topk(top_k, dim=-1).values[..., -1:]
+    return scores.masked_fill(scores < kth, float("-inf"))
+
+
+def process_logits(scores: Tensor, seqs: Tensor, written: Tensor, step: Tensor, cfg: GenerationConfig) -> Tensor:
+    """Repetition penalty over the ``written`` positions of ``seqs``; no eos before ``min_new_tokens``
+    (step: device scalar, the index of the new token being chosen)."""
+    scores = apply_repetition_penalty(scores, seqs, cfg.repetition_penalty, written)
+    if cfg.eos_token_id is not None and cfg.min_new_tokens > 0:
+        is_eos = torch.arange(scores.shape[-1], device=scores.device) == cfg.eos_token_id
+        scores = scores.masked_fill(is_eos & (step < cfg.min_new_tokens), float("-inf"))
+    return scores
+
+
+class DecodeState:
+    """Fixed-shape decoding state on the device, updated in place (a captured graph reads and writes the same
+    addresses at every step).
+
+    seqs, mask: [N, L] token buffer and attention mask of the final length L = prompt + max_new_tokens (pad / 0
+    where nothing is written yet); cur: device scalar, the position being chosen; logits: [N, V] float, the
+    scores of that position. Greedy/sampling add ``finished`` [N], ``count`` [N] (tokens emitted up to eos) and
+    ``uniforms`` [N, max_new] (per-row generators); beam search adds its hypotheses (:func:`beam_init`).
+    """
+
+    def __init__(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int, pad_token_id: int):
+        n, self.prompt_len = input_ids.shape
+        length, dev = self.prompt_len + max_new_tokens, input_ids.device
+        self.seqs = input_ids.new_full((n, length), pad_token_id)
+        self.seqs[:, :self.prompt_len] = input_ids
+        self.mask = attention_mask.new_zeros((n, length))
+        self.mask[:, :self.prompt_len] = attention_mask
+        self.cols = torch.arange(length, device=dev)
+        self.cur = torch.tensor(self.prompt_len, device=dev)
+
+    def mark_static(self) -> None:
+        """CUDA graphs may update these in place (torch.compile(mode="reduce-overhead"))."""
+        for t in vars(self).values():
+            if isinstance(t, Tensor):
+                torch._dynamo.mark_static_address(t)

@@ -1,0 +1,95 @@
+"""The package's import graph: no cycles, and no import from a lower layer to a higher one.
+
+Every import is counted, at module level and inside functions (a lazy import is still a dependency). The layers,
+low to high: the shared core (nn, data, losses, generation, checkpoints, evaluation metrics, zoo) < models <
+objectives < convert < the application modules (registry, api, train, capfilt, cli, ...), which may import any layer
+below and each other (without cycles). The benchmark runners in evaluation (``runner``, ``tasks``, ``retrieval``) load and drive
+whole models (retrieval.py also holds the recall metric), so they count as application modules.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import blip
+
+PACKAGE = Path(blip.__file__).resolve().parent
+LAYERS = [
+    {"nn", "data", "losses", "generation", "checkpoints", "evaluation", "zoo"},
+    {"models"},
+    {"objectives"},
+    {"convert"},
+]
+APPLICATION = len(LAYERS)   # everything else
+RUNNERS = {"blip.evaluation.runner", "blip.evaluation.tasks", "blip.evaluation.retrieval"}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
+    """The blip modules ``name`` imports (``from pkg import sub`` counts as importing ``pkg.sub``)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+        else:
+            continue
+        found |= {t for t in targets if t in known and t != name}
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    return {name: imports_of(name, path, set(mods)) for name, path in mods.items()}
+
+
+def layer(name: str) -> int:
+    parts = name.split(".")
+    if name in RUNNERS or len(parts) == 1:
+        return APPLICATION
+    return next((i for i, members in enumerate(LAYERS) if parts[1] in members), APPLICATION)
+
+
+def test_no_import_from_a_lower_layer_to_a_higher_one():
+    wrong = [f"{a} -> {b}" for a, targets in graph().items() for b in sorted(targets) if layer(b) > layer(a)]
+    assert not wrong, "imports that go up the layers:\n" + "\n".join(sorted(wrong))
+
+
+def test_no_import_cycle():
+    g = graph()
+    state: dict[str, int] = {}   # 1: on the current path, 2: done
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(g[node]):
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join(path[path.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for start in sorted(g):
+        if start not in state:
+            visit(start, [start])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_the_walk_sees_function_level_imports():
+    g = graph()
+    assert "blip.objectives.blip_pretrain" in g["blip.registry"]   # imported inside a builder function
+    assert "blip.models.blip" in g["blip.registry"] and "blip.losses.itc" in g["blip.losses"]
