@@ -179,6 +179,7 @@ def cmd_convert(args) -> int:
         raise TypeError(f"{type(model).__name__} has no export format")
     out = Path(args.output)
     print(convert.export_hf(model, out) if args.to == "hf" else convert.save_safetensors(model, out))
+    return 0
 
 
 def cmd_models(args) -> int:

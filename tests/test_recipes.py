@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import blip
-from blip.models.blip import create
+from blip import create_model as create
 from blip.zoo import PRETRAINED, Pretrained
 
 LAVIS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "lavis"
