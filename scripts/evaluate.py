@@ -35,7 +35,7 @@ def main(cfg: DictConfig) -> None:
         logging.getLogger().setLevel(logging.WARNING)
     torch.manual_seed(cfg.seed)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    model = load_model(str(cfg.checkpoint), model_cfg, info.device)
+    model = load_model(str(cfg.checkpoint), model_cfg, info.device, cfg.precision)
     label = {"checkpoint": str(cfg.checkpoint), "zero_shot": bool(cfg.zero_shot)}
     evaluate(model, cfg.task, cfg.split, cfg.data.root, cfg.output_dir, context_settings(cfg, info), data=data,
              label=label)
