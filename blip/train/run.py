@@ -20,6 +20,7 @@ from blip.data.mixing import mixing_weights
 from blip.data.text import text_cleaner
 from blip.data.webdataset import WebDatasetSource
 from blip.evaluation.runner import benchmark_data, evaluate_after_training
+from blip.registry import BLIP_FINETUNE_TASKS
 from blip.runs import build_model, checkpoint_path
 from blip.train.checkpoint import list_checkpoints, load_checkpoint, remove_stale_tmp
 from blip.train.distributed import DistInfo, barrier, block_lists, init_distributed, unwrap, wrap_model
@@ -239,7 +240,7 @@ def run(cfg: DictConfig) -> dict:
     init = locate(str(cfg.init_from), cfg, run_dir) if cfg.get("init_from") else None
     if init is not None:
         load_init_weights(model, init)
-    if init is None and cfg.model.task in ("caption", "retrieval", "vqa", "nlvr"):
+    if init is None and cfg.model.task in BLIP_FINETUNE_TASKS:
         log.warning("%s/%s starts from random weights: set init_from=<run dir> to fine-tune pretrained weights",
                     cfg.model.arch, cfg.model.task)
     if cfg.stage.id == 2 and t.get("llm_warmup_steps") and resume_from is None:  # a checkpoint holds the warm LLM
@@ -288,7 +289,7 @@ def run(cfg: DictConfig) -> dict:
         results["eval"] = evaluate_after_training(eval_model, cfg, benchmark, run_dir, info, trainer.state.step)
     if info.is_main:
         write_loss_curve(history, run_dir)
-        fine_tuning = cfg.model.task in ("caption", "retrieval", "vqa", "nlvr")  # evaluated on their benchmark
+        fine_tuning = cfg.model.task in BLIP_FINETUNE_TASKS  # evaluated on their benchmark
         if not fine_tuning and cfg.eval.enabled and eval_source is not None:
             results["eval"] = evaluate(eval_model, cfg, eval_source, info)
         results["total_seconds"] = round(time.perf_counter() - started, 1)
