@@ -1,7 +1,5 @@
 """BLIP NLVR2 against the LAVIS reference fixture (logits and loss computed by LAVIS's own ``BlipNLVR`` from a tiny
-random checkpoint in its key layout; see shared/fixtures/lavis/README.md), plus the checkpoint conversions."""
-from pathlib import Path
-
+random checkpoint in its key layout, described in the fixtures' README), plus the checkpoint conversions."""
 import pytest
 import torch
 
@@ -11,7 +9,6 @@ from blip.convert.blip import load_original, original_to_ours, ours_to_original
 from blip.models.blip import BlipNLVR
 from blip.objectives.blip_finetune import NLVRObjective
 
-FIX = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "lavis" / "blip_nlvr"
 HEADS = dict(vision={"heads": 2}, text={"num_heads": 2})   # not stored in the shapes
 TOL = 1e-5
 
@@ -24,10 +21,15 @@ def close(a, b, tol=TOL):
 
 
 @pytest.fixture(scope="module")
-def lavis():
-    inputs = torch.load(FIX / "inputs.pt", weights_only=True)
-    outputs = torch.load(FIX / "outputs.pt", weights_only=True)
-    return blip.load(FIX / "checkpoint.pth", **HEADS), inputs, outputs
+def fix(shared):
+    return shared / "fixtures" / "lavis" / "blip_nlvr"
+
+
+@pytest.fixture(scope="module")
+def lavis(fix):
+    inputs = torch.load(fix / "inputs.pt", weights_only=True)
+    outputs = torch.load(fix / "outputs.pt", weights_only=True)
+    return blip.load(fix / "checkpoint.pth", **HEADS), inputs, outputs
 
 
 def test_lavis_logits_hidden_states_and_loss(lavis):
@@ -50,15 +52,15 @@ def test_lavis_logits_hidden_states_and_loss(lavis):
     assert torch.equal(res.logits.argmax(-1), out["predicted_class"])
 
 
-def test_lavis_predict_from_the_raw_images(lavis):
+def test_lavis_predict_from_the_raw_images(lavis, fix):
     model, inp, out = lavis
-    left = [str(FIX / f) for f in inp["raw_image0_files"]]
-    right = [str(FIX / f) for f in inp["raw_image1_files"]]
+    left = [str(fix / f) for f in inp["raw_image0_files"]]
+    right = [str(fix / f) for f in inp["raw_image1_files"]]
     assert model.predict(left, right, inp["text_input"]) == (out["predicted_class"] == 1).tolist()
 
 
-def test_original_layout_round_trip_and_strict_accounting():
-    sd = read_state_dict(FIX / "checkpoint.pth")
+def test_original_layout_round_trip_and_strict_accounting(fix):
+    sd = read_state_dict(fix / "checkpoint.pth")
     ours = original_to_ours(sd)
     assert "text_encoder.layers.7.cross_attn.merge.weight" in ours and "cls_head.2.bias" in ours
     assert not any("merge" in k for k in ours if ".layers.5." in k)
