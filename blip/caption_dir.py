@@ -51,8 +51,8 @@ def list_inputs(src: str) -> tuple[list[str], list[str]]:
         return paths, []
     if path.is_file():
         lines = [line.strip() for line in path.read_text().splitlines()]
-        return [str(path.parent / line) if not Path(line).is_absolute() else line
-                for line in lines if line and not line.startswith("#")], []
+        paths = [str(path.parent / line) for line in lines if line and not line.startswith("#")]  # absolute stay
+        return list(dict.fromkeys(paths)), []   # a path listed twice is captioned once
     raise UsageError(f"{src}: no such folder, file list or shard pattern")
 
 

@@ -169,3 +169,15 @@ def test_ranks_share_the_work_and_merge_into_one_output(tmp_path, shared, models
     assert sorted(read_jsonl(tmp_path / "ranks.jsonl"), key=key) == sorted(read_jsonl(tmp_path / "single.jsonl"),
                                                                             key=key)
     assert len(read_jsonl(tmp_path / "ranks.errors.jsonl")) == 3
+
+
+def test_file_list(tmp_path, shared, models, capsys, one_thread):
+    images = shared / "assets" / "images"
+    (tmp_path / "cat.jpg").symlink_to(images / "cat.jpg")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# photos\ncat.jpg\n{images / 'rocket.jpg'}\n\ncat.jpg\n{images / 'missing.jpg'}\n")
+    assert caption_dir(listing, "--out", tmp_path / "l.jsonl", "--model", models["caption"]) == 0
+    assert sorted(r["path"] for r in read_jsonl(tmp_path / "l.jsonl")) == sorted(
+        [str(tmp_path / "cat.jpg"), str(images / "rocket.jpg")])   # relative to the list; a repeat counted once
+    assert [e["path"] for e in read_jsonl(tmp_path / "l.errors.jsonl")] == [str(images / "missing.jpg")]
+    assert "captioned 2, skipped 1" in capsys.readouterr().out
