@@ -176,7 +176,8 @@ def cmd_convert(args) -> int:
     model = blip.load(args.source, arch=args.arch, task=args.task)
     convert = next((c for c in family_converters() if c.exports(model)), None)
     if convert is None:
-        raise TypeError(f"{type(model).__name__} has no export format")
+        from .predictor import UsageError
+        raise UsageError(f"{type(model).__name__} has no export format")
     out = Path(args.output)
     print(convert.export_hf(model, out) if args.to == "hf" else convert.save_safetensors(model, out))
     return 0
