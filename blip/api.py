@@ -25,7 +25,7 @@ def family_converters() -> tuple:
 
 def load(source: str | Path, *, arch: str | None = None, task: str | None = None, llm: str | Path | None = None,
          device: str | torch.device = "cpu", dtype: torch.dtype | None = None, allow_nonfinite: bool = False,
-         **kwargs) -> nn.Module:
+         compile: bool = False, **kwargs) -> nn.Module:
     """Load a checkpoint into the matching model, in eval mode.
 
     source: an HF model directory (``config.json["architectures"]`` picks the class), an original BLIP / LAVIS
@@ -34,11 +34,13 @@ def load(source: str | Path, *, arch: str | None = None, task: str | None = None
     of ``scripts/train.py`` (rebuilt from its config.yaml; ``task`` picks the head of a BLIP pretraining run).
     llm: HF directory of the language model for BLIP-2 checkpoints that carry no LLM weights.
     allow_nonfinite: load weights holding NaN / inf (by default a CheckpointError lists them).
+    compile: :func:`compile_model` — faster repeated calls (CUDA graphs on GPU) after a warm-up per input shape.
     """
     model = _load(source, arch, task, llm, kwargs)
     if not allow_nonfinite:
         check_finite(model, str(source))
-    return _finish(model, device, dtype)
+    model = _finish(model, device, dtype)
+    return compile_model(model) if compile else model
 
 
 def _load(source: str | Path, arch: str | None, task: str | None, llm, kwargs: dict) -> nn.Module:
@@ -88,3 +90,16 @@ def _finish(model: nn.Module, device, dtype) -> nn.Module:
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """``torch.compile`` where it pays, in place (parameter names unchanged): every ViT block, and ``generate``,
+    whose decode loop then runs as compiled chunks (CUDA graphs on GPU; the same ids). The first call for each
+    input shape pays the compilation (see docs/benchmarks.md); later calls with that shape reuse it."""
+    from .nn.vit import VisionTransformer
+    for module in model.modules():
+        if isinstance(module, VisionTransformer):
+            for block in module.blocks:
+                block.compile()
+    model.compile_decoding = True
+    return model

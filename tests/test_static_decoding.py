@@ -129,3 +129,23 @@ def test_aot_autograd_keeps_in_place_state_updates():
     eager = model.generate(px, max_new_tokens=5, num_beams=2)
     compiled = model.generate(px, max_new_tokens=5, num_beams=2, compile="aot_eager", stop_check_every=5)
     assert torch.equal(compiled, eager)
+
+
+def test_load_compile_switch(tmp_path):
+    """blip.load(compile=True) compiles every ViT block in place and makes compiled decoding generate()'s default."""
+    import blip
+    from transformers import BlipConfig, BlipForConditionalGeneration
+    cfg = BlipConfig(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, image_size=32, patch_size=16),
+                     text_config=dict(vocab_size=30524, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4))
+    BlipForConditionalGeneration(cfg).save_pretrained(tmp_path)
+    model = blip.load(tmp_path, compile=True)
+    assert model.compile_decoding is True
+    assert all(block._compiled_call_impl is not None for block in model.visual_encoder.blocks)
+    assert list(model.state_dict()) == list(blip.load(tmp_path).state_dict())  # names unchanged
+
+    captioner, px = blip_caption(), pixels(2, 64)
+    eager = captioner.generate(px, max_new_tokens=4)
+    captioner.compile_decoding = backend = CountingBackend()  # the model's default reaches the decode loop
+    assert torch.equal(captioner.generate(px, max_new_tokens=4), eager) and backend.graphs >= 1

@@ -46,6 +46,8 @@ class Blip2LLMOutput:
 class Blip2LanguageModel(LanguageInterface, nn.Module):
     """Stage-2 BLIP-2: ``image_encoder`` (ViT + ln_vision) -> ``qformer`` -> ``llm_proj`` -> ``llm`` (HF, frozen)."""
 
+    compile_decoding = False   # generate()'s default for compile= (blip.load(compile=True) sets it)
+
     instruct = False
 
     def __init__(self, cfg: Blip2LLMConfig, llm: nn.Module | None = None):
@@ -145,6 +147,7 @@ class Blip2LanguageModel(LanguageInterface, nn.Module):
         are required -> [B, Td, V].
         """
         self._check_ids(input_ids)
+        compile = self.compile_decoding if compile is None else compile
         prefix = self.query_embeds(pixel_values, qformer_input_ids, qformer_attention_mask)
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         if self.is_seq2seq:
@@ -164,7 +167,7 @@ class Blip2LanguageModel(LanguageInterface, nn.Module):
                  length_penalty: float = 1.0, early_stopping: bool = False, eos_token_id: int | None = None,
                  beam_length_convention: str = "generated", generator: torch.Generator | None = None,
                  qformer_input_ids: Tensor | None = None, qformer_attention_mask: Tensor | None = None,
-                 compile: bool | str = False, stop_check_every: int = 0) -> Tensor:
+                 compile: bool | str | None = None, stop_check_every: int = 0) -> Tensor:
         """Decode from the image queries and an optional prompt.
 
         input_ids/attention_mask: [B, T] prompt (any padding side: rows are re-aligned, left for decoder-only,
@@ -175,6 +178,7 @@ class Blip2LanguageModel(LanguageInterface, nn.Module):
         (compiled default 1: one LLM step per graph keeps the compile time bounded).
         """
         self._check_ids(input_ids)
+        compile = self.compile_decoding if compile is None else compile
         prefix = self.query_embeds(pixel_values, qformer_input_ids, qformer_attention_mask)
         b = prefix.shape[0]
         cfg = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,

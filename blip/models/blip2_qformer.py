@@ -84,6 +84,8 @@ class Blip2Qformer(nn.Module):
     text embeddings), ``lm_head`` (tied), ``vision_proj``, ``text_proj``, ``itm_head``, ``temp``.
     """
 
+    compile_decoding = False   # generate()'s default for compile= (blip.load(compile=True) sets it)
+
     def __init__(self, cfg: Blip2QformerConfig):
         super().__init__()
         self.cfg = cfg
@@ -203,7 +205,7 @@ class Blip2Qformer(nn.Module):
                  top_p: float = 1.0, top_k: int = 0, temperature: float = 1.0, repetition_penalty: float = 1.0,
                  length_penalty: float = 1.0, beam_length_convention: str = "generated",
                  eos_token_id: int = SEP_TOKEN_ID, pad_token_id: int = PAD_TOKEN_ID,
-                 generator: torch.Generator | None = None, compile: bool | str = False,
+                 generator: torch.Generator | None = None, compile: bool | str | None = None,
                  stop_check_every: int = 0) -> Tensor:
         """Q-Former captioning (LAVIS ``Blip2Qformer.generate``): returns [B, T + n] ids, prompt included.
 
@@ -238,7 +240,8 @@ class Blip2Qformer(nn.Module):
                                do_sample=do_sample, top_p=top_p, top_k=top_k, temperature=temperature,
                                repetition_penalty=repetition_penalty, length_penalty=length_penalty,
                                eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                               beam_length_convention=beam_length_convention, compile=compile,
+                               beam_length_convention=beam_length_convention,
+                               compile=self.compile_decoding if compile is None else compile,
                                stop_check_every=stop_check_every)
         return generate(step, input_ids, attention_mask, cfg, reorder=cache.reorder, generator=generator)
 

@@ -52,6 +52,8 @@ def build_vit(cfg: BlipConfig) -> VisionTransformer:
 class BlipModel(nn.Module):
     """Base of the BLIP task models: holds ``cfg``; switches gradient checkpointing in every tower at once."""
 
+    compile_decoding = False   # generate()'s default for compile= (blip.load(compile=True) sets it)
+
     def __init__(self, cfg: BlipConfig):
         super().__init__()
         self.cfg = cfg

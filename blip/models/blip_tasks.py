@@ -40,9 +40,11 @@ class BlipCaption(CaptionStrings, BlipModel):
         options: max_new_tokens=20, min_new_tokens=0, num_beams=1, do_sample=False, top_p=1.0, top_k=0,
         temperature=1.0, repetition_penalty=1.0, length_penalty=1.0, early_stopping=False,
         beam_length_convention="generated" ("total": the transformers 4.2x beam scores original BLIP / LAVIS ran),
-        compile=False (True: the decode loop under torch.compile, CUDA graphs on GPU; same ids), stop_check_every=0.
+        compile (default ``model.compile_decoding``, set by ``blip.load(compile=True)``: the decode loop under
+        torch.compile, CUDA graphs on GPU; the same ids), stop_check_every=0.
         """
         image_embeds = self.visual_encoder(pixel_values)
+        options.setdefault("compile", self.compile_decoding)
         return decode(self.text_decoder, self.cfg, image_embeds, None, input_ids, attention_mask, generator, **options)
 
 
@@ -189,6 +191,7 @@ class BlipVQA(VQAStrings, BlipModel):
         """
         states = self.encode_question(pixel_values, input_ids, attention_mask)
         mask = attention_mask if mask_question_padding else None
+        options.setdefault("compile", self.compile_decoding)
         return decode(self.text_decoder, self.cfg, states, mask, decoder_input_ids, None, generator, **options)
 
     @torch.no_grad()
