@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .checkpoints import CheckpointError, read_hf_config_json, read_state_dict
 from .registry import create_model, family, list_models
@@ -78,11 +78,17 @@ def _load(source: str | Path, arch: str | None, task: str | None, llm, kwargs: d
 
 def check_finite(model: nn.Module, source: str) -> None:
     """CheckpointError listing the parameters that hold NaN / inf (a diverged or corrupted checkpoint)."""
-    bad = [name for name, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
+    bad = [name for name, p in model.named_parameters() if p.is_floating_point() and not _finite(p)]
     if bad:
         raise CheckpointError(f"{source}: {len(bad)} weight tensors hold NaN or inf values ({bad[:5]}"
                               f"{' ...' if len(bad) > 5 else ''}): the checkpoint is corrupt or its training "
                               "diverged; use an earlier checkpoint, or pass allow_nonfinite=True to load it anyway")
+
+
+def _finite(t: Tensor) -> bool:
+    """No NaN / inf in ``t``: max and min propagate both, without a temporary the size of ``t`` (a loaded model
+    stays within one copy of its weights)."""
+    return t.numel() == 0 or bool(torch.isfinite(torch.stack([t.amax(), t.amin()])).all())
 
 
 def _finish(model: nn.Module, device, dtype) -> nn.Module:
