@@ -221,6 +221,7 @@ class CaptionDirJob:
     predictor: Predictor
     decoding: Decoding = field(default_factory=Decoding)
     question: str | None = None
+    seed: int | None = None     # sampling: each image's stream is seeded by (seed, its path or key)
     batch_size: int = 16
     chunk_size: int = 1024      # images per flush to the output
     num_workers: int = 2
@@ -228,12 +229,15 @@ class CaptionDirJob:
 
     def settings(self) -> dict:
         task = "caption" if self.question is None else "answer"
-        return {**self.predictor.settings(self.decoding, task), **({"question": self.question} if self.question else {})}
+        extra = {k: v for k, v in (("question", self.question), ("seed", self.seed)) if v is not None}
+        return {**self.predictor.settings(self.decoding, task), **extra}
 
-    def label(self, pixels: torch.Tensor) -> list[dict]:
+    def label(self, pixels: torch.Tensor, records: list[dict]) -> list[dict]:
+        from .capfilt.captioner import sample_seed
+        seeds = [sample_seed(self.seed, record_id(r), 0) for r in records] if self.seed is not None else None
         if self.question is None:
-            return [{"caption": c} for c in self.predictor.caption(pixels, self.decoding)]
-        answers = self.predictor.answer(pixels, [self.question] * pixels.shape[0], self.decoding)
+            return [{"caption": c} for c in self.predictor.caption(pixels, self.decoding, seeds)]
+        answers = self.predictor.answer(pixels, [self.question] * pixels.shape[0], self.decoding, seeds=seeds)
         return [{"question": self.question, "answer": a} for a in answers]
 
     def _check_same_settings(self, written: list[dict]) -> None:
@@ -292,7 +296,8 @@ class CaptionDirJob:
         base = {"model": self.predictor.name, "settings": self.settings()}
         for batch in loader:
             if batch["pixels"] is not None:
-                rows += [{**rec, **result, **base} for rec, result in zip(batch["records"], self.label(batch["pixels"]))]
+                results = self.label(batch["pixels"], batch["records"])
+                rows += [{**rec, **result, **base} for rec, result in zip(batch["records"], results)]
             for err in batch["errors"]:
                 log.warning("skipped %s: %s", record_id(err), err["reason"])
             bad += batch["errors"]

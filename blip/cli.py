@@ -138,8 +138,9 @@ def cmd_caption_dir(args) -> int:
     info = init_distributed(args.device)
     args.device = str(info.device)
     job = CaptionDirJob(load_predictor(args, "caption" if args.question is None else "answer"), decoding_from(args),
-                        question=args.question, batch_size=args.batch_size, chunk_size=args.chunk_size,
-                        num_workers=args.workers, progress=info.is_main and not args.no_progress)
+                        question=args.question, seed=args.seed, batch_size=args.batch_size,
+                        chunk_size=args.chunk_size, num_workers=args.workers,
+                        progress=info.is_main and not args.no_progress)
     try:
         counts = job.run(args.src, args.out, args.errors, rank=info.rank, world_size=info.world_size,
                          barrier=lambda: barrier(info),
@@ -211,7 +212,8 @@ def _table(rows: list[tuple[str, ...]]) -> str:
 
 
 # ---- arguments -----------------------------------------------------------------------------------------------------
-def _model_options(p: argparse.ArgumentParser, batch_size: int = 16) -> argparse.ArgumentParser:
+def _model_options(p: argparse.ArgumentParser, batch_size: int = 16, json_output: bool = True
+                   ) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="checkpoint file, HF directory, zoo name or training run directory")
     p.add_argument("--arch", default=None, help="architecture, where the checkpoint cannot tell")
     p.add_argument("--task", default=None, help="task, where the checkpoint cannot tell")
@@ -220,7 +222,8 @@ def _model_options(p: argparse.ArgumentParser, batch_size: int = 16) -> argparse
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--batch-size", type=_int_at_least(1), default=batch_size, help="images per forward pass")
-    p.add_argument("--json", action="store_true", help="one JSON object per result")
+    if json_output:
+        p.add_argument("--json", action="store_true", help="one JSON object per result")
     return p
 
 
@@ -236,7 +239,8 @@ def _decoding_options(p: argparse.ArgumentParser, prompt: bool = True, seed: boo
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--repetition-penalty", type=float, default=None)
     if seed:
-        p.add_argument("--seed", type=int, default=None, help="makes --sample reproducible")
+        p.add_argument("--seed", type=int, default=None, help="makes --sample reproducible (caption-dir: per image, "
+                       "whatever the batching)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("texts", nargs="+")
     p.set_defaults(func=cmd_match)
 
-    p = _model_options(sub.add_parser("caption-dir", help="caption a folder, file list or shards into JSONL"))
+    p = _model_options(sub.add_parser("caption-dir", help="caption a folder, file list or shards into JSONL"),
+                       json_output=False)
     p.add_argument("src", help="folder, text file of image paths, or local shards ('shards/{000..009}.tar')")
     p.add_argument("--out", required=True, help="output JSONL (re-running the same command resumes)")
     p.add_argument("--errors", default=None, help="unreadable images (default: OUT.errors.jsonl)")
@@ -274,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_caption_dir)
 
     p = _model_options(sub.add_parser("serve", help="HTTP server: /predictions (hosted schema), /caption, /answer, "
-                                      "/match, /health"))
+                                      "/match, /health"), json_output=False)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
@@ -302,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:   # e.g. `blip models | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, KeyError, OSError) as e:  # usage, checkpoint, image and file errors: named, one line
         message = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
         for keyword, flag in (("llm=", "--llm "), ("vision_weights=", "--vision-weights ")):  # name the CLI flags

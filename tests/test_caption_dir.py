@@ -181,3 +181,13 @@ def test_file_list(tmp_path, shared, models, capsys, one_thread):
         [str(tmp_path / "cat.jpg"), str(images / "rocket.jpg")])   # relative to the list; a repeat counted once
     assert [e["path"] for e in read_jsonl(tmp_path / "l.errors.jsonl")] == [str(images / "missing.jpg")]
     assert "captioned 2, skipped 1" in capsys.readouterr().out
+
+
+def test_seeded_sampling_does_not_depend_on_batching(tmp_path, shared, models, one_thread):
+    images = shared / "assets" / "images"
+    runs = {}
+    for name, batch, seed in (("a", "2", "3"), ("b", "5", "3"), ("c", "5", "4")):
+        assert caption_dir(images, "--out", tmp_path / f"{name}.jsonl", "--model", models["caption"], "--sample",
+                           "--seed", seed, "--batch-size", batch, "--max-new-tokens", "6") == 0
+        runs[name] = {r["path"]: r["caption"] for r in read_jsonl(tmp_path / f"{name}.jsonl")}
+    assert runs["a"] == runs["b"] != runs["c"]
