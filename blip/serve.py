@@ -13,8 +13,9 @@ Images come only as request bytes: the server never opens a path or fetches a UR
 bounded queue; one worker gathers them for up to ``max_wait_ms`` (or until ``max_batch_size``), groups those with
 equal settings into one forward pass each, and hands every request its own result. Sampling is seeded per request
 (one generator per row), so a seeded request gives the same output whatever it is batched with.
-Errors: 413 for oversized bodies or images, 400 (with the reason) for malformed bodies and undecodable images, 422
-for invalid fields or a task the model cannot do, 503 when the queue is full, 504 after ``timeout_s``.
+Errors: 413 for oversized bodies or images (bytes, or pixels read from the header before decoding), 400 (with the
+reason) for malformed bodies and undecodable images, 422 for invalid fields or a task the model cannot do, 503 when
+the queue is full, 504 after ``timeout_s``.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ class ServeConfig:
     max_queue: int = 256
     timeout_s: float = 60.0
     max_image_bytes: int = 20 * 2**20
+    max_pixels: int = 50_000_000   # width x height, read from the header before decoding (a small file can be huge)
     decoding: Decoding = field(default_factory=Decoding)   # defaults for fields a request leaves out
 
     @property
@@ -286,7 +288,18 @@ class Service:
         return await read_request(request, schema, self.cfg.max_image_bytes)
 
     def _decode(self, raw: bytes) -> torch.Tensor:
+        import io
+
+        from PIL import Image
+
         from .data.images import ImageDecodeError, load_image
+        try:
+            with Image.open(io.BytesIO(raw)) as header:   # the size only: nothing is decoded yet
+                pixels = header.width * header.height
+        except Exception:  # noqa: BLE001 - not an image: load_image below names the problem
+            pixels = 0
+        if pixels > self.cfg.max_pixels:
+            raise HTTPException(413, f"image has {pixels} pixels; the limit is {self.cfg.max_pixels}")
         try:
             return self.transform(load_image(raw))
         except ImageDecodeError as e:

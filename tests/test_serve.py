@@ -186,6 +186,9 @@ def test_blip_endpoints_in_process(tmp_path, shared, one_thread):
         assert r.json()["output"] == models["caption"].caption(cat)[0]
         r = client.post("/answer", files={"image": cat.read_bytes()}, data={"question": "what?"})
         assert r.status_code == 422 and "cannot answer" in r.json()["detail"]
+    with TestClient(create_app(Predictor(models["caption"], "cap"), ServeConfig(max_pixels=451 * 300 - 1))) as client:
+        r = client.post("/caption", files={"image": cat.read_bytes()})     # 451 x 300: one pixel over
+        assert r.status_code == 413 and "pixels" in r.json()["detail"]
     with TestClient(create_app(Predictor(models["vqa"], "vqa"), ServeConfig())) as client:
         r = client.post("/answer", json={"image": base64.b64encode(cat.read_bytes()).decode(), "question": "what?"})
         assert r.json()["answer"] == models["vqa"].answer(cat, "what?")[0]
