@@ -142,7 +142,7 @@ def test_hard_negatives_follow_the_similarity_distribution():
 
 
 def test_hard_negatives_without_any_negative_fail_loudly():
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match="at least 2 distinct images"):
         sample_hard_negatives(torch.zeros(2, 2), torch.ones(2, 2, dtype=torch.bool))
 
 

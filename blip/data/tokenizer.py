@@ -100,6 +100,8 @@ def get_tokenizer(kind: str = "blip", source: str | Path | None = None) -> PreTr
 
 def _check_texts(texts: str | Sequence[str], allow_empty: bool) -> list[str]:
     texts = [texts] if isinstance(texts, str) else list(texts)
+    if not texts:
+        raise ValueError("no texts given: pass at least one caption / question")
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise ValueError(f"text at index {i} is {type(text).__name__} ({text!r}), expected a string")

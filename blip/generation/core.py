@@ -2,6 +2,7 @@
 ``min_new_tokens``, top-k / top-p) and the fixed-shape decoding state."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -41,6 +42,17 @@ class GenerationConfig:
             raise ValueError(f"beam_length_convention must be 'generated' or 'total', got {self.beam_length_convention!r}")
         if self.stop_check_every < 0:
             raise ValueError(f"stop_check_every must be >= 0, got {self.stop_check_every}")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens ({self.min_new_tokens}) > max_new_tokens ({self.max_new_tokens}): the "
+                             "minimum length cannot exceed the maximum")
+        if not self.temperature > 0 or not math.isfinite(self.temperature):
+            raise ValueError(f"temperature must be a positive number, got {self.temperature}; for deterministic "
+                             "output use do_sample=False (greedy or beam search) instead of temperature 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p} (1 keeps every token)")
+        if self.top_k < 0 or not self.repetition_penalty > 0:
+            raise ValueError(f"top_k must be >= 0 and repetition_penalty > 0, got {self.top_k}, "
+                             f"{self.repetition_penalty}")
 
 
 def apply_repetition_penalty(scores: Tensor, seqs: Tensor, penalty: float, valid: Tensor | None = None) -> Tensor:

@@ -35,6 +35,8 @@ def generate(step: StepFn, input_ids: Tensor, attention_mask: Tensor | None, cfg
     compiling), or one per row: each row then samples from its own stream (inverse CDF), so a row's output does
     not depend on the rest of the batch. Returns [B, T + n] with n <= max_new_tokens new tokens.
     """
+    if input_ids.shape[0] == 0:
+        raise ValueError("empty batch: generate needs at least one prompt row (one image)")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if cfg.num_beams > 1 and reorder is None:

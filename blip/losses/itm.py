@@ -29,7 +29,13 @@ def sample_hard_negatives(sim: Tensor, positive_mask: Tensor, generator: torch.G
     Returns LongTensor [B] of column indices.
     """
     has_negative = (~positive_mask).any(dim=1).all()
-    torch._assert_async(has_negative, "sample_hard_negatives: a row has no negative candidate (all share one image)")
+    message = ("ITM hard negatives need at least 2 distinct images in the batch (all ranks together): every "
+               "candidate of a row shows its own image (batch size 1, or one image repeated); raise the batch size")
+    if has_negative.device.type == "cpu":  # free to check here; on an accelerator the check must not sync
+        if not has_negative:
+            raise ValueError(message)
+    else:
+        torch._assert_async(has_negative, message)
     weights = hard_negative_weights(sim, positive_mask, eps)
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 

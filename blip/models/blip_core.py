@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..generation import GenerationConfig, generate
-from ..nn.transformer import LMHead, TextConfig, TextTransformer
+from ..nn.transformer import LMHead, TextConfig, TextTransformer, check_length
 from ..nn.vit import VisionConfig, VisionTransformer
 
 
@@ -131,6 +131,7 @@ def decode(decoder: TextDecoder, cfg: BlipConfig, encoder_states: Tensor, encode
         input_ids = torch.full((b, 1), cfg.bos_token_id, dtype=torch.long, device=encoder_states.device)
     if input_ids.shape[0] != b:
         raise ValueError(f"{input_ids.shape[0]} prompts for {b} images: pass one prompt row per image")
+    check_length(input_ids.shape[1] + gen.max_new_tokens, cfg.text.max_position_embeddings, "prompt + max_new_tokens")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     group = gen.num_beams

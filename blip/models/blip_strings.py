@@ -54,11 +54,13 @@ class _StringAPI:
         from ..data.transforms import image_transform
         p = next(self.parameters())
         if isinstance(images, Tensor):
+            if images.ndim == 4 and images.shape[0] == 0:
+                raise ValueError("no images given: the pixel tensor holds an empty batch")
             return (images[None] if images.ndim == 3 else images).to(device=p.device, dtype=p.dtype)
         if isinstance(images, (str, os.PathLike, Image.Image)):
             images = [images]
         if len(images) == 0:
-            raise ValueError("no images given")
+            raise ValueError("no images given: pass at least one path, PIL image or tensor")
         transform = image_transform(self.cfg.image_size, train=False, kind="blip")
         batch = torch.stack([transform(load_image(img)) for img in images])
         return batch.to(device=p.device, dtype=p.dtype)

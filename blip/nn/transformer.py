@@ -46,6 +46,14 @@ class TextConfig:
     initializer_range: float = 0.02
 
 
+def check_length(length: int, max_positions: int, what: str) -> None:
+    """ValueError when a sequence needs more positions than the model has (instead of an IndexError deep inside)."""
+    if length > max_positions:
+        raise ValueError(f"{what}: {length} tokens, but the model has {max_positions} positions "
+                         "(max_position_embeddings); truncate the text (tokenize(max_length=...)) or generate fewer "
+                         "new tokens")
+
+
 class Embeddings(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -61,6 +69,8 @@ class Embeddings(nn.Module):
         if input_ids is not None:
             if not hasattr(self, "word"):
                 raise ValueError("this transformer has no word embeddings (BLIP-2 stage-2 Q-Former): pass queries only")
+            if isinstance(position_offset, int):  # (a device tensor in compiled decoding: checked by the caller)
+                check_length(position_offset + input_ids.shape[1], self.position.num_embeddings, "text")
             pos = position_offset + torch.arange(input_ids.shape[1], device=input_ids.device)
             parts.append(self.word(input_ids) + self.position(pos))
         if not parts:
