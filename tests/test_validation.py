@@ -65,7 +65,7 @@ def test_empty_inputs_to_the_string_api_and_generate(models):
 
 def test_a_pretraining_batch_needs_two_distinct_images():
     from blip.models.blip import ARCHS
-    from blip.models.blip_pretrain import BlipPretrain
+    from blip.objectives.blip_pretrain import BlipPretrain
 
     torch.manual_seed(0)
     model = BlipPretrain(ARCHS["blip_tiny"].with_overrides(image_size=32), queue_size=8)
