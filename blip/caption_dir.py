@@ -14,6 +14,7 @@ shards, into one JSONL file, resumably.
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -187,14 +188,14 @@ class Outputs:
         self.error_part = self.errors.with_name(f"{self.errors.name}.rank{self.rank}.jsonl") if multi else self.errors
 
     def parts(self) -> list[Path]:
-        return sorted(self.out.parent.glob(f"{self.out.name}.rank*.jsonl"))
+        return sorted(self.out.parent.glob(f"{glob.escape(self.out.name)}.rank*.jsonl"))
 
     def written(self) -> list[dict]:
         """Every complete line of the output and of any rank's part (whatever world size wrote them)."""
         return [row for path in [self.out, *self.parts()] for row in _read_jsonl(path)]
 
     def error_parts(self) -> list[Path]:
-        return sorted(self.errors.parent.glob(f"{self.errors.name}.rank*.jsonl"))
+        return sorted(self.errors.parent.glob(f"{glob.escape(self.errors.name)}.rank*.jsonl"))
 
     def start(self) -> None:
         self.out.parent.mkdir(parents=True, exist_ok=True)

@@ -128,6 +128,7 @@ def test_bad_requests_get_4xx_with_a_reason_and_the_server_goes_on(server, share
     bad = [
         (413, dict(files={"image": os.urandom(2 * 2**20)})),                               # over --max-image-mb
         (413, dict(content=b"{" + b" " * (3 * 2**20) + b"}", headers={"content-type": "application/json"})),
+        (413, dict(content=iter([b"{", b" " * (3 * 2**20), b"}"]), headers={"content-type": "application/json"})),
         (400, dict(files={"image": (images / "unusual" / "truncated.jpg").read_bytes()})),
         (400, dict(files={"image": (images / "unusual" / "not_an_image.jpg").read_bytes()})),
         (400, dict(content=b'{"image": "abc', headers={"content-type": "application/json"})),
