@@ -438,3 +438,47 @@ def _materialise_missing(model: nn.Module) -> None:
             (init(module) if owner is not None else init())
         for k, t in loaded.items():
             _set_tensor(module, k, t)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# blip's own safetensors files: weights + the config that rebuilds the model, in the metadata
+
+def write_safetensors(sd: StateDict, path: str | Path, metadata: dict[str, str]) -> Path:
+    """Write ``sd`` (moved to CPU, contiguous; tied aliases stored once) with ``metadata`` to ``path`` atomically."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for k, v in sd.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset())
+        if key in seen and v.numel():   # a tied alias (e.g. an LM head sharing the word embeddings)
+            continue
+        seen.add(key)
+        out[k] = v.detach().cpu().contiguous()
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(out, str(tmp), metadata={"format": "pt", **metadata})
+    tmp.replace(path)
+    return path
+
+
+def safetensors_metadata(path: str | Path, family: str | None = None) -> dict[str, str]:
+    """The metadata of a ``.safetensors`` file written by blip (``{}`` for other files, or another ``family``)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return meta if family is None or meta.get("blip_family") == family else {}
+
+
+def write_hf_directory(directory: str | Path, config, sd: StateDict) -> Path:
+    """An HF model directory transformers' ``from_pretrained`` loads: ``config.json`` (``config``: a transformers
+    config) and ``model.safetensors`` (``sd`` already under HF names)."""
+    from safetensors.torch import save_file
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(directory))
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}, str(directory / "model.safetensors"),
+              metadata={"format": "pt"})
+    return directory

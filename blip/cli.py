@@ -174,13 +174,18 @@ def cmd_serve(args) -> int:
 def cmd_convert(args) -> int:
     import blip
     from .api import family_converters
-    model = blip.load(args.source, arch=args.arch, task=args.task)
+    from .checkpoints import CheckpointError
+    extra = {k: v for k, v in (("llm", args.llm), ("vision_weights", args.vision_weights)) if v}
+    model = blip.load(args.source, arch=args.arch, task=args.task, **extra)
     convert = next((c for c in family_converters() if c.exports(model)), None)
     if convert is None:
-        from .predictor import UsageError
-        raise UsageError(f"{type(model).__name__} has no export format")
+        raise CheckpointError(f"{args.source}: a {type(model).__name__} has no export format")
     out = Path(args.output)
-    print(convert.export_hf(model, out) if args.to == "hf" else convert.save_safetensors(model, out))
+    if args.to == "safetensors":
+        print(convert.save_safetensors(model, out))
+    else:
+        token = {} if args.image_token_id is None else {"image_token_index": args.image_token_id}
+        print(convert.export_hf(model, out, **token))
     return 0
 
 
@@ -295,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=("hf", "safetensors"), default="hf")
     p.add_argument("--arch", default=None)
     p.add_argument("--task", default=None)
+    p.add_argument("--llm", default=None, help="HF directory of the language model (BLIP-2 files without LLM weights)")
+    p.add_argument("--vision-weights", default=None,
+                   help="the frozen ViT file, e.g. eva_vit_g.pth (BLIP-2 files saved without it)")
+    p.add_argument("--image-token-id", type=int, default=None,
+                   help="HF layout of BLIP-2 LLM models: the LLM vocabulary id that marks the image queries")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("models", help="list architectures, tasks and named checkpoints")

@@ -38,8 +38,9 @@ def checkpoint_path(path: str | Path) -> Path:
     return found[-1]
 
 
-def build_model(model_cfg: DictConfig) -> nn.Module:
-    """The training objective of ``(model.arch, model.task)`` from :data:`blip.registry.OBJECTIVES`."""
+def build_model(model_cfg: DictConfig, **extra) -> nn.Module:
+    """The training objective of ``(model.arch, model.task)`` from :data:`blip.registry.OBJECTIVES`; ``extra``:
+    builder arguments that are not in the config (``qformer_from=`` for the stage-1 -> stage-2 hand-off)."""
     from omegaconf import OmegaConf
     overrides = OmegaConf.to_container(model_cfg.overrides, resolve=True) if model_cfg.get("overrides") else {}
     if model_cfg.get("objective"):
@@ -47,6 +48,7 @@ def build_model(model_cfg: DictConfig) -> nn.Module:
     for key in ("llm", "llm_tokenizer"):  # BLIP-2 stage 2
         if model_cfg.get(key):
             overrides[key] = model_cfg[key]
+    overrides.update({k: v for k, v in extra.items() if v is not None})
     model = create_objective(model_cfg.arch, model_cfg.task, **overrides)
     patterns = [re.compile(p) for p in model_cfg.get("freeze") or []]
     frozen = [n for n, p in model.named_parameters() if any(r.search(n) for r in patterns)]

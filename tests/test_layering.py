@@ -15,7 +15,7 @@ import blip
 
 PACKAGE = Path(blip.__file__).resolve().parent
 LAYERS = [
-    {"nn", "data", "losses", "generation", "checkpoints", "evaluation", "zoo"},
+    {"nn", "data", "losses", "generation", "checkpoints", "evaluation", "zoo", "dtypes"},
     {"models"},
     {"objectives"},
     {"convert"},

@@ -22,7 +22,8 @@ from torch import nn
 
 from ..checkpoints import (CheckpointError, LoadReport, StateDict, bert_to_ours, build_empty,
                            check_fits_before_building, hf_pretrained, hf_vit_to_ours, load_into, ours_to_bert,
-                           ours_to_hf_vit, read_state_dict)
+                           ours_to_hf_vit, read_state_dict, safetensors_metadata, write_hf_directory,
+                           write_safetensors)
 from ..models.blip import ARCHS, TASK_CLASSES, BlipConfig, build
 from ..models.blip_tasks import BlipCaption, BlipRetrieval, BlipVQA
 from ..nn.transformer import TextConfig
@@ -57,8 +58,8 @@ def owns(sd: StateDict) -> bool:
 
 
 def exports(model: nn.Module) -> bool:
-    """Whether ``model`` is a BLIP task model this facade writes."""
-    return type(model) in TASK_CLASSES.values()
+    """Whether ``model`` (or the task model inside a fine-tuning objective) is a BLIP task model this facade writes."""
+    return type(getattr(model, "model", model)) in TASK_CLASSES.values()
 
 
 def is_ours(sd: StateDict) -> bool:
@@ -266,21 +267,16 @@ def config_from_dict(d: dict) -> BlipConfig:
 
 def save_safetensors(model: nn.Module, path: str | Path) -> Path:
     """Our layout as ``.safetensors`` with the exact config and task in its metadata (``blip.load`` reads them)."""
-    from safetensors.torch import save_file
+    model = getattr(model, "model", model)   # a fine-tuning objective holds its task model
     task = next((t for t, c in TASK_CLASSES.items() if type(model) is c), None)
     if task is None:
         raise TypeError(f"{type(model).__name__} is not a BLIP task model")
-    meta = {"format": "pt", "blip_task": task, "blip_config": json.dumps(asdict(model.cfg))}
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
-    return Path(path)
+    meta = {"blip_family": "blip", "blip_task": task, "blip_config": json.dumps(asdict(model.cfg))}
+    return write_safetensors(model.state_dict(), path, meta)
 
 
 def _saved_metadata(source: str) -> dict:
-    if not str(source).endswith(".safetensors") or not Path(source).is_file():
-        return {}
-    from safetensors import safe_open
-    with safe_open(str(source), "pt") as f:
-        meta = f.metadata() or {}
+    meta = safetensors_metadata(source)
     out = {}
     if "blip_task" in meta:
         out["task"] = meta["blip_task"]
@@ -335,7 +331,6 @@ HF_LOADERS = {name: (lambda d, llm=None, _t=task, **kw: load_hf(d, _t, llm, **kw
 
 def export_hf(model: nn.Module, directory: str | Path) -> Path:
     """Write ``config.json`` + ``model.safetensors`` that transformers' ``BlipFor*.from_pretrained`` loads."""
-    from safetensors.torch import save_file
     from transformers import BlipConfig as HFBlipConfig
     classes = {BlipCaption: "BlipForConditionalGeneration", BlipRetrieval: "BlipForImageTextRetrieval",
                BlipVQA: "BlipForQuestionAnswering"}
@@ -360,9 +355,4 @@ def export_hf(model: nn.Module, directory: str | Path) -> Path:
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     out = ours_to_hf_vit(sd, "visual_encoder.", "vision_model.")
     out.update({k: v for k, v in ours_to_original(sd).items() if not k.startswith("visual_encoder.")})
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(str(directory))
-    save_file({k: v.contiguous() for k, v in out.items()}, str(directory / "model.safetensors"),
-              metadata={"format": "pt"})
-    return directory
+    return write_hf_directory(directory, hf, out)

@@ -8,23 +8,20 @@
 """
 from __future__ import annotations
 
-import dataclasses
-import json
+import logging
 from pathlib import Path
 
 from torch import nn
 
-from ..checkpoints import (CheckpointError, LoadReport, StateDict, check_fits_before_building, load_into,
-                           read_state_dict)
-from ..models.blip2 import qformer_arch_config
+from ..checkpoints import CheckpointError, LoadReport, StateDict, load_into, read_state_dict
 from ..models.blip2_llm import Blip2LanguageModel
-from ..models.blip2_qformer import Blip2Qformer, Blip2QformerConfig
-from ..models.qformer import QFormerConfig
-from ..nn.transformer import TextConfig
-from ..nn.vit import VisionConfig
+from ..models.blip2_qformer import Blip2Qformer
 from .blip2_hf import HF_LOADERS, export_hf_llm, export_hf_qformer
-from .blip2_lavis import ARCH_BY_WIDTH, is_lavis_llm, load_lavis_llm, load_lavis_stage1
-from .blip2_parts import is_lavis_blip2, lavis_qformer_to_ours, lavis_vision_to_ours
+from .blip2_lavis import is_lavis_llm, lavis_stage1_to_ours, load_lavis_llm, load_lavis_stage1
+from .blip2_ours import is_ours, load_ours, save_safetensors, unwrap_objective
+from .blip2_parts import is_lavis_blip2
+
+log = logging.getLogger(__name__)
 
 __all__ = ["HF_LOADERS", "owns", "load_original", "exports", "export_hf", "save_safetensors", "init_from_stage1"]
 QFORMER_TASKS = ("qformer", "stage1")
@@ -43,17 +40,14 @@ def load_original(sd: StateDict, source: str, arch: str | None = None, task: str
     vision_weights: the frozen ViT file (``eva_vit_g.pth`` / ``clip_vit_L.pth``) for files saved without it;
     llm: the HF directory of the language model for LLM files that carry no LLM weights.
     """
-    if is_lavis_llm(sd):
-        return load_lavis_llm(sd, source, arch=arch, task=task, llm=llm, vision_weights=vision_weights, **overrides)
-    if task not in (None, *QFORMER_TASKS):
-        raise CheckpointError(f"{source} is a stage-1 (Q-Former) checkpoint: task must be one of {QFORMER_TASKS}")
-    if is_ours(sd):
-        if any(k.startswith(("llm.", "llm_proj.", "model.llm.", "model.llm_proj.")) for k in sd):
-            raise CheckpointError(f"{source}: a blip-layout BLIP-2 LLM state dict; load it with its model's "
-                                  "load_state_dict (or a LAVIS / HF checkpoint through blip.load)")
+    if is_ours(sd):   # before the LAVIS checks: LAVIS InstructBLIP-Vicuna files also say llm_proj
         if vision_weights is not None:
             raise CheckpointError(f"{source} is in blip's own layout and carries its ViT: drop vision_weights=")
-        return load_ours(sd, source, arch=arch, task=task, **overrides)
+        if any(k.startswith(("llm_proj.", "model.llm_proj.")) for k in sd):
+            return load_ours(sd, source, arch=arch, task=task, llm=llm, **overrides).eval()
+        return as_task(load_ours(sd, source, arch=arch, llm=llm, **overrides), task)
+    if is_lavis_llm(sd):
+        return load_lavis_llm(sd, source, arch=arch, task=task, llm=llm, vision_weights=vision_weights, **overrides)
     return as_task(load_lavis_stage1(sd, source, arch=arch, vision_weights=vision_weights, **overrides), task)
 
 
@@ -62,78 +56,23 @@ def exports(model: nn.Module) -> bool:
     return isinstance(getattr(model, "model", model), (Blip2Qformer, Blip2LanguageModel))
 
 
-def export_hf(model: nn.Module, directory: str | Path) -> Path:
+def export_hf(model: nn.Module, directory: str | Path, image_token_index: int | None = None) -> Path:
     """Write ``model`` as the HF directory transformers loads: ``Blip2ForImageTextRetrieval`` (stage 1),
-    ``Blip2ForConditionalGeneration`` or ``InstructBlipForConditionalGeneration`` (LLM models)."""
+    ``Blip2ForConditionalGeneration`` or ``InstructBlipForConditionalGeneration`` (LLM models; HF marks the query
+    positions with ``image_token_index``, an id of the LLM vocabulary, default: the one the model was loaded with)."""
     model = getattr(model, "model", model)   # a training objective holds its model
     if isinstance(model, Blip2Qformer):
         return export_hf_qformer(model, directory)
     if isinstance(model, Blip2LanguageModel):
-        return export_hf_llm(model, directory)
+        return export_hf_llm(model, directory, image_token_index)
     raise TypeError(f"{type(model).__name__} is not a BLIP-2 model")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# blip's own layout (``save_safetensors``, training checkpoints of the stage-1 objective)
-
-def is_ours(sd: StateDict) -> bool:
-    """Our Blip2Qformer keys, bare or under the objective's ``model.`` prefix (training checkpoints)."""
-    return "qformer.query_tokens" in sd or "model.qformer.query_tokens" in sd
-
-
-def save_safetensors(model: Blip2Qformer, path: str | Path) -> Path:
-    """Our layout as ``.safetensors`` with the exact config in its metadata (``blip.load(path)`` rebuilds it)."""
-    from safetensors.torch import save_file
-    meta = {"format": "pt", "blip_family": "blip2", "blip_task": "qformer",
-            "blip_config": json.dumps(dataclasses.asdict(model.cfg)), "blip_has_lm_head": str(model.has_lm_head)}
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
-    return Path(path)
-
-
-def config_from_dict(d: dict) -> Blip2QformerConfig:
-    d = dict(d)
-    q = d.pop("qformer")
-    return Blip2QformerConfig(vision=VisionConfig(**d.pop("vision")),
-                              qformer=QFormerConfig(TextConfig(**q["text"]), q["num_query_tokens"]), **d)
-
-
-def _saved_metadata(source: str) -> dict:
-    if not str(source).endswith(".safetensors") or not Path(source).is_file():
-        return {}
-    from safetensors import safe_open
-    with safe_open(str(source), "pt") as f:
-        meta = f.metadata() or {}
-    return meta if meta.get("blip_family") == "blip2" else {}
-
-
-def load_ours(sd: StateDict, source: str, arch: str | None = None, task: str | None = None, **overrides) -> nn.Module:
-    """A state dict in our layout -> :class:`Blip2Qformer` (config: ``arch``, else the file's metadata, else
-    guessed from the widths). Training checkpoints of the objective (keys under ``model.``) are accepted."""
-    if "model.qformer.query_tokens" in sd:
-        sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
-    meta = _saved_metadata(source)
-    saved = json.loads(meta["blip_config"]) if "blip_config" in meta else None
-    if arch is not None or saved is None:
-        key = (sd["qformer.query_tokens"].shape[-1], sd["image_encoder.ln_vision.weight"].shape[0])
-        if arch is None and key not in ARCH_BY_WIDTH:
-            raise CheckpointError(f"{source}: cannot tell the arch of a Q-Former of width {key[0]}; pass arch=")
-        cfg = qformer_arch_config(arch or ARCH_BY_WIDTH[key], **overrides)
-    else:
-        cfg = dataclasses.replace(config_from_dict(saved), **overrides)
-    check_fits_before_building(lambda: Blip2Qformer(cfg), sd, source)
-    model = Blip2Qformer(cfg)
-    model.has_lm_head = meta.get("blip_has_lm_head", "True") == "True"
-    report = load_into(model, sd, source)
-    report.origins.update({p: source for p in ("image_encoder", "qformer", "lm_head", "vision_proj", "text_proj",
-                                               "itm_head", "temp")})
-    model.load_report = report
-    return as_task(model, task)
 
 
 def as_task(model: Blip2Qformer, task: str | None) -> nn.Module:
     """A loaded stage-1 model as task "qformer" (itself) or "stage1" (its training objective), in eval mode."""
     if task not in (None, *QFORMER_TASKS):
-        raise CheckpointError(f"a stage-1 (Q-Former) checkpoint: task must be one of {QFORMER_TASKS}, not {task!r}")
+        raise CheckpointError(f"{model.load_report.source} is a stage-1 (Q-Former) checkpoint: task must be one of "
+                              f"{QFORMER_TASKS}, not {task!r}")
     if task == "stage1":
         from ..objectives.blip2_stage1 import Blip2Stage1Objective
         return Blip2Stage1Objective(model).eval()
@@ -148,26 +87,38 @@ def describe(report: LoadReport) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # stage 1 -> stage 2
 
-def init_from_stage1(model: nn.Module, path: str | Path) -> LoadReport:
-    """Initialise ``query_tokens``, ``ln_vision`` and the Q-Former of a stage-2 / InstructBLIP model from a stage-1
-    checkpoint (LAVIS ``blip2_pretrained.pth`` or blip's own keys). Parts the stage-2 model does not have (the ITC/ITM
-    heads, ``temp``, the LM head, and without instructions the Q-Former's text embeddings and text FFN) are dropped;
-    every Q-Former / ln_vision key of the model must be covered. The ViT and LLM are untouched."""
-    sd = read_state_dict(path)
-    if any(k.startswith("Qformer.") for k in sd):
-        out, _ = lavis_vision_to_ours(sd)
-        qf, _ = lavis_qformer_to_ours(sd)
-        out.update(qf)
-    else:
-        out = dict(sd)
-    own = model.state_dict()
-    wanted = [k for k in own if k.startswith("qformer.") or k.startswith("image_encoder.ln_vision.")]
-    lacking = [k for k in wanted if k not in out]
-    if lacking:
-        raise CheckpointError(f"{path}: not a stage-1 checkpoint for this model; lacks {lacking[:6]}")
-    sub = {k: out[k] for k in wanted}
-    report = load_into(model, sub, str(path), expected_missing=[r"image_encoder\.visual_encoder\..*", r"llm\..*",
-                                                                r"llm_proj\..*"])
-    report.origins.update({"qformer": str(path), "image_encoder.ln_vision": str(path)})
+# what a stage-1 checkpoint carries that a stage-2 model has no place for
+STAGE1_ONLY = [r"lm_head\..*", r"(vision_proj|text_proj|itm_head)\..*", r"temp",
+               r"qformer\.transformer\.embeddings\.(word|position)\..*", r"qformer\.transformer\.layers\.\d+\.ffn\..*"]
+
+
+def init_from_stage1(model: Blip2LanguageModel, source: str | Path) -> LoadReport:
+    """The stage-1 -> stage-2 hand-off: a stage-2 / InstructBLIP model takes its query tokens, Q-Former and
+    ``ln_vision`` (and the frozen ViT, when the file has one) from a stage-1 checkpoint, strictly.
+
+    source: a LAVIS ``blip2_pretrained*.pth`` / ``checkpoint.pth``, a blip stage-1 export, or a stage-1 training
+    checkpoint (``state.pt``: the objective's ``model.*`` keys). Every Q-Former / ``ln_vision`` key of the model must
+    come from the file with its shape; what only stage 1 has (ITC/ITM/ITG heads, ``temp``, and for a model without
+    instructions the Q-Former's text embeddings and text FFN) is ignored; anything else in the file is an error.
+    Returns (and sets as ``model.stage1_report``) the :class:`LoadReport`: ``loaded`` (taken from the file),
+    ``expected_missing`` (kept: the LLM, ``llm_proj`` and a ViT the file lacks), ``unused`` (ignored stage-1 parts).
+    """
+    sd = read_state_dict(source)
+    if any(k.startswith(("llm.", "llm_proj.", "model.llm")) for k in sd) or (not is_ours(sd) and is_lavis_llm(sd)):
+        raise CheckpointError(f"{source}: a stage-2 (LLM) checkpoint, not a stage-1 one: load it with blip.load")
+    if is_lavis_blip2(sd):
+        sd, _ = lavis_stage1_to_ours(sd)
+    sd = unwrap_objective(sd)
+    if "qformer.query_tokens" not in sd:
+        raise CheckpointError(f"{source}: not a BLIP-2 stage-1 checkpoint (LAVIS blip2_pretrained*.pth, a blip "
+                              "stage-1 run's state.pt or export); it has no query tokens")
+    kept = [r"llm\..*", r"llm_proj\..*"]
+    if not any(k.startswith("image_encoder.visual_encoder.") for k in sd):
+        kept.append(r"image_encoder\.visual_encoder\..*")
+    report = load_into(model, sd, str(source), expected_missing=kept, expected_unused=STAGE1_ONLY)
+    report.origins.update({p: str(source) for p in ("qformer", "image_encoder.ln_vision")})
+    if len(kept) == 2:
+        report.origins["image_encoder.visual_encoder"] = str(source)
+    log.info("stage-1 hand-off %s", report.summary())
     model.stage1_report = report
     return report

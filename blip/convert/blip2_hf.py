@@ -19,7 +19,7 @@ from pathlib import Path
 from torch import nn
 
 from ..checkpoints import (CheckpointError, StateDict, build_empty, hf_pretrained, load_into, ours_to_bert,
-                           read_state_dict)
+                           read_state_dict, write_hf_directory)
 from ..models import blip2_llm
 from ..models.blip2 import Blip2LLMConfig
 from ..models.blip2_qformer import Blip2Qformer, Blip2QformerConfig
@@ -95,7 +95,6 @@ def export_hf_qformer(model: Blip2Qformer, directory: str | Path) -> Path:
     ViT blocks and ``post_layernorm``: the ViT's is written; an ``ln_vision`` eps that differs (LAVIS 1e-5 vs EVA's
     1e-6) is logged, its effect is ~1e-6 relative.
     """
-    from safetensors.torch import save_file
     from transformers import Blip2Config
     cfg = model.cfg
     if cfg.ln_vision_eps != cfg.vision.layer_norm_eps:
@@ -104,13 +103,7 @@ def export_hf_qformer(model: Blip2Qformer, directory: str | Path) -> Path:
     hf = Blip2Config(vision_config=to_hf_vision_config(cfg.vision), qformer_config=to_hf_qformer_config(cfg.qformer),
                      num_query_tokens=model.num_queries, image_text_hidden_size=cfg.embed_dim)
     hf.architectures = ["Blip2ForImageTextRetrieval"]
-    out = to_hf_state_dict(model)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(str(directory))
-    save_file({k: v.contiguous().clone() for k, v in out.items()}, str(directory / "model.safetensors"),
-              metadata={"format": "pt"})
-    return directory
+    return write_hf_directory(directory, hf, to_hf_state_dict(model))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -183,7 +176,6 @@ def export_hf_llm(model: nn.Module, directory: str | Path, image_token_index: in
     becomes the text config's ``eos_token_id``. HF has one LayerNorm eps for the ViT and ``post_layernorm``: an
     ``ln_vision`` eps that differs (LAVIS 1e-5 vs EVA 1e-6) is logged (~1e-6 relative effect).
     """
-    from safetensors.torch import save_file
     from transformers import Blip2Config, InstructBlipConfig
     cfg = model.config
     token = image_token_index if image_token_index is not None else cfg.image_token_id
@@ -209,11 +201,7 @@ def export_hf_llm(model: nn.Module, directory: str | Path, image_token_index: in
     out["query_tokens"] = sd["qformer.query_tokens"]
     for src, dst in (("llm_proj.", "language_projection."), ("llm.", "language_model.")):
         out.update({dst + k[len(src):]: v for k, v in sd.items() if k.startswith(src)})
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(str(directory))
-    save_file({k: v.contiguous().clone() for k, v in out.items()}, str(directory / "model.safetensors"),
-              metadata={"format": "pt"})
+    directory = write_hf_directory(directory, hf, out)
     if model.has_tokenizer():
         model.tokenizer.save_pretrained(str(directory))
     return directory

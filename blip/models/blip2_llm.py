@@ -241,8 +241,6 @@ def create(arch: str, task: str = "stage2", *, llm: LLMSource | nn.Module | None
     """
     if arch not in LLM_ARCHS:
         raise KeyError(f"unknown BLIP-2 LLM arch {arch!r}; known: {sorted(LLM_ARCHS)}")
-    if task not in LLM_TASKS:
-        raise ValueError(f"task must be one of {LLM_TASKS}, got {task!r}")
     cfg = copy.deepcopy(LLM_ARCHS[arch])
     if "dtype" in overrides:
         overrides["frozen_dtype"] = overrides.pop("dtype")
@@ -251,7 +249,14 @@ def create(arch: str, task: str = "stage2", *, llm: LLMSource | nn.Module | None
         cfg.llm = llm
         if isinstance(llm, (str, Path)) and cfg.tokenizer is None:
             cfg.tokenizer = llm
-    cfg = replace(cfg, **overrides)
+    return build(replace(cfg, **overrides), task, llm=built)
+
+
+def build(cfg: Blip2LLMConfig, task: str = "stage2", llm: nn.Module | None = None) -> Blip2LanguageModel:
+    """The model of a config: task "stage2" -> :class:`Blip2LanguageModel`, "instruct" ->
+    :class:`InstructBlipLanguageModel` (its Q-Former keeps the text parts)."""
+    if task not in LLM_TASKS:
+        raise ValueError(f"task must be one of {LLM_TASKS}, got {task!r}")
     if task == "instruct":
-        cfg.qformer = instruct_qformer(cfg.qformer)
-    return (InstructBlipLanguageModel if task == "instruct" else Blip2LanguageModel)(cfg, llm=built)
+        cfg = replace(cfg, qformer=instruct_qformer(cfg.qformer))
+    return (InstructBlipLanguageModel if task == "instruct" else Blip2LanguageModel)(cfg, llm=llm)

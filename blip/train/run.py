@@ -20,7 +20,7 @@ from blip.data.mixing import mixing_weights
 from blip.data.text import text_cleaner
 from blip.data.webdataset import WebDatasetSource
 from blip.evaluation.runner import benchmark_data, evaluate_after_training
-from blip.registry import BLIP_FINETUNE_TASKS
+from blip.registry import BLIP_FINETUNE_TASKS, LLM_TASKS
 from blip.runs import build_model, checkpoint_path
 from blip.train.checkpoint import list_checkpoints, load_checkpoint, remove_stale_tmp
 from blip.train.distributed import DistInfo, barrier, block_lists, init_distributed, unwrap, wrap_model
@@ -235,10 +235,12 @@ def run(cfg: DictConfig) -> dict:
 
     sources, weights, eval_source = build_sources(cfg.data)  # every rank: the cache write is atomic
     benchmark = benchmark_data(cfg)  # fine-tuning: the task's benchmark files, checked before any training
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model)
     init = locate(str(cfg.init_from), cfg, run_dir) if cfg.get("init_from") else None
-    if init is not None:
+    # BLIP-2 stage 2 starts from a stage-1 run through the one strict hand-off (blip.convert.blip2.init_from_stage1)
+    stage1 = checkpoint_path(init) / "state.pt" if init is not None and cfg.model.task in LLM_TASKS else None
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model, qformer_from=stage1)
+    if init is not None and stage1 is None:
         load_init_weights(model, init)
     if init is None and cfg.model.task in BLIP_FINETUNE_TASKS:
         log.warning("%s/%s starts from random weights: set init_from=<run dir> to fine-tune pretrained weights",
