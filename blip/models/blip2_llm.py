@@ -147,7 +147,6 @@ class Blip2LanguageModel(LanguageInterface, nn.Module):
         are required -> [B, Td, V].
         """
         self._check_ids(input_ids)
-        compile = self.compile_decoding if compile is None else compile
         prefix = self.query_embeds(pixel_values, qformer_input_ids, qformer_attention_mask)
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         if self.is_seq2seq:
