@@ -4,6 +4,7 @@ a failing metrics sink, a data error on one rank of two, same-name runs started 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -279,3 +280,30 @@ def test_a_full_disk_names_the_path_leaves_no_tmp_and_resumes_from_the_last_good
     make_room()
     resumed = run_in_process([a.replace("/test/r", "/test/r2") for a in args] + ["resume=latest"])
     assert resumed["steps"] == 8 and sorted(p.name for p in ckpts.iterdir()) == ["step_00000008"]
+
+
+# ---- a job whose data has nothing readable ends with a named error ---------------------------------------------
+@pytest.mark.parametrize("kind", ["json_wrong_image_root", "shard_of_html_pages"])
+def test_a_job_with_no_readable_sample_ends_with_a_named_error(tmp_path, kind):
+    from blip.data.skips import DatasetError
+    from test_data_guards import jpeg, write_tar
+
+    if kind == "json_wrong_image_root":
+        (tmp_path / "annotations").mkdir()
+        (tmp_path / "annotations" / "coco_karpathy_train.json").write_text(json.dumps(
+            [{"image": f"val2014/{i}.jpg", "caption": f"a photo number {i}", "image_id": i} for i in range(64)]))
+        (tmp_path / "images").mkdir()
+        (tmp_path / "images" / "0.jpg").write_bytes(jpeg())  # the images exist, the configured root is wrong
+        data = ["data=coco_karpathy", f"data.root={tmp_path}", "data.datasets.0.image_root=/no/such/root"]
+        named = ["coco_karpathy_train.json", "/no/such/root", "bad_image"]
+    else:
+        html = b"<!DOCTYPE html><html><body>404 Not Found</body></html>"
+        write_tar(tmp_path / "shard-0.tar", [{"__key__": f"{i:04d}", "jpg": html, "txt": b"a cat"} for i in range(64)])
+        data = ["data=webdataset", f"data.datasets.0.urls={tmp_path}/shard-0.tar", "data.datasets.0.num_samples=64"]
+        named = ["shard-0.tar", "HTML error page"]
+    args = ["stage=1", f"run_dir={tmp_path}/out/test/r", f"output_root={tmp_path}/out", "name=test", *data,
+            "data.num_workers=0", "data.shuffle_buffer=0", "trainer.batch_size=8", "trainer.progress_bar=false",
+            "trainer.tensorboard=false", "trainer.threads=1", "eval.enabled=false"]
+    with pytest.raises(DatasetError) as err:
+        run_in_process(args)
+    assert all(part in str(err.value) for part in named), str(err.value)
