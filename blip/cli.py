@@ -62,7 +62,9 @@ def load_predictor(args, need: str):
     task = args.task
     if task is None and _run_task(args.model) == "pretrain":
         task = RUN_TASK_FOR[need]
-    model = blip.load(args.model, arch=args.arch, task=task, device=args.device, dtype=DTYPES[args.dtype], **extra)
+    model = blip.load(args.model, arch=args.arch, task=task, device=args.device, **extra)
+    if args.dtype != "fp32":   # BLIP-2: the frozen ViT and LLM in that dtype, the Q-Former fp32 (as LAVIS runs it)
+        model = model.cast_frozen(DTYPES[args.dtype]) if hasattr(model, "cast_frozen") else model.to(DTYPES[args.dtype])
     predictor = Predictor(model, name=str(args.model))
     predictor.require(need)
     return predictor
@@ -225,7 +227,8 @@ def _model_options(p: argparse.ArgumentParser, batch_size: int = 16, json_output
     p.add_argument("--llm", default=None, help="BLIP-2: HF directory of the language model the checkpoint lacks")
     p.add_argument("--vision-weights", default=None, help="BLIP-2: the frozen ViT file (e.g. eva_vit_g.pth)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                   help="bf16 / fp16: BLIP in that dtype; BLIP-2 stores its frozen ViT and LLM in it")
     p.add_argument("--batch-size", type=_int_at_least(1), default=batch_size, help="images per forward pass")
     if json_output:
         p.add_argument("--json", action="store_true", help="one JSON object per result")

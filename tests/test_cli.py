@@ -79,6 +79,9 @@ def test_blip2_caption_ask_match(shared, images, capsys, one_thread):
                               max_new_tokens=5, min_new_tokens=1, generator=[torch.Generator().manual_seed(5)])[0]
     assert capsys.readouterr().out.strip() == expected.strip()
 
+    assert main(["ask", str(cat), "what is it?", *source, "--dtype", "bf16", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip()   # frozen ViT and LLM in bf16, the Q-Former in fp32
+
     stage1 = shared / "fixtures" / "lavis" / "blip2_qformer" / "checkpoint.pth"   # the Q-Former matches and captions
     assert main(["match", str(cat), "a cat", "a rocket", "--model", str(stage1), "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
