@@ -25,6 +25,7 @@ import binascii
 import json
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -199,6 +200,8 @@ class Batcher:
         self.running = 0            # requests in the batch on the device now
         self.batches = 0
         self.task: asyncio.Task | None = None
+        # one thread owns the device: batches never wait behind image decoding in the shared pool
+        self.device_thread = ThreadPoolExecutor(1, thread_name_prefix="blip-device")
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._loop())
@@ -242,7 +245,7 @@ class Batcher:
             for jobs in groups.values():
                 self.running = len(jobs)
                 try:
-                    results = await asyncio.to_thread(self._run, jobs)
+                    results = await asyncio.get_running_loop().run_in_executor(self.device_thread, self._run, jobs)
                 except Exception as e:  # noqa: BLE001 - one failed batch must not stop the server
                     log.exception("batch of %d %s requests failed", len(jobs), jobs[0].kind)
                     results = [e] * len(jobs)
@@ -327,6 +330,7 @@ def create_app(predictor: Predictor, cfg: ServeConfig | None = None) -> FastAPI:
         service.batcher.start()
         yield
         service.batcher.task.cancel()
+        service.batcher.device_thread.shutdown(wait=False)
 
     app = FastAPI(title="blip", description=__doc__, lifespan=lifespan)
     app.add_middleware(BodyLimit, limit=service.cfg.max_body_bytes)
