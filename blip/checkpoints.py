@@ -316,6 +316,25 @@ class LoadReport:
             parts.append(f"resized {', '.join(self.resized)}")
         return "; ".join(parts)
 
+    def describe(self, limit: int = 16) -> str:
+        """What happened, by name (layer indices folded to N): loaded, resized, new by design, unused."""
+        lines = [f"{self.source}:"]
+        for title, keys in (("loaded", self.loaded), ("resized", self.resized),
+                            ("new by design", self.expected_missing), ("unused", self.unused)):
+            if keys:
+                names = fold_names(keys)
+                more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+                lines.append(f"  {title} ({len(keys)}): {', '.join(names[:limit])}{more}")
+        return "\n".join(lines)
+
+
+def fold_names(keys: Iterable[str]) -> list[str]:
+    """Parameter names grouped per module, layer indices folded: ``blocks.3.attn.qkv.weight`` -> ``blocks.N.attn.qkv``."""
+    out: dict[str, None] = {}
+    for k in keys:
+        out[re.sub(r"\.(weight|bias)$", "", re.sub(r"\.\d+\.", ".N.", k))] = None
+    return list(out)
+
 
 def check_fits_before_building(build: Callable[[], nn.Module], sd: StateDict, source: str) -> None:
     """Build the model on the meta device (no memory) and compare it with the file's tensors, so a config that does

@@ -1,0 +1,258 @@
+"""Unimodal initialisation: BLIP / BLIP-2 towers from the single-modality weights the papers start from.
+
+- ``vision``: a timm-layout ViT state dict (DeiT-B, ViT-L/16 in21k; torch or safetensors) for BLIP's ViT; EVA
+  ``eva_vit_g.pth``, an OpenAI CLIP ViT-L file or an HF CLIP directory for BLIP-2's frozen image encoder. The
+  position embedding is resized bicubically to the model's grid (class token kept); classifier heads, the blocks
+  beyond the model's depth (LAVIS keeps 39 of EVA's 40, 23 of CLIP-L's 24) and CLIP's text tower are unused.
+- ``text``: an HF BERT directory (bert-base-uncased) for BLIP's text encoder and decoder (cross-attention new; the
+  30522-row word embedding and LM bias grow to the model's 30524 / 30523, the new rows keep their initialisation as
+  BLIP's ``resize_token_embeddings`` does) or BLIP-2's Q-Former (query FFN copied from the text FFN, as LAVIS).
+
+Towers are found by type (every :class:`VisionTransformer`, :class:`TextTransformer` and :class:`LMHead` outside a
+momentum copy), so task models, training objectives and pretraining models all work; momentum copies (``*_m``)
+are then set equal to their online tower (BLIP's ``copy_params``). Each init returns a :class:`LoadReport`
+(loaded, resized, new by design, unused) and refuses a file that leaves any other key of a tower unset.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..checkpoints import CheckpointError, LoadReport, StateDict, bert_to_ours, read_state_dict
+from ..nn.transformer import LMHead, TextTransformer
+from ..nn.vit import VisionTransformer, resize_pos_embed
+from .blip2 import clip_vit_to_ours, eva_vit_to_ours, is_clip_vit
+
+log = logging.getLogger("blip.init")
+
+NEW_TEXT_PARTS = [r"layers\.\d+\.cross_attn\..*"]   # image cross-attention: BERT has none
+BERT_LM_HEAD = {"cls.predictions.transform.dense.": "dense.", "cls.predictions.transform.LayerNorm.": "norm.",
+                "cls.predictions.bias": "bias"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sources
+
+def resolve_source(source: str | Path, what: str) -> Path:
+    """A path, or a ``blip.zoo`` name whose file must be under ``$BLIP_HOME`` (the error gives its URL)."""
+    path = Path(source)
+    if path.exists():
+        return path
+    from ..zoo import PRETRAINED, resolve
+    if isinstance(source, str) and source in PRETRAINED:
+        return resolve(source)
+    raise FileNotFoundError(f"{what} {str(source)!r}: no such file or directory, and not a blip.zoo name "
+                            f"(known: {sorted(PRETRAINED)})")
+
+
+def _towers(model: nn.Module, kind: type) -> list[tuple[str, nn.Module]]:
+    """Modules of type ``kind`` outside momentum copies, each object once (shared modules are loaded once)."""
+    seen, out = set(), []
+    for name, module in model.named_modules():
+        if isinstance(module, kind) and id(module) not in seen and not any(p.endswith("_m") for p in name.split(".")):
+            seen.add(id(module))
+            out.append((name, module))
+    return out
+
+
+def _sync_momentum(model: nn.Module) -> None:
+    """``x_m`` <- ``x`` for every momentum copy whose online twin exists (BLIP ``copy_params``)."""
+    modules = dict(model.named_modules())
+    for name, shadow in modules.items():
+        online = modules.get(name[:-2]) if name.endswith("_m") else None
+        if online is not None:
+            shadow.load_state_dict(online.state_dict())
+
+
+def _load_tower(tower: nn.Module, prefix: str, sd: StateDict, report: LoadReport, new: list[str]) -> None:
+    """Copy ``sd`` (the tower's own key names) into ``tower``; every tower key must be in ``sd`` or match ``new``."""
+    own = tower.state_dict()
+    missing = [k for k in own if k not in sd and not any(re.fullmatch(p, k) for p in new)]
+    if missing:
+        raise CheckpointError(f"{report.source} does not cover {prefix or type(tower).__name__}: missing "
+                              f"{missing[:6]}{' ...' if len(missing) > 6 else ''} (another size or layout?)")
+    bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in sd.items()
+           if k in own and v.shape != own[k].shape]
+    if bad:
+        raise CheckpointError(f"{report.source} does not fit {prefix}: {bad[:4]}")
+    with torch.no_grad():
+        for k, v in sd.items():
+            if k in own:
+                own[k].copy_(v.to(own[k].dtype))
+    dot = prefix + "." if prefix else ""
+    report.loaded += [dot + k for k in sd if k in own]
+    report.expected_missing += [dot + k for k in own if k not in sd]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# vision
+
+def _hf_clip_vision(sd: StateDict, src: str, depth: int) -> tuple[StateDict, set[str]]:
+    """HF ``CLIPVisionModel`` / ``CLIPModel`` (``vision_model.``) keys under ``src`` -> our ViT names (layers
+    ``< depth``)."""
+    out, used, fused = {}, set(), {}
+    swaps = [(r"embeddings\.patch_embedding\.", "patch_embed.proj."), (r"pre_layrnorm\.", "norm_pre."),
+             (r"encoder\.layers\.(\d+)\.layer_norm1\.", r"blocks.\1.norm1."),
+             (r"encoder\.layers\.(\d+)\.layer_norm2\.", r"blocks.\1.norm2."),
+             (r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"blocks.\1.attn.proj."),
+             (r"encoder\.layers\.(\d+)\.mlp\.", r"blocks.\1.mlp.")]
+    for name, v in sd.items():
+        if not name.startswith(src):
+            continue
+        k = name[len(src):]
+        layer = re.match(r"encoder\.layers\.(\d+)\.", k)
+        if layer and int(layer.group(1)) >= depth:
+            continue
+        qkv = re.match(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$", k)
+        if k == "embeddings.class_embedding":
+            out["cls_token"] = v.reshape(1, 1, -1)
+        elif k == "embeddings.position_embedding.weight":
+            out["pos_embed"] = v.unsqueeze(0)
+        elif qkv:
+            i, which, kind = qkv.groups()
+            fused.setdefault(f"blocks.{i}.attn.qkv.{kind}", {})["qkv".index(which)] = v
+        else:
+            for pattern, repl in swaps:
+                new, hit = re.subn("^" + pattern, repl, k)
+                if hit:
+                    out[new] = v
+                    break
+            else:
+                continue
+        used.add(name)
+    for key, parts in fused.items():
+        out[key] = torch.cat([parts[i] for i in range(3)])
+    return out, used
+
+
+def vision_state_to_ours(sd: StateDict, vit: VisionTransformer) -> tuple[StateDict, set[str], list[str]]:
+    """A ViT file (timm / EVA / OpenAI CLIP / HF CLIP layout) -> (``vit``'s keys, consumed file keys, resized)."""
+    cfg = vit.cfg
+    hf_clip = [p for p in ("vision_model.", "") if p + "embeddings.patch_embedding.weight" in sd]
+    if hf_clip:
+        out, used = _hf_clip_vision(sd, hf_clip[0], cfg.depth)
+    elif is_clip_vit(sd, "visual.") or is_clip_vit(sd):
+        src = "visual." if is_clip_vit(sd, "visual.") else ""
+        out, used = clip_vit_to_ours(sd, "", src, cfg.depth)
+        out = {k[len("visual_encoder."):]: v for k, v in out.items()}
+    else:   # timm / EVA names are ours
+        out, used = eva_vit_to_ours(sd, "", cfg.depth)
+        out = {k[len("visual_encoder."):]: v for k, v in out.items()}
+        if cfg.final_norm:
+            for k in ("norm.weight", "norm.bias"):
+                if k in sd:
+                    out[k], _ = sd[k], used.add(k)
+    resized = []
+    pos = out.get("pos_embed")
+    if pos is not None and pos.shape[1] - 1 != cfg.num_patches:
+        out["pos_embed"] = resize_pos_embed(pos, cfg.num_patches)
+        resized.append(f"pos_embed {pos.shape[1]} -> {cfg.num_patches + 1} positions (bicubic)")
+    return out, used, resized
+
+
+def init_vision(model: nn.Module, source: str | Path) -> LoadReport:
+    """Load every (non-momentum) ViT of ``model`` from a pretrained vision file / HF CLIP directory."""
+    path = resolve_source(source, "vision_init")
+    sd = read_state_dict(path)
+    towers = _towers(model, VisionTransformer)
+    if not towers:
+        raise ValueError(f"vision_init={path}: {type(model).__name__} has no ViT")
+    report = LoadReport(str(path))
+    used: set[str] = set()
+    for prefix, vit in towers:
+        converted, consumed, resized = vision_state_to_ours(sd, vit)
+        if not converted:
+            raise CheckpointError(f"{path}: no ViT weights in a layout blip knows (timm / EVA / OpenAI CLIP / HF "
+                                  f"CLIP); first keys {list(sd)[:6]}")
+        _load_tower(vit, prefix, converted, report, new=[])
+        report.resized += [f"{prefix}.{r}" for r in resized]
+        used |= consumed
+    report.unused += [k for k in sd if k not in used]
+    _sync_momentum(model)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# text
+
+def _grow_rows(value: torch.Tensor, rows: int, init: torch.Tensor) -> torch.Tensor:
+    """The file's first rows, then the model's own initial rows (BLIP adds [DEC] / [ENC] after BERT's 30522)."""
+    return torch.cat([value.to(init.dtype), init[value.shape[0]:]]) if value.shape[0] < rows else value
+
+
+def text_state_to_ours(sd: StateDict, tower: TextTransformer) -> tuple[StateDict, set[str], list[str]]:
+    """HF BERT keys (``bert.``-prefixed or not) -> ``tower``'s keys; the query FFN (Q-Former) is the text FFN's copy."""
+    src = "bert." if any(k.startswith("bert.encoder.") for k in sd) else ""
+    out, used = bert_to_ours(sd, src, "")
+    own = tower.state_dict()
+    for k in list(out):
+        if k.startswith("layers.") and ".ffn." in k and k.replace(".ffn.", ".ffn_query.") in own:
+            out[k.replace(".ffn.", ".ffn_query.")] = out[k].clone()
+    resized = []
+    word = out.get("embeddings.word.weight")
+    if word is not None and "embeddings.word.weight" in own and word.shape[0] < own["embeddings.word.weight"].shape[0]:
+        rows = own["embeddings.word.weight"].shape[0]
+        out["embeddings.word.weight"] = _grow_rows(word, rows, own["embeddings.word.weight"])
+        resized.append(f"embeddings.word {word.shape[0]} -> {rows} rows (new rows keep their init)")
+    return {k: v for k, v in out.items() if k in own}, used, resized
+
+
+def _lm_head_state(sd: StateDict, head: LMHead) -> tuple[StateDict, set[str]]:
+    out, used = {}, set()
+    for k, v in sd.items():
+        for s, d in BERT_LM_HEAD.items():
+            if k.startswith(s):
+                out[d + k[len(s):]] = v
+                used.add(k)
+    if "bias" in out:
+        out["bias"] = _grow_rows(out["bias"], head.bias.shape[0], head.bias.detach())
+    return out, used
+
+
+def init_text(model: nn.Module, source: str | Path) -> LoadReport:
+    """Load every (non-momentum) MED / Q-Former text stack and LM head of ``model`` from an HF BERT directory."""
+    path = resolve_source(source, "text_init")
+    sd = read_state_dict(path)
+    towers = _towers(model, TextTransformer)
+    if not towers:
+        raise ValueError(f"text_init={path}: {type(model).__name__} has no text transformer")
+    report = LoadReport(str(path))
+    used: set[str] = set()
+    for prefix, tower in towers:
+        converted, consumed, resized = text_state_to_ours(sd, tower)
+        if not converted:
+            raise CheckpointError(f"{path}: no BERT weights (embeddings.*, encoder.layer.N.*); first keys "
+                                  f"{list(sd)[:6]}")
+        _load_tower(tower, prefix, converted, report, new=NEW_TEXT_PARTS)
+        report.resized += [f"{prefix}.{r}" for r in resized]
+        used |= consumed
+    for prefix, head in _towers(model, LMHead):
+        converted, consumed = _lm_head_state(sd, head)
+        _load_tower(head, prefix, converted, report, new=[] if converted else [".*"])  # no MLM head: new
+        used |= consumed
+    report.unused += [k for k in sd if k not in used]   # token types, pooler, NSP head: MED has none of them
+    _sync_momentum(model)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# both
+
+def init_unimodal(model: nn.Module, vision: str | Path | None = None, text: str | Path | None = None,
+                  echo: Callable[[str], None] = log.info) -> list[LoadReport]:
+    """Vision and / or text init of ``model``; each report is shown through ``echo`` and kept in
+    ``model.init_reports``."""
+    reports = []
+    if vision is not None:
+        reports.append(init_vision(model, vision))
+    if text is not None:
+        reports.append(init_text(model, text))
+    for r in reports:
+        echo(r.describe())
+    model.__dict__.setdefault("init_reports", []).extend(reports)
+    return reports
