@@ -81,3 +81,36 @@ def test_blip2_answer_cleans_questions_and_uses_lavis_lengths(coco_captioner):
     t5.answer(torch.randn(1, 3, 56, 56), "Is it red?")
     assert (seen["length_penalty"], seen["min_new_tokens"]) == (-1.0, 0)   # T5's min_length counts the start token
     assert t5.caption_defaults()["min_new_tokens"] == 0 and coco_captioner.caption_defaults()["min_new_tokens"] == 8
+
+
+def test_cosine_epoch_schedule_is_blips_cosine_lr_schedule():
+    """BLIP train_caption.py: at the start of epoch e, lr = (init - min) * 0.5 * (1 + cos(pi * e / max_epoch)) + min."""
+    import math
+
+    from blip.train.schedule import IterationSchedule
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    sched = IterationSchedule(opt, name="cosine_epoch", lr=1e-5, total_steps=50, steps_per_epoch=10, min_lr=1e-7)
+    for step in range(50):
+        epoch = step // 10
+        assert sched.lr_at(step) == pytest.approx((1e-5 - 1e-7) * 0.5 * (1 + math.cos(math.pi * epoch / 5)) + 1e-7)
+
+
+@pytest.mark.parametrize("exclude", [True, False])
+def test_pretrain_negatives_switch(monkeypatch, exclude):
+    """exclude_same_image=False: only the pair itself is excluded from the ITM negatives, as BLIP pretraining."""
+    import blip.models.blip_pretrain as bp
+
+    seen = {}
+
+    def spy(*args):
+        seen["ids"] = args[7].tolist()
+        return torch.zeros((), requires_grad=True)
+
+    monkeypatch.setattr(bp, "itm_hard_negatives", spy)
+    model = create("blip_tiny", "pretrain", image_size=32)
+    model.exclude_same_image = exclude
+    batch = {"pixel_values": torch.randn(3, 3, 32, 32), "text": ["a red dog", "a red dog", "a cat"],
+             "image_ids": torch.tensor([7, 7, 9])}
+    model(batch)
+    assert seen["ids"] == ([7, 7, 9] if exclude else [0, 1, 2])

@@ -16,7 +16,8 @@ Choices (original BLIP behaviour noted where we differ):
   (momentum features gathered without gradient, ViT tokens with gradient), so a run on N ranks computes what one
   process would on the concatenated batch. ``world_batch=False`` is original BLIP pretraining: local batch + queue.
 - Hard negatives never share the row's image id (BLIP pretrain only excludes the diagonal; with COCO's 5 captions per
-  image it can pick a positive as "negative"). ITC targets stay the diagonal, as in BLIP pretraining.
+  image it can pick a positive as "negative"); ``exclude_same_image=False`` restores BLIP's rule. ITC targets stay the
+  diagonal, as in BLIP pretraining.
 - alpha = 0.4 * min(1, progress / 2): BLIP's ``pretrain.py`` ramps distillation over the first 2 epochs.
 """
 from __future__ import annotations
@@ -57,12 +58,12 @@ class BlipPretrain(MomentumDistillation, nn.Module):
     def __init__(self, cfg: Any, *, queue_size: int = 57600, momentum: float = 0.995, alpha: float = 0.4,
                  alpha_warmup_epochs: float = 2.0, temp: float = 0.07, max_txt_len: int = 30,
                  label_smoothing: float = 0.1, negative_eps: float = 1e-4, world_batch: bool = True,
-                 tokenizer=None):
+                 exclude_same_image: bool = True, tokenizer=None):
         super().__init__()
         self.cfg = cfg
         self.momentum, self.alpha, self.alpha_warmup_epochs = momentum, alpha, alpha_warmup_epochs
         self.max_txt_len, self.label_smoothing = max_txt_len, label_smoothing
-        self.negative_eps, self.world_batch = negative_eps, world_batch
+        self.negative_eps, self.world_batch, self.exclude_same_image = negative_eps, world_batch, exclude_same_image
         self.tokenizer = tokenizer if tokenizer is not None else get_tokenizer("blip")
 
         self.visual_encoder = VisionTransformer(cfg.vision)
@@ -103,6 +104,9 @@ class BlipPretrain(MomentumDistillation, nn.Module):
 
         # ITM: negatives from the online-vs-momentum sims of the (world) batch, as BLIP (`sim[:, :bs]`)
         bw = sim_i2t.shape[1] - self.queue.size
+        if not self.exclude_same_image:  # BLIP: only the pair itself is excluded (one id per row of the world batch)
+            b = image_ids.shape[0]
+            image_ids = torch.arange(b, device=image_ids.device) + (rank() * b if self.world_batch else 0)
         loss_itm = itm_hard_negatives(self.text_encoder, self.itm_head, image_embeds,
                                       with_first_token(input_ids, ENC_TOKEN_ID), attention_mask,
                                       sim_i2t[:, :bw].detach(), sim_t2i[:, :bw].detach(), image_ids,
