@@ -40,12 +40,20 @@ PRETRAINED: dict[str, Pretrained] = {
     "blip-large-retrieval-coco": Pretrained(f"{BLIP_GCS}/model_large_retrieval_coco.pth", "blip_large", "retrieval", 384),
     "blip-base-retrieval-flickr": Pretrained(f"{BLIP_GCS}/model_base_retrieval_flickr.pth", "blip_base", "retrieval", 384),
     "blip-base-nlvr": Pretrained(f"{BLIP_GCS}/model_base_nlvr.pth", "blip_base", "nlvr", 384),   # LAVIS blip_nlvr too
+    # unimodal weights BLIP pretraining starts from (model.vision_init / model.text_init)
+    "deit-base-patch16-224": Pretrained("https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth",
+                                        "blip_base", "vision", 224),
+    "vit-large-patch16-224-in21k": Pretrained(
+        "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-vitjx/"
+        "jx_vit_large_patch16_224_in21k-606da67d.pth", "blip_large", "vision", 224),
+    "bert-base-uncased": Pretrained("bert-base-uncased", "blip_base", "text", 224),
     # HF transformers ports
     "hf-blip-image-captioning-base": Pretrained("Salesforce/blip-image-captioning-base", "blip_base", "caption", 384),
     "hf-blip-image-captioning-large": Pretrained("Salesforce/blip-image-captioning-large", "blip_large", "caption", 384),
     "hf-blip-vqa-base": Pretrained("Salesforce/blip-vqa-base", "blip_base", "vqa", 384),
     "hf-blip-itm-base-coco": Pretrained("Salesforce/blip-itm-base-coco", "blip_base", "retrieval", 384),
     # BLIP-2 (LAVIS releases: trainable parameters only; the ViT and the LLM come from elsewhere)
+    "blip2-clip-vit-l": Pretrained(f"{LAVIS_GCS}/BLIP2/clip_vit_L.pth", "blip2_vitL_qformer", "vision", 224),
     "blip2-eva-vit-g": Pretrained(f"{LAVIS_GCS}/BLIP2/eva_vit_g.pth", "blip2_vitg_qformer", "vision", 224),
     "blip2-pretrain": Pretrained(f"{LAVIS_GCS}/BLIP2/blip2_pretrained.pth", "blip2_vitg_qformer", "qformer", 224,
                                  needs=("blip2-eva-vit-g",)),

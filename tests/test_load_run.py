@@ -22,7 +22,7 @@ def train(tmp: Path, name: str, overrides: list[str]) -> Path:
             [f"run_dir={run_dir}", f"output_root={tmp}/outputs", f"data.synthetic.cache_dir={tmp}/cache",
              "data.synthetic.num_train=32", "data.synthetic.num_val=8", "data.synthetic.shard_size=16",
              "trainer.batch_size=8", "trainer.max_steps=1", "trainer.progress_bar=false", "trainer.threads=null",
-             "trainer.tensorboard=false", "eval.enabled=false", *overrides]))
+             "trainer.tensorboard=false", "eval.enabled=false", "model.vision_init=null", *overrides]))
     run(cfg)
     return run_dir
 

@@ -85,13 +85,13 @@ def test_resume_reads_state_and_rng_files_safely(tmp_path, planted, name):
 def test_run_dirs_init_from_and_capfilt_sources(tmp_path, planted):
     import blip
     from blip.capfilt import load_task_model
-    from blip.train.run import load_init_weights
+    from blip.train.init import init_from_checkpoint
 
     write, _ = planted
     run = run_dir_with(tmp_path, write, "state.pt")
     with pytest.raises(CheckpointError, match="state.pt: cannot be read"):
         blip.load(run)
     with pytest.raises(CheckpointError, match="state.pt: cannot be read"):
-        load_init_weights(torch.nn.Linear(2, 2), run)
+        init_from_checkpoint(torch.nn.Linear(2, 2), run)
     with pytest.raises(CheckpointError, match="state.pt: cannot be read"):
         load_task_model(run, "blip_tiny", "caption")

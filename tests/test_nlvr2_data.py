@@ -124,13 +124,13 @@ def test_nlvr2_recipe_trains_a_tiny_model(tmp_path):
 def test_init_from_a_single_image_run_starts_both_branches(tmp_path):
     import blip
     from blip.objectives.blip_finetune import wrap_objective
-    from blip.train.run import load_init_weights
+    from blip.train.init import init_from_checkpoint
 
     source = blip.create_model("blip_tiny", "retrieval")
     (tmp_path / "ckpt").mkdir()
     torch.save({"model": source.state_dict()}, tmp_path / "ckpt" / "state.pt")
     nlvr = wrap_objective("nlvr", blip.create_model("blip_tiny", "nlvr"))
-    load_init_weights(nlvr, tmp_path / "ckpt")
+    init_from_checkpoint(nlvr, tmp_path / "ckpt")
     for i, layer in enumerate(nlvr.text_encoder.layers):
         single = source.text_encoder.layers[i].cross_attn
         for branch in (layer.cross_attn.image0, layer.cross_attn.image1):

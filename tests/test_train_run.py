@@ -14,7 +14,8 @@ from test_train_helpers import build_tiny
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY_DATA = ["data.synthetic.num_train=256", "data.synthetic.num_val=32", "data.synthetic.shard_size=64",
-             "trainer.batch_size=16", "trainer.progress_bar=false", "trainer.threads=null", "eval.batch_size=16"]
+             "trainer.batch_size=16", "trainer.progress_bar=false", "trainer.threads=null", "eval.batch_size=16",
+             "model.vision_init=null"]   # a random frozen ViT (allowed for the tiny models): no encoder training
 
 
 def config(tmp_path: Path, run_name: str, overrides: list[str]):

@@ -60,12 +60,13 @@ def _towers(model: nn.Module, kind: type) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def _sync_momentum(model: nn.Module) -> None:
-    """``x_m`` <- ``x`` for every momentum copy whose online twin exists (BLIP ``copy_params``)."""
+def sync_momentum(model: nn.Module, loaded: set[str] | None = None) -> None:
+    """``x_m`` <- ``x`` for every momentum copy whose online twin exists (BLIP ``copy_params``); with ``loaded``
+    (keys just loaded from a checkpoint), copies that got their own weights are left alone."""
     modules = dict(model.named_modules())
     for name, shadow in modules.items():
         online = modules.get(name[:-2]) if name.endswith("_m") else None
-        if online is not None:
+        if online is not None and not (loaded and any(k.startswith(name + ".") for k in loaded)):
             shadow.load_state_dict(online.state_dict())
 
 
@@ -173,7 +174,7 @@ def init_vision(model: nn.Module, source: str | Path) -> LoadReport:
         report.resized += [f"{prefix}.{r}" for r in resized]
         used |= consumed
     report.unused += [k for k in sd if k not in used]
-    _sync_momentum(model)
+    sync_momentum(model)
     return report
 
 
@@ -236,7 +237,7 @@ def init_text(model: nn.Module, source: str | Path) -> LoadReport:
         _load_tower(head, prefix, converted, report, new=[] if converted else [".*"])  # no MLM head: new
         used |= consumed
     report.unused += [k for k in sd if k not in used]   # token types, pooler, NSP head: MED has none of them
-    _sync_momentum(model)
+    sync_momentum(model)
     return report
 
 

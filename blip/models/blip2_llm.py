@@ -49,6 +49,7 @@ class Blip2LanguageModel(LanguageInterface, nn.Module):
     compile_decoding = False   # generate()'s default for compile= (blip.load(compile=True) sets it)
 
     instruct = False
+    new_on_init_from = (r"llm_proj\..*",)   # a stage-1 Q-Former run has no projection into the LLM
 
     def __init__(self, cfg: Blip2LLMConfig, llm: nn.Module | None = None):
         super().__init__()

@@ -14,8 +14,6 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from blip.data.datasets import ImageTextStream, JsonSource, TrainData, eval_batches
-from blip.checkpoints import read_torch_file
-from blip.convert.blip_nlvr import is_nlvr, twin_from_single
 from blip.data.mixing import mixing_weights
 from blip.data.text import text_cleaner
 from blip.data.webdataset import WebDatasetSource
@@ -24,6 +22,7 @@ from blip.registry import BLIP_FINETUNE_TASKS, LLM_TASKS
 from blip.runs import build_model, checkpoint_path
 from blip.train.checkpoint import list_checkpoints, load_checkpoint, remove_stale_tmp
 from blip.train.distributed import DistInfo, barrier, block_lists, init_distributed, unwrap, wrap_model
+from blip.train.init import init_from_checkpoint, refuse_random_frozen, unimodal_init
 from blip.train.loop import Trainer
 from blip.train.metrics_log import MetricLogger
 from blip.train.optim import build_optimizer
@@ -36,22 +35,6 @@ log = logging.getLogger("blip.train")
 def quote_stage_override(argv: list[str]) -> list[str]:
     """`stage=1` → `stage='1'`: Hydra parses a bare 1 as an int, which cannot name a config-group option."""
     return [re.sub(r"^(\+?stage)=(\d+)$", r"\1='\2'", a) for a in argv]
-
-
-# ---- model -------------------------------------------------------------------------------------------------
-
-
-def load_init_weights(model: nn.Module, path: str | Path) -> None:
-    """Start from another run's weights (e.g. stage 1 → stage 2): matching keys load, the rest is listed."""
-    ckpt = checkpoint_path(path)
-    state = read_torch_file(ckpt / "state.pt")["model"]
-    own = model.state_dict()
-    if is_nlvr(own) and not is_nlvr(state):  # NLVR2 from a single-image run: both branches start from its cross-attn
-        state = twin_from_single(state)
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    missing, _ = model.load_state_dict(usable, strict=False)
-    log.info("init_from %s: loaded %d tensors, %d not in the checkpoint (kept at init), %d unused",
-             ckpt, len(usable), len(missing), len(state) - len(usable))
 
 
 # ---- data --------------------------------------------------------------------------------------------------
@@ -240,8 +223,10 @@ def run(cfg: DictConfig) -> dict:
     stage1 = checkpoint_path(init) / "state.pt" if init is not None and cfg.model.task in LLM_TASKS else None
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, qformer_from=stage1)
+    reports = unimodal_init(model, cfg.model, cfg.data)
     if init is not None and stage1 is None:
-        load_init_weights(model, init)
+        reports.append(init_from_checkpoint(model, init, cfg.get("init_from_min_fraction", 1.0)))
+    refuse_random_frozen(model, {k for r in reports for k in r.loaded}, cfg.model)
     if init is None and cfg.model.task in BLIP_FINETUNE_TASKS:
         log.warning("%s/%s starts from random weights: set init_from=<run dir> to fine-tune pretrained weights",
                     cfg.model.arch, cfg.model.task)
