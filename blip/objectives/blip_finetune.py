@@ -76,6 +76,8 @@ class RetrievalObjective(MomentumDistillation, TaskObjective):
     world batch (COCO: True, Flickr: False). EMA and temperature clamp in :meth:`after_optimizer_step`.
     """
 
+    new_on_init_from = ("temp",)   # a task-model checkpoint has no temperature: it starts at ``temp``
+
     def __init__(self, model: nn.Module, queue_size: int = 57600, momentum: float = 0.995, alpha: float = 0.4,
                  alpha_warmup_epochs: float = 1.0, temp: float = 0.07, max_txt_len: int = 35,
                  negative_all_rank: bool = True, itc_world_batch: bool = True):

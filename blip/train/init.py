@@ -4,7 +4,7 @@ released checkpoint (``init_from``), and a refusal to train against a frozen tow
 ``init_from`` is strict: weights load by name (BLIP / LAVIS / HF layouts are converted first), position embeddings
 of another grid are resized bicubically (online and momentum ViTs, as BLIP's ``interpolate_pos_embed``), and every
 required part of the model (a top-level module with trainable weights) must be covered: a part that loads nothing,
-or less than ``init_from_min_fraction`` of its elements, stops the run with a by-name list of what was loaded,
+or less than ``init_from_min_fraction`` of its tensors (default all of them), stops the run with a by-name list of what was loaded,
 resized, new by design (the model's ``new_on_init_from`` patterns, e.g. BLIP-2's ``llm_proj``) and ignored.
 """
 
@@ -71,16 +71,17 @@ def read_init_source(path: str | Path) -> tuple[Path, StateDict]:
 
 def to_model_names(state: StateDict, own: dict[str, Tensor]) -> StateDict:
     """Released BLIP / LAVIS checkpoints -> our key names; a task model's keys under an objective's ``model.``."""
-    if not any(k in own for k in state):
-        from blip.convert import blip as blip_convert
+    from blip.convert import blip as blip_convert
+    from blip.convert.blip2 import is_lavis_blip2
 
-        if blip_convert.owns(state) and not blip_convert.is_ours(state):
-            state = blip_convert.original_to_ours(state)
-        else:
-            from blip.convert.blip2 import is_lavis_blip2
-            if is_lavis_blip2(state):
-                from blip.convert.blip2_llm import lavis_to_ours
-                state = lavis_to_ours(state)[0]
+    if blip_convert.owns(state) and not blip_convert.is_ours(state):
+        state = blip_convert.original_to_ours(state)
+    elif is_lavis_blip2(state) and any(k.startswith("Qformer.") for k in state):
+        if any(re.match(r"(opt|t5|llm)_proj\.", k) for k in state):   # a LAVIS stage-2 file
+            from blip.convert.blip2_llm import lavis_to_ours
+        else:                                                           # blip2_pretrained*.pth (stage 1)
+            from blip.convert.blip2_stage1 import lavis_stage1_to_ours as lavis_to_ours
+        state = lavis_to_ours(state)[0]
     wrapped = {k for k in own if k.startswith("model.")}
     if wrapped and len(wrapped) == len(own) and not any(k.startswith("model.") for k in state):
         state = {"model." + k: v for k, v in state.items()}
@@ -115,7 +116,7 @@ def new_by_design(model: nn.Module) -> list[str]:
     return found
 
 
-def init_from_checkpoint(model: nn.Module, source: str | Path, min_fraction: float = 0.9) -> LoadReport:
+def init_from_checkpoint(model: nn.Module, source: str | Path, min_fraction: float = 1.0) -> LoadReport:
     """Load ``source`` into ``model`` by name (see the module doc); raises :class:`CheckpointError` when a required
     part is not covered. Returns the report (also logged)."""
     path, state = read_init_source(source)
@@ -133,8 +134,7 @@ def init_from_checkpoint(model: nn.Module, source: str | Path, min_fraction: flo
     short = []
     for part in sorted(required):
         keys = [k for k in own if part_of(k) == part and not any(re.fullmatch(p, k) for p in new)]
-        total = sum(own[k].numel() for k in keys)
-        got = sum(own[k].numel() for k in keys if k in usable)
+        total, got = len(keys), sum(k in usable for k in keys)
         if total and got < min_fraction * total:
             short.append(f"{part}: {got / total:.0%} loaded (missing e.g. {fold_names(k for k in keys if k not in usable)[:4]})")
     report.loaded = sorted(usable)
