@@ -12,6 +12,7 @@ write the model or objective and add its builder here.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 from torch import nn
@@ -110,11 +111,19 @@ def _build(table: dict[tuple[str, str], Builder], kind: str, arch: str, task: st
     return table[arch, task](arch, task, **overrides)
 
 
-def create_model(arch: str, task: str, **overrides) -> nn.Module:
-    """A randomly initialised inference model, e.g. ``create_model("blip_base", "caption")``; for a task with only a
-    training objective (``"pretrain"``, ``"stage1"``) that objective."""
+def create_model(arch: str, task: str, *, vision_init: str | Path | None = None, text_init: str | Path | None = None,
+                 **overrides) -> nn.Module:
+    """An inference model, e.g. ``create_model("blip_base", "caption", image_size=384)``; for a task with only a
+    training objective (``"pretrain"``, ``"stage1"``) that objective. Randomly initialised, or with its towers from
+    the unimodal weights the papers start from (:mod:`blip.convert.unimodal`; the report is printed):
+    vision_init: a timm-layout ViT file (DeiT-B, ViT-L in21k), ``eva_vit_g.pth``, an OpenAI CLIP file, an HF CLIP
+    directory or a ``blip.zoo`` name; text_init: an HF BERT directory (or the zoo's ``"bert-base-uncased"``)."""
     table = MODELS if (arch, task) in MODELS else OBJECTIVES
-    return _build(table, "model", arch, task, **overrides)
+    model = _build(table, "model", arch, task, **overrides)
+    if vision_init is not None or text_init is not None:
+        from .convert.unimodal import init_unimodal
+        init_unimodal(model, vision=vision_init, text=text_init, echo=print)
+    return model
 
 
 def create_objective(arch: str, task: str, **overrides) -> nn.Module:

@@ -164,3 +164,20 @@ def test_hf_clip_dir_into_a_clip_shaped_vit(tmp_path):
         want = clip(pixel_values=pixels, output_hidden_states=True).hidden_states[2]
         assert (ours(pixels) - want).abs().max() < 1e-5
     assert any("layers.2." in k for k in report.unused) and "post_layernorm.weight" in report.unused
+
+
+def test_create_model_with_unimodal_files(tmp_path, capsys):
+    import blip
+
+    torch.save(timm_vit().state_dict(), tmp_path / "vit.pth")
+    path, mlm = bert_dir(tmp_path, 64, 2, 4, 256)
+    model = blip.create_model("blip_tiny", "caption", image_size=384, vision_init=tmp_path / "vit.pth",
+                              text_init=path)
+    assert model.visual_encoder.pos_embed.shape[1] == 577
+    assert torch.equal(model.text_decoder.transformer.layers[0].ffn.fc1.weight,
+                       mlm.bert.encoder.layer[0].intermediate.dense.weight)
+    out = capsys.readouterr().out
+    assert "resized (1): visual_encoder.pos_embed 197 -> 577" in out and "new by design" in out
+    qformer = blip.create_model("blip2_lavis_tiny_qformer", "qformer", image_size=112,
+                                vision_init=LAVIS / "eva_vit_tiny.pth")
+    assert qformer.image_encoder.visual_encoder.pos_embed.shape[1] == 65

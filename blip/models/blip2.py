@@ -46,7 +46,10 @@ def qformer_arch_config(arch: str, **overrides) -> Blip2QformerConfig:
     """The config of a Q-Former arch with top-level fields replaced (e.g. ``freeze_vit=False``, ``vit_dtype="bf16"``)."""
     if arch not in QFORMER_ARCHS:
         raise KeyError(f"unknown BLIP-2 Q-Former arch {arch!r}; known: {sorted(QFORMER_ARCHS)}")
-    return dataclasses.replace(QFORMER_ARCHS[arch], **overrides)
+    cfg = QFORMER_ARCHS[arch]
+    if "image_size" in overrides:   # e.g. 364 for fine-tuning: the position embedding gets that grid
+        overrides["vision"] = dataclasses.replace(overrides.get("vision", cfg.vision), image_size=overrides.pop("image_size"))
+    return dataclasses.replace(cfg, **overrides)
 
 
 @dataclass

@@ -249,6 +249,8 @@ def create(arch: str, task: str = "stage2", *, llm: LLMSource | nn.Module | None
         cfg.llm = llm
         if isinstance(llm, (str, Path)) and cfg.tokenizer is None:
             cfg.tokenizer = llm
+    if "image_size" in overrides:   # e.g. 364 for fine-tuning: the position embedding gets that grid
+        overrides["vision"] = replace(overrides.get("vision", cfg.vision), image_size=overrides.pop("image_size"))
     return build(replace(cfg, **overrides), task, llm=built)
 
 

@@ -114,8 +114,9 @@ class VQAStrings(_StringAPI):
                length_convention: str = "total") -> list[str]:
         """One answer per (image, question); one image may serve every question. method "generate" (open-ended;
         lengths count [DEC]) or "rank" (choose from ``answer_list`` with BLIP's ranking over the top-``k``
-        candidates)."""
-        questions = [questions] if isinstance(questions, str) else list(questions)
+        candidates). Questions are cleaned by BLIP's ``pre_question`` first, as BLIP's VQA datasets do."""
+        from ..data.text import pre_question
+        questions = [pre_question(q) for q in ([questions] if isinstance(questions, str) else questions)]
         pixels = self._pixels(images)
         if pixels.shape[0] == 1:
             pixels = pixels.expand(len(questions), -1, -1, -1)
