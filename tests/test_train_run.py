@@ -57,11 +57,13 @@ def test_real_blip_pretraining_model_runs(tmp_path):
 
 def test_real_blip2_stage2_model_runs(tmp_path):
     out = run(config(tmp_path, "blip2", ["stage=2", "trainer.max_steps=2", "trainer.llm_warmup_steps=2",
-                                         "eval.max_new_tokens=4"]))
+                                         "eval.max_new_tokens=4", "init_from=null"]))
     assert out["steps"] == 2 and out["eval"]["num_images"] == 32 and "acc_color" in out["eval"]
 
 
 def test_blip2_stage1_then_stage2_from_its_qformer(tmp_path):
+    with pytest.raises(FileNotFoundError, match="init_from=latest:stage1_blip2_tiny_qformer_synthetic: no run"):
+        run(config(tmp_path, "s0", ["stage=2", "name=stage2"]))   # stage 2 continues from stage 1: none yet
     one = run(config(tmp_path, "s1", ["stage=1", "model=blip2_tiny_qformer", "trainer.max_steps=2",
                                       "eval.enabled=false"]))
     assert one["steps"] == 2

@@ -62,7 +62,9 @@ def read_init_source(path: str | Path) -> tuple[Path, StateDict]:
     """A run dir (its newest checkpoint), a checkpoint dir (``state.pt``) or a weights file / HF directory."""
     from blip.runs import checkpoint_path
 
-    p = Path(path)
+    from blip.convert.unimodal import resolve_source
+
+    p = resolve_source(path, "init_from")
     if p.is_dir() and not (p / "config.json").exists():
         ckpt = checkpoint_path(p)
         return ckpt, read_torch_file(ckpt / "state.pt")["model"]

@@ -121,6 +121,28 @@ def locate(spec: str, cfg: DictConfig, run_dir: Path) -> Path | None:
     return checkpoint_path(spec)
 
 
+def init_source(spec: str, cfg: DictConfig, run_dir: Path) -> Path | str:
+    """`init_from`: `latest[:<name>]` (an error when there is no such run: the recipe continues from it), or a
+    run / checkpoint directory, weights file or blip.zoo name (read by blip.train.init)."""
+    if spec == "latest" or spec.startswith("latest:"):
+        found = locate(spec, cfg, run_dir)
+        if found is None:
+            name = spec.partition(":")[2] or cfg.name
+            raise FileNotFoundError(f"init_from={spec}: no run of {name} with a checkpoint under {cfg.output_root}; "
+                                    f"train it first (stage 2 continues from `scripts/train.py stage=1 "
+                                    f"model={cfg.model.get('stage1_arch') or '<arch>'}`) or set init_from=null")
+        return found
+    return spec
+
+
+def stage1_file(init: Path | str) -> Path:
+    """The weights file of a stage-1 source: a file or zoo name as it is, a run / checkpoint dir's ``state.pt``."""
+    from blip.convert.unimodal import resolve_source
+
+    path = resolve_source(init, "init_from")
+    return path if path.is_file() else checkpoint_path(path) / "state.pt"
+
+
 def find_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
     if cfg.resume in (None, "", "none"):
         return None
@@ -218,9 +240,9 @@ def run(cfg: DictConfig) -> dict:
 
     sources, weights, eval_source = build_sources(cfg.data)  # every rank: the cache write is atomic
     benchmark = benchmark_data(cfg)  # fine-tuning: the task's benchmark files, checked before any training
-    init = locate(str(cfg.init_from), cfg, run_dir) if cfg.get("init_from") else None
+    init = init_source(str(cfg.init_from), cfg, run_dir) if cfg.get("init_from") else None
     # BLIP-2 stage 2 starts from a stage-1 run through the one strict hand-off (blip.convert.blip2.init_from_stage1)
-    stage1 = checkpoint_path(init) / "state.pt" if init is not None and cfg.model.task in LLM_TASKS else None
+    stage1 = stage1_file(init) if init is not None and cfg.model.task in LLM_TASKS else None
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, qformer_from=stage1)
     reports = unimodal_init(model, cfg.model, cfg.data)
