@@ -121,16 +121,15 @@ def locate(spec: str, cfg: DictConfig, run_dir: Path) -> Path | None:
     return checkpoint_path(spec)
 
 
-def init_source(spec: str, cfg: DictConfig, run_dir: Path) -> Path | str:
-    """`init_from`: `latest[:<name>]` (an error when there is no such run: the recipe continues from it), or a
-    run / checkpoint directory, weights file or blip.zoo name (read by blip.train.init)."""
+def init_source(spec: str, cfg: DictConfig, run_dir: Path) -> Path | str | None:
+    """`init_from`: `latest[:<name>]` (None, with a warning, when there is no such run yet), or a run / checkpoint
+    directory, weights file or blip.zoo name (read strictly by blip.train.init)."""
     if spec == "latest" or spec.startswith("latest:"):
         found = locate(spec, cfg, run_dir)
         if found is None:
-            name = spec.partition(":")[2] or cfg.name
-            raise FileNotFoundError(f"init_from={spec}: no run of {name} with a checkpoint under {cfg.output_root}; "
-                                    f"train it first (stage 2 continues from `scripts/train.py stage=1 "
-                                    f"model={cfg.model.get('stage1_arch') or '<arch>'}`) or set init_from=null")
+            log.warning("init_from=%s: nothing to continue from, so %s starts from its own initialisation (stage 2 "
+                        "continues from `scripts/train.py stage=1 model=%s` once that run exists)", spec,
+                        cfg.model.arch, cfg.model.get("stage1_arch") or "<arch>")
         return found
     return spec
 

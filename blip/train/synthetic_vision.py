@@ -69,7 +69,7 @@ def train_attribute_encoder(vision: VisionConfig, *, steps: int, batch_size: int
     return vit.eval(), head.eval()
 
 
-def ensure_synthetic_vision_encoder(vision: VisionConfig, cache_dir: str | Path | None = None, *, steps: int = 400,
+def ensure_synthetic_vision_encoder(vision: VisionConfig, cache_dir: str | Path | None = None, *, steps: int = 800,
                                     batch_size: int = 64, num_images: int = 4096, render_size: int = 64,
                                     seed: int = 0) -> Path:
     """The cached encoder file for ``vision`` (trained on first use). Returns its path (a timm/EVA-named
