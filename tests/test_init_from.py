@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
+from blip import create_model as create
 from blip.checkpoints import CheckpointError
-from blip.models.blip import create
-from blip.models.blip_finetune import wrap_objective
+from blip.objectives.blip_finetune import wrap_objective
 from blip.train.init import init_from_checkpoint, refuse_random_frozen
 from blip.train.run import quote_stage_override, run
 

@@ -71,13 +71,13 @@ def test_coco_caption_zoo_entries_carry_lavis_eval_settings(coco_captioner):
 
 def test_blip2_answer_cleans_questions_and_uses_lavis_lengths(coco_captioner):
     seen = {}
-    coco_captioner._run = lambda images, prompts, **kw: seen.update(prompts=prompts, **kw) or prompts
+    coco_captioner.complete = lambda images, prompts, **kw: seen.update(prompts=prompts, **kw) or prompts
     coco_captioner.answer(torch.randn(1, 3, 56, 56), "What's (in) the Picture?")
     assert seen["prompts"] == ["Question: what's in the picture? Short answer:"]
     assert (seen["length_penalty"], seen["min_new_tokens"], seen["num_beams"], seen["max_new_tokens"]) == (0.0, 1, 5, 10)
-    del coco_captioner._run
+    del coco_captioner.complete
     t5 = blip.create_model("blip2_tiny_t5", "stage2")
-    t5._run = lambda images, prompts, **kw: seen.update(prompts=prompts, **kw)
+    t5.complete = lambda images, prompts, **kw: seen.update(prompts=prompts, **kw)
     t5.answer(torch.randn(1, 3, 56, 56), "Is it red?")
     assert (seen["length_penalty"], seen["min_new_tokens"]) == (-1.0, 0)   # T5's min_length counts the start token
     assert t5.caption_defaults()["min_new_tokens"] == 0 and coco_captioner.caption_defaults()["min_new_tokens"] == 8
@@ -99,7 +99,7 @@ def test_cosine_epoch_schedule_is_blips_cosine_lr_schedule():
 @pytest.mark.parametrize("exclude", [True, False])
 def test_pretrain_negatives_switch(monkeypatch, exclude):
     """exclude_same_image=False: only the pair itself is excluded from the ITM negatives, as BLIP pretraining."""
-    import blip.models.blip_pretrain as bp
+    import blip.objectives.blip_pretrain as bp
 
     seen = {}
 

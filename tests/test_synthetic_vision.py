@@ -4,7 +4,8 @@ what it sees (held-out renders it never trained on)."""
 import torch
 
 from blip.convert.unimodal import init_vision
-from blip.models.blip2 import TINY_VISION, create
+from blip import create_model as create
+from blip.models.blip2 import TINY_VISION
 from blip.train.synthetic_vision import CLASSES, _rendered, ensure_synthetic_vision_encoder, train_attribute_encoder
 
 

@@ -10,10 +10,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import BertConfig, BertForMaskedLM, CLIPVisionConfig, CLIPVisionModel
 
+from blip import create_model
 from blip.checkpoints import CheckpointError
 from blip.convert.unimodal import init_text, init_unimodal, init_vision, vision_state_to_ours
-from blip.models.blip import create as create_blip
-from blip.models.blip2 import create as create_blip2
 from blip.nn.vit import VisionConfig, VisionTransformer
 
 LAVIS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "lavis"
@@ -46,13 +45,13 @@ def test_timm_vit_features_and_384px_pos_embed(tmp_path, fmt):
         torch.save({"model": vit.state_dict()}, path)     # DeiT's release wraps it in {"model": ...}
     else:
         save_file(vit.state_dict(), str(path))
-    model = create_blip("blip_tiny", "retrieval", image_size=224)
+    model = create_model("blip_tiny", "retrieval", image_size=224)
     report = init_vision(model, path)
     assert sorted(report.unused) == ["head.bias", "head.weight"]
     pixels = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         assert torch.allclose(model.eval().visual_encoder(pixels), vit.forward_features(pixels), atol=1e-5)
-    big = create_blip("blip_tiny", "pretrain", image_size=384)
+    big = create_model("blip_tiny", "pretrain", image_size=384)
     report = init_vision(big, path)
     want = bicubic(vit.pos_embed.detach(), 24)
     assert torch.allclose(big.visual_encoder.pos_embed, want, atol=1e-6)
@@ -65,7 +64,7 @@ def test_real_timm_layouts_fit_blip_vits(name, arch):
     """DeiT-B and ViT-L/16 (in21k head: 21843 classes) as timm builds them, shapes only (meta device)."""
     with torch.device("meta"):
         theirs = timm.create_model(name, pretrained=False, num_classes=21843 if "large" in name else 1000)
-        ours = create_blip(arch, "pretrain", image_size=224).visual_encoder
+        ours = create_model(arch, "pretrain", image_size=224).visual_encoder
     converted, used, resized = vision_state_to_ours(theirs.state_dict(), ours)
     assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in ours.state_dict().items()}
     assert set(theirs.state_dict()) - used == {"head.weight", "head.bias"} and resized == []
@@ -76,9 +75,9 @@ def test_vision_file_that_does_not_cover_the_model_is_refused(tmp_path):
     sd = {k: v for k, v in vit.state_dict().items() if not k.startswith("blocks.1.")}
     torch.save(sd, tmp_path / "short.pth")
     with pytest.raises(CheckpointError, match=r"short\.pth.*blocks\.1\."):
-        init_vision(create_blip("blip_tiny", "caption", image_size=224), tmp_path / "short.pth")
+        init_vision(create_model("blip_tiny", "caption", image_size=224), tmp_path / "short.pth")
     with pytest.raises(FileNotFoundError, match="vision_init 'missing.pth'"):
-        init_vision(create_blip("blip_tiny", "caption", image_size=224), "missing.pth")
+        init_vision(create_model("blip_tiny", "caption", image_size=224), "missing.pth")
 
 
 def bert_dir(tmp_path, hidden, layers, heads, inter):
@@ -92,7 +91,7 @@ def bert_dir(tmp_path, hidden, layers, heads, inter):
 
 def test_bert_dir_into_blip_text_encoder_and_decoder(tmp_path):
     path, mlm = bert_dir(tmp_path, 64, 2, 4, 256)
-    model = create_blip("blip_tiny", "pretrain", image_size=32).eval()
+    model = create_model("blip_tiny", "pretrain", image_size=32).eval()
     rows_before = model.text_encoder.embeddings.word.weight[30522:].clone()
     report = init_text(model, path)
     bert = mlm.bert
@@ -122,7 +121,7 @@ def test_bert_dir_into_blip_text_encoder_and_decoder(tmp_path):
 
 def test_bert_dir_into_qformer_copies_the_query_ffn(tmp_path):
     path, mlm = bert_dir(tmp_path, 32, 4, 4, 128)
-    model = create_blip2("blip2_tiny_qformer", "qformer")
+    model = create_model("blip2_tiny_qformer", "qformer")
     init_text(model, path)
     bert = mlm.bert
     for i, layer in enumerate(model.qformer.transformer.layers):
@@ -135,7 +134,7 @@ def test_bert_dir_into_qformer_copies_the_query_ffn(tmp_path):
 
 
 def test_eva_fixture_reproduces_lavis_image_embeddings():
-    model = create_blip2("blip2_lavis_tiny_qformer", "qformer").eval()
+    model = create_model("blip2_lavis_tiny_qformer", "qformer").eval()
     reports = init_unimodal(model, vision=LAVIS / "eva_vit_tiny.pth")
     ckpt = torch.load(LAVIS / "blip2_qformer" / "checkpoint_trainable_only.pth", weights_only=True)["model"]
     model.image_encoder.ln_vision.load_state_dict({"weight": ckpt["ln_vision.weight"], "bias": ckpt["ln_vision.bias"]})

@@ -26,7 +26,7 @@ from torch import nn
 from ..checkpoints import CheckpointError, LoadReport, StateDict, bert_to_ours, read_state_dict
 from ..nn.transformer import LMHead, TextTransformer
 from ..nn.vit import VisionTransformer, resize_pos_embed
-from .blip2 import clip_vit_to_ours, eva_vit_to_ours, is_clip_vit
+from .blip2_parts import clip_vit_to_ours, eva_vit_to_ours, is_clip_vit
 
 log = logging.getLogger("blip.init")
 

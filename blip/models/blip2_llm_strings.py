@@ -122,8 +122,8 @@ class LanguageInterface:
         if length_penalty is None:
             length_penalty = -1.0 if self.is_seq2seq else 0.0
         return self.complete(images, [prompt.format(pre_question(q)) for q in questions], num_beams=num_beams,
-                         max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, length_penalty=length_penalty,
-                         **gen)
+                             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                             length_penalty=length_penalty, **gen)
 
     def chat(self, images: ImageInput, turns: Sequence[str] | Sequence[Sequence[str]], *, num_beams: int = 5,
              max_new_tokens: int = 30, min_new_tokens: int = 1, **gen) -> list[str]:
@@ -131,7 +131,7 @@ class LanguageInterface:
         the earlier turns are the context: "Question: q1 Answer: a1. Question: q2 Answer: ..."."""
         per_image = [turns] if turns and isinstance(turns[0], str) else list(turns)
         return self.complete(images, [chat_prompt(t) for t in per_image], num_beams=num_beams,
-                         max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, **gen)
+                             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, **gen)
 
 
 def chat_prompt(turns: Sequence[str]) -> str:

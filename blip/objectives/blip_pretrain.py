@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..checkpoints import LoadReport, load_into
 from ..data.tokenizer import DEC_TOKEN_ID, ENC_TOKEN_ID, PAD_TOKEN_ID, get_tokenizer, tokenize, with_first_token
-from ..losses import FeatureQueue, lm_loss
+from ..losses import FeatureQueue, lm_loss, rank
 from ..models.blip_core import TextDecoder
 from ..nn.transformer import TextTransformer
 from ..nn.vit import VisionTransformer

@@ -74,16 +74,13 @@ def read_init_source(path: str | Path) -> tuple[Path, StateDict]:
 def to_model_names(state: StateDict, own: dict[str, Tensor]) -> StateDict:
     """Released BLIP / LAVIS checkpoints -> our key names; a task model's keys under an objective's ``model.``."""
     from blip.convert import blip as blip_convert
-    from blip.convert.blip2 import is_lavis_blip2
+    from blip.convert.blip2_lavis import is_lavis_llm, lavis_llm_to_ours, lavis_stage1_to_ours
+    from blip.convert.blip2_parts import is_lavis_blip2
 
     if blip_convert.owns(state) and not blip_convert.is_ours(state):
         state = blip_convert.original_to_ours(state)
     elif is_lavis_blip2(state) and any(k.startswith("Qformer.") for k in state):
-        if any(re.match(r"(opt|t5|llm)_proj\.", k) for k in state):   # a LAVIS stage-2 file
-            from blip.convert.blip2_llm import lavis_to_ours
-        else:                                                           # blip2_pretrained*.pth (stage 1)
-            from blip.convert.blip2_stage1 import lavis_stage1_to_ours as lavis_to_ours
-        state = lavis_to_ours(state)[0]
+        state = (lavis_llm_to_ours if is_lavis_llm(state) else lavis_stage1_to_ours)(state)[0]
     wrapped = {k for k in own if k.startswith("model.")}
     if wrapped and len(wrapped) == len(own) and not any(k.startswith("model.") for k in state):
         state = {"model." + k: v for k, v in state.items()}
