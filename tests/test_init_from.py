@@ -71,7 +71,8 @@ def test_fraction_threshold_and_momentum_follow_when_absent(tmp_path):
     torch.save(retrieval.state_dict(), tmp_path / "task.pth")                  # a task model: no momentum copies
     objective = wrap_objective("retrieval", create("blip_tiny", "retrieval", image_size=32), queue_size=8)
     init_from_checkpoint(objective, tmp_path / "task.pth")
-    assert torch.equal(objective.visual_encoder_m.blocks[0].mlp.fc1.weight, retrieval.visual_encoder.blocks[0].mlp.fc1.weight)
+    momentum, online = objective.visual_encoder_m.blocks[0].mlp.fc1, retrieval.visual_encoder.blocks[0].mlp.fc1
+    assert torch.equal(momentum.weight, online.weight)
 
 
 def test_released_blip_checkpoint_layout_is_converted():

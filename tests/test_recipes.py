@@ -74,7 +74,8 @@ def test_blip2_answer_cleans_questions_and_uses_lavis_lengths(coco_captioner):
     coco_captioner.complete = lambda images, prompts, **kw: seen.update(prompts=prompts, **kw) or prompts
     coco_captioner.answer(torch.randn(1, 3, 56, 56), "What's (in) the Picture?")
     assert seen["prompts"] == ["Question: what's in the picture? Short answer:"]
-    assert (seen["length_penalty"], seen["min_new_tokens"], seen["num_beams"], seen["max_new_tokens"]) == (0.0, 1, 5, 10)
+    settings = (seen["length_penalty"], seen["min_new_tokens"], seen["num_beams"], seen["max_new_tokens"])
+    assert settings == (0.0, 1, 5, 10)
     del coco_captioner.complete
     t5 = blip.create_model("blip2_tiny_t5", "stage2")
     t5.complete = lambda images, prompts, **kw: seen.update(prompts=prompts, **kw)

@@ -156,23 +156,29 @@ def vision_state_to_ours(sd: StateDict, vit: VisionTransformer) -> tuple[StateDi
     return out, used, resized
 
 
+def _init_towers(model: nn.Module, path: Path, sd: StateDict, kind: type, convert, new: list[str],
+                 layout: str) -> tuple[LoadReport, set[str]]:
+    """Load every (non-momentum) ``kind`` tower of ``model`` with ``convert(sd, tower)`` -> (report, consumed keys)."""
+    towers = _towers(model, kind)
+    if not towers:
+        raise ValueError(f"{path}: {type(model).__name__} has no {kind.__name__}")
+    report, used = LoadReport(str(path)), set()
+    for prefix, tower in towers:
+        converted, consumed, resized = convert(sd, tower)
+        if not converted:
+            raise CheckpointError(f"{path}: no {layout} weights; first keys {list(sd)[:6]}")
+        _load_tower(tower, prefix, converted, report, new=new)
+        report.resized += [f"{prefix}.{r}" for r in resized]
+        used |= consumed
+    return report, used
+
+
 def init_vision(model: nn.Module, source: str | Path) -> LoadReport:
     """Load every (non-momentum) ViT of ``model`` from a pretrained vision file / HF CLIP directory."""
     path = resolve_source(source, "vision_init")
     sd = read_state_dict(path)
-    towers = _towers(model, VisionTransformer)
-    if not towers:
-        raise ValueError(f"vision_init={path}: {type(model).__name__} has no ViT")
-    report = LoadReport(str(path))
-    used: set[str] = set()
-    for prefix, vit in towers:
-        converted, consumed, resized = vision_state_to_ours(sd, vit)
-        if not converted:
-            raise CheckpointError(f"{path}: no ViT weights in a layout blip knows (timm / EVA / OpenAI CLIP / HF "
-                                  f"CLIP); first keys {list(sd)[:6]}")
-        _load_tower(vit, prefix, converted, report, new=[])
-        report.resized += [f"{prefix}.{r}" for r in resized]
-        used |= consumed
+    report, used = _init_towers(model, path, sd, VisionTransformer, vision_state_to_ours, [],
+                                "ViT (timm / EVA / OpenAI CLIP / HF CLIP layout)")
     report.unused += [k for k in sd if k not in used]
     sync_momentum(model)
     return report
@@ -219,19 +225,8 @@ def init_text(model: nn.Module, source: str | Path) -> LoadReport:
     """Load every (non-momentum) MED / Q-Former text stack and LM head of ``model`` from an HF BERT directory."""
     path = resolve_source(source, "text_init")
     sd = read_state_dict(path)
-    towers = _towers(model, TextTransformer)
-    if not towers:
-        raise ValueError(f"text_init={path}: {type(model).__name__} has no text transformer")
-    report = LoadReport(str(path))
-    used: set[str] = set()
-    for prefix, tower in towers:
-        converted, consumed, resized = text_state_to_ours(sd, tower)
-        if not converted:
-            raise CheckpointError(f"{path}: no BERT weights (embeddings.*, encoder.layer.N.*); first keys "
-                                  f"{list(sd)[:6]}")
-        _load_tower(tower, prefix, converted, report, new=NEW_TEXT_PARTS)
-        report.resized += [f"{prefix}.{r}" for r in resized]
-        used |= consumed
+    report, used = _init_towers(model, path, sd, TextTransformer, text_state_to_ours, NEW_TEXT_PARTS,
+                                "BERT (embeddings.*, encoder.layer.N.*)")
     for prefix, head in _towers(model, LMHead):
         converted, consumed = _lm_head_state(sd, head)
         _load_tower(head, prefix, converted, report, new=[] if converted else [".*"])  # no MLM head: new

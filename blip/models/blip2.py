@@ -48,7 +48,8 @@ def qformer_arch_config(arch: str, **overrides) -> Blip2QformerConfig:
         raise KeyError(f"unknown BLIP-2 Q-Former arch {arch!r}; known: {sorted(QFORMER_ARCHS)}")
     cfg = QFORMER_ARCHS[arch]
     if "image_size" in overrides:   # e.g. 364 for fine-tuning: the position embedding gets that grid
-        overrides["vision"] = dataclasses.replace(overrides.get("vision", cfg.vision), image_size=overrides.pop("image_size"))
+        vision = overrides.get("vision", cfg.vision)
+        overrides["vision"] = dataclasses.replace(vision, image_size=overrides.pop("image_size"))
     return dataclasses.replace(cfg, **overrides)
 
 

@@ -105,7 +105,7 @@ class LanguageInterface:
                 **self.config.generation}
 
     def caption(self, images: ImageInput, prompt: str | None = None, **gen) -> list[str]:
-        """Captions with :meth:`caption_defaults` unless given. prompt: default ``config.prompt`` (e.g. "a photo of")."""
+        """Captions with :meth:`caption_defaults` unless given; prompt: default ``config.prompt`` ("a photo of")."""
         prompt = self.config.prompt if prompt is None else prompt
         return self.complete(images, [prompt], **{**self.caption_defaults(), **gen})
 

@@ -4,8 +4,9 @@ released checkpoint (``init_from``), and a refusal to train against a frozen tow
 ``init_from`` is strict: weights load by name (BLIP / LAVIS / HF layouts are converted first), position embeddings
 of another grid are resized bicubically (online and momentum ViTs, as BLIP's ``interpolate_pos_embed``), and every
 required part of the model (a top-level module with trainable weights) must be covered: a part that loads nothing,
-or less than ``init_from_min_fraction`` of its tensors (default all of them), stops the run with a by-name list of what was loaded,
-resized, new by design (the model's ``new_on_init_from`` patterns, e.g. BLIP-2's ``llm_proj``) and ignored.
+or less than ``init_from_min_fraction`` of its tensors (default all of them), stops the run with a by-name list of
+what was loaded, resized, new by design (the model's ``new_on_init_from`` patterns, e.g. BLIP-2's ``llm_proj``)
+and ignored.
 """
 
 from __future__ import annotations
@@ -135,7 +136,8 @@ def init_from_checkpoint(model: nn.Module, source: str | Path, min_fraction: flo
         keys = [k for k in own if part_of(k) == part and not any(re.fullmatch(p, k) for p in new)]
         total, got = len(keys), sum(k in usable for k in keys)
         if total and got < min_fraction * total:
-            short.append(f"{part}: {got / total:.0%} loaded (missing e.g. {fold_names(k for k in keys if k not in usable)[:4]})")
+            lacking = fold_names(k for k in keys if k not in usable)[:4]
+            short.append(f"{part}: {got / total:.0%} loaded (missing e.g. {lacking})")
     report.loaded = sorted(usable)
     report.expected_missing = [k for k in own if k not in usable and any(re.fullmatch(p, k) for p in new)]
     report.unused = [k for k in state if k not in usable]

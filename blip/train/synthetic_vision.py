@@ -91,7 +91,8 @@ def ensure_synthetic_vision_encoder(vision: VisionConfig, cache_dir: str | Path 
     fd, tmp = tempfile.mkstemp(prefix=f".vision-{tag}-", suffix=".tmp", dir=base)
     os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, tmp, metadata={"params": json.dumps(params)})
+        weights = {k: v.contiguous() for k, v in vit.state_dict().items()}
+        save_file(weights, tmp, metadata={"params": json.dumps(params)})
         os.replace(tmp, target)   # atomic: parallel ranks each write their own temp file, one rename wins
     finally:
         if os.path.exists(tmp):
