@@ -30,7 +30,9 @@ def generate(step: StepFn, input_ids: Tensor, attention_mask: Tensor | None, cfg
     input_ids: [B, T] prompt (already expanded to [B * num_beams, T] by the caller when num_beams > 1, beams of an
     example adjacent); attention_mask: [B(*beams), T] or None. ``step(new_ids [N, t], mask [N, T + max_new_tokens])``
     is called first with the whole prompt, then with one token per row; ``mask`` always spans the final length
-    (0 where nothing is written yet), so every call after the first has the same shapes.
+    (0 where nothing is written yet), so every call after the first has the same shapes. A step may define
+    ``mark_static()`` (its cache tensors keep their addresses: CUDA graphs may update them in place);
+    ``stop_check_every=max_new_tokens`` with ``compile`` captures the whole loop as one graph.
     generator: one generator for the batch (``torch.multinomial``, as HF samples; decoded eagerly even when
     compiling), or one per row: each row then samples from its own stream (inverse CDF), so a row's output does
     not depend on the rest of the batch. Returns [B, T + n] with n <= max_new_tokens new tokens.
@@ -70,6 +72,7 @@ def _decode_loop(step: StepFn, reorder: ReorderFn | None, st: DecodeState, cfg: 
         run = _compiled(compile_mode)
         if st.seqs.device.type == "cuda":
             st.mark_static()
+            getattr(step, "mark_static", lambda: None)()
     every = cfg.stop_check_every or (8 if compile_mode else 1)
     done, total = 0, cfg.max_new_tokens
     while done < total:

@@ -235,6 +235,7 @@ class Blip2Qformer(nn.Module):
             full = torch.cat([mask.new_ones(mask.shape[0], q), mask], dim=1)
             hidden = transformer(new_ids, attention_mask=full, causal=True, prefix_length=q, cache=cache)
             return self.lm_head(hidden[:, -1:])[:, 0]
+        step.mark_static = cache.mark_static  # CUDA graphs may update the cache in place
 
         cfg = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
                                do_sample=do_sample, top_p=top_p, top_k=top_k, temperature=temperature,

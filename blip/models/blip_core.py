@@ -107,6 +107,9 @@ class DecoderStep:
     def reorder(self, index: Tensor) -> None:
         self.cache.reorder(index)
 
+    def mark_static(self) -> None:
+        self.cache.mark_static()
+
 
 GENERATE_DEFAULTS = dict(max_new_tokens=20, min_new_tokens=0, num_beams=1, do_sample=False, top_p=1.0, top_k=0,
                          temperature=1.0, repetition_penalty=1.0, length_penalty=1.0, early_stopping=False,

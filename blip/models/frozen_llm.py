@@ -154,6 +154,9 @@ class CausalStep:
     def reorder(self, index: Tensor) -> None:
         reorder_static_cache(self.cache, index)
 
+    def mark_static(self) -> None:  # the cache's own tensors are marked by transformers when allocated
+        torch._dynamo.mark_static_address(self.position)
+
 
 class Seq2SeqStep:
     """``step``/``reorder`` over a seq2seq HF LLM's decoder; encoder hidden states [N, S, H] and mask [N, S] fixed.
