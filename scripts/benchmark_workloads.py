@@ -85,18 +85,25 @@ def logits_close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
 
 # ---- generation ---------------------------------------------------------------------------------------------
 
-def race_generation(name, args, race, batch, model, hf_fn, blip_fn) -> dict:
-    """Check ids, then time HF, blip (and blip compiled) generating the same ids."""
+def race_generation(name, args, race, batch, models, hf_fn, blip_fn) -> dict:
+    """Check ids, then time HF, blip (and with ``--compile`` a second blip loaded with ``compile=True``: compiled
+    ViT blocks, decode loop in CUDA graphs) generating the same ids. blip_fn(model) generates with that model."""
+    ours, compiled = models
     with torch.inference_mode():
-        ref, got = hf_fn(), blip_fn()
-        sides = {"hf": hf_fn, "blip": blip_fn}
+        ref, got = hf_fn(), blip_fn(ours)
+        sides = {"hf": hf_fn, "blip": lambda: blip_fn(ours)}
         extra = {}
-        if args.compile:
-            sides["blip_compiled"] = lambda: blip_fn(compile=True)
+        if compiled is not None:
+            sides["blip_compiled"] = lambda: blip_fn(compiled)
             extra["compiled_outputs_equal"] = torch.equal(sides["blip_compiled"](), ref)
         timing = race(sides)
-        flops = count_flops(blip_fn, model)
+        flops = count_flops(sides["blip"], ours)
     return row(name, batch, torch.equal(got, ref), timing, flops, **extra)
+
+
+def compiled_copy(directory: Path, args):
+    """With ``--compile``: the same weights loaded again with ``compile=True``."""
+    return blip.load(directory, device=args.device, dtype=args.torch_dtype, compile=True) if args.compile else None
 
 
 def best_batch_rows(name, args, race, make) -> list[dict]:
@@ -114,6 +121,7 @@ def caption(args, directory: Path, race) -> list[dict]:
     from transformers import BlipForConditionalGeneration
     cfg = blip_config(args.size)
     hf, ours = pair(BlipForConditionalGeneration, cfg, directory, args)
+    models = (ours, compiled_copy(directory, args))
     n, size = args.new_tokens, cfg.vision_config.image_size
 
     def make(batch: int, beams: int) -> dict:
@@ -121,9 +129,9 @@ def caption(args, directory: Path, race) -> list[dict]:
         prompt = torch.tensor([[30522, 1037, 3861, 1997]], device=args.device).expand(batch, -1)  # [DEC] a picture of
         hf_prompt = torch.cat([prompt, torch.full_like(prompt[:, :1], 102)], 1)  # HF drops a trailing [SEP]
         kw = dict(max_new_tokens=n, min_new_tokens=n, num_beams=beams)
-        return race_generation(f"caption_{'greedy' if beams == 1 else f'beam{beams}'}", args, race, batch, ours,
+        return race_generation(f"caption_{'greedy' if beams == 1 else f'beam{beams}'}", args, race, batch, models,
                                lambda: hf.generate(pixel_values=px, input_ids=hf_prompt, do_sample=False, **kw),
-                               lambda **c: ours.generate(px, prompt, **kw, **c))
+                               lambda model: model.generate(px, prompt, **kw))
     rows = [make(args.batch, 1), make(args.batch, 3)]
     return rows + best_batch_rows("caption_greedy", args, race, lambda b: make(b, 1))
 
@@ -155,6 +163,7 @@ def blip2(kind: str):
         from transformers import Blip2ForConditionalGeneration
         cfg = blip2_config(kind, args.size, args.device)
         hf, ours = pair(Blip2ForConditionalGeneration, cfg, directory, args)
+        models = (ours, compiled_copy(directory, args))
         b, n, nq = args.batch, args.new_tokens, cfg.num_query_tokens
         px = pixels(args, b, cfg.vision_config.image_size)
         g = torch.Generator().manual_seed(2)
@@ -169,10 +178,10 @@ def blip2(kind: str):
             kw = dict(max_new_tokens=n, min_new_tokens=n)
             strip = nq if kind == "opt" else 0  # decoder-only HF outputs carry the image placeholders
             rows.append(race_generation(
-                f"blip2_{kind}_{task}", args, race, b, ours,
+                f"blip2_{kind}_{task}", args, race, b, models,
                 lambda: hf.generate(pixel_values=px, input_ids=hf_ids, attention_mask=torch.ones_like(hf_ids),
                                     do_sample=False, **kw)[:, strip:],
-                lambda **c: ours.generate(px, prompt, **kw, **c)))
+                lambda model: model.generate(px, prompt, **kw)))
         return rows
     return workload
 

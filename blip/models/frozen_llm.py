@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, EncoderDecoderCache, PretrainedConfig,
-                          StaticCache)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, EncoderDecoderCache,
+                          PretrainedConfig, StaticCache)
 from transformers.modeling_outputs import BaseModelOutput
 
 from ..checkpoints import hf_pretrained
