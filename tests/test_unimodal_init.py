@@ -180,3 +180,17 @@ def test_create_model_with_unimodal_files(tmp_path, capsys):
     qformer = blip.create_model("blip2_lavis_tiny_qformer", "qformer", image_size=112,
                                 vision_init=LAVIS / "eva_vit_tiny.pth")
     assert qformer.image_encoder.visual_encoder.pos_embed.shape[1] == 65
+
+
+def test_plain_bert_model_dir_has_no_lm_head(tmp_path):
+    """A BertModel directory (no "bert." prefix, no MLM head): the encoder loads, the decoder's LM head is new."""
+    from transformers import BertModel
+
+    _, mlm = bert_dir(tmp_path, 64, 2, 4, 256)
+    mlm.bert.save_pretrained(tmp_path / "plain")
+    model = create_model("blip_tiny", "caption", image_size=32)
+    report = init_text(model, tmp_path / "plain")
+    plain = BertModel.from_pretrained(tmp_path / "plain")
+    assert torch.equal(model.text_decoder.transformer.layers[1].ffn.fc2.weight,
+                       plain.encoder.layer[1].output.dense.weight)
+    assert {"text_decoder.lm_head.dense.weight", "text_decoder.lm_head.bias"} <= set(report.expected_missing)
