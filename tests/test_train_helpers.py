@@ -10,7 +10,7 @@ from torch import nn
 
 
 class TinyVisual(nn.Module):
-    """Named like the ViT (`cls_token`, `pos_embed`, `patch_embed`, `blocks.{i}`) so layer decay applies."""
+    """Named like the ViT (`cls_token`, `pos_embed`, `patch_embed`, `blocks.{i}`); TinyModel declares its layers."""
 
     def __init__(self, image_size: int, patch: int, dim: int, depth: int) -> None:
         super().__init__()
@@ -45,6 +45,11 @@ class TinyModel(nn.Module):
         self.text_proj = nn.Linear(dim, dim)
         self.vision_proj = nn.Linear(dim, dim)
         self.steps_hook_calls = 0
+
+    def group_matcher(self) -> dict[str, str]:
+        """Layer groups for layer decay, as the library's models declare them."""
+        return {"stem": r"^visual_encoder\.(cls_token|pos_embed|patch_embed)",
+                "blocks": r"^visual_encoder\.blocks\.(\d+)\."}
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.vision_proj(self.visual_encoder(pixel_values)), dim=-1)

@@ -28,6 +28,7 @@ from .blip2 import LLM_ARCHS, Blip2LLMConfig
 from .blip2_llm_strings import LanguageInterface
 from .frozen_llm import (CausalStep, LLMSource, Seq2SeqStep, align_padding, causal_logits, load_llm, seq2seq_encode,
                          seq2seq_logits)
+from ..nn.vit import VisionTransformer
 from .qformer import FrozenImageEncoder, QFormer, QFormerConfig
 
 DTYPES = {None: None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
@@ -64,7 +65,6 @@ class Blip2LanguageModel(LanguageInterface, nn.Module):
         self.llm_proj = nn.Linear(cfg.qformer.text.hidden_size, self.llm.get_input_embeddings().embedding_dim)
         if frozen_dtype not in (None, torch.float32):
             self.cast_frozen(frozen_dtype)
-        self._tokenizer = None
 
     def cast_frozen(self, dtype: str | torch.dtype) -> "Blip2LanguageModel":
         """Store the frozen ViT (Linear/Conv weights) and the LLM in ``dtype``; ln_vision, the Q-Former and llm_proj
@@ -76,6 +76,15 @@ class Blip2LanguageModel(LanguageInterface, nn.Module):
         return self
 
     # ---- structure -------------------------------------------------------------------------------------------
+    def group_matcher(self) -> dict[str, str]:
+        """Layer groups for layer-wise LR decay (timm convention): the ViT's stem and blocks."""
+        return VisionTransformer.group_matcher("image_encoder.visual_encoder.")
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute ViT blocks and Q-Former layers in the backward pass."""
+        self.image_encoder.visual_encoder.set_grad_checkpointing(enable)
+        self.qformer.transformer.set_grad_checkpointing(enable)
+
     @property
     def is_seq2seq(self) -> bool:
         return bool(self.llm.config.is_encoder_decoder)

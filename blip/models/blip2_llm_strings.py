@@ -10,17 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import torch
 from torch import Tensor
 
-ImageInput = Tensor | Sequence[object] | object
+from .strings import Images, cached, image_batch
+
 
 
 class LanguageInterface:
     """Mixin for :class:`blip.models.blip2_llm.Blip2LanguageModel` (uses ``config``, ``llm``, ``generate``)."""
 
-    _tokenizer = None
-    _qformer_tokenizer = None
 
     # ---- tokenizers ------------------------------------------------------------------------------------------
     def _tokenizer_source(self) -> str | None:
@@ -29,12 +27,12 @@ class LanguageInterface:
         return str(src) if isinstance(src, (str, Path)) else None
 
     def has_tokenizer(self) -> bool:
-        return self._tokenizer is not None or self._tokenizer_source() is not None
+        return self.__dict__.get("_tokenizer") is not None or self._tokenizer_source() is not None
 
     @property
     def tokenizer(self):
         """The LLM tokenizer, loaded from ``config.tokenizer`` (or the ``llm`` directory) on first use."""
-        if self._tokenizer is None:
+        def build():
             src = self._tokenizer_source()
             if src is None:
                 raise ValueError("no LLM tokenizer: this model's LLM was built from a config; set model.tokenizer = "
@@ -42,34 +40,27 @@ class LanguageInterface:
             from transformers import AutoTokenizer
 
             from ..checkpoints import hf_pretrained
-            self._tokenizer = hf_pretrained(AutoTokenizer, src)
-        return self._tokenizer
+            return hf_pretrained(AutoTokenizer, src)
+        return cached(self, "_tokenizer", build)
 
     @tokenizer.setter
     def tokenizer(self, value) -> None:
-        self._tokenizer = value
+        self.__dict__["_tokenizer"] = value
 
     @property
     def qformer_tokenizer(self):
         """InstructBLIP's Q-Former tokenizer: bert-base-uncased + [DEC], truncating on the left as LAVIS does."""
-        if self._qformer_tokenizer is None:
+        def build():
             from ..data.tokenizer import get_tokenizer
-            self._qformer_tokenizer = get_tokenizer("blip2_qformer")
-            self._qformer_tokenizer.truncation_side = "left"
-        return self._qformer_tokenizer
+            tok = get_tokenizer("blip2_qformer")
+            tok.truncation_side = "left"
+            return tok
+        return cached(self, "_qformer_tokenizer", build)
 
     # ---- helpers ---------------------------------------------------------------------------------------------
-    def pixel_values(self, images: ImageInput) -> Tensor:
+    def pixel_values(self, images: Images) -> Tensor:
         """Paths / PIL images / a preprocessed tensor -> [B, 3, S, S] (LAVIS eval transform at the model's size)."""
-        device = next(self.qformer.parameters()).device
-        if isinstance(images, Tensor):
-            return (images[None] if images.ndim == 3 else images).to(device)
-        from ..data.images import load_image
-        from ..data.transforms import image_transform
-        if not isinstance(images, (list, tuple)):
-            images = [images]
-        tf = image_transform(self.config.vision.image_size, kind="blip2")
-        return torch.stack([tf(load_image(im)) for im in images]).to(device)
+        return image_batch(self, images, self.config.vision.image_size, "blip2")
 
     def _encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
         device = next(self.qformer.parameters()).device
@@ -81,7 +72,7 @@ class LanguageInterface:
             out["qformer_attention_mask"] = q.attention_mask.to(device)
         return out
 
-    def complete(self, images: ImageInput, prompts: Sequence[str], **gen) -> list[str]:
+    def complete(self, images: Images, prompts: Sequence[str], **gen) -> list[str]:
         """The LLM's continuation of each image's prompt, exactly as given (no template, no question cleaning): one
         prompt for every image or one per image. gen: :meth:`generate` options (``num_beams``, ``max_new_tokens``,
         ``do_sample``, per-row ``generator`` list, ...)."""
@@ -104,12 +95,12 @@ class LanguageInterface:
         return {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 0 if self.is_seq2seq else 1,
                 **self.config.generation}
 
-    def caption(self, images: ImageInput, prompt: str | None = None, **gen) -> list[str]:
+    def caption(self, images: Images, prompt: str | None = None, **gen) -> list[str]:
         """Captions with :meth:`caption_defaults` unless given; prompt: default ``config.prompt`` ("a photo of")."""
         prompt = self.config.prompt if prompt is None else prompt
         return self.complete(images, [prompt], **{**self.caption_defaults(), **gen})
 
-    def answer(self, images: ImageInput, questions: str | Sequence[str], prompt: str = "Question: {} Short answer:",
+    def answer(self, images: Images, questions: str | Sequence[str], prompt: str = "Question: {} Short answer:",
                *, num_beams: int = 5, max_new_tokens: int = 10, min_new_tokens: int | None = None,
                length_penalty: float | None = None, **gen) -> list[str]:
         """Open-ended VQA as LAVIS's zero-shot VQA: questions cleaned by BLIP's ``pre_question`` (the
@@ -125,7 +116,7 @@ class LanguageInterface:
                              max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                              length_penalty=length_penalty, **gen)
 
-    def chat(self, images: ImageInput, turns: Sequence[str] | Sequence[Sequence[str]], *, num_beams: int = 5,
+    def chat(self, images: Images, turns: Sequence[str] | Sequence[Sequence[str]], *, num_beams: int = 5,
              max_new_tokens: int = 30, min_new_tokens: int = 1, **gen) -> list[str]:
         """Multi-turn answers. turns: [q1, a1, q2, a2, ..., qn] (shared by all images) or one such list per image;
         the earlier turns are the context: "Question: q1 Answer: a1. Question: q2 Answer: ..."."""

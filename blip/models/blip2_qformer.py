@@ -24,8 +24,9 @@ from torch import Tensor, nn
 from ..generation import GenerationConfig, generate
 from ..nn.attention import ConcatKVCache
 from ..nn.transformer import LMHead
-from ..nn.vit import VisionConfig
+from ..nn.vit import VisionConfig, VisionTransformer
 from .qformer import EVA_VIT_G, FrozenImageEncoder, QFormer, QFormerConfig
+from .strings import Images, MatchResult, cached, image_batch
 
 DEC_TOKEN_ID, SEP_TOKEN_ID, PAD_TOKEN_ID = 30522, 102, 0
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -106,6 +107,15 @@ class Blip2Qformer(nn.Module):
         for m in (self.lm_head.dense, self.vision_proj, self.text_proj, self.itm_head):
             nn.init.normal_(m.weight, std=text.initializer_range)
             nn.init.zeros_(m.bias)
+
+    def group_matcher(self) -> dict[str, str]:
+        """Layer groups for layer-wise LR decay (timm convention): the ViT's stem and blocks."""
+        return VisionTransformer.group_matcher("image_encoder.visual_encoder.")
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute ViT blocks and Q-Former layers in the backward pass."""
+        self.image_encoder.visual_encoder.set_grad_checkpointing(enable)
+        self.qformer.transformer.set_grad_checkpointing(enable)
 
     @property
     def num_queries(self) -> int:
@@ -246,49 +256,40 @@ class Blip2Qformer(nn.Module):
                                stop_check_every=stop_check_every)
         return generate(step, input_ids, attention_mask, cfg, reorder=cache.reorder, generator=generator)
 
-    # ---- string level: LAVIS conventions on top of the tensor API ------------------------------------------------
-    def pixel_values(self, images) -> Tensor:
+    # ---- string level (blip.models.strings): LAVIS conventions on top of the tensor API ------------------------
+    def pixel_values(self, images: Images) -> Tensor:
         """Paths / PIL images / a preprocessed tensor -> [B, 3, S, S] (LAVIS eval transform at the model's size)."""
-        device = self.temp.device
-        if isinstance(images, Tensor):
-            return (images[None] if images.ndim == 3 else images).to(device)
-        from ..data.images import load_image
-        from ..data.transforms import image_transform
-        images = list(images) if isinstance(images, (list, tuple)) else [images]
-        transform = image_transform(self.cfg.vision.image_size, kind="blip2")
-        return torch.stack([transform(load_image(im)) for im in images]).to(device)
+        return image_batch(self, images, self.cfg.vision.image_size, "blip2")
 
     @property
     def tokenizer(self):
         """bert-base-uncased + [DEC] (30523 tokens), loaded on first use."""
-        if getattr(self, "_tokenizer", None) is None:
-            from ..data.tokenizer import get_tokenizer
-            self._tokenizer = get_tokenizer("blip2_qformer")
-        return self._tokenizer
+        from ..data.tokenizer import get_tokenizer
+        return cached(self, "_tokenizer", lambda: get_tokenizer("blip2_qformer"))
 
     @torch.no_grad()
-    def match(self, images, texts: str | list[str], head: str = "itm", max_length: int = 35) -> Tensor:
-        """Image-text scores [B_img, B_txt]: "itm" -> P(match) from the ITM head for every pair, "itc" -> cosine
-        similarity (max over queries). Texts keep [CLS] (LAVIS's Q-Former encoder convention)."""
+    def match(self, images: Images, texts: str | list[str], max_length: int = 35) -> MatchResult:
+        """Every image against every text, each [images, texts]: ITM probability (ITM head averaged over the query
+        outputs) and ITC cosine (max over queries). Texts keep [CLS] (LAVIS's Q-Former encoder convention)."""
         from ..data.tokenizer import tokenize
         pixels = self.pixel_values(images)
         tokens = tokenize(self.tokenizer, [texts] if isinstance(texts, str) else list(texts), max_length)
         ids, mask = tokens["input_ids"].to(pixels.device), tokens["attention_mask"].to(pixels.device)
-        if head == "itc":
-            return self.itc_similarity(pixels, ids, mask)
-        if head != "itm":
-            raise ValueError(f"head must be 'itm' or 'itc', got {head!r}")
         vit = self.image_features(pixels)
         bi, bt = vit.shape[0], ids.shape[0]
         logits = self.itm_logits_from_features(vit.repeat_interleave(bt, 0), ids.repeat(bi, 1), mask.repeat(bi, 1))
-        return logits.softmax(-1)[:, 1].view(bi, bt)
+        image = F.normalize(self.vision_proj(self.query_output(vit)), dim=-1)
+        itc = query_similarity(image, self.encode_text(ids, mask).embeds)
+        return MatchResult(itm_prob=logits.softmax(-1)[:, 1].view(bi, bt), itc_sim=itc)
 
     @torch.no_grad()
-    def caption(self, images, *, num_beams: int = 3, max_length: int = 30, min_length: int = 10, **gen) -> list[str]:
-        """Q-Former captions with LAVIS's ``Blip2Qformer.generate`` defaults (lengths count the [DEC] token)."""
+    def caption(self, images: Images, *, max_new_tokens: int = 29, min_new_tokens: int = 9, num_beams: int = 3,
+                **gen) -> list[str]:
+        """Q-Former captions with LAVIS's ``Blip2Qformer.generate`` defaults (its max_length 30 / min_length 10
+        count the [DEC] token). gen: the other :mod:`blip.models.strings` keywords."""
         gen.setdefault("beam_length_convention", "total")
-        ids = self.generate(self.pixel_values(images), num_beams=num_beams, max_new_tokens=max_length - 1,
-                            min_new_tokens=min_length - 1, **gen)
+        ids = self.generate(self.pixel_values(images), num_beams=num_beams, max_new_tokens=max_new_tokens,
+                            min_new_tokens=min_new_tokens, **gen)
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     def _check_lm_head(self) -> None:

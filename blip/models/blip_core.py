@@ -58,6 +58,10 @@ class BlipModel(nn.Module):
         super().__init__()
         self.cfg = cfg
 
+    def group_matcher(self) -> dict[str, str]:
+        """Layer groups for layer-wise LR decay (timm convention): the ViT's stem and blocks."""
+        return VisionTransformer.group_matcher("visual_encoder.")
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute ViT blocks and text layers in the backward pass (training memory for compute)."""
         for m in self.modules():

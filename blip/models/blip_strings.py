@@ -2,32 +2,31 @@
 
 They apply the conventions the tensor API leaves to the caller: tokenization with the BLIP tokenizer (held lazily
 as ``model.tokenizer``), ``[DEC]`` first for decoder inputs, ``[ENC]`` first for ITM and VQA questions, ``[CLS]``
-for ITC, the caption prompt without its trailing ``[SEP]``, and BLIP's length counting.
+for ITC and the caption prompt without its trailing ``[SEP]``. Keywords follow :mod:`blip.models.strings`
+(``max_new_tokens`` / ``min_new_tokens`` count generated tokens only).
 
 Defaults reproduce the original BLIP code (salesforce/BLIP with the transformers 4.x it ran on); LAVIS behaves the
 same way in every default below. Options give the alternatives:
 
-- caption: ``max_length``/``min_length`` count the prompt tokens (``[DEC] a picture of`` = 4), beam scores use
-  ``length_convention="total"`` (transformers 4.2x), the caption is the decoded text minus ``len(prompt)``
-  characters (``strip_prompt="chars"``; ``"tokens"`` decodes only the new tokens instead).
-- answer, generate: lengths count the ``[DEC]`` token, so ``min_length=1`` allows an empty answer; the decoder
-  attends to padded question positions (``mask_question_padding=False``; True masks them).
+- caption: BLIP's max_length 20 / min_length 5 counted the prompt tokens (``[DEC] a picture of`` = 4): 16 / 1 new
+  tokens; beam scores use ``length_convention="total"`` (transformers 4.2x), the caption is the decoded text minus
+  ``len(prompt)`` characters (``strip_prompt="chars"``; ``"tokens"`` decodes only the new tokens instead).
+- answer, generate: BLIP's max_length 10 / min_length 1 counted ``[DEC]``: 9 / 0 new tokens (an empty answer is
+  allowed); the decoder attends to padded question positions (``mask_question_padding=False``; True masks them).
 - answer, rank: the top-k candidates by first-token probability, scored by label-smoothed (0.1) summed LM loss.
 
-Images may be paths or PIL images. A file that cannot be decoded raises :class:`blip.data.images.ImageDecodeError`
+Images may be paths, PIL images or a preprocessed tensor. A file that cannot be decoded raises :class:`blip.data.images.ImageDecodeError`
 naming it (the whole call fails: these are single-call conveniences, batch jobs should skip bad files themselves).
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from PIL import Image
 from torch import Tensor
 
-ImageLike = str | os.PathLike | Image.Image
+from .strings import Images, MatchResult, cached, image_batch
+
 BLIP_VOCAB = 30524
 
 
@@ -37,33 +36,15 @@ class _StringAPI:
     @property
     def tokenizer(self):
         """The BLIP tokenizer (bert-base-uncased + [DEC] + [ENC]), built on first use."""
-        tok = self.__dict__.get("_tokenizer")
-        if tok is None:
-            if self.cfg.text.vocab_size != BLIP_VOCAB:
-                raise ValueError(f"the string API needs the BLIP vocabulary ({BLIP_VOCAB} tokens); this model has "
-                                 f"{self.cfg.text.vocab_size}: tokenize yourself and use the tensor API")
-            from ..data.tokenizer import get_tokenizer
-            tok = get_tokenizer("blip")
-            self.__dict__["_tokenizer"] = tok
-        return tok
+        if self.cfg.text.vocab_size != BLIP_VOCAB:
+            raise ValueError(f"the string API needs the BLIP vocabulary ({BLIP_VOCAB} tokens); this model has "
+                             f"{self.cfg.text.vocab_size}: tokenize yourself and use the tensor API")
+        from ..data.tokenizer import get_tokenizer
+        return cached(self, "_tokenizer", lambda: get_tokenizer("blip"))
 
-    def _pixels(self, images: ImageLike | Sequence[ImageLike] | Tensor) -> Tensor:
-        """Paths / PIL images / preprocessed [B, 3, S, S] -> [B, 3, S, S] on the model's device and dtype (BLIP eval
-        transform)."""
-        from ..data.images import load_image
-        from ..data.transforms import image_transform
-        p = next(self.parameters())
-        if isinstance(images, Tensor):
-            if images.ndim == 4 and images.shape[0] == 0:
-                raise ValueError("no images given: the pixel tensor holds an empty batch")
-            return (images[None] if images.ndim == 3 else images).to(device=p.device, dtype=p.dtype)
-        if isinstance(images, (str, os.PathLike, Image.Image)):
-            images = [images]
-        if len(images) == 0:
-            raise ValueError("no images given: pass at least one path, PIL image or tensor")
-        transform = image_transform(self.cfg.image_size, train=False, kind="blip")
-        batch = torch.stack([transform(load_image(img)) for img in images])
-        return batch.to(device=p.device, dtype=p.dtype)
+    def _pixels(self, images: Images) -> Tensor:
+        """Paths / PIL images / a preprocessed tensor -> [B, 3, S, S] (BLIP eval transform), model device and dtype."""
+        return image_batch(self, images, self.cfg.image_size, "blip")
 
     def _tokens(self, texts: Sequence[str], first_token: int | None, max_length: int = 35,
                 allow_empty: bool = False) -> tuple[Tensor, Tensor]:
@@ -76,12 +57,13 @@ class _StringAPI:
 
 class CaptionStrings(_StringAPI):
     @torch.no_grad()
-    def caption(self, images: ImageLike | Sequence[ImageLike], prompt: str = "a picture of ", *, num_beams: int = 3,
-                max_length: int = 20, min_length: int = 5, do_sample: bool = False, top_p: float = 0.9,
-                top_k: int = 50, repetition_penalty: float | None = None, length_penalty: float = 1.0,
-                length_convention: str = "total", strip_prompt: str = "chars",
+    def caption(self, images: Images, prompt: str = "a picture of ", *, max_new_tokens: int = 16,
+                min_new_tokens: int = 1, num_beams: int = 3, do_sample: bool = False, top_p: float = 0.9,
+                temperature: float = 1.0, repetition_penalty: float | None = None, top_k: int = 50,
+                length_penalty: float = 1.0, length_convention: str = "total", strip_prompt: str = "chars",
                 generator: torch.Generator | None = None) -> list[str]:
-        """One caption per image. Lengths count the prompt tokens ([DEC] included), as BLIP does.
+        """One caption per image: up to ``max_new_tokens`` after the prompt (BLIP's max_length 20 / min_length 5
+        with its 4-token prompt ``[DEC] a picture of``).
 
         do_sample: nucleus sampling with ``top_p`` (beams ignored) after ``top_k`` (50: the transformers default BLIP
         sampled with); repetition_penalty defaults to BLIP's 1.1 when sampling and 1.0 otherwise.
@@ -91,30 +73,29 @@ class CaptionStrings(_StringAPI):
             raise ValueError(f"strip_prompt must be 'chars' or 'tokens', got {strip_prompt!r}")
         pixels = self._pixels(images)
         ids = caption_prompt_ids(self.tokenizer, prompt, pixels.shape[0]).to(pixels.device)
-        plen = ids.shape[1]
-        if max_length <= plen:
-            raise ValueError(f"max_length={max_length} leaves no room after the {plen} prompt tokens")
         if repetition_penalty is None:
             repetition_penalty = 1.1 if do_sample else 1.0
-        out = self.generate(pixels, ids, max_new_tokens=max_length - plen, min_new_tokens=max(min_length - plen, 0),
+        out = self.generate(pixels, ids, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                             num_beams=1 if do_sample else num_beams, do_sample=do_sample, top_p=top_p,
-                            top_k=top_k if do_sample else 0,
+                            top_k=top_k if do_sample else 0, temperature=temperature,
                             repetition_penalty=repetition_penalty, length_penalty=length_penalty,
                             beam_length_convention=length_convention, generator=generator)
         if strip_prompt == "tokens":
-            return [t.strip() for t in self.tokenizer.batch_decode(out[:, plen:], skip_special_tokens=True)]
+            return [t.strip() for t in self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
         return [t[len(prompt):] for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
 class VQAStrings(_StringAPI):
     @torch.no_grad()
-    def answer(self, images: ImageLike | Sequence[ImageLike], questions: str | Sequence[str], *,
-               method: str = "generate", answer_list: Sequence[str] | None = None, k: int = 128,
-               num_beams: int = 3, max_length: int = 10, min_length: int = 1, mask_question_padding: bool = False,
+    def answer(self, images: Images, questions: str | Sequence[str], *, method: str = "generate",
+               answer_list: Sequence[str] | None = None, k: int = 128, max_new_tokens: int = 9,
+               min_new_tokens: int = 0, num_beams: int = 3, do_sample: bool = False, top_p: float = 0.9,
+               temperature: float = 1.0, repetition_penalty: float = 1.0, mask_question_padding: bool = False,
                length_convention: str = "total") -> list[str]:
-        """One answer per (image, question); one image may serve every question. method "generate" (open-ended;
-        lengths count [DEC]) or "rank" (choose from ``answer_list`` with BLIP's ranking over the top-``k``
-        candidates). Questions are cleaned by BLIP's ``pre_question`` first, as BLIP's VQA datasets do."""
+        """One answer per (image, question); one image may serve every question. method "generate" (open-ended; the
+        defaults are BLIP's max_length 10 / min_length 1, which count [DEC]) or "rank" (choose from ``answer_list``
+        with BLIP's ranking over the top-``k`` candidates). Questions are cleaned by BLIP's ``pre_question`` first,
+        as BLIP's VQA datasets do."""
         from ..data.text import pre_question
         questions = [pre_question(q) for q in ([questions] if isinstance(questions, str) else questions)]
         pixels = self._pixels(images)
@@ -135,32 +116,26 @@ class VQAStrings(_StringAPI):
         if method != "generate":
             raise ValueError(f"method must be 'generate' or 'rank', got {method!r}")
         out = self.generate(pixels, q_ids, q_mask, mask_question_padding=mask_question_padding,
-                            max_new_tokens=max_length - 1, min_new_tokens=max(min_length - 1, 0), num_beams=num_beams,
+                            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                            num_beams=1 if do_sample else num_beams, do_sample=do_sample, top_p=top_p,
+                            temperature=temperature, repetition_penalty=repetition_penalty,
                             beam_length_convention=length_convention)
         return self.tokenizer.batch_decode(out, skip_special_tokens=True)
 
 
-@dataclass
-class MatchResult:
-    """itm_prob [N]: ITM probability that image i matches text i; itc_sim [N]: their ITC cosine similarity."""
-    itm_prob: Tensor
-    itc_sim: Tensor
-
-
 class MatchStrings(_StringAPI):
     @torch.no_grad()
-    def match(self, images: ImageLike | Sequence[ImageLike], texts: str | Sequence[str],
-              max_length: int = 35) -> MatchResult:
-        """Score pairs (image i, text i); one image is paired with every text. ITM text starts with [ENC], ITC with
-        [CLS] (BLIP's conventions)."""
+    def match(self, images: Images, texts: str | Sequence[str], max_length: int = 35) -> MatchResult:
+        """Every image against every text: ITM probability and ITC cosine, each [images, texts]. ITM text starts with
+        [ENC], ITC with [CLS] (BLIP's conventions)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         pixels = self._pixels(images)
-        if pixels.shape[0] not in (1, len(texts)):
-            raise ValueError(f"{pixels.shape[0]} images for {len(texts)} texts: pass one image, or one per text")
-        image_embeds = self.image_embeds(pixels).expand(len(texts), -1, -1)
-        itm_ids, mask = self._tokens(texts, self.cfg.enc_token_id, max_length)
-        itm = self.itm_logits_from_embeds(image_embeds, itm_ids, mask).softmax(-1)[:, 1]
-        itc_ids, mask = self._tokens(texts, None, max_length)
+        n_img, n_txt = pixels.shape[0], len(texts)
+        image_embeds = self.image_embeds(pixels)                                          # [I, 1 + N, W]
+        itm_ids, itm_mask = self._tokens(texts, self.cfg.enc_token_id, max_length)
+        logits = self.itm_logits_from_embeds(image_embeds.repeat_interleave(n_txt, 0), itm_ids.repeat(n_img, 1),
+                                             itm_mask.repeat(n_img, 1))
+        itc_ids, itc_mask = self._tokens(texts, None, max_length)
         image_feat = torch.nn.functional.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
-        itc = (image_feat * self.encode_text(itc_ids, mask)).sum(-1)
-        return MatchResult(itm_prob=itm, itc_sim=itc)
+        itc = image_feat @ self.encode_text(itc_ids, itc_mask).T
+        return MatchResult(itm_prob=logits.softmax(-1)[:, 1].view(n_img, n_txt), itc_sim=itc)

@@ -7,6 +7,7 @@ original checkpoints load after stripping their prefix.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -194,6 +195,13 @@ class VisionTransformer(nn.Module):
     @property
     def width(self) -> int:
         return self.cfg.width
+
+    @staticmethod
+    def group_matcher(prefix: str = "") -> dict[str, str]:
+        """timm's layer grouping for layer-wise LR decay, for parameters named ``{prefix}...``: "stem" (patch / cls /
+        position embeddings, layer 0) and "blocks" (block i is layer i + 1, its index captured)."""
+        p = re.escape(prefix)
+        return {"stem": rf"^{p}(cls_token|pos_embed|patch_embed|norm_pre)", "blocks": rf"^{p}blocks\.(\d+)\."}
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}

@@ -21,6 +21,7 @@ from ..losses import (all_gather_with_grad, concat_all_gather, itc_loss, itm_los
                       sample_hard_negatives)
 from ..models.blip2_qformer import Blip2Qformer, query_similarity
 from ..nn.attention import ConcatKVCache
+from ..nn.vit import VisionTransformer
 
 
 class Blip2Stage1Objective(nn.Module):
@@ -39,6 +40,10 @@ class Blip2Stage1Objective(nn.Module):
         self.max_txt_len = max_txt_len or model.cfg.max_txt_len
         self.label_smoothing = label_smoothing
         self.negative_eps = negative_eps
+
+    def group_matcher(self) -> dict[str, str]:
+        """The model's layer groups, under this objective's ``model.`` prefix."""
+        return VisionTransformer.group_matcher("model.image_encoder.visual_encoder.")
 
     def no_weight_decay(self) -> set[str]:
         return {"model.temp"}

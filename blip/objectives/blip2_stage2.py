@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..losses import lm_loss
 from ..models.frozen_llm import align_padding
+from ..nn.vit import VisionTransformer
 from .prefix_lm import pad_rows, prefix_lm_batch, split_point, text_pair_batch
 
 
@@ -36,6 +37,10 @@ class Blip2Stage2Objective(nn.Module):
         self.prompt = prompt
         self.max_txt_len = max_txt_len
         self.generator = generator
+
+    def group_matcher(self) -> dict[str, str]:
+        """The model's layer groups, under this objective's ``model.`` prefix."""
+        return VisionTransformer.group_matcher("model.image_encoder.visual_encoder.")
 
     @property
     def tokenizer(self):

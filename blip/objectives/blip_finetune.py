@@ -36,6 +36,10 @@ class TaskObjective(nn.Module):
         self.__dict__["_task_model"] = model   # not a submodule: its children are already ours
         self.tokenizer = getattr(model, "tokenizer", None) or get_tokenizer("blip")
 
+    def group_matcher(self) -> dict[str, str]:
+        """The task model's layer groups (its children are registered here under the same names)."""
+        return self.model.group_matcher()
+
     @property
     def model(self) -> nn.Module:
         return self._task_model

@@ -77,6 +77,10 @@ class BlipPretrain(MomentumDistillation, nn.Module):
         self.init_momentum(temp)
         self.queue = FeatureQueue(cfg.embed_dim, queue_size)
 
+    def group_matcher(self) -> dict[str, str]:
+        """Layer groups for layer-wise LR decay (timm convention): the online ViT's stem and blocks."""
+        return VisionTransformer.group_matcher("visual_encoder.")
+
     # ---- training -------------------------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         tok = tokenize(self.tokenizer, texts, self.max_txt_len, padding="max_length")

@@ -3,37 +3,41 @@
 - Frozen parameters (requires_grad=False) never enter the optimizer.
 - No weight decay on norms, biases (every parameter with ndim <= 1), embeddings (nn.Embedding weights, position /
   cls / query tokens) and whatever the model lists in `no_weight_decay()`.
-- Layer-wise LR decay (BEiT/BLIP-2 fine-tuning): ViT layer i gets `lr_scale = decay ** (L + 1 - i)` where the patch
-  embedding / cls / pos embedding are layer 0, `visual_encoder.blocks.{j}` is layer j + 1, and everything else is
-  layer L + 1 (scale 1). Each group carries its `lr_scale`, which the schedule multiplies in at every step — the
-  scale LAVIS computes but never applies.
+- Layer-wise LR decay (BEiT/BLIP-2 fine-tuning): ViT layer i gets `lr_scale = decay ** (L + 1 - i)` where the
+  model declares its layers timm-style, `model.group_matcher() -> {"stem": regex, "blocks": regex capturing the
+  block index}`: the stem (patch / cls / pos embedding) is layer 0, block j is layer j + 1, everything else is layer
+  L + 1 (scale 1). Each group carries its `lr_scale`, which the schedule multiplies in at every step — the scale LAVIS
+  computes but never applies.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 EMBEDDING_NAMES = re.compile(r"(^|\.)(pos_embed|cls_token|query_tokens|position_embeddings?|token_type_embeddings"
                              r"|word_embeddings|embed_tokens|embed_positions)(\.|$)")
-VIT_BLOCK = re.compile(r"^visual_encoder\.blocks\.(\d+)\.")
-VIT_EMBED = re.compile(r"^visual_encoder\.(cls_token|pos_embed|patch_embed)")
 
 
-def vit_depth(model: nn.Module) -> int:
-    ids = [int(m.group(1)) for n, _ in model.named_parameters() if (m := VIT_BLOCK.match(n))]
-    return max(ids) + 1 if ids else 0
+def layer_ids(model: nn.Module) -> tuple[int, Callable[[str], int]]:
+    """(L, name -> layer id) from ``model.group_matcher()``: 0 for the stem, i + 1 for block i, L + 1 otherwise."""
+    if not hasattr(model, "group_matcher"):
+        raise ValueError(f"layer_decay needs a model that declares its layers: {type(model).__name__} has no "
+                         "group_matcher() (timm convention: {'stem': regex, 'blocks': regex with the block index})")
+    matcher = model.group_matcher()
+    stem, blocks = re.compile(matcher["stem"]), re.compile(matcher["blocks"])
+    ids = {int(m.group(1)) for n, _ in model.named_parameters() if (m := blocks.match(n))}
+    depth = max(ids) + 1 if ids else 0
 
+    def layer_id(name: str) -> int:
+        if m := blocks.match(name):
+            return int(m.group(1)) + 1
+        return 0 if stem.match(name) else depth + 1
 
-def layer_id(name: str, depth: int) -> int:
-    """0 for the ViT embeddings, i + 1 for ViT block i, depth + 1 for everything else."""
-    if m := VIT_BLOCK.match(name):
-        return int(m.group(1)) + 1
-    if VIT_EMBED.match(name):
-        return 0
-    return depth + 1
+    return depth, layer_id
 
 
 def no_decay_names(model: nn.Module) -> set[str]:
@@ -46,14 +50,14 @@ def no_decay_names(model: nn.Module) -> set[str]:
 
 def param_groups(model: nn.Module, *, lr: float, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
     """Groups keyed by (decay?, layer); each has `lr_scale` and `layer_id` besides the usual keys."""
-    depth = vit_depth(model) if layer_decay is not None and layer_decay != 1.0 else 0
+    depth, layer_id = layer_ids(model) if layer_decay is not None and layer_decay != 1.0 else (0, None)
     skip = no_decay_names(model)
     groups: dict[tuple[bool, int], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         decay = not (p.ndim <= 1 or name in skip or EMBEDDING_NAMES.search(name))
-        lid = layer_id(name, depth) if depth else 0
+        lid = layer_id(name) if depth else 0
         scale = layer_decay ** (depth + 1 - lid) if depth else 1.0
         group = groups.setdefault((decay, lid), {"params": [], "lr_scale": scale,
                                                  "layer_id": lid, "weight_decay": weight_decay if decay else 0.0,
