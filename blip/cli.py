@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from .dtypes import DTYPES
+
 # the head a BLIP pretraining run loads as, per subcommand (its checkpoint holds them all; serve: the captioner)
 RUN_TASK_FOR = {"caption": "caption", "answer": "vqa", "match": "retrieval", "any": "caption"}
 

@@ -166,14 +166,11 @@ class Predictor:
         self.require("caption")
         gen = self._generation(decoding, "caption", seeds, pixels.shape[0])
         prompt = self.resolve(decoding).prompt
-        if self.llm:
-            return self.model.caption(self._pixels(pixels), prompt=prompt, **gen)
-        if self.family == "qformer":   # LAVIS Q-Former lengths count [DEC]; it takes no prompt
+        if self.family == "qformer":
             if prompt:
                 raise UsageError("the BLIP-2 Q-Former captions without a prompt")
-            gen["max_length"], gen["min_length"] = gen.pop("max_new_tokens") + 1, gen.pop("min_new_tokens") + 1
             return self.model.caption(self._pixels(pixels), **gen)
-        return self.model.caption(self._pixels(pixels), prompt, **_blip_lengths(self.model, prompt, gen))
+        return self.model.caption(self._pixels(pixels), prompt=prompt, **gen)
 
     @torch.no_grad()
     def answer(self, pixels: Tensor, questions: Sequence[str], decoding: Decoding = Decoding(),
@@ -189,31 +186,16 @@ class Predictor:
             return self.model.complete(self._pixels(pixels), prompts, **gen)
         # padded question positions masked: each answer is what the question alone gives, whatever its batch
         return self.model.answer(self._pixels(pixels), list(questions), num_beams=gen["num_beams"],
-                                 max_length=gen["max_new_tokens"] + 1, min_length=gen["min_new_tokens"] + 1,
+                                 max_new_tokens=gen["max_new_tokens"], min_new_tokens=gen["min_new_tokens"],
                                  mask_question_padding=True)
 
     @torch.no_grad()
     def match(self, pixels: Tensor, texts: Sequence[str]) -> list[dict]:
         """One image [1, 3, S, S] against texts -> [{"text", "itm", "itc"}]: ITM match probability and ITC cosine."""
         self.require("match")
-        pixels = self._pixels(pixels)
-        result = self.model.match(pixels, list(texts))
-        if isinstance(result, Tensor):  # BLIP-2 Q-Former: [images, texts] matrices, one head per call
-            itm, itc = result[0], self.model.match(pixels, list(texts), head="itc")[0]
-        else:
-            itm, itc = result.itm_prob, result.itc_sim
-        return [{"text": t, "itm": float(a), "itc": float(b)} for t, a, b in zip(texts, itm.tolist(), itc.tolist())]
-
-
-def _blip_lengths(model: nn.Module, prompt: str, gen: dict) -> dict:
-    """BLIP's caption() counts lengths with the prompt tokens ([DEC] included): convert from new-token counts."""
-    from .data.tokenizer import caption_prompt_ids
-    plen = caption_prompt_ids(model.tokenizer, prompt, 1).shape[1]
-    gen = dict(gen)
-    gen["max_length"] = plen + gen.pop("max_new_tokens")
-    gen["min_length"] = plen + gen.pop("min_new_tokens")
-    gen.pop("temperature", None)
-    return gen
+        result = self.model.match(self._pixels(pixels), list(texts))
+        return [{"text": t, "itm": float(a), "itc": float(b)}
+                for t, a, b in zip(texts, result.itm_prob[0].tolist(), result.itc_sim[0].tolist())]
 
 
 def row_generators(seeds: Sequence[int | None] | None, n: int) -> list[torch.Generator]:

@@ -1,6 +1,19 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the one way tests reach the shared assets and fixtures beside the checkout."""
+from pathlib import Path
+
 import pytest
 import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+MISSING = (f"{SHARED} is missing: the tests need the shared assets and fixtures (LAVIS outputs, BERT vocabulary, "
+           "photos) checked out as ../shared beside the repository")
+
+
+def shared_dir() -> Path:
+    """``../shared`` (for module-level constants); a clear error when it is not there."""
+    if not SHARED.is_dir():
+        raise FileNotFoundError(MISSING)
+    return SHARED
 
 
 @pytest.fixture
@@ -13,13 +26,11 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def shared():
+def shared() -> Path:
     """The shared read-only assets and fixtures beside the checkout (``../shared``)."""
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[2] / "shared"
-    if not path.is_dir():
-        pytest.fail(f"{path} is missing: tests need the shared assets and fixtures checked out beside the repo")
-    return path
+    if not SHARED.is_dir():
+        pytest.fail(MISSING)
+    return SHARED
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """BLIP-2 LLM models: stage-2 objective (hand-computed labels on the real fixture tokenizers), gradients, padding,
 precision, the stage-1 hand-off and the string API."""
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +9,9 @@ from blip.models.blip2_llm import create
 from blip.objectives.blip2_stage2 import Blip2Stage2Objective
 from blip.models.blip2_llm_strings import chat_prompt
 from tiny_weights import randomize
+from conftest import shared_dir
 
-LAVIS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "lavis"
+LAVIS = shared_dir() / "fixtures" / "lavis"
 OPT_DIR, T5_DIR = LAVIS / "blip2_opt" / "opt_llm", LAVIS / "blip2_t5" / "t5_llm"
 
 

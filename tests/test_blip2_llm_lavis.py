@@ -3,15 +3,15 @@
 Both checkpoint files are loaded through ``blip.load``: the full ``checkpoint.pth`` (ViT + LLM inside) and
 ``checkpoint_trainable_only.pth`` (ViT from ``eva_vit_tiny.pth``, LLM from the fixture's HF directory).
 """
-from pathlib import Path
 
 import pytest
 import torch
 
 import blip
 from blip.objectives.blip2_stage2 import Blip2Stage2Objective
+from conftest import shared_dir
 
-LAVIS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "lavis"
+LAVIS = shared_dir() / "fixtures" / "lavis"
 EVA = LAVIS / "eva_vit_tiny.pth"
 FILES = ("checkpoint.pth", "checkpoint_trainable_only.pth")
 Q = 8  # query tokens of the tiny fixtures

@@ -1,5 +1,4 @@
 """BLIP-2 stage 1 against the LAVIS fixture (real LAVIS 1.0.2 outputs): both checkpoint files, every recorded output."""
-from pathlib import Path
 
 import pytest
 import torch
@@ -7,8 +6,9 @@ import torch
 import blip
 from blip.data.tokenizer import get_tokenizer
 from blip.models.blip2_qformer import Blip2Qformer
+from conftest import shared_dir
 
-FIX = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "lavis"
+FIX = shared_dir() / "fixtures" / "lavis"
 DIR = FIX / "blip2_qformer"
 
 
@@ -128,13 +128,14 @@ def test_string_level_caption_and_match(model, data):
     inputs, tok, out = data
     files = [str((DIR / f).resolve()) for f in inputs["raw_image_files"]]
     torch.testing.assert_close(model.pixel_values(files), inputs["image"], atol=1e-5, rtol=0)  # LAVIS eval transform
-    assert model.caption(files, max_length=10, min_length=10) == out["qformer_beam3_captions"]
-    scores = model.match(files, inputs["text_input"])
+    assert model.caption(files, max_new_tokens=9, min_new_tokens=9) == out["qformer_beam3_captions"]
+    result = model.match(files, inputs["text_input"])
+    scores = result.itm_prob
     assert scores.shape == (3, 3) and ((scores > 0) & (scores < 1)).all()
     i, j = 1, 2
     logits = model.itm_logits(inputs["image"][i:i + 1], tok["itm_text_ids"][j:j + 1], tok["itm_text_atts"][j:j + 1])
     close(scores[i, j], logits.softmax(-1)[0, 1])
-    close(model.match(files, inputs["text_input"], head="itc"),
+    close(result.itc_sim,
           model.itc_similarity(inputs["image"], tok["itm_text_ids"], tok["itm_text_atts"]))
 
 

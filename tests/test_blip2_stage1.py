@@ -1,7 +1,6 @@
 """BLIP-2 stage-1 objective: LAVIS losses, hard negatives, gradients, ITC across 2 gloo ranks."""
 import os
 import socket
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +9,9 @@ import torch.multiprocessing as mp
 
 import blip
 from blip import create_model as create
+from conftest import shared_dir
 
-FIX = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "lavis"
+FIX = shared_dir() / "fixtures" / "lavis"
 DIR = FIX / "blip2_qformer"
 
 

@@ -1,6 +1,5 @@
 """Original/LAVIS-format loading against the LAVIS reference fixtures (outputs computed by LAVIS's own code from
 tiny random checkpoints in LAVIS's key layout; see shared/fixtures/lavis/README.md)."""
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,8 +8,9 @@ import torch.nn.functional as F
 import blip
 from blip.checkpoints import CheckpointError, read_state_dict
 from blip.models.blip import BlipCaption, BlipRetrieval, BlipVQA
+from conftest import shared_dir
 
-FIX = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "lavis"
+FIX = shared_dir() / "fixtures" / "lavis"
 SPECIAL_COLS = [0, 100, 101, 102, 103, 30522, 30523]
 HEADS = {"blip_caption": (4, 2), "blip_itm": (4, 2), "blip_vqa": (2, 2)}  # (vision, text): not stored in shapes
 
@@ -76,7 +76,8 @@ def test_caption_generation(caption, tag):
     assert torch.equal(ids, out[f"{tag}_ids"])
     assert model.tokenizer.batch_decode(ids, skip_special_tokens=True) == out[f"{tag}_decoded"]
     # the string API from the raw PNGs (our image transform + tokenizer) gives LAVIS's captions, "ries ..." included
-    captions = model.caption(images(inp, "blip_caption"), num_beams=beams, max_length=max_len, min_length=min_len)
+    captions = model.caption(images(inp, "blip_caption"), num_beams=beams, max_new_tokens=max_len - 4,
+                             min_new_tokens=min_len - 4)   # LAVIS's lengths count the 4 prompt tokens
     assert captions == out[f"{tag}_captions"]
 
 
@@ -100,8 +101,8 @@ def test_itm_and_itc():
     # string API: [ENC] for ITM, [CLS] for ITC, from the raw images
     files = images(inp, "blip_itm")
     res = model.match([files[i] for i in img], [inp["text_input"][j] for j in txt])
-    close(res.itm_prob, out["itm_scores"])
-    close(res.itc_sim, out["itc_sim"][list(img), list(txt)])
+    close(res.itm_prob.diagonal(), out["itm_scores"])   # every image against every text: the pairs on the diagonal
+    close(res.itc_sim.diagonal(), out["itc_sim"][list(img), list(txt)])
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +161,8 @@ def test_vqa_generate(vqa, tag, beams):
     ids = model.generate(inp["image"], out["question_input_ids"], out["question_attention_mask"], num_beams=beams,
                          max_new_tokens=9, min_new_tokens=0, beam_length_convention="total")
     assert torch.equal(ids, out[f"{tag}_ids"])
-    got = model.answer(images(inp, "blip_vqa"), inp["text_input"], num_beams=beams, max_length=10, min_length=1)
+    got = model.answer(images(inp, "blip_vqa"), inp["text_input"], num_beams=beams, max_new_tokens=9,
+                       min_new_tokens=0)
     assert got == out[f"{tag}_answers"]
 
 

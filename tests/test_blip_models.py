@@ -3,7 +3,6 @@ real and unusual image files."""
 import subprocess
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +13,9 @@ from blip.convert.blip import ARCHS, config_from_hf, hf_to_ours, save_safetensor
 from blip.data.images import ImageDecodeError
 from blip import create_model as create
 from blip.models.blip import BlipFeatureExtractor
+from conftest import shared_dir
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = shared_dir()
 ASSETS = SHARED / "assets" / "images"
 FIX = SHARED / "fixtures" / "lavis"
 HF_CLASSES = {"caption": BlipForConditionalGeneration, "retrieval": BlipForImageTextRetrieval,
@@ -124,30 +124,30 @@ BAD = [ASSETS / "unusual" / n for n in ("empty.jpg", "not_an_image.jpg", "trunca
 
 def test_every_asset_is_captioned_or_named_in_the_error(captioner):
     assert {p.name for p in GOOD + BAD} == {p.name for p in ASSETS.rglob("*") if p.is_file()}
-    captions = captioner.caption(GOOD, num_beams=2, max_length=10, min_length=6)
+    captions = captioner.caption(GOOD, num_beams=2, max_new_tokens=6, min_new_tokens=2)
     assert len(captions) == len(GOOD)
     for c in captions:  # a random tiny model: real words from the vocab, the requested length, no specials
         assert isinstance(c, str) and len(c.split()) >= 1 and "[" not in c
     for bad in BAD:
         with pytest.raises(ImageDecodeError) as err:
-            captioner.caption([GOOD[0], bad], max_length=8)
+            captioner.caption([GOOD[0], bad], max_new_tokens=4)
         assert bad.name in str(err.value)
 
 
 def test_caption_options(captioner):
     img = [str(ASSETS / "cat.jpg")]
-    one = captioner.caption(img, num_beams=1, max_length=12, min_length=12)
+    one = captioner.caption(img, num_beams=1, max_new_tokens=8, min_new_tokens=8)
     ids = captioner.generate(captioner._pixels(img), torch.tensor([[30522, 1037, 3861, 1997]]), max_new_tokens=8,
                              min_new_tokens=8)
     assert ids.shape == (1, 12)
-    by_tokens = captioner.caption(img, num_beams=1, max_length=12, min_length=12, strip_prompt="tokens")
+    by_tokens = captioner.caption(img, num_beams=1, max_new_tokens=8, min_new_tokens=8, strip_prompt="tokens")
     assert by_tokens == [captioner.tokenizer.decode(ids[0, 4:], skip_special_tokens=True).strip()]
     assert one[0] == captioner.tokenizer.decode(ids[0], skip_special_tokens=True)[len("a picture of "):]
     g = [torch.Generator().manual_seed(s) for s in (1, 1)]
-    a, b = (captioner.caption(img, do_sample=True, top_p=0.9, max_length=12, generator=x) for x in g)
+    a, b = (captioner.caption(img, do_sample=True, top_p=0.9, max_new_tokens=8, generator=x) for x in g)
     assert a == b
-    with pytest.raises(ValueError, match="max_length"):
-        captioner.caption(img, max_length=4)
+    with pytest.raises(TypeError, match="max_length"):   # one keyword contract: lengths are new tokens
+        captioner.caption(img, max_length=12)
 
 
 def test_original_pretrain_checkpoint_loads_into_pretrain_and_task_models(tmp_path):
@@ -183,7 +183,7 @@ def test_answer_and_match_string_api_shapes():
     torch.manual_seed(0)
     vqa = create("blip_tiny", "vqa").eval()
     cat = str(ASSETS / "cat.jpg")
-    two = vqa.answer(cat, ["what is this?", "what color is the cat?"], max_length=6)
+    two = vqa.answer(cat, ["what is this?", "what color is the cat?"], max_new_tokens=5)
     assert len(two) == 2 and all(isinstance(a, str) for a in two)
     ranked = vqa.answer(cat, "what animal is it?", method="rank", answer_list=["cat", "dog", "a red car"], k=2)
     assert ranked[0] in ("cat", "dog", "a red car")
@@ -191,15 +191,15 @@ def test_answer_and_match_string_api_shapes():
         vqa.answer(cat, "what?", method="rank")
     ret = create("blip_tiny", "retrieval").eval()
     res = ret.match(cat, ["a cat", "a rocket launch", "coffee"])
-    assert res.itm_prob.shape == res.itc_sim.shape == (3,)
+    assert res.itm_prob.shape == res.itc_sim.shape == (1, 3)   # images x texts
     assert ((res.itm_prob >= 0) & (res.itm_prob <= 1)).all() and (res.itc_sim.abs() <= 1 + 1e-5).all()
     with torch.no_grad():  # the string API equals the tensor API with BLIP's tokens ([ENC] for ITM, [CLS] for ITC)
         ids = ret.tokenizer(["a cat"], return_tensors="pt")["input_ids"]
         px = ret._pixels(cat)
         enc = ids.clone()
         enc[:, 0] = 30523
-        assert torch.allclose(ret.itm_logits(px, enc).softmax(-1)[0, 1], res.itm_prob[0], atol=1e-6)
-        assert torch.allclose(ret.itc_similarity(px, ids)[0, 0], res.itc_sim[0], atol=1e-6)
+        assert torch.allclose(ret.itm_logits(px, enc).softmax(-1)[0, 1], res.itm_prob[0, 0], atol=1e-6)
+        assert torch.allclose(ret.itc_similarity(px, ids)[0, 0], res.itc_sim[0, 0], atol=1e-6)
 
 
 def test_image_size_with_arch_follows_the_checkpoint_kind(tmp_path):

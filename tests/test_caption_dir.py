@@ -58,7 +58,7 @@ def test_folder_with_unusual_images(tmp_path, shared, models, capsys, one_thread
     # each caption is what the model's own API gives for that file alone ("a picture of " is 4 prompt tokens)
     model = blip.load(models["caption"])
     for row in rows[:3]:
-        assert row["caption"] == model.caption(row["path"], num_beams=3, max_length=4 + 6, min_length=4 + 1)[0]
+        assert row["caption"] == model.caption(row["path"], num_beams=3, max_new_tokens=6, min_new_tokens=1)[0]
 
     # a second run finds everything done, tries the bad files again and rewrites the errors file
     assert caption_dir(images, "--out", out, "--model", models["caption"], "--batch-size", "4",

@@ -35,7 +35,7 @@ def test_blip_caption_ask_match_convert_models(models, images, tmp_path, capsys,
     out, err = capsys.readouterr()
     lines = [line.split("\t") for line in out.strip().splitlines()]
     model = blip.load(models["caption"])
-    assert lines == [[str(p), model.caption(p, num_beams=2, max_length=4 + 6, min_length=5)[0]] for p in (cat, rocket)]
+    assert lines == [[str(p), model.caption(p, num_beams=2, max_new_tokens=6, min_new_tokens=1)[0]] for p in (cat, rocket)]
     assert "truncated.jpg" in err   # reported and skipped, the others captioned
 
     assert main(["ask", str(cat), "what is this?", "--model", str(models["vqa"]), "--json"]) == 0
@@ -47,7 +47,7 @@ def test_blip_caption_ask_match_convert_models(models, images, tmp_path, capsys,
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     ref = blip.load(models["retrieval"]).match(cat, ["a cat", "a rocket"])
     assert [r["text"] for r in rows] == ["a cat", "a rocket"]
-    assert [r["itm"] for r in rows] == pytest.approx(ref.itm_prob.tolist(), abs=1e-6)
+    assert [r["itm"] for r in rows] == pytest.approx(ref.itm_prob[0].tolist(), abs=1e-6)
 
     assert main(["convert", str(models["caption"]), str(tmp_path / "hf"), "--to", "hf"]) == 0
     assert (tmp_path / "hf" / "config.json").exists()
@@ -86,10 +86,11 @@ def test_blip2_caption_ask_match(shared, images, capsys, one_thread):
     assert main(["match", str(cat), "a cat", "a rocket", "--model", str(stage1), "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     qformer = blip.load(stage1)
-    assert [r["itm"] for r in rows] == pytest.approx(qformer.match(cat, ["a cat", "a rocket"])[0].tolist(), abs=1e-6)
+    assert [r["itm"] for r in rows] == pytest.approx(qformer.match(cat, ["a cat", "a rocket"]).itm_prob[0].tolist(),
+                                                       abs=1e-6)
     assert main(["caption", str(cat), "--model", str(stage1), "--max-new-tokens", "6", "--min-new-tokens", "2"]) == 0
     out = capsys.readouterr().out.strip().split("\t")[1]
-    assert out == qformer.caption(cat, max_length=7, min_length=3)[0]
+    assert out == qformer.caption(cat, max_new_tokens=6, min_new_tokens=2)[0]
 
 
 def test_expected_failures_are_one_line_and_exit_2(models, images, shared, tmp_path, capsys, monkeypatch):

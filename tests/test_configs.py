@@ -30,7 +30,7 @@ def options(group: str) -> list[str]:
 
 def compose_cfg(overrides: list[str]):
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
-        cfg = compose("train", overrides=quote_stage_override(overrides) + ["run_dir=/tmp/unused"])
+        cfg = compose("train", overrides=quote_stage_override(overrides) + ["run_dir=unused"])
     return cfg
 
 

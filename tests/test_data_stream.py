@@ -17,8 +17,9 @@ from blip.data.skips import SkipCounter
 from blip.data.synthetic import caption_for, ensure_synthetic_shards, parse_attributes
 from blip.data.transforms import image_transform
 from blip.data.webdataset import WebDatasetSource, expand_urls
+from conftest import shared_dir
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = shared_dir()
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,9 @@ from PIL import Image, ImageFile
 
 from blip.data import images
 from blip.data.images import ImageDecodeError, load_image, to_rgb
+from conftest import shared_dir
 
-IMAGES = Path(__file__).resolve().parents[2] / "shared" / "assets" / "images"
+IMAGES = shared_dir() / "assets" / "images"
 UNUSUAL = IMAGES / "unusual"
 BROKEN = ["truncated.jpg", "not_an_image.jpg", "empty.jpg"]
 # EXIF orientation -> the PIL transpose that makes the stored pixels upright (EXIF 2.3 spec, tag 0x0112)

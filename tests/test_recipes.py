@@ -2,7 +2,6 @@
 create_vit, blip_vqa.py), the BLIP-2 evaluation conventions of LAVIS (predict_answers / generate defaults, the
 COCO-finetuned caption checkpoints' prompt and lengths)."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +9,9 @@ import torch
 import blip
 from blip import create_model as create
 from blip.zoo import PRETRAINED, Pretrained
+from conftest import shared_dir
 
-LAVIS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "lavis"
+LAVIS = shared_dir() / "fixtures" / "lavis"
 
 
 @pytest.mark.parametrize("arch,task,drop_path", [("blip_base", "pretrain", 0.0), ("blip_base", "caption", 0.0),

@@ -1,7 +1,6 @@
 """Tokenizer + BLIP token conventions, checked against the raw vocab.txt line numbers and LAVIS's recorded tokens."""
 
 import hashlib
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +12,9 @@ from blip.data.tokenizer import (
     tokenize,
     with_first_token,
 )
+from conftest import shared_dir
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = shared_dir()
 VOCAB = SHARED / "assets" / "bert-base-uncased" / "vocab.txt"
 LAVIS = SHARED / "fixtures" / "lavis"
 
@@ -46,7 +46,7 @@ def test_shipped_vocab_is_bert_base_uncased():
 
 def test_constants_match_vocab_lines(lines):
     assert len(lines) == 30522
-    assert (lines["[PAD]"], lines["[UNK]"], lines["[CLS]"], lines["[SEP]"]) == (tk.PAD, tk.UNK_TOKEN_ID, tk.CLS, tk.SEP)
+    assert (lines["[PAD]"], lines["[UNK]"], lines["[CLS]"], lines["[SEP]"]) == (tk.PAD_TOKEN_ID, tk.UNK_TOKEN_ID, tk.CLS_TOKEN_ID, tk.SEP_TOKEN_ID)
     assert tk.DEC_TOKEN_ID == len(lines) and tk.ENC_TOKEN_ID == len(lines) + 1
 
 
@@ -80,7 +80,7 @@ def test_tokenize_matches_lavis_caption_decoder_input(blip_tok):
     enc = tokenize(blip_tok, inputs["text_input"], max_length=40)
     assert torch.equal(with_first_token(enc["input_ids"], tk.DEC_TOKEN_ID), tokens["decoder_input_ids"])
     assert torch.equal(enc["attention_mask"], tokens["decoder_attention_mask"])
-    assert enc["input_ids"][0, 0] == tk.CLS  # with_first_token returned a copy
+    assert enc["input_ids"][0, 0] == tk.CLS_TOKEN_ID  # with_first_token returned a copy
 
 
 def test_tokenize_matches_lavis_itm_itc_vqa(blip_tok):

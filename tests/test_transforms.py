@@ -1,6 +1,5 @@
 """Image transforms: eval pixels vs LAVIS's recorded preprocessing, RandAugment ops vs hand-computed / PIL results."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,8 +17,9 @@ from blip.data.transforms import (
     image_transform,
     op_magnitude,
 )
+from conftest import shared_dir
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = shared_dir()
 LAVIS = SHARED / "fixtures" / "lavis"
 PHOTOS = SHARED / "assets" / "images"
 

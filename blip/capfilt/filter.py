@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..data.tokenizer import ENC_TOKEN_ID, tokenize, with_first_token
+from ..data.tokenizer import ENC_TOKEN_ID, tokenize_to
 
 
 @torch.no_grad()
@@ -19,9 +19,8 @@ def itm_match_scores(filter_model: nn.Module, tokenizer, pixels: torch.Tensor, t
         return [[] for _ in texts]
     image_embeds = filter_model.image_embeds(pixels)
     image_embeds = image_embeds.repeat_interleave(torch.tensor(counts, device=device), dim=0)
-    enc = tokenize(tokenizer, flat, max_length=35, allow_empty=True)
-    ids = with_first_token(enc["input_ids"], ENC_TOKEN_ID).to(device)
-    logits = filter_model.itm_logits_from_embeds(image_embeds, ids, enc["attention_mask"].to(device))
+    ids, mask = tokenize_to(tokenizer, flat, 35, device, first_token=ENC_TOKEN_ID, allow_empty=True)
+    logits = filter_model.itm_logits_from_embeds(image_embeds, ids, mask)
     probs = logits.float().softmax(-1)[:, 1].tolist()
     out, i = [], 0
     for n in counts:

@@ -6,7 +6,7 @@ scores, the keep rule). This module runs them over sharded inputs, resumably.
 For every image the captioner (a COCO-fine-tuned :class:`~blip.models.blip_tasks.BlipCaption`) samples
 ``num_captions`` synthetic captions (nucleus sampling, top_p 0.9); the filter (a COCO-fine-tuned
 :class:`~blip.models.blip_tasks.BlipRetrieval`) scores the web caption(s) and the synthetic ones with its ITM head,
-and captions whose match probability is under ``threshold`` are dropped (BLIP #10/#86: ITM, threshold 0.5).
+and captions whose match probability is under ``threshold`` are dropped (BLIP's filter: ITM, threshold 0.5).
 
 Output (``out_dir``), in the img2dataset layout the project's loader (:class:`blip.data.webdataset.WebDatasetSource`)
 reads:

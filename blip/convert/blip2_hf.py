@@ -20,6 +20,7 @@ from torch import nn
 
 from ..checkpoints import (CheckpointError, StateDict, build_empty, hf_pretrained, load_into, ours_to_bert,
                            read_state_dict, write_hf_directory)
+from ..dtypes import to_dtype
 from ..models import blip2_llm
 from ..models.blip2 import Blip2LLMConfig
 from ..models.blip2_qformer import Blip2Qformer, Blip2QformerConfig
@@ -146,7 +147,7 @@ def _load_hf(directory: Path, instruct: bool, llm=None, vision_weights=None, **o
         overrides["frozen_dtype"] = overrides.pop("dtype")
     cfg = replace(cfg, **overrides)
     cls = blip2_llm.InstructBlipLanguageModel if instruct else blip2_llm.Blip2LanguageModel
-    model = build_empty(lambda: cls(cfg, llm=load_llm(cfg.llm, blip2_llm.DTYPES[cfg.frozen_dtype], cfg.llm_overrides)))
+    model = build_empty(lambda: cls(cfg, llm=load_llm(cfg.llm, to_dtype(cfg.frozen_dtype), cfg.llm_overrides)))
     sd = read_state_dict(directory)
     out, used = hf_llm_to_ours(sd, instruct)
     stray = [k for k in sd if k not in used and not k.endswith("position_ids")]

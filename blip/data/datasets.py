@@ -124,7 +124,7 @@ def decode(raw: dict, transform: Callable | None, text_fn: Callable[[str], str],
     transformed on its own; with `raw["random_swap"]` the pair is swapped with probability 0.5 together with the
     words "left" / "right" of its (cleaned) text, as BLIP trains NLVR2.
     With `transform=None` the image is only decoded (used when fast-forwarding, to skip the same samples)."""
-    from blip.data.images import ImageTooLargeError, load_image  # owned by the image-loading module
+    from blip.data.images import ImageTooLargeError, load_image
 
     try:
         text = text_fn(check_text(raw["text"]))

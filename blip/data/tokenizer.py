@@ -16,16 +16,9 @@ from pathlib import Path
 import torch
 from transformers import BertTokenizerFast, PreTrainedTokenizerBase
 
-PAD_TOKEN_ID = 0
-UNK_TOKEN_ID = 100
-CLS_TOKEN_ID = 101
-SEP_TOKEN_ID = 102
-DEC_TOKEN_ID = 30522
-ENC_TOKEN_ID = 30523
-# Short aliases.
-PAD, CLS, SEP = PAD_TOKEN_ID, CLS_TOKEN_ID, SEP_TOKEN_ID
+from .special_ids import (CLS_TOKEN_ID, DEC_TOKEN_ID, ENC_TOKEN_ID, PAD_TOKEN_ID,  # noqa: F401  (re-exported)
+                          SEP_TOKEN_ID, UNK_TOKEN_ID)
 
-BERT_VOCAB_SIZE = 30522
 DEFAULT_VOCAB = Path(__file__).resolve().parent / "assets" / "bert-base-uncased-vocab.txt"
 
 # kind -> (tokens that must sit at these ids, final length)
@@ -130,6 +123,16 @@ def tokenize(
         texts, padding=padding, truncation=True, max_length=max_length, padding_side="right", return_tensors="pt"
     )
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def tokenize_to(tokenizer: PreTrainedTokenizerBase, texts: str | Sequence[str], max_length: int,
+                device: torch.device | str, padding: str = "longest", first_token: int | None = None,
+                allow_empty: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`tokenize`, position 0 replaced by ``first_token`` when given (:func:`with_first_token`), on ``device``:
+    (input_ids [B, T], attention_mask [B, T])."""
+    enc = tokenize(tokenizer, texts, max_length, padding=padding, allow_empty=allow_empty)
+    ids = enc["input_ids"] if first_token is None else with_first_token(enc["input_ids"], first_token)
+    return ids.to(device), enc["attention_mask"].to(device)
 
 
 def with_first_token(input_ids: torch.Tensor, token_id: int) -> torch.Tensor:

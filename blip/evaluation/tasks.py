@@ -69,12 +69,14 @@ def _image_dataset(model: nn.Module, items: list) -> ListDataset:
 # ---- captioning -------------------------------------------------------------------------------------------------
 def caption_images(model: nn.Module, family: str, p: Mapping, pixels: torch.Tensor) -> list[str]:
     """One caption per image with the protocol ``p`` of ``family`` (BLIP lengths count the prompt tokens)."""
-    if family == "blip":
-        return model.caption(pixels, prompt=p["prompt"], num_beams=p["num_beams"], max_length=p["max_length"],
-                             min_length=p["min_length"])
-    if family == "blip2_qformer":
-        return model.caption(pixels, num_beams=p["num_beams"], max_length=p["max_length"],
-                             min_length=p["min_length"])
+    if family == "blip":   # BLIP's lengths count the prompt tokens ([DEC] a picture of = 4)
+        from ..data.tokenizer import caption_prompt_ids
+        plen = caption_prompt_ids(model.tokenizer, p["prompt"], 1).shape[1]
+        return model.caption(pixels, prompt=p["prompt"], num_beams=p["num_beams"],
+                             max_new_tokens=p["max_length"] - plen, min_new_tokens=max(p["min_length"] - plen, 0))
+    if family == "blip2_qformer":   # LAVIS's lengths count [DEC]
+        return model.caption(pixels, num_beams=p["num_beams"], max_new_tokens=p["max_length"] - 1,
+                             min_new_tokens=max(p["min_length"] - 1, 0))
     # LAVIS's min_length counts new tokens for decoder-only LLMs and the decoder start token for T5
     min_new = p["min_length"] - 1 if model.is_seq2seq else p["min_length"]
     return model.caption(pixels, prompt=p["prompt"], num_beams=p["num_beams"], max_new_tokens=p["max_new_tokens"],
@@ -116,8 +118,8 @@ def answer_questions(model: nn.Module, family: str, p: Mapping, pixels: torch.Te
     if family == "blip":
         if p["method"] == "rank":
             return model.answer(pixels, questions, method="rank", answer_list=answer_list, k=p["k"])
-        return model.answer(pixels, questions, method="generate", num_beams=p["num_beams"],
-                            max_length=p["max_length"], min_length=p["min_length"])
+        return model.answer(pixels, questions, method="generate", num_beams=p["num_beams"],   # lengths count [DEC]
+                            max_new_tokens=p["max_length"] - 1, min_new_tokens=max(p["min_length"] - 1, 0))
     return model.answer(pixels, questions, prompt=p["prompt"], num_beams=p["num_beams"],
                         max_new_tokens=p["max_new_tokens"], beam_length_convention="total")
 

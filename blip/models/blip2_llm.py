@@ -5,7 +5,7 @@
 - :class:`InstructBlipLanguageModel`: instruction-aware Q-Former: the instruction tokens (BERT ids) go through the
   Q-Former together with the queries (bidirectional), so the Q-Former keeps word embeddings and the text FFN.
 
-Tensor API (pinned): ``forward(pixel_values, input_ids, attention_mask).logits`` and ``generate(pixel_values,
+Tensor API: ``forward(pixel_values, input_ids, attention_mask).logits`` and ``generate(pixel_values,
 input_ids, ...)`` where ``input_ids`` are LLM tokenizer ids **without image placeholders**: the queries are
 prepended inside, always (there is no path on which an image reaches the LLM without its queries).
 String API (:class:`blip.models.blip2_llm_strings.LanguageInterface`): ``caption``, ``answer``, ``chat``.
@@ -23,16 +23,15 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..dtypes import to_dtype
 from ..generation import GenerationConfig, generate
+from ..nn.vit import VisionTransformer
 from .blip2 import LLM_ARCHS, Blip2LLMConfig
 from .blip2_llm_strings import LanguageInterface
 from .frozen_llm import (CausalStep, LLMSource, Seq2SeqStep, align_padding, causal_logits, load_llm, seq2seq_encode,
                          seq2seq_logits)
-from ..nn.vit import VisionTransformer
 from .qformer import FrozenImageEncoder, QFormer, QFormerConfig
 
-DTYPES = {None: None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-          torch.float32: torch.float32, torch.bfloat16: torch.bfloat16, torch.float16: torch.float16}
 LLM_TASKS = ("stage2", "instruct")
 
 
@@ -57,7 +56,7 @@ class Blip2LanguageModel(LanguageInterface, nn.Module):
         if llm is None and cfg.llm is None:
             raise ValueError("this architecture needs its language model: pass llm=<HF model directory>")
         self.config = cfg
-        frozen_dtype = DTYPES[cfg.frozen_dtype]
+        frozen_dtype = to_dtype(cfg.frozen_dtype)
         self.image_encoder = FrozenImageEncoder(cfg.vision, ln_eps=cfg.ln_vision_eps, freeze=True)
         self.qformer = QFormer(cfg.qformer)
         self.llm = llm if llm is not None else load_llm(cfg.llm, frozen_dtype, cfg.llm_overrides)
@@ -69,7 +68,7 @@ class Blip2LanguageModel(LanguageInterface, nn.Module):
     def cast_frozen(self, dtype: str | torch.dtype) -> "Blip2LanguageModel":
         """Store the frozen ViT (Linear/Conv weights) and the LLM in ``dtype``; ln_vision, the Q-Former and llm_proj
         stay fp32. (``model.to(dtype)`` would cast everything, as HF's ``.to`` does.)"""
-        dtype = DTYPES[dtype]
+        dtype = to_dtype(dtype)
         self.image_encoder.cast_vit(dtype)
         self.llm.to(dtype)
         self.config.frozen_dtype = dtype

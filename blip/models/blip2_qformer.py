@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.special_ids import DEC_TOKEN_ID, PAD_TOKEN_ID, SEP_TOKEN_ID
+from ..dtypes import to_dtype
 from ..generation import GenerationConfig, generate
 from ..nn.attention import ConcatKVCache
 from ..nn.transformer import LMHead
@@ -28,8 +30,6 @@ from ..nn.vit import VisionConfig, VisionTransformer
 from .qformer import EVA_VIT_G, FrozenImageEncoder, QFormer, QFormerConfig
 from .strings import Images, MatchResult, cached, image_batch
 
-DEC_TOKEN_ID, SEP_TOKEN_ID, PAD_TOKEN_ID = 30522, 102, 0
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -95,8 +95,8 @@ class Blip2Qformer(nn.Module):
             raise ValueError("Blip2Qformer needs a stage-1 Q-Former: word embeddings, text FFN, query FFN, "
                              "cross-attention on queries only")
         self.image_encoder = FrozenImageEncoder(cfg.vision, cfg.ln_vision_eps, cfg.freeze_vit)
-        if DTYPES[cfg.vit_dtype] != torch.float32:
-            self.image_encoder.cast_vit(DTYPES[cfg.vit_dtype])
+        if to_dtype(cfg.vit_dtype) != torch.float32:
+            self.image_encoder.cast_vit(to_dtype(cfg.vit_dtype))
         self.qformer = QFormer(cfg.qformer)
         self.lm_head = LMHead(text, self.qformer.transformer.embeddings.word)
         self.vision_proj = nn.Linear(text.hidden_size, cfg.embed_dim)
@@ -271,10 +271,9 @@ class Blip2Qformer(nn.Module):
     def match(self, images: Images, texts: str | list[str], max_length: int = 35) -> MatchResult:
         """Every image against every text, each [images, texts]: ITM probability (ITM head averaged over the query
         outputs) and ITC cosine (max over queries). Texts keep [CLS] (LAVIS's Q-Former encoder convention)."""
-        from ..data.tokenizer import tokenize
+        from ..data.tokenizer import tokenize_to
         pixels = self.pixel_values(images)
-        tokens = tokenize(self.tokenizer, [texts] if isinstance(texts, str) else list(texts), max_length)
-        ids, mask = tokens["input_ids"].to(pixels.device), tokens["attention_mask"].to(pixels.device)
+        ids, mask = tokenize_to(self.tokenizer, texts, max_length, pixels.device)
         vit = self.image_features(pixels)
         bi, bt = vit.shape[0], ids.shape[0]
         logits = self.itm_logits_from_features(vit.repeat_interleave(bt, 0), ids.repeat(bi, 1), mask.repeat(bi, 1))

@@ -32,7 +32,8 @@ from torch import Tensor, nn
 
 from ..nn.transformer import TextTransformer
 from .blip_core import BlipConfig, BlipModel, build_vit
-from .blip_strings import ImageLike, _StringAPI
+from .blip_strings import _StringAPI
+from .strings import Images
 
 NUM_CLASSES = 2   # NLVR2 labels: 0 = "False", 1 = "True"
 
@@ -76,8 +77,7 @@ class BlipNLVR(_StringAPI, BlipModel):
         return NLVROutput(self.logits_from_embeds(image_embeds, input_ids, attention_mask), image_embeds)
 
     @torch.no_grad()
-    def predict(self, images_left: ImageLike | Sequence[ImageLike] | Tensor,
-                images_right: ImageLike | Sequence[ImageLike] | Tensor, texts: str | Sequence[str]) -> list[bool]:
+    def predict(self, images_left: Images, images_right: Images, texts: str | Sequence[str]) -> list[bool]:
         """Whether each sentence holds for its (left, right) image pair; one pair may serve every sentence. Images:
         paths, PIL images or preprocessed [B, 3, S, S] pixels."""
         texts = [texts] if isinstance(texts, str) else list(texts)

@@ -48,11 +48,9 @@ class _StringAPI:
 
     def _tokens(self, texts: Sequence[str], first_token: int | None, max_length: int = 35,
                 allow_empty: bool = False) -> tuple[Tensor, Tensor]:
-        from ..data.tokenizer import tokenize, with_first_token
-        enc = tokenize(self.tokenizer, texts, max_length=max_length, allow_empty=allow_empty)
-        ids = enc["input_ids"] if first_token is None else with_first_token(enc["input_ids"], first_token)
-        device = next(self.parameters()).device
-        return ids.to(device), enc["attention_mask"].to(device)
+        from ..data.tokenizer import tokenize_to
+        return tokenize_to(self.tokenizer, texts, max_length, next(self.parameters()).device, first_token=first_token,
+                           allow_empty=allow_empty)
 
 
 class CaptionStrings(_StringAPI):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.tokenizer import DEC_TOKEN_ID, PAD_TOKEN_ID, get_tokenizer, tokenize, with_first_token
+from ..data.tokenizer import DEC_TOKEN_ID, PAD_TOKEN_ID, get_tokenizer, tokenize_to, with_first_token
 from ..losses import (all_gather_with_grad, concat_all_gather, itc_loss, itm_loss, lm_loss, rank,
                       sample_hard_negatives)
 from ..models.blip2_qformer import Blip2Qformer, query_similarity
@@ -68,8 +68,7 @@ class Blip2Stage1Objective(nn.Module):
 
     def tokenize(self, texts: list[str], device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
         """[CLS] text [SEP] padded to ``max_txt_len`` (LAVIS "max_length" padding) -> (ids, mask), each [B, T]."""
-        tokens = tokenize(self.tokenizer, texts, self.max_txt_len, padding="max_length")
-        return tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+        return tokenize_to(self.tokenizer, texts, self.max_txt_len, device, padding="max_length")
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         ids, mask = self.tokenize(batch["text"], batch["pixel_values"].device)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.text import answer_weights
-from ..data.tokenizer import DEC_TOKEN_ID, ENC_TOKEN_ID, PAD_TOKEN_ID, get_tokenizer, tokenize, with_first_token
+from ..data.tokenizer import DEC_TOKEN_ID, ENC_TOKEN_ID, PAD_TOKEN_ID, get_tokenizer, tokenize_to, with_first_token
 from ..losses import FeatureQueue, concat_all_gather, lm_loss
 from .momentum import MomentumDistillation, itm_hard_negatives, momentum_itc, ramped_alpha
 
@@ -45,9 +45,7 @@ class TaskObjective(nn.Module):
         return self._task_model
 
     def _tokens(self, texts: list[str], max_length: int, padding: str = "longest") -> tuple[Tensor, Tensor]:
-        tok = tokenize(self.tokenizer, texts, max_length, padding=padding)
-        device = next(self.parameters()).device
-        return tok["input_ids"].to(device), tok["attention_mask"].to(device)
+        return tokenize_to(self.tokenizer, texts, max_length, next(self.parameters()).device, padding=padding)
 
 
 class CaptionObjective(TaskObjective):

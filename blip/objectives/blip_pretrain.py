@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checkpoints import LoadReport, load_into
-from ..data.tokenizer import DEC_TOKEN_ID, ENC_TOKEN_ID, PAD_TOKEN_ID, get_tokenizer, tokenize, with_first_token
+from ..data.tokenizer import DEC_TOKEN_ID, ENC_TOKEN_ID, PAD_TOKEN_ID, get_tokenizer, tokenize_to, with_first_token
 from ..losses import FeatureQueue, lm_loss, rank
 from ..models.blip_core import TextDecoder
 from ..nn.transformer import TextTransformer
@@ -83,9 +83,7 @@ class BlipPretrain(MomentumDistillation, nn.Module):
 
     # ---- training -------------------------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
-        tok = tokenize(self.tokenizer, texts, self.max_txt_len, padding="max_length")
-        device = self.temp.device
-        return tok["input_ids"].to(device), tok["attention_mask"].to(device)
+        return tokenize_to(self.tokenizer, texts, self.max_txt_len, self.temp.device, padding="max_length")
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         pixel_values, image_ids = batch["pixel_values"], batch["image_ids"].to(self.temp.device)

@@ -15,7 +15,7 @@ from ..evaluation.retrieval import recall_at_k
 def retrieval_eval(model: nn.Module, batches: Iterable[dict], device: torch.device, max_length: int = 35) -> dict:
     """Image→text and text→image recall over held-out pairs; texts with identical captions count as equivalent.
 
-    Uses the pinned model API: `encode_image(pixel_values) -> [B, D]`, `encode_text(input_ids, attention_mask)
+    Uses the models' tensor API: `encode_image(pixel_values) -> [B, D]`, `encode_text(input_ids, attention_mask)
     -> [B, D]` (normalized) and `model.tokenizer`; a model whose image embedding is not one vector (BLIP-2: [B, Q, D])
     supplies `retrieval_similarity(image_feats, text_feats) -> [N_img, N_txt]`."""
     model.eval()
