@@ -33,7 +33,7 @@ def test_generation_settings_are_checked_through_the_models(models):
     with pytest.raises(ValueError, match="top_p must be in"):
         models["caption"].caption(pixels, do_sample=True, num_beams=1, top_p=0.0)
     with pytest.raises(ValueError, match=r"min_new_tokens \(11\) > max_new_tokens \(6\)"):
-        models["caption"].caption(pixels, max_length=10, min_length=15)   # BLIP lengths count the 4 prompt tokens
+        models["caption"].caption(pixels, max_new_tokens=6, min_new_tokens=11)
     with pytest.raises(ValueError, match="temperature must be a positive number"):
         models["caption"].generate(pixels, do_sample=True, temperature=0.0)
 
