@@ -247,7 +247,10 @@ def run(cfg: DictConfig) -> dict:
     reports = unimodal_init(model, cfg.model, cfg.data)
     if init is not None and stage1 is None:
         reports.append(init_from_checkpoint(model, init, cfg.get("init_from_min_fraction", 1.0)))
-    refuse_random_frozen(model, {k for r in reports for k in r.loaded}, cfg.model)
+    covered = {k for r in reports for k in r.loaded}
+    if stage1 is not None:   # what the hand-off loaded into the objective's model (a stage-1 run carries its ViT)
+        covered |= {f"model.{k}" for k in model.model.stage1_report.loaded}
+    refuse_random_frozen(model, covered, cfg.model)
     if init is None and cfg.model.task in BLIP_FINETUNE_TASKS:
         log.warning("%s/%s starts from random weights: set init_from=<run dir> to fine-tune pretrained weights",
                     cfg.model.arch, cfg.model.task)
