@@ -336,7 +336,8 @@ def export_hf(model: nn.Module, directory: str | Path) -> Path:
                BlipVQA: "BlipForQuestionAnswering"}
     name = classes.get(type(model))
     if name is None:
-        raise TypeError(f"no HF class for {type(model).__name__}; exportable: {[c.__name__ for c in classes]}")
+        raise CheckpointError(f"transformers has no class for {type(model).__name__} (exportable: "
+                              f"{[c.__name__ for c in classes]}): save it with blip's safetensors instead")
     cfg: BlipConfig = model.cfg
     if isinstance(model, BlipVQA) and cfg.text.hidden_size != cfg.vision.width:
         raise ValueError("HF BlipForQuestionAnswering needs vision width == text hidden size")
