@@ -148,7 +148,8 @@ def test_pixel_limit_skips_oversized_images_from_the_header(tmp_path, photos):
     with pytest.raises(ValueError, match="truncated"):
         load_image(png_header_only(100, 100), max_pixels=50_000_000)  # under the limit: decoded, and it is broken
     (photos / "big.png").write_bytes(png_header_only(9000, 9000))
-    ann = write_json(tmp_path / "a.json", [{"image": "big.png", "caption": "huge"}, {"image": "0.jpg", "caption": "ok"}])
+    ann = write_json(tmp_path / "a.json", [{"image": "big.png", "caption": "huge"},
+                                           {"image": "0.jpg", "caption": "ok"}])
     batches = list(stream([JsonSource(ann, photos)], batch_size=2, batches=1, max_image_pixels=50_000_000))
     assert batches[0]["text"] == ["ok", "ok"] and skipped(batches) == {"too_large": 2}
 

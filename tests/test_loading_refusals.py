@@ -47,7 +47,8 @@ def test_non_finite_weights_raise_unless_allowed(tmp_path, tiny_state):
     broken = state[key].clone()
     broken[0, 0] = float("nan")
     path = save(tmp_path, {**state, key: broken})
-    with pytest.raises(CheckpointError, match=rf"model\.pth: 1 weight tensors hold NaN or inf .*{key}.*allow_nonfinite"):
+    with pytest.raises(CheckpointError, match=rf"model\.pth: 1 weight tensors hold NaN or inf .*{key}.*"
+                                              "allow_nonfinite"):
         blip.load(path, arch="blip_tiny")
     loaded = blip.load(path, arch="blip_tiny", allow_nonfinite=True)
     assert torch.isnan(loaded.state_dict()[key][0, 0])

@@ -155,7 +155,8 @@ def config_from_state_dict(sd: StateDict, source: str = "<state dict>", heads_gi
                                   "the file is incomplete: re-download or re-export it")
     width, patch = sd[v + "cls_token"].shape[-1], sd[v + "patch_embed.proj.weight"].shape[-1]
     vision = VisionConfig(image_size=_checkpoint_image_size(sd), patch_size=patch, width=width,
-                          heads=max(width // 64, 1), depth=len(blocks[v]), mlp_dim=sd[v + "blocks.0.mlp.fc1.weight"].shape[0])
+                          heads=max(width // 64, 1), depth=len(blocks[v]),
+                          mlp_dim=sd[v + "blocks.0.mlp.fc1.weight"].shape[0])
     t = _towers(sd)[0]
     hidden = sd[t + "embeddings.word.weight"].shape[1]
     text = TextConfig(vocab_size=sd[t + "embeddings.word.weight"].shape[0], hidden_size=hidden,
