@@ -9,6 +9,7 @@ turns, e.g. ``"Question: what is it? Answer: a cat."``) is put in front of it wi
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
@@ -18,11 +19,6 @@ from torch import Tensor, nn
 DEFAULT_QUESTION = "What is this a picture of?"
 
 
-# (family, task) -> (num_beams, max_new_tokens, min_new_tokens): BLIP's caption (max_length 20 / min_length 5 with
-# the 4-token prompt) and VQA (max_length 10, counting [DEC]) defaults and the BLIP-2 Q-Former's LAVIS generate()
-# defaults. BLIP-2 LLM models bring their own (``caption_defaults()``), which the hosted predictor uses for answers too.
-DEFAULTS = {("blip", "caption"): (3, 16, 1), ("blip", "answer"): (3, 9, 0), ("qformer", "caption"): (3, 29, 9)}
-
 
 class UsageError(ValueError):
     """A request the loaded model or the given options cannot serve; the message says what to change."""
@@ -30,8 +26,8 @@ class UsageError(ValueError):
 
 @dataclass
 class Decoding:
-    """Decoding settings with one meaning for every family; None means the family's default (see ``DEFAULTS``; the
-    BLIP caption prompt is "a picture of ", BLIP-2 has none)."""
+    """Decoding settings with one meaning for every family; None means the model's own default (BLIP's caption prompt
+    "a picture of ", 3 beams, 16 new tokens; BLIP-2: the checkpoint's prompt, 5 beams, 30 new tokens)."""
     prompt: str | None = None
     num_beams: int | None = None
     max_new_tokens: int | None = None
@@ -129,18 +125,23 @@ class Predictor:
         return pixels.to(self.device, self.dtype, non_blocking=True)
 
     # ---- tasks --------------------------------------------------------------------------------------------------
+    def _defaults(self, task: str) -> dict:
+        """The model's own defaults for ``task``: BLIP-2 LLM models' ``caption_defaults()`` (the checkpoint's own; T5
+        min_length 1 counts the decoder start), used for answers too as the hosted predictor does; otherwise the
+        keyword defaults of the model's ``caption`` / ``answer`` (BLIP's and LAVIS's lengths)."""
+        if self.llm:
+            return {**self.model.caption_defaults(), "prompt": self.model.config.prompt if task == "caption" else None}
+        params = inspect.signature(getattr(self.model, task)).parameters
+        keys = ("num_beams", "max_new_tokens", "min_new_tokens", "prompt")
+        return {k: params[k].default if k in params else None for k in keys}
+
     def resolve(self, d: Decoding, task: str = "caption") -> Decoding:
-        """``d`` with the defaults of this family and task filled in (what the model will actually run)."""
-        if self.llm:   # the checkpoint's own defaults (T5: min_length 1 counts the decoder start), answers too
-            own = self.model.caption_defaults()
-            beams, most, least = own["num_beams"], own["max_new_tokens"], own["min_new_tokens"]
-            prompt = self.model.config.prompt if task == "caption" else None
-        else:
-            beams, most, least = DEFAULTS[self.family, task]
-            prompt = "a picture of " if self.family == "blip" and task == "caption" else None
-        return replace(d, prompt=d.prompt if d.prompt is not None else prompt,
-                       num_beams=1 if d.do_sample else (d.num_beams or beams), max_new_tokens=d.max_new_tokens or most,
-                       min_new_tokens=d.min_new_tokens if d.min_new_tokens is not None else least)
+        """``d`` with the model's defaults for ``task`` filled in (what the model will actually run)."""
+        own = self._defaults(task)
+        return replace(d, prompt=d.prompt if d.prompt is not None else own["prompt"],
+                       num_beams=1 if d.do_sample else (d.num_beams or own["num_beams"]),
+                       max_new_tokens=d.max_new_tokens or own["max_new_tokens"],
+                       min_new_tokens=d.min_new_tokens if d.min_new_tokens is not None else own["min_new_tokens"])
 
     def settings(self, d: Decoding, task: str = "caption") -> dict:
         """The effective settings, as recorded next to results."""
