@@ -106,8 +106,8 @@ class Predictor:
                 raise UsageError("a context (previous questions and answers) needs a BLIP-2 language model; BLIP VQA "
                                  "answers one question at a time")
             if decoding is not None and decoding.do_sample:
-                raise UsageError("BLIP VQA answers here with beam search (its sampling takes no per-image seed); sample "
-                                 "with a BLIP-2 language model")
+                raise UsageError("BLIP VQA answers here with beam search (its sampling takes no per-image seed); "
+                                 "sample with a BLIP-2 language model")
 
     def transform(self):
         """Decoded RGB PIL image -> float32 [3, S, S] at this model's resolution (the eval transform)."""
