@@ -16,7 +16,7 @@ def cocoevalcap_reference(gt_file, predictions_file, monkeypatch, image_ids=None
     from pycocoevalcap import eval as cocoeval
     from pycocotools.coco import COCO
 
-    from blip.evaluation.captioning import meteor
+    from blip.metrics.captioning import meteor
 
     class NoSpice:
         def compute_score(self, gts, res):
@@ -208,7 +208,7 @@ def test_retrieval_coco_itm_rerank_matches_a_brute_force_score_matrix(tmp_path, 
 
 
 def test_retrieval_flickr_blip2_and_itc_only(tmp_path, shared, one_thread):
-    from blip.evaluation.retrieval import recall_at_k
+    from blip.metrics.retrieval import recall_at_k
     from blip import create_model as create
     root = tmp_path / "data"
     write_retrieval(shared, root, "annotations/flickr30k_test.json", "flickr30k-images")

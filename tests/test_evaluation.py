@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from blip.evaluation.retrieval import recall_at_k, rerank_with_itm
-from blip.evaluation.vqa import answer_accuracy, normalize_answer, vqa_accuracy
+from blip.metrics.retrieval import recall_at_k, rerank_with_itm
+from blip.metrics.vqa import answer_accuracy, normalize_answer, vqa_accuracy
 
 
 def test_recall_hand_computed():
@@ -46,7 +46,7 @@ def test_vqa_normalisation_and_accuracy():
 
 
 def test_caption_metrics_perfect_and_imperfect(java):
-    from blip.evaluation.captioning import caption_metrics
+    from blip.metrics.captioning import caption_metrics
     refs = {1: ["a dog sitting on a bench"], 2: ["two red cars parked near the street"], 3: ["a cup of coffee"]}
     perfect = caption_metrics({k: v[0] for k, v in refs.items()}, refs)
     assert perfect["Bleu_4"] == pytest.approx(1.0, abs=1e-6) and perfect["ROUGE_L"] == pytest.approx(1.0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from blip.data.synthetic import parse_attributes
-from blip.evaluation.retrieval import recall_at_k as retrieval_recall
+from blip.metrics.retrieval import recall_at_k as retrieval_recall
 from blip.train.heldout import attribute_accuracy
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..data.eval_datasets import CaptionData, NLVRData, RetrievalData, VQAData
-from .retrieval import recall_at_k, rerank_with_itm
+from ..metrics.retrieval import recall_at_k, rerank_with_itm
 from .sharding import EvalContext, ListDataset, run_pass
 
 log = logging.getLogger("blip.evaluate")
@@ -84,7 +84,7 @@ def caption_images(model: nn.Module, family: str, p: Mapping, pixels: torch.Tens
 
 
 def run_captioning(model: nn.Module, data: CaptionData, task: Mapping, ctx: EvalContext) -> tuple[list, dict]:
-    from .captioning import caption_metrics, nocaps_metrics, require_java, spice_status
+    from ..metrics.captioning import caption_metrics, nocaps_metrics, require_java, spice_status
     family, p = protocol_for(task, model)
     items = list(zip(data.image_ids, data.images))
     if data.references is not None:  # before any decoding: what scoring will need
@@ -125,7 +125,7 @@ def answer_questions(model: nn.Module, family: str, p: Mapping, pixels: torch.Te
 
 
 def run_vqa(model: nn.Module, data: VQAData, task: Mapping, ctx: EvalContext) -> tuple[list, dict]:
-    from .vqa import exact_match_accuracy, lemmatizer, vqa_accuracy
+    from ..metrics.vqa import exact_match_accuracy, lemmatizer, vqa_accuracy
     family, p = protocol_for(task, model)
     items = list(zip(range(len(data.images)), data.images))
     lemmatize, why = lemmatizer(task.get("lemmatize", False)) if family != "blip" else (None, None)

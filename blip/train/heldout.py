@@ -8,7 +8,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from ..evaluation.retrieval import recall_at_k
+from ..metrics.retrieval import recall_at_k
 
 
 @torch.no_grad()
