@@ -38,6 +38,13 @@ def checkpoint_path(path: str | Path) -> Path:
     return found[-1]
 
 
+def read_run_weights(path: str | Path) -> tuple[Path, dict]:
+    """The newest checkpoint directory of a run directory (or a checkpoint directory itself) and the model weights in
+    its ``state.pt``: the one reader of a run's weights (:func:`load_run`, ``init_from``)."""
+    ckpt = checkpoint_path(path)
+    return ckpt, read_torch_file(ckpt / "state.pt")["model"]
+
+
 def build_model(model_cfg: DictConfig, **extra) -> nn.Module:
     """The training objective of ``(model.arch, model.task)`` from :data:`blip.registry.OBJECTIVES`; ``extra``:
     builder arguments that are not in the config (``qformer_from=`` for the stage-1 -> stage-2 hand-off)."""
@@ -85,7 +92,7 @@ def load_run(path: str | Path, task: str | None = None) -> nn.Module:
     if config is None:
         raise CheckpointError(f"{path}: not a training run directory (config.yaml + checkpoints/step_*/state.pt)")
     cfg = OmegaConf.load(config)
-    state = read_torch_file(ckpt / "state.pt")["model"]
+    ckpt, state = read_run_weights(ckpt)
     if cfg.model.task == "pretrain" and cfg.model.arch.startswith("blip_"):
         return _blip_task_from_pretraining(cfg, state, str(ckpt), task or "caption")
     objective = build_model(cfg.model)
@@ -94,8 +101,6 @@ def load_run(path: str | Path, task: str | None = None) -> nn.Module:
     except RuntimeError as e:
         raise CheckpointError(f"{ckpt}: does not fit the model its run's config.yaml builds ({cfg.model.arch}/"
                               f"{cfg.model.task}): {' '.join(str(e).split())[:600]}") from None
-    if task is not None and task == cfg.model.task:
-        return objective
     model = getattr(objective, "model", objective)
     if task is not None and task not in ("qformer", "stage2", cfg.model.task):
         raise CheckpointError(f"{path}: a {cfg.model.arch}/{cfg.model.task} run gives a {type(model).__name__}, not "

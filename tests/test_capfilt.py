@@ -189,6 +189,7 @@ def test_script_smoke(tmp_path):
 
 def test_load_task_model_from_a_training_run(tmp_path):
     from blip.capfilt import load_task_model
+    from blip.checkpoints import CheckpointError
     from blip.objectives.blip_finetune import CaptionObjective
 
     cap, _ = models()
@@ -196,11 +197,18 @@ def test_load_task_model_from_a_training_run(tmp_path):
     step = tmp_path / "run" / "checkpoints" / "step_00000010"
     step.mkdir(parents=True)
     torch.save({"model": objective.state_dict(), "trainer": {}}, step / "state.pt")
-    (tmp_path / "run" / "config.yaml").write_text("model:\n  arch: blip_tiny\n  image_size: 32\n")
+    (tmp_path / "run" / "config.yaml").write_text(
+        "model:\n  arch: blip_tiny\n  task: caption\n  image_size: 32\n  overrides:\n    image_size: 32\n")
     loaded = load_task_model(tmp_path / "run", "blip_base", "caption")    # arch / size from the run's config
     assert loaded.cfg.image_size == 32
     for (name, a), (_, b) in zip(cap.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
+    # the same strict policy as blip.load(<run dir>): a checkpoint missing a tensor is refused by name
+    state = objective.state_dict()
+    del state["visual_encoder.cls_token"]
+    torch.save({"model": state, "trainer": {}}, step / "state.pt")
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_task_model(tmp_path / "run", "blip_base", "caption")
 
 
 def test_every_input_is_in_the_index_or_the_skip_list(reference):

@@ -402,29 +402,13 @@ def record_settings(out: Path, settings: dict) -> None:
 
 def load_task_model(source: str | Path | None, arch: str, task: str, image_size: int | None = None) -> nn.Module:
     """The captioner / filter: ``source`` None (random ``arch``: smoke tests), a training run of this project (a run
-    directory or one of its ``checkpoints/step_*`` dirs: its ``state.pt`` model weights are loaded by key name, arch and
-    image size from the run's ``config.yaml``), or anything :func:`blip.load` reads."""
+    directory or one of its ``checkpoints/step_*`` dirs: rebuilt from the run's ``config.yaml`` and loaded strictly by
+    :func:`blip.runs.load_run`), or anything else :func:`blip.load` reads."""
     import blip
-    from omegaconf import OmegaConf
-
-    from ..checkpoints import read_torch_file
-    from ..objectives.blip_pretrain import load_pretrain_weights
 
     if source is None:
         return blip.create_model(arch, task, **({"image_size": image_size} if image_size else {}))
-    path = Path(source)
-    if path.is_dir() and ((path / "state.pt").exists() or (path / "checkpoints").is_dir()):
-        from ..runs import checkpoint_path
-        ckpt = checkpoint_path(path)
-        config = next((d / "config.yaml" for d in (ckpt, ckpt.parent.parent) if (d / "config.yaml").exists()), None)
-        if config is not None:
-            run_cfg = OmegaConf.load(config)
-            arch, image_size = run_cfg.model.arch, image_size or run_cfg.model.get("image_size")
-        model = blip.create_model(arch, task, **({"image_size": image_size} if image_size else {}))
-        state = read_torch_file(ckpt / "state.pt")["model"]
-        log.info(load_pretrain_weights(model, state, str(ckpt)).summary())
-        return model
-    return blip.load(path, arch=arch, task=task)
+    return blip.load(source, arch=arch, task=task)
 
 
 def merge_outputs(out_dir: str | Path, num_units: int, config: dict | None = None) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from blip.checkpoints import CheckpointError, LoadReport, StateDict, fold_names, read_state_dict, read_torch_file
+from blip.checkpoints import CheckpointError, LoadReport, StateDict, fold_names, read_state_dict
 from blip.convert.unimodal import init_unimodal, sync_momentum
 from blip.nn.vit import resize_pos_embed
 
@@ -61,14 +61,12 @@ def refuse_random_frozen(model: nn.Module, covered: set[str], model_cfg: DictCon
 # ---- init_from ---------------------------------------------------------------------------------------------
 def read_init_source(path: str | Path) -> tuple[Path, StateDict]:
     """A run dir (its newest checkpoint), a checkpoint dir (``state.pt``) or a weights file / HF directory."""
-    from blip.runs import checkpoint_path
-
     from blip.convert.unimodal import resolve_source
+    from blip.runs import read_run_weights
 
     p = resolve_source(path, "init_from")
     if p.is_dir() and not (p / "config.json").exists():
-        ckpt = checkpoint_path(p)
-        return ckpt, read_torch_file(ckpt / "state.pt")["model"]
+        return read_run_weights(p)
     return p, read_state_dict(p)
 
 
