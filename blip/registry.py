@@ -20,6 +20,7 @@ from torch import nn
 from .models.blip import ARCHS as BLIP_ARCHS
 from .models.blip import TASKS as BLIP_TASKS
 from .models.blip2 import LLM_ARCHS, QFORMER_ARCHS
+from .models.blip2_qformer import Blip2QformerConfig
 
 Builder = Callable[..., nn.Module]
 LLM_TASKS = ("stage2", "instruct")
@@ -87,6 +88,16 @@ OBJECTIVES: dict[tuple[str, str], Builder] = {
     **{(arch, "stage1"): _blip2_stage1 for arch in QFORMER_ARCHS},
     **{(arch, task): _blip2_stage2 for arch in LLM_ARCHS for task in LLM_TASKS},
 }
+
+
+def register_qformer_arch(arch: str, cfg: Blip2QformerConfig) -> None:
+    """Add a BLIP-2 Q-Former arch of other sizes: its ``qformer`` model, ``stage1`` objective, and its widths for
+    the loaders that tell a file's arch from them (e.g. the sizes of a small test checkpoint)."""
+    if arch in QFORMER_ARCHS and QFORMER_ARCHS[arch] != cfg:
+        raise ValueError(f"arch {arch!r} already exists with other sizes")
+    QFORMER_ARCHS[arch] = cfg
+    MODELS[arch, "qformer"] = _blip2_qformer
+    OBJECTIVES[arch, "stage1"] = _blip2_stage1
 
 
 def family(arch: str) -> str:

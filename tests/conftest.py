@@ -4,9 +4,22 @@ from pathlib import Path
 import pytest
 import torch
 
+from blip.models.blip2 import TINY_VISION
+from blip.models.blip2_qformer import Blip2QformerConfig
+from blip.models.qformer import QFormerConfig, qformer_config
+from blip.registry import register_qformer_arch
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 MISSING = (f"{SHARED} is missing: the tests need the shared assets and fixtures (LAVIS outputs, BERT vocabulary, "
            "photos) checked out as ../shared beside the repository")
+
+# The sizes of the LAVIS stage-1 test checkpoint (fixtures/lavis: blip2_qformer) as an arch of their own, so the
+# parity tests load it like a released file (its arch told from its widths).
+LAVIS_TINY_QFORMER = "blip2_lavis_tiny_qformer"
+register_qformer_arch(LAVIS_TINY_QFORMER, Blip2QformerConfig(
+    vision=TINY_VISION,
+    qformer=QFormerConfig(qformer_config(48, hidden_size=16, num_heads=2, num_layers=4, intermediate_size=64), 8),
+    embed_dim=24))
 
 
 def shared_dir() -> Path:

@@ -179,3 +179,16 @@ def test_tiny_stage1_weights_cover_the_tiny_stage2_qformer():
     stage2 = {k: v for k, v in blip.create_model("blip2_tiny_opt", "stage2").state_dict().items()
               if k.startswith(("qformer.", "image_encoder."))}
     assert stage2 and all(k in stage1 and stage1[k].shape == v.shape for k, v in stage2.items())
+
+
+def test_archs_are_told_from_their_widths_and_a_registered_arch_cannot_change_size():
+    from blip.registry import register_qformer_arch
+    assert blip2.qformer_arch_of_widths(768, 1408) == "blip2_vitg_qformer"
+    assert blip2.qformer_arch_of_widths(768, 1024) == "blip2_vitL_qformer"
+    assert blip2.qformer_arch_of_widths(16, 48) == "blip2_lavis_tiny_qformer"   # registered by the conftest
+    assert blip2.qformer_arch_of_widths(20, 48) is None
+    assert blip2.llm_arch_of_sizes("opt", 32, 48) == "blip2_tiny_opt"
+    assert blip2.llm_arch_of_sizes("t5", 32, 40) == "blip2_tiny_t5"
+    assert blip2.llm_arch_of_sizes("opt", 32, 2560) is None   # released sizes: the LAVIS converter's table
+    with pytest.raises(ValueError, match="already exists"):
+        register_qformer_arch("blip2_vitg_qformer", blip2.QFORMER_ARCHS["blip2_tiny_qformer"])

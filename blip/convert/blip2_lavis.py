@@ -32,15 +32,12 @@ from torch import nn
 
 from ..checkpoints import CheckpointError, StateDict, load_into, ours_to_bert
 from ..models import blip2_llm
-from ..models.blip2 import LLM_ARCHS, qformer_arch_config
+from ..models.blip2 import LLM_ARCHS, llm_arch_of_sizes, qformer_arch_config, qformer_arch_of_widths
 from ..models.blip2_qformer import Blip2Qformer
 from .blip2_parts import (LAVIS_ALWAYS_UNUSED, add_vision_weights, lavis_lm_head_to_ours, lavis_qformer_to_ours,
                           lavis_vision_to_ours, load_parts, vision_for_grid)
 
 LAVIS_HEADS = ("vision_proj.", "text_proj.", "itm_head.")
-# (Q-Former width, image feature width) -> arch
-ARCH_BY_WIDTH = {(768, 1408): "blip2_vitg_qformer", (768, 1024): "blip2_vitL_qformer", (32, 48): "blip2_tiny_qformer",
-                 (16, 48): "blip2_lavis_tiny_qformer"}
 
 
 def guess_qformer_arch(sd: StateDict) -> str:
@@ -48,10 +45,11 @@ def guess_qformer_arch(sd: StateDict) -> str:
     if "query_tokens" not in sd or "ln_vision.weight" not in sd:
         raise CheckpointError("not a LAVIS BLIP-2 stage-1 checkpoint: no query_tokens / ln_vision.weight")
     key = (sd["query_tokens"].shape[-1], sd["ln_vision.weight"].shape[0])
-    if key not in ARCH_BY_WIDTH:
+    arch = qformer_arch_of_widths(*key)
+    if arch is None:
         raise CheckpointError(f"cannot tell the arch of a Q-Former of width {key[0]} on image features of width "
                               f"{key[1]}; pass arch=")
-    return ARCH_BY_WIDTH[key]
+    return arch
 
 
 def lavis_stage1_to_ours(sd: StateDict) -> tuple[StateDict, set[str]]:
@@ -147,16 +145,21 @@ def _llm_name(sd: StateDict) -> str:
     raise CheckpointError("not a LAVIS BLIP-2 LLM checkpoint: no opt_proj / t5_proj / llm_proj keys")
 
 
+def lavis_llm_task(sd: StateDict) -> str:
+    """"instruct" for InstructBLIP files (their Q-Former reads the instruction: word embeddings), else "stage2"."""
+    return "instruct" if "Qformer.bert.embeddings.word_embeddings.weight" in sd else "stage2"
+
+
 def guess_llm_arch(sd: StateDict) -> tuple[str, str]:
     """(arch, task) of a LAVIS LLM checkpoint from its key names and shapes."""
-    name = _llm_name(sd)
-    instruct = "Qformer.bert.embeddings.word_embeddings.weight" in sd
-    task = "instruct" if instruct else "stage2"
-    q = sd.get("query_tokens")
+    name, task = _llm_name(sd), lavis_llm_task(sd)
+    instruct = task == "instruct"
     proj = sd.get(f"{name}_proj.weight")
-    if q is not None and q.shape[-1] != 768:
-        return {"opt": "blip2_tiny_opt", "t5": "blip2_tiny_t5", "llm": "blip2_tiny_llama"}[name], task
     out = proj.shape[0] if proj is not None else None
+    if proj is not None:   # an arch that carries its LLM's sizes
+        sized = llm_arch_of_sizes({"llm": "llama"}.get(name, name), proj.shape[1], out)
+        if sized is not None:
+            return sized, task
     table = {("opt", 2560): "blip2_vitg_opt2.7b", ("opt", 4096): "blip2_vitg_opt6.7b",
              ("t5", 2048): "instructblip_flant5xl" if instruct else "blip2_vitg_flant5xl",
              ("t5", 4096): "blip2_vitg_flant5xxl", ("llm", 4096): "instructblip_vicuna7b"}
@@ -189,8 +192,7 @@ def load_lavis_llm(sd: StateDict, source: str, arch: str | None = None, task: st
     vision_weights: the frozen EVA file (``eva_vit_g.pth``) when the file has no ``visual_encoder.*`` keys.
     overrides: :class:`blip.models.blip2.Blip2LLMConfig` fields (e.g. ``frozen_dtype="bf16"``).
     """
-    guessed_arch, guessed_task = guess_llm_arch(sd)
-    arch, task = arch or guessed_arch, task or guessed_task
+    arch, task = arch or guess_llm_arch(sd)[0], task or lavis_llm_task(sd)
     name = _llm_name(sd)
     llm_keys = [k for k in sd if k.startswith(f"{name}_model.")]
     has_llm = any(k[len(name) + 7:] not in LLM_TIED_ALIASES for k in llm_keys)

@@ -10,13 +10,12 @@ from torch import nn
 
 from ..checkpoints import CheckpointError, StateDict, load_into, safetensors_metadata, write_safetensors
 from ..dtypes import dtype_name
-from ..models.blip2 import Blip2LLMConfig, qformer_arch_config
+from ..models.blip2 import Blip2LLMConfig, qformer_arch_config, qformer_arch_of_widths
 from ..models.blip2_llm import Blip2LanguageModel, build, create
 from ..models.blip2_qformer import Blip2Qformer, Blip2QformerConfig
 from ..models.qformer import QFormerConfig
 from ..nn.transformer import TextConfig
 from ..nn.vit import VisionConfig
-from .blip2_lavis import ARCH_BY_WIDTH
 from .blip2_parts import load_parts
 
 QFORMER_PARTS = ("image_encoder", "qformer", "lm_head", "vision_proj", "text_proj", "itm_head", "temp")
@@ -96,9 +95,10 @@ def load_ours(sd: StateDict, source: str, arch: str | None = None, task: str | N
         cfg = dataclasses.replace(qformer_config_from_dict(saved), **overrides)
     else:
         key = (sd["qformer.query_tokens"].shape[-1], sd["image_encoder.ln_vision.weight"].shape[0])
-        if arch is None and key not in ARCH_BY_WIDTH:
+        arch = arch or qformer_arch_of_widths(*key)
+        if arch is None:
             raise CheckpointError(f"{source}: cannot tell the arch of a Q-Former of width {key[0]}; pass arch=")
-        cfg = qformer_arch_config(arch or ARCH_BY_WIDTH[key], **overrides)
+        cfg = qformer_arch_config(arch, **overrides)
     model = Blip2Qformer(cfg)
     model.has_lm_head = meta.get("blip_has_lm_head", "True") == "True"
     report = load_into(model, sd, source)

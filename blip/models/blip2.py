@@ -34,12 +34,14 @@ QFORMER_ARCHS: dict[str, Blip2QformerConfig] = {
         vision=TINY_VISION,
         qformer=QFormerConfig(qformer_config(48, hidden_size=32, num_heads=4, num_layers=4, intermediate_size=128), 8),
         embed_dim=24),
-    # the sizes of the LAVIS test fixture (blip2_qformer): parity tests
-    "blip2_lavis_tiny_qformer": Blip2QformerConfig(
-        vision=TINY_VISION,
-        qformer=QFormerConfig(qformer_config(48, hidden_size=16, num_heads=2, num_layers=4, intermediate_size=64), 8),
-        embed_dim=24),
 }
+
+
+def qformer_arch_of_widths(query_width: int, image_width: int) -> str | None:
+    """The Q-Former arch whose query tokens and image features have these widths; None when none (or several) do."""
+    found = [arch for arch, cfg in QFORMER_ARCHS.items()
+             if (cfg.qformer.text.hidden_size, cfg.vision.width) == (query_width, image_width)]
+    return found[0] if len(found) == 1 else None
 
 
 def qformer_arch_config(arch: str, **overrides) -> Blip2QformerConfig:
@@ -98,3 +100,15 @@ LLM_ARCHS: dict[str, Blip2LLMConfig] = {
     "blip2_tiny_t5": Blip2LLMConfig(TINY_VISION, _tiny_llm_qformer(), llm=TINY_T5, llm_overrides=_T5_GELU),
     "blip2_tiny_llama": Blip2LLMConfig(TINY_VISION, _tiny_llm_qformer(), llm=TINY_LLAMA),
 }
+
+
+def llm_arch_of_sizes(model_type: str, query_width: int, llm_width: int) -> str | None:
+    """The LLM arch that carries its LLM config (not an HF directory) with this model type, Q-Former width and LLM
+    width; None when none (or several) do. Archs of released sizes are told apart by their converters."""
+    def sizes(cfg: Blip2LLMConfig) -> tuple:
+        llm_width = cfg.llm.get("hidden_size", cfg.llm.get("d_model"))
+        return cfg.llm["model_type"], cfg.qformer.text.hidden_size, llm_width
+
+    found = [arch for arch, cfg in LLM_ARCHS.items()
+             if isinstance(cfg.llm, dict) and sizes(cfg) == (model_type, query_width, llm_width)]
+    return found[0] if len(found) == 1 else None
