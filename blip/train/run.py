@@ -223,6 +223,52 @@ def broadcast_str(value: str, info: DistInfo) -> str:
     return box[0]
 
 
+def initialised_model(cfg: DictConfig, run_dir: Path, resume_from: Path | None, sources, info: DistInfo) -> nn.Module:
+    """The training objective with its starting weights: unimodal files, ``init_from`` (BLIP-2 stage 2: the strict
+    stage-1 hand-off), the refusal of a random frozen tower, and stage 2's LLM warm-up (not on resume: a checkpoint
+    holds the warm LLM)."""
+    init = init_source(str(cfg.init_from), cfg, run_dir) if cfg.get("init_from") else None
+    # BLIP-2 stage 2 starts from a stage-1 run through the one strict hand-off (blip.convert.blip2.init_from_stage1)
+    stage1 = stage1_file(init) if init is not None and cfg.model.task in LLM_TASKS else None
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model, qformer_from=stage1)
+    reports = unimodal_init(model, cfg.model, cfg.data)
+    if init is not None and stage1 is None:
+        reports.append(init_from_checkpoint(model, init, cfg.get("init_from_min_fraction", 1.0)))
+    covered = {k for r in reports for k in r.loaded}
+    if stage1 is not None:   # what the hand-off loaded into the objective's model (a stage-1 run carries its ViT)
+        covered |= {f"model.{k}" for k in model.model.stage1_report.loaded}
+    refuse_random_frozen(model, covered, cfg.model)
+    if init is None and cfg.model.task in BLIP_FINETUNE_TASKS:
+        log.warning("%s/%s starts from random weights: set init_from=<run dir> to fine-tune pretrained weights",
+                    cfg.model.arch, cfg.model.task)
+    if cfg.stage.id == 2 and cfg.trainer.get("llm_warmup_steps") and resume_from is None:
+        from blip.train.llm_warmup import warm_up_llm
+
+        warm_up_llm(model, sources, cfg.trainer, info)
+    return model
+
+
+def build_trainer(wrapped: nn.Module, cfg: DictConfig, info: DistInfo, policy: PrecisionPolicy, data,
+                  run_dir: Path) -> Trainer:
+    """The optimizer, the iteration schedule and the trainer around them, checkpointing into ``run_dir``."""
+    t = cfg.trainer
+    optimizer = build_optimizer(unwrap(wrapped), name=t.optimizer.name, lr=t.optimizer.lr,
+                                weight_decay=t.optimizer.weight_decay, betas=tuple(t.optimizer.betas),
+                                eps=t.optimizer.eps, layer_decay=t.optimizer.layer_decay)
+    trainer = Trainer(wrapped, optimizer, None, info=info, precision=policy, grad_accum=t.grad_accum,
+                      grad_clip=t.grad_clip, epochs=t.epochs, max_steps=t.max_steps, log_every=t.log_every,
+                      checkpoint_dir=run_dir / "checkpoints", checkpoint_every=t.checkpoint_every,
+                      keep_last=t.keep_last, fsdp=t.distributed.strategy == "fsdp",
+                      layout={"batch_size": int(t.batch_size)})
+    trainer.schedule = IterationSchedule(optimizer, name=t.schedule.name, lr=t.optimizer.lr,
+                                         total_steps=trainer.total_steps(data.batches_per_epoch),
+                                         steps_per_epoch=data.batches_per_epoch // t.grad_accum,
+                                         warmup_steps=t.schedule.warmup_steps, warmup_lr=t.schedule.warmup_lr,
+                                         min_lr=t.schedule.min_lr, decay_rate=t.schedule.decay_rate)
+    return trainer
+
+
 def run(cfg: DictConfig) -> dict:
     t = cfg.trainer
     owns_group = not torch.distributed.is_initialized()
@@ -239,65 +285,44 @@ def run(cfg: DictConfig) -> dict:
 
     sources, weights, eval_source = build_sources(cfg.data)  # every rank: the cache write is atomic
     benchmark = benchmark_data(cfg)  # fine-tuning: the task's benchmark files, checked before any training
-    init = init_source(str(cfg.init_from), cfg, run_dir) if cfg.get("init_from") else None
-    # BLIP-2 stage 2 starts from a stage-1 run through the one strict hand-off (blip.convert.blip2.init_from_stage1)
-    stage1 = stage1_file(init) if init is not None and cfg.model.task in LLM_TASKS else None
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model, qformer_from=stage1)
-    reports = unimodal_init(model, cfg.model, cfg.data)
-    if init is not None and stage1 is None:
-        reports.append(init_from_checkpoint(model, init, cfg.get("init_from_min_fraction", 1.0)))
-    covered = {k for r in reports for k in r.loaded}
-    if stage1 is not None:   # what the hand-off loaded into the objective's model (a stage-1 run carries its ViT)
-        covered |= {f"model.{k}" for k in model.model.stage1_report.loaded}
-    refuse_random_frozen(model, covered, cfg.model)
-    if init is None and cfg.model.task in BLIP_FINETUNE_TASKS:
-        log.warning("%s/%s starts from random weights: set init_from=<run dir> to fine-tune pretrained weights",
-                    cfg.model.arch, cfg.model.task)
-    if cfg.stage.id == 2 and t.get("llm_warmup_steps") and resume_from is None:  # a checkpoint holds the warm LLM
-        from blip.train.llm_warmup import warm_up_llm
-
-        warm_up_llm(model, sources, t, info)
+    model = initialised_model(cfg, run_dir, resume_from, sources, info)
     torch.manual_seed(cfg.seed + info.rank)
 
     policy = PrecisionPolicy(t.precision, t.frozen_dtype, device_type=info.device.type)
     wrapped = prepare_model(model, cfg, info, policy)
     data = build_train_data(cfg, info, sources, weights)
-    optimizer = build_optimizer(unwrap(wrapped), name=t.optimizer.name, lr=t.optimizer.lr,
-                                weight_decay=t.optimizer.weight_decay, betas=tuple(t.optimizer.betas),
-                                eps=t.optimizer.eps, layer_decay=t.optimizer.layer_decay)
-    steps_per_epoch = data.batches_per_epoch // t.grad_accum
-    trainer = Trainer(wrapped, optimizer, None, info=info, precision=policy, grad_accum=t.grad_accum,
-                      grad_clip=t.grad_clip, epochs=t.epochs, max_steps=t.max_steps, log_every=t.log_every,
-                      checkpoint_dir=run_dir / "checkpoints", checkpoint_every=t.checkpoint_every,
-                      keep_last=t.keep_last, fsdp=t.distributed.strategy == "fsdp",
-                      layout={"batch_size": int(t.batch_size)})
-    total = trainer.total_steps(data.batches_per_epoch)
-    trainer.schedule = IterationSchedule(optimizer, name=t.schedule.name, lr=t.optimizer.lr, total_steps=total,
-                                         steps_per_epoch=steps_per_epoch, warmup_steps=t.schedule.warmup_steps,
-                                         warmup_lr=t.schedule.warmup_lr, min_lr=t.schedule.min_lr,
-                                         decay_rate=t.schedule.decay_rate)
+    trainer = build_trainer(wrapped, cfg, info, policy, data, run_dir)
     if resume_from is not None:
         trainer.load_state_dict(load_checkpoint(resume_from, info))
         log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, trainer.state.step,
                  trainer.state.epoch, trainer.state.batch)
+    total = trainer.total_steps(data.batches_per_epoch)
     n_train = sum(p.numel() for p in unwrap(wrapped).parameters() if p.requires_grad)
     log.info("%s: %d trainable parameters, %d steps (%d per epoch), %d rank(s), run dir %s", cfg.model.arch, n_train,
-             total, steps_per_epoch, info.world_size, run_dir)
+             total, data.batches_per_epoch // t.grad_accum, info.world_size, run_dir)
     trainer.logger = MetricLogger(run_dir, enabled=info.is_main, tensorboard=t.tensorboard, total_steps=total,
                                   initial_step=trainer.state.step, progress_bar=t.progress_bar)
     history = trainer.fit(data)
     trainer.logger.close()
-    train_seconds = time.perf_counter() - started
-
     results = {"steps": trainer.state.step, "samples": trainer.state.samples, "skipped": trainer.state.skipped,
-               "train_seconds": round(train_seconds, 1)}
+               "train_seconds": round(time.perf_counter() - started, 1)}
+    evaluate_and_report(results, wrapped, cfg, info, benchmark, eval_source, history, run_dir, started)
+    barrier(info)
+    if owns_group and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # after the barrier: a peer vanishing mid-teardown aborts gloo
+    return results
+
+
+def evaluate_and_report(results: dict, wrapped: nn.Module, cfg: DictConfig, info: DistInfo, benchmark, eval_source,
+                        history, run_dir: Path, started: float) -> None:
+    """After training: the fine-tuning benchmark or the held-out evaluation into ``results``; rank 0 writes the loss
+    curve and ``results.json`` and prints the summary."""
     eval_model = unwrap(wrapped)
     held_out = eval_source is not None or benchmark is not None
-    if t.distributed.strategy == "fsdp" and info.distributed and cfg.eval.enabled and held_out:
+    if cfg.trainer.distributed.strategy == "fsdp" and info.distributed and cfg.eval.enabled and held_out:
         eval_model = unsharded_copy(wrapped, cfg, info)  # sharded weights are only whole inside forward
     if benchmark is not None:
-        results["eval"] = evaluate_after_training(eval_model, cfg, benchmark, run_dir, info, trainer.state.step)
+        results["eval"] = evaluate_after_training(eval_model, cfg, benchmark, run_dir, info, results["steps"])
     if info.is_main:
         write_loss_curve(history, run_dir)
         fine_tuning = cfg.model.task in BLIP_FINETUNE_TASKS  # evaluated on their benchmark
@@ -306,10 +331,6 @@ def run(cfg: DictConfig) -> dict:
         results["total_seconds"] = round(time.perf_counter() - started, 1)
         (run_dir / "results.json").write_text(json.dumps(results, indent=1))
         print_summary(results, run_dir)
-    barrier(info)
-    if owns_group and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # after the barrier: a peer vanishing mid-teardown aborts gloo
-    return results
 
 
 def unsharded_copy(model: nn.Module, cfg: DictConfig, info: DistInfo) -> nn.Module | None:
