@@ -37,8 +37,7 @@ def beam_step(st: DecodeState, cfg: GenerationConfig) -> Tensor:
     """One vectorised beam-search step (HF semantics, see module docstring); once stopped the state is frozen.
 
     Returns the cache reorder index [N] (source row of every new running beam)."""
-    nb, eos, lp = cfg.num_beams, cfg.eos_token_id, cfg.length_penalty
-    legacy = cfg.beam_length_convention == "total"
+    nb, eos = cfg.num_beams, cfg.eos_token_id
     n, max_len = st.seqs.shape
     b, k, cur, dev = n // nb, 2 * nb, st.cur, st.seqs.device
     running = st.seqs.view(b, nb, max_len)
@@ -60,40 +59,9 @@ def beam_step(st: DecodeState, cfg: GenerationConfig) -> Tensor:
     running_scores = stop_masked.gather(1, keep)
     beam_src = cand_beam.gather(1, keep)
 
-    # finished hypotheses: a top-`nb` candidate that emitted eos (or reached the length limit)
-    top_rank = torch.arange(k, device=dev)[None, :] < nb
-    if legacy:  # HF 4.2x: the hypothesis is stored without its eos; length counts the prompt
-        length = torch.where(is_eos, cur, cur + 1)
-        norm = length.float() ** lp
-        # at the length limit HF 4.2x "finalize" adds every running beam (the best non-eos candidates)
-        new_done = (is_eos & top_rank) | (_first_n(~is_eos, nb) & last_step)
-    else:
-        length = (cur + 1).expand_as(cand_tok)
-        norm = _pow(cur + 1 - st.prompt_len, lp)
-        new_done = hits & top_rank
-    final_scores = cand_scores / norm
-    final_scores = final_scores + (~st.improvable).float() * NEG + (~new_done).float() * NEG
-    if cfg.early_stopping:
-        final_scores = final_scores + st.done_flag.all(-1, keepdim=True).float() * NEG
-    merged_scores = torch.cat([st.done_scores, final_scores], dim=1)
-    best = merged_scores.topk(nb, dim=-1).indices
-    done_seqs = torch.cat([st.done_seqs, cand_seqs], 1).gather(1, best[:, :, None].expand(b, nb, max_len))
-    done_scores = merged_scores.gather(1, best)
-    done_flag = torch.cat([st.done_flag, new_done], 1).gather(1, best)
-    done_len = torch.cat([st.done_len, length], 1).gather(1, best)
-
-    # can a running beam still beat the worst finished one?
-    if legacy:
-        best_possible = cand_scores.max(-1, keepdim=True).values / _pow(cur, lp)
-    else:
-        best_possible = running_scores[:, :1] / _pow(cur + 1 - st.prompt_len, lp)
-    worst_done = torch.where(done_flag, done_scores.min(-1, keepdim=True).values, torch.full_like(done_scores, NEG))
-    if legacy:
-        # HF 4.2x: a batch is done once it holds `nb` hypotheses and none can improve
-        improvable = st.improvable & ~(done_flag.all(-1, keepdim=True) &
-                                       (cfg.early_stopping | (worst_done[:, :1] >= best_possible)))
-    else:
-        improvable = st.improvable & (best_possible > worst_done).any(-1, keepdim=True)
+    done_seqs, done_scores, done_flag, done_len = _merge_finished(st, cfg, cand_seqs, cand_scores, is_eos, hits,
+                                                                  last_step)
+    improvable = _still_improvable(st, cfg, cand_scores, running_scores, done_scores, done_flag)
     go_on = improvable.any() & ~(done_flag.all() & cfg.early_stopping) & ~hits.all() & ~last_step
 
     frozen = st.stopped.clone()  # stopped earlier: this step changes nothing (the eager loop had left)
@@ -104,6 +72,50 @@ def beam_step(st: DecodeState, cfg: GenerationConfig) -> Tensor:
     st.stopped.logical_or_(~go_on)
     st.cur.add_(1)
     return (beam_src + torch.arange(b, device=dev)[:, None] * nb).view(-1)
+
+
+def _merge_finished(st: DecodeState, cfg: GenerationConfig, cand_seqs: Tensor, cand_scores: Tensor, is_eos: Tensor,
+                    hits: Tensor, last_step: bool | Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The ``nb`` best finished hypotheses [B, nb] (seqs [B, nb, T], scores, flags, lengths) after adding this step's
+    top-``nb`` candidates [B, 2 nb] that emitted eos (or reached the length limit)."""
+    nb, lp, cur = cfg.num_beams, cfg.length_penalty, st.cur
+    b, k, max_len = cand_seqs.shape
+    top_rank = torch.arange(k, device=cand_seqs.device)[None, :] < nb
+    if cfg.beam_length_convention == "total":  # HF 4.2x: stored without its eos; length counts the prompt
+        length = torch.where(is_eos, cur, cur + 1)
+        norm = length.float() ** lp
+        # at the length limit HF 4.2x "finalize" adds every running beam (the best non-eos candidates)
+        new_done = (is_eos & top_rank) | (_first_n(~is_eos, nb) & last_step)
+    else:
+        length = (cur + 1).expand_as(is_eos)
+        norm = _pow(cur + 1 - st.prompt_len, lp)
+        new_done = hits & top_rank
+    final_scores = cand_scores / norm
+    final_scores = final_scores + (~st.improvable).float() * NEG + (~new_done).float() * NEG
+    if cfg.early_stopping:
+        final_scores = final_scores + st.done_flag.all(-1, keepdim=True).float() * NEG
+    merged_scores = torch.cat([st.done_scores, final_scores], dim=1)
+    best = merged_scores.topk(nb, dim=-1).indices
+    done_seqs = torch.cat([st.done_seqs, cand_seqs], 1).gather(1, best[:, :, None].expand(b, nb, max_len))
+    done_flag = torch.cat([st.done_flag, new_done], 1).gather(1, best)
+    done_len = torch.cat([st.done_len, length], 1).gather(1, best)
+    return done_seqs, merged_scores.gather(1, best), done_flag, done_len
+
+
+def _still_improvable(st: DecodeState, cfg: GenerationConfig, cand_scores: Tensor, running_scores: Tensor,
+                      done_scores: Tensor, done_flag: Tensor) -> Tensor:
+    """[B, 1]: can a running beam of the example still beat its worst finished hypothesis?"""
+    lp, cur = cfg.length_penalty, st.cur
+    if cfg.beam_length_convention == "total":
+        best_possible = cand_scores.max(-1, keepdim=True).values / _pow(cur, lp)
+    else:
+        best_possible = running_scores[:, :1] / _pow(cur + 1 - st.prompt_len, lp)
+    worst_done = torch.where(done_flag, done_scores.min(-1, keepdim=True).values, torch.full_like(done_scores, NEG))
+    if cfg.beam_length_convention == "total":
+        # HF 4.2x: a batch is done once it holds `nb` hypotheses and none can improve
+        return st.improvable & ~(done_flag.all(-1, keepdim=True) &
+                                 (cfg.early_stopping | (worst_done[:, :1] >= best_possible)))
+    return st.improvable & (best_possible > worst_done).any(-1, keepdim=True)
 
 
 def beam_output(st: DecodeState, cfg: GenerationConfig) -> Tensor:
