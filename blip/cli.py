@@ -252,6 +252,52 @@ def _decoding_options(p: argparse.ArgumentParser, prompt: bool = True, seed: boo
                        "whatever the batching)")
 
 
+def _add_caption_dir(sub) -> None:
+    """``blip caption-dir``: a folder, file list or shards -> JSONL (resumable)."""
+    p = _model_options(sub.add_parser("caption-dir", help="caption a folder, file list or shards into JSONL"),
+                       json_output=False)
+    p.add_argument("src", help="folder, text file of image paths, or local shards ('shards/{000..009}.tar')")
+    p.add_argument("--out", required=True, help="output JSONL (re-running the same command resumes)")
+    p.add_argument("--errors", default=None, help="unreadable images (default: OUT.errors.jsonl)")
+    p.add_argument("--question", default=None, help="answer this question about every image instead (VQA)")
+    p.add_argument("--chunk-size", type=_int_at_least(1), default=1024, help="images per write to the output")
+    p.add_argument("--workers", type=_int_at_least(0), default=min(4, os.cpu_count() or 1),
+                   help="data-loader processes decoding images")
+    p.add_argument("--no-progress", action="store_true")
+    _decoding_options(p)
+    p.set_defaults(func=cmd_caption_dir)
+
+
+def _add_serve(sub) -> None:
+    """``blip serve``: the HTTP server and its batching and limits."""
+    p = _model_options(sub.add_parser("serve", help="HTTP server: /predictions (hosted schema), /caption, /answer, "
+                                      "/match, /health"), json_output=False)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond this get 503")
+    p.add_argument("--timeout-s", type=float, default=60.0, help="per-request timeout (504 after it)")
+    p.add_argument("--max-image-mb", type=float, default=20.0, help="larger uploads get 413")
+    _decoding_options(p, seed=False)   # the defaults for requests that leave them out
+    p.set_defaults(func=cmd_serve)
+
+
+def _add_convert(sub) -> None:
+    """``blip convert``: a checkpoint -> HF layout or blip safetensors."""
+    p = sub.add_parser("convert", help="convert a checkpoint to HF layout or blip safetensors")
+    p.add_argument("source")
+    p.add_argument("output")
+    p.add_argument("--to", choices=("hf", "safetensors"), default="hf")
+    p.add_argument("--arch", default=None)
+    p.add_argument("--task", default=None)
+    p.add_argument("--llm", default=None, help="HF directory of the language model (BLIP-2 files without LLM weights)")
+    p.add_argument("--vision-weights", default=None,
+                   help="the frozen ViT file, e.g. eva_vit_g.pth (BLIP-2 files saved without it)")
+    p.add_argument("--image-token-id", type=int, default=None,
+                   help="HF layout of BLIP-2 LLM models: the LLM vocabulary id that marks the image queries")
+    p.set_defaults(func=cmd_convert)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="blip", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -274,42 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("texts", nargs="+")
     p.set_defaults(func=cmd_match)
 
-    p = _model_options(sub.add_parser("caption-dir", help="caption a folder, file list or shards into JSONL"),
-                       json_output=False)
-    p.add_argument("src", help="folder, text file of image paths, or local shards ('shards/{000..009}.tar')")
-    p.add_argument("--out", required=True, help="output JSONL (re-running the same command resumes)")
-    p.add_argument("--errors", default=None, help="unreadable images (default: OUT.errors.jsonl)")
-    p.add_argument("--question", default=None, help="answer this question about every image instead (VQA)")
-    p.add_argument("--chunk-size", type=_int_at_least(1), default=1024, help="images per write to the output")
-    p.add_argument("--workers", type=_int_at_least(0), default=min(4, os.cpu_count() or 1),
-                   help="data-loader processes decoding images")
-    p.add_argument("--no-progress", action="store_true")
-    _decoding_options(p)
-    p.set_defaults(func=cmd_caption_dir)
-
-    p = _model_options(sub.add_parser("serve", help="HTTP server: /predictions (hosted schema), /caption, /answer, "
-                                      "/match, /health"), json_output=False)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
-    p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond this get 503")
-    p.add_argument("--timeout-s", type=float, default=60.0, help="per-request timeout (504 after it)")
-    p.add_argument("--max-image-mb", type=float, default=20.0, help="larger uploads get 413")
-    _decoding_options(p, seed=False)   # the defaults for requests that leave them out
-    p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser("convert", help="convert a checkpoint to HF layout or blip safetensors")
-    p.add_argument("source")
-    p.add_argument("output")
-    p.add_argument("--to", choices=("hf", "safetensors"), default="hf")
-    p.add_argument("--arch", default=None)
-    p.add_argument("--task", default=None)
-    p.add_argument("--llm", default=None, help="HF directory of the language model (BLIP-2 files without LLM weights)")
-    p.add_argument("--vision-weights", default=None,
-                   help="the frozen ViT file, e.g. eva_vit_g.pth (BLIP-2 files saved without it)")
-    p.add_argument("--image-token-id", type=int, default=None,
-                   help="HF layout of BLIP-2 LLM models: the LLM vocabulary id that marks the image queries")
-    p.set_defaults(func=cmd_convert)
+    _add_caption_dir(sub)
+    _add_serve(sub)
+    _add_convert(sub)
 
     p = sub.add_parser("models", help="list architectures, tasks and named checkpoints")
     p.add_argument("--json", action="store_true")
