@@ -4,6 +4,7 @@ a failing metrics sink, a data error on one rank of two, same-name runs started 
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
 import signal
@@ -127,6 +128,8 @@ def _rank_worker(rank: int, init_file: str, out_dir: str) -> None:
     except Exception as e:  # noqa: BLE001 - the outcome is the test's subject
         outcome = f"{type(e).__name__}: {e}"
     Path(out_dir, f"rank{rank}.txt").write_text(outcome)
+    gc.collect()  # the DDP reducer, kept alive by the traceback's frames, must go before its process group
+    dist.barrier()  # both ranks done before teardown: gloo aborts if a peer vanishes mid-teardown
     dist.destroy_process_group()
 
 
