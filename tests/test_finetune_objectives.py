@@ -26,7 +26,7 @@ def tiny(task):
 def test_caption_prompt_and_padding_masked():
     obj = CaptionObjective(tiny("caption"))
     seen = []
-    obj.text_decoder.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    obj.text_decoder.transformer.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
     out = obj({"pixel_values": PIX, "text": ["a dog", "two red cars"], "image_ids": torch.tensor([0, 1])})
     # bert-base-uncased ids: a 1037, picture 3861, of 1997, dog 3899, two 2048, red 2417, cars 3765, [SEP] 102
     want_ids = [[DEC_TOKEN_ID, 1037, 3861, 1997, 1037, 3899, 102, 0],

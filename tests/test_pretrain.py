@@ -68,7 +68,7 @@ def test_forward_terms_and_gradients_absent_from_momentum_copies():
 def test_token_conventions():
     m = make()
     seen = {"dec": [], "enc": []}
-    m.text_decoder.register_forward_pre_hook(lambda mod, args: seen["dec"].append(args[0]))
+    m.text_decoder.transformer.register_forward_pre_hook(lambda mod, args: seen["dec"].append(args[0]))
     m.text_encoder.register_forward_pre_hook(lambda mod, args: seen["enc"].append(args[0]))
     m(batch())
     assert len(seen["dec"]) == 1 and (seen["dec"][0][:, 0] == DEC_TOKEN_ID).all()

@@ -185,7 +185,13 @@ class Blip2Qformer(nn.Module):
     # ---- image-grounded text generation --------------------------------------------------------------------
     def lm_logits(self, vit_embeds: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None,
                   query_cache: ConcatKVCache | None = None) -> Tensor:
-        """ITG logits [B, T, vocab]: text (``[DEC]`` first) attends to the queries and to earlier text.
+        """ITG logits [B, T, vocab]: ``lm_head`` over :meth:`lm_hidden` (same arguments)."""
+        return self.lm_head(self.lm_hidden(vit_embeds, input_ids, attention_mask, query_cache))
+
+    def lm_hidden(self, vit_embeds: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None,
+                  query_cache: ConcatKVCache | None = None) -> Tensor:
+        """ITG text states [B, T, D] before the LM head: text (``[DEC]`` first) attends to the queries and to
+        earlier text. Training applies the head to target positions only (:func:`blip.losses.lm_loss_from_hidden`).
 
         query_cache: a cache holding exactly the query pass's self-attention K/V (training reuses the ITC pass);
         without one the query pass runs here. The text K/V are appended to it.
@@ -199,9 +205,8 @@ class Blip2Qformer(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         mask = torch.cat([attention_mask.new_ones(input_ids.shape[0], self.num_queries), attention_mask], dim=1)
-        hidden = self.qformer.transformer(input_ids, attention_mask=mask, causal=True, prefix_length=self.num_queries,
-                                          cache=query_cache)
-        return self.lm_head(hidden)
+        return self.qformer.transformer(input_ids, attention_mask=mask, causal=True, prefix_length=self.num_queries,
+                                        cache=query_cache)
 
     def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None
                 ) -> Blip2QformerOutput:

@@ -81,13 +81,18 @@ class TextDecoder(nn.Module):
         self.transformer = TextTransformer(cfg)
         self.lm_head = LMHead(cfg, self.transformer.embeddings.word)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
-                encoder_hidden_states: Tensor | None = None, encoder_attention_mask: Tensor | None = None,
-                cross_kv: list | None = None, beam_group: int = 1) -> Tensor:
-        h = self.transformer(input_ids, attention_mask=attention_mask, causal=True,
-                             encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
-                             cross_kv=cross_kv, beam_group=beam_group)
-        return self.lm_head(h)
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+                      encoder_hidden_states: Tensor | None = None, encoder_attention_mask: Tensor | None = None,
+                      cross_kv: list | None = None, beam_group: int = 1) -> Tensor:
+        """The last layer's states [B, T, D] before the LM head (training applies the head to target positions only,
+        see :func:`blip.losses.lm_loss_from_hidden`)."""
+        return self.transformer(input_ids, attention_mask=attention_mask, causal=True,
+                                encoder_hidden_states=encoder_hidden_states,
+                                encoder_attention_mask=encoder_attention_mask, cross_kv=cross_kv, beam_group=beam_group)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
+        """As :meth:`hidden_states` (same keyword arguments) -> logits [B, T, vocab]."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, **kwargs))
 
 
 class DecoderStep:

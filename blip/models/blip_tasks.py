@@ -28,9 +28,15 @@ class BlipCaption(CaptionStrings, BlipModel):
 
     def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> BlipOutput:
         """pixel_values [B, 3, H, W], input_ids [B, T] (``[DEC] ...``) -> BlipOutput(logits [B, T, vocab])."""
+        hidden, image_embeds = self.decoder_states(pixel_values, input_ids, attention_mask)
+        return BlipOutput(logits=self.text_decoder.lm_head(hidden), image_embeds=image_embeds)
+
+    def decoder_states(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None
+                       ) -> tuple[Tensor, Tensor]:
+        """As :meth:`forward` before the LM head -> (decoder states [B, T, D], image_embeds [B, 1+N, W])."""
         image_embeds = self.visual_encoder(pixel_values)
-        logits = self.text_decoder(input_ids, attention_mask, encoder_hidden_states=image_embeds)
-        return BlipOutput(logits=logits, image_embeds=image_embeds)
+        return self.text_decoder.hidden_states(input_ids, attention_mask, encoder_hidden_states=image_embeds), \
+            image_embeds
 
     @torch.no_grad()
     def generate(self, pixel_values: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.tokenizer import DEC_TOKEN_ID, PAD_TOKEN_ID, get_tokenizer, tokenize_to, with_first_token
-from ..losses import (all_gather_with_grad, concat_all_gather, itc_loss, itm_loss, lm_loss, rank,
+from ..losses import (all_gather_with_grad, concat_all_gather, itc_loss, itm_loss, lm_loss_from_hidden, rank,
                       sample_hard_negatives)
 from ..models.blip2_qformer import Blip2Qformer, query_similarity
 from ..nn.attention import ConcatKVCache
@@ -107,8 +107,8 @@ class Blip2Stage1Objective(nn.Module):
         # ITG reusing the query K/V of the ITC pass
         dec_ids = with_first_token(input_ids, DEC_TOKEN_ID)
         labels = dec_ids.masked_fill(dec_ids == PAD_TOKEN_ID, -100)
-        logits = m.lm_logits(vit, dec_ids, attention_mask, query_cache=cache)
-        loss_lm = lm_loss(logits, labels, label_smoothing=self.label_smoothing)
+        hidden = m.lm_hidden(vit, dec_ids, attention_mask, query_cache=cache)
+        loss_lm = lm_loss_from_hidden(hidden, m.lm_head, labels, label_smoothing=self.label_smoothing)
         return {"loss": loss_itc + loss_itm + loss_lm, "loss_itc": loss_itc, "loss_itm": loss_itm,
                 "loss_lm": loss_lm}
 

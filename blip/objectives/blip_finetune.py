@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..data.text import answer_weights
 from ..data.tokenizer import DEC_TOKEN_ID, ENC_TOKEN_ID, PAD_TOKEN_ID, get_tokenizer, tokenize_to, with_first_token
-from ..losses import FeatureQueue, concat_all_gather, lm_loss
+from ..losses import FeatureQueue, concat_all_gather, lm_loss_from_hidden
 from .momentum import MomentumDistillation, itm_hard_negatives, momentum_itc, ramped_alpha
 
 
@@ -65,8 +65,8 @@ class CaptionObjective(TaskObjective):
         ids = with_first_token(ids, DEC_TOKEN_ID)
         labels = ids.masked_fill(ids == PAD_TOKEN_ID, -100)
         labels[:, :self.prompt_length] = -100
-        logits = self.model(batch["pixel_values"], ids, mask).logits
-        loss = lm_loss(logits, labels, self.label_smoothing)
+        hidden, _ = self.model.decoder_states(batch["pixel_values"], ids, mask)
+        loss = lm_loss_from_hidden(hidden, self.text_decoder.lm_head, labels, self.label_smoothing)
         return {"loss": loss, "loss_lm": loss}
 
 
@@ -141,10 +141,12 @@ class VQAObjective(TaskObjective):
         states = self.text_encoder(with_first_token(q_ids, ENC_TOKEN_ID), attention_mask=q_mask,
                                    encoder_hidden_states=image_embeds)
         per_answer = torch.tensor(counts, device=device)
-        logits = self.text_decoder(a_ids, a_mask, encoder_hidden_states=states.repeat_interleave(per_answer, 0),
-                                   encoder_attention_mask=q_mask.repeat_interleave(per_answer, 0))
-        seq_loss = lm_loss(logits, a_ids.masked_fill(a_ids == PAD_TOKEN_ID, -100), self.label_smoothing,
-                           reduction="sum_per_sequence")
+        hidden = self.text_decoder.hidden_states(a_ids, a_mask,
+                                                 encoder_hidden_states=states.repeat_interleave(per_answer, 0),
+                                                 encoder_attention_mask=q_mask.repeat_interleave(per_answer, 0))
+        labels = a_ids.masked_fill(a_ids == PAD_TOKEN_ID, -100)
+        seq_loss = lm_loss_from_hidden(hidden, self.text_decoder.lm_head, labels, self.label_smoothing,
+                                       reduction="sum_per_sequence")
         w = torch.tensor([x for ws in weights for x in ws], device=device, dtype=seq_loss.dtype)
         loss = (w * seq_loss).sum() / len(counts)
         return {"loss": loss, "loss_vqa": loss}

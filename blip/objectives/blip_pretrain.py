@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..checkpoints import LoadReport, load_into
 from ..data.tokenizer import DEC_TOKEN_ID, ENC_TOKEN_ID, PAD_TOKEN_ID, get_tokenizer, tokenize_to, with_first_token
-from ..losses import FeatureQueue, lm_loss, rank
+from ..losses import FeatureQueue, lm_loss_from_hidden, rank
 from ..models.blip_core import TextDecoder
 from ..nn.transformer import TextTransformer
 from ..nn.vit import VisionTransformer
@@ -115,8 +115,9 @@ class BlipPretrain(MomentumDistillation, nn.Module):
                                       self.world_batch, self.negative_eps)
 
         dec_ids = with_first_token(input_ids, DEC_TOKEN_ID)
-        logits = self.text_decoder(dec_ids, attention_mask, encoder_hidden_states=image_embeds)
-        loss_lm = lm_loss(logits, dec_ids.masked_fill(dec_ids == PAD_TOKEN_ID, -100), self.label_smoothing)
+        labels = dec_ids.masked_fill(dec_ids == PAD_TOKEN_ID, -100)
+        hidden = self.text_decoder.hidden_states(dec_ids, attention_mask, encoder_hidden_states=image_embeds)
+        loss_lm = lm_loss_from_hidden(hidden, self.text_decoder.lm_head, labels, self.label_smoothing)
         return {"loss": loss_itc + loss_itm + loss_lm, "loss_itc": loss_itc, "loss_itm": loss_itm,
                 "loss_lm": loss_lm}
 
