@@ -427,7 +427,7 @@ def _assign(model: nn.Module, sd: StateDict) -> None:
     tensors = _named_tensors(model)
     for names in groups.values():  # assignment replaced one alias of a tied weight: point the others at it
         loaded = [n for n in names if n in sd]
-        for name in names if loaded else ():
+        for name in names if loaded and len(names) > 1 else ():
             _set_tensor(model, name, tensors[loaded[0]])
     _materialise_missing(model)
 
