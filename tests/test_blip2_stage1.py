@@ -59,6 +59,24 @@ def test_hard_negatives_are_never_positives():
     assert not torch.any(neg_image == torch.arange(6))
 
 
+def test_image_id_targets_switch_restores_lavis_itc_for_batches_with_ids():
+    """LAVIS's branch for batches with image ids, written out from its formula: pos = (ids == ids_all) / row sum,
+    loss = mean over rows of -sum(log_softmax(sim) * pos), the two directions averaged, no label smoothing."""
+    torch.manual_seed(0)
+    sim_i2t, sim_t2i = torch.randn(5, 5) * 3, torch.randn(5, 5) * 3
+    ids = torch.tensor([7, 7, 1, 4, 7])
+    pos = (ids[:, None] == ids[None, :]).float()
+    pos = pos / pos.sum(1, keepdim=True)
+    want = sum(-(torch.log_softmax(s, dim=1) * pos).sum(1).mean() for s in (sim_i2t, sim_t2i)) / 2
+    lavis = create("blip2_tiny_qformer", "stage1", objective={"image_id_targets": True})
+    assert torch.allclose(lavis.contrastive_loss(sim_i2t, sim_t2i, ids), want, atol=1e-6)
+    smoothed = sum(torch.nn.functional.cross_entropy(s, torch.arange(5), label_smoothing=0.1)
+                   for s in (sim_i2t, sim_t2i)) / 2       # the default: the diagonal with smoothing 0.1, ids or not
+    default = create("blip2_tiny_qformer", "stage1")
+    assert torch.allclose(default.contrastive_loss(sim_i2t, sim_t2i, ids), smoothed, atol=1e-6)
+    assert torch.allclose(lavis.contrastive_loss(sim_i2t, sim_t2i, None), smoothed, atol=1e-6)  # no ids: as LAVIS
+
+
 def test_gradients_reach_qformer_never_the_frozen_vit():
     torch.manual_seed(0)
     objective = create("blip2_tiny_qformer", "stage1").train()

@@ -96,9 +96,10 @@ def test_paper_recipes_are_the_config_values():
 
 def test_stage_defaults_and_command_line_overrides():
     one = resolved(compose_cfg(["stage=1"]))
-    assert (one["stage"]["id"], one["model"]["arch"], one["data"]["name"]) == (1, "blip_tiny", "synthetic")
+    assert (one["stage"]["id"], one["model"]["arch"], one["data"]["name"]) == (1, "blip2_tiny_qformer", "synthetic")
     two = resolved(compose_cfg(["stage=2"]))
     assert (two["stage"]["id"], two["model"]["arch"], two["model"]["task"]) == (2, "blip2_tiny_opt", "stage2")
+    assert two["init_from"] == f"latest:{one['name']}"   # the embedded stage 2 continues from the stage-1 default
     custom = resolved(compose_cfg(["stage=2", "model=blip2_vitg_opt2.7b", "trainer.optimizer.lr=2e-5",
                                    "trainer.grad_accum=4"]))
     assert custom["model"]["arch"] == "blip2_vitg_opt2.7b"  # the command line beats the stage's defaults
@@ -114,4 +115,4 @@ def test_the_script_composes_from_the_command_line():
                           "--cfg", "job"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     job = OmegaConf.create(out.stdout)
-    assert job.trainer.epochs == 7 and job.stage.id == 1 and job.model.arch == "blip_tiny"
+    assert job.trainer.epochs == 7 and job.stage.id == 1 and job.model.arch == "blip2_tiny_qformer"

@@ -77,7 +77,7 @@ def test_two_process_run_equals_one_process_with_the_same_global_batch(tmp_path,
 
 
 @pytest.mark.parametrize("args", [
-    ["stage=1", "trainer.grad_accum=2"],                                            # DDP, real BLIP objective
+    ["stage=1", "model=blip_tiny", "trainer.grad_accum=2"],                         # DDP, real BLIP objective
     ["stage=2", "trainer.distributed.strategy=fsdp", "trainer.llm_warmup_steps=2", "init_from=null"],  # FSDP2
 ])
 def test_the_script_under_torchrun_with_the_real_tiny_models(tmp_path, args):

@@ -189,7 +189,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def overrides(tmp_path: Path, run: str, *extra: str, keep_last: int = 5) -> list[str]:
-    return ["stage=1", f"run_dir={tmp_path}/out/test/{run}",
+    return ["stage=1", "model=blip_tiny", f"run_dir={tmp_path}/out/test/{run}",
             f"output_root={tmp_path}/out", "name=test", f"data.synthetic.cache_dir={tmp_path.parent}/cache",
             "data.synthetic.num_train=64", "data.synthetic.num_val=16", "data.synthetic.shard_size=32",
             "trainer.batch_size=8", "trainer.epochs=1", "trainer.checkpoint_every=3", f"trainer.keep_last={keep_last}",
@@ -304,7 +304,7 @@ def test_a_job_with_no_readable_sample_ends_with_a_named_error(tmp_path, kind):
         write_tar(tmp_path / "shard-0.tar", [{"__key__": f"{i:04d}", "jpg": html, "txt": b"a cat"} for i in range(64)])
         data = ["data=webdataset", f"data.datasets.0.urls={tmp_path}/shard-0.tar", "data.datasets.0.num_samples=64"]
         named = ["shard-0.tar", "HTML error page"]
-    args = ["stage=1", f"run_dir={tmp_path}/out/test/r", f"output_root={tmp_path}/out", "name=test", *data,
+    args = ["stage=1", "model=blip_tiny", f"run_dir={tmp_path}/out/test/r", f"output_root={tmp_path}/out", "name=test", *data,
             "data.num_workers=0", "data.shuffle_buffer=0", "trainer.batch_size=8", "trainer.progress_bar=false",
             "trainer.tensorboard=false", "trainer.threads=1", "eval.enabled=false"]
     with pytest.raises(DatasetError) as err:

@@ -27,7 +27,7 @@ def config(tmp_path: Path, run_name: str, overrides: list[str]):
 
 def test_run_writes_its_outputs_and_resume_latest_continues(tmp_path, monkeypatch):
     monkeypatch.setitem(registry.OBJECTIVES, ("blip_tiny", "pretrain"), build_tiny)   # the tiny stand-in model
-    stand_in = ["stage=1", "trainer.epochs=1", "trainer.checkpoint_every=5"]
+    stand_in = ["stage=1", "model=blip_tiny", "trainer.epochs=1", "trainer.checkpoint_every=5"]
     first = run(config(tmp_path / "a", "r1", stand_in))
     assert first["steps"] == 16 and first["samples"] == 256
     d = tmp_path / "a" / "outputs" / "test" / "r1"
@@ -41,7 +41,7 @@ def test_run_writes_its_outputs_and_resume_latest_continues(tmp_path, monkeypatc
     assert ev["num_images"] == 32 and 0 <= ev["i2t_r1"] <= 100
 
     # a longer run of the same name continues where the newest earlier run stopped, in that run's directory
-    more = run(config(tmp_path / "a", "r2", stand_in[:1] + ["trainer.epochs=2", "resume=latest"]))
+    more = run(config(tmp_path / "a", "r2", stand_in[:2] + ["trainer.epochs=2", "resume=latest"]))
     assert more["steps"] == 32 and more["samples"] == 512
     assert not (tmp_path / "a/outputs/test/r2").exists()
     steps = [json.loads(x)["step"] for x in (d / "metrics.jsonl").read_text().splitlines()]
@@ -50,7 +50,7 @@ def test_run_writes_its_outputs_and_resume_latest_continues(tmp_path, monkeypatc
 
 
 def test_real_blip_pretraining_model_runs(tmp_path):
-    out = run(config(tmp_path, "blip", ["stage=1", "trainer.max_steps=2", "model.objective.queue_size=64",
+    out = run(config(tmp_path, "blip", ["stage=1", "model=blip_tiny", "trainer.max_steps=2", "model.objective.queue_size=64",
                                         "trainer.activation_checkpointing=true"]))
     assert out["steps"] == 2 and "i2t_r1" in out["eval"]
 

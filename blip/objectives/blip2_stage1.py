@@ -9,6 +9,10 @@ As LAVIS ``Blip2Qformer.forward``:
 - ITG: ``[DEC]`` replaces [CLS]; the text attends to the query K/V cached by the ITC query pass (no second query
   pass), label smoothing 0.1.
 The loss is the plain sum. Texts are tokenized here, padded to ``max_txt_len`` ("max_length" padding as LAVIS).
+
+``image_id_targets=True`` restores LAVIS's branch for batches with image ids (its COCO / VG batches): ITC targets
+spread over every candidate of the same image, without label smoothing. By default the targets stay the diagonal with
+smoothing 0.1 for every batch, and image ids only keep same-image pairs out of the ITM negatives.
 """
 from __future__ import annotations
 
@@ -17,8 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.tokenizer import DEC_TOKEN_ID, PAD_TOKEN_ID, get_tokenizer, tokenize_to, with_first_token
-from ..losses import (all_gather_with_grad, concat_all_gather, itc_loss, itm_loss, lm_loss_from_hidden, rank,
-                      sample_hard_negatives)
+from ..losses import (all_gather_with_grad, concat_all_gather, itc_loss, itm_loss, lm_loss_from_hidden,
+                      positive_targets, rank, sample_hard_negatives)
 from ..models.blip2_qformer import Blip2Qformer, query_similarity
 from ..nn.attention import ConcatKVCache
 from ..nn.vit import VisionTransformer
@@ -33,13 +37,14 @@ class Blip2Stage1Objective(nn.Module):
     """
 
     def __init__(self, model: Blip2Qformer, tokenizer=None, max_txt_len: int | None = None,
-                 label_smoothing: float = 0.1, negative_eps: float = 1e-4):
+                 label_smoothing: float = 0.1, negative_eps: float = 1e-4, image_id_targets: bool = False):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else get_tokenizer("blip2_qformer")
         self.max_txt_len = max_txt_len or model.cfg.max_txt_len
         self.label_smoothing = label_smoothing
         self.negative_eps = negative_eps
+        self.image_id_targets = image_id_targets
 
     def group_matcher(self) -> dict[str, str]:
         """The model's layer groups, under this objective's ``model.`` prefix."""
@@ -88,8 +93,7 @@ class Blip2Stage1Objective(nn.Module):
         # ITC against the world batch
         sim_i2t = query_similarity(image_feats, concat_all_gather(text_feat)) / m.temp      # [B, W*B]
         sim_t2i = query_similarity(concat_all_gather(image_feats), text_feat).t() / m.temp  # [B, W*B]
-        targets = rank() * b + torch.arange(b, device=pixel_values.device)
-        loss_itc = itc_loss(sim_i2t, sim_t2i, targets, targets, label_smoothing=self.label_smoothing)
+        loss_itc = self.contrastive_loss(sim_i2t, sim_t2i, image_ids)
 
         # ITM with hard negatives from the world batch
         ids_world, mask_world = concat_all_gather(input_ids), concat_all_gather(attention_mask)
@@ -111,6 +115,16 @@ class Blip2Stage1Objective(nn.Module):
         loss_lm = lm_loss_from_hidden(hidden, m.lm_head, labels, label_smoothing=self.label_smoothing)
         return {"loss": loss_itc + loss_itm + loss_lm, "loss_itc": loss_itc, "loss_itm": loss_itm,
                 "loss_lm": loss_lm}
+
+    def contrastive_loss(self, sim_i2t: Tensor, sim_t2i: Tensor, image_ids: Tensor | None) -> Tensor:
+        """ITC from this rank's rows against the world batch (sim_*: [B, W*B], already / temp)."""
+        if self.image_id_targets and image_ids is not None:   # LAVIS with image ids: same-image soft targets
+            ids = image_ids.to(sim_i2t.device)
+            targets = positive_targets(ids, concat_all_gather(ids))
+            return itc_loss(sim_i2t, sim_t2i, targets, targets)
+        b = sim_i2t.shape[0]
+        targets = rank() * b + torch.arange(b, device=sim_i2t.device)
+        return itc_loss(sim_i2t, sim_t2i, targets, targets, label_smoothing=self.label_smoothing)
 
     @torch.no_grad()
     def hard_negatives(self, sim_i2t: Tensor, sim_t2i: Tensor, image_ids: Tensor | None = None
