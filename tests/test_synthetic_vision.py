@@ -26,3 +26,20 @@ def test_encoder_is_cached_and_loads_as_vision_init(tmp_path, one_thread):
     model = create("blip2_tiny_qformer", "qformer")
     report = init_vision(model, first)
     assert len(report.loaded) == len(model.image_encoder.visual_encoder.state_dict()) and not report.unused
+
+
+def test_encoder_weights_do_not_depend_on_the_callers_thread_count(tmp_path):
+    from safetensors.torch import load_file
+
+    before = torch.get_num_threads()
+    files = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            files.append(ensure_synthetic_vision_encoder(TINY_VISION, tmp_path / str(threads), steps=20,
+                                                         batch_size=32, num_images=64))
+            assert torch.get_num_threads() == threads   # the caller's setting is restored
+    finally:
+        torch.set_num_threads(before)
+    one, two = (load_file(f) for f in files)
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
