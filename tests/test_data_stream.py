@@ -161,3 +161,11 @@ def test_url_forms_and_pipe_reading(shards):
     assert all(v is not None for v in parse_attributes(samples[0]["text"]).values())
     val = list(eval_batches(WebDatasetSource(shards.val_urls, num_samples=40), image_transform(16), 16))
     assert [len(b["text"]) for b in val] == [16, 16, 8]
+
+
+def test_batched_keeps_order_and_a_short_last_batch():
+    from blip.data.datasets import batched
+
+    assert list(batched(range(7), 3)) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert list(batched(range(6), 3)) == [[0, 1, 2], [3, 4, 5]]
+    assert list(batched(iter(()), 3)) == []

@@ -47,7 +47,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..data.datasets import check_text, read_annotations
+from ..data.datasets import batched, check_text, read_annotations
 from ..data.images import ImageTooLargeError, load_image
 from ..data.skips import BadSample, DatasetError, SkipCounter
 from ..data.text import pre_caption
@@ -271,32 +271,19 @@ class CapFilt:
                   "num_samples": n, "skipped": skips, "records": records, "skipped_inputs": skipped_inputs}
         _atomic_write(out / "records" / f"{name}.json", json.dumps(commit, sort_keys=True).encode())
 
-    def _chunks(self, source: CapFiltInput, unit: int, skips: SkipCounter) -> Iterator[list[dict]]:
-        chunk: list[dict] = []
-        for raw in source.iter_unit(unit, skips):
-            chunk.append(raw)
-            if len(chunk) == self.cfg.chunk_size:
-                yield chunk
-                chunk = []
-        if chunk:
-            yield chunk
-
     def _batches(self, prepared: Iterator[dict], skips: SkipCounter, bar=None) -> Iterator[list[dict]]:
         """Decoded items in batches of ``batch_size``; undecodable images are counted, recorded and dropped."""
-        batch: list[dict] = []
-        for item in prepared:
-            if "reason" in item:
+        def decoded() -> Iterator[dict]:
+            for item in prepared:
+                if "reason" not in item:
+                    yield item
+                    continue
                 skips.add(item["reason"], item["detail"])
                 skips.records[-1]["key"] = item["key"]
                 if bar is not None:
                     bar.update(1)
-                continue
-            batch.append(item)
-            if len(batch) == self.cfg.batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+
+        return batched(decoded(), self.cfg.batch_size)
 
     def run_unit(self, source: CapFiltInput, unit: int, out: Path, pool: ThreadPoolExecutor, bar=None,
                  on_batch: Callable[[int, int, int], None] | None = None) -> None:
@@ -306,7 +293,7 @@ class CapFilt:
             return
         num_chunks = 0
         source_skips = SkipCounter(record=True)   # broken shard / missing fields, counted with the chunk being read
-        for chunk_index, raws in enumerate(self._chunks(source, unit, source_skips)):
+        for chunk_index, raws in enumerate(batched(source.iter_unit(unit, source_skips), self.cfg.chunk_size)):
             num_chunks += 1
             read_skips, read_records = source_skips.take(), source_skips.take_records()
             if (out / "records" / f"{unit:05d}-{chunk_index:04d}.json").exists():

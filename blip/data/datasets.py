@@ -15,7 +15,7 @@ so that the DataLoader's round robin hands out batch b first.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -257,20 +257,30 @@ class TrainData:
         return iter(loader)
 
 
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    """``items`` in lists of ``size``, the last one shorter (``itertools.batched`` from Python 3.12, as lists)."""
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def eval_batches(source: Source, transform: Callable, batch_size: int,
                  text_fn: Callable[[str], str] = _identity, max_image_pixels: int | None = None) -> Iterator[dict]:
     """Every readable sample of `source` once, in order, unaugmented (for held-out evaluation on rank 0)."""
     skips = SkipCounter()
-    samples = []
-    for unit in range(source.num_units):
-        for raw in source.iter_unit(unit, skips):
-            try:
-                samples.append(decode(raw, transform, text_fn, max_image_pixels))
-            except BadSample as bad:
-                skips.add(bad.reason, bad.detail)
-                continue
-            if len(samples) == batch_size:
-                yield collate_image_text(samples)
-                samples = []
-    if samples:
-        yield collate_image_text(samples)
+
+    def samples() -> Iterator[dict]:
+        for unit in range(source.num_units):
+            for raw in source.iter_unit(unit, skips):
+                try:
+                    yield decode(raw, transform, text_fn, max_image_pixels)
+                except BadSample as bad:
+                    skips.add(bad.reason, bad.detail)
+
+    for batch in batched(samples(), batch_size):
+        yield collate_image_text(batch)
