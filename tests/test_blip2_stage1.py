@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 import blip
 from blip import create_model as create
 from conftest import shared_dir
+from test_train_helpers import end_gloo_worker
 
 FIX = shared_dir() / "fixtures" / "lavis"
 DIR = FIX / "blip2_qformer"
@@ -129,8 +130,7 @@ def _rank_worker(rank: int, port: int, result_dir: str) -> None:
         if rank == 0:
             torch.save({"itc": itc / 2, "loss": losses["loss"]}, os.path.join(result_dir, "ddp.pt"))
     finally:
-        dist.barrier()  # all ranks done before teardown (gloo aborts otherwise)
-        dist.destroy_process_group()
+        end_gloo_worker()
 
 
 def test_itc_on_two_gloo_ranks_equals_itc_on_the_whole_batch(tmp_path):

@@ -12,6 +12,7 @@ from torch import nn
 from blip.losses import (FeatureQueue, all_gather_with_grad, concat_all_gather, hard_negative_weights, itc_loss, itm_loss,
                          lm_loss, momentum_soft_targets, positive_targets, sample_hard_negatives)
 from blip.objectives.momentum import ema_update
+from test_train_helpers import end_gloo_worker
 
 
 def log_softmax_row(row):
@@ -219,8 +220,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.all_gather(losses, loss.detach())
     torch.save({"losses": torch.stack(losses), "img_grad": grads[0], "txt_grad": grads[1], "weights": weights,
                 "queue": q.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()  # every rank done before teardown: gloo aborts if a peer vanishes mid-teardown
-    dist.destroy_process_group()
+    del loss, img, txt   # their autograd state goes with the group, not at interpreter exit
+    end_gloo_worker()
 
 
 @pytest.mark.timeout(120)

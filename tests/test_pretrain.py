@@ -15,6 +15,7 @@ from blip import create_model as create
 from blip.models.blip import ARCHS
 from blip.objectives.blip_pretrain import BlipPretrain
 from blip.objectives.momentum import momentum_itc, ramped_alpha
+from test_train_helpers import end_gloo_worker
 
 CFG = ARCHS["blip_tiny"].with_overrides(image_size=32)
 TEXTS = ["a dog on the grass", "a red car", "two cats sleeping on a sofa", "a bowl of soup"]
@@ -227,8 +228,7 @@ def _worker(rank, world, init_file, out_dir):
         g /= world
     torch.save({"itc": itc, "itm": itm, "grads": grads, "queue": m.queue.state_dict()},
                os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()  # all ranks done before teardown (gloo aborts otherwise)
-    dist.destroy_process_group()
+    end_gloo_worker()
 
 
 @pytest.mark.timeout(180)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_train_helpers import FixedBatches, TinyModel, random_batches, split_batch
+from test_train_helpers import FixedBatches, TinyModel, end_gloo_worker, random_batches, split_batch
 
 from blip.train.distributed import DistInfo, init_distributed, wrap_model
 from blip.train.loop import Trainer
@@ -45,8 +45,7 @@ def worker(rank: int, world: int, init_file: str, out: str, strategy: str) -> No
     if rank == 0:
         torch.save({"history": [h["loss"] for h in history], "grad_norm": [h["grad_norm"] for h in history],
                     "model": {k: v.detach().cpu() for k, v in state.items()}}, out)
-    dist.barrier()  # all ranks done before teardown (gloo aborts otherwise)
-    dist.destroy_process_group()
+    end_gloo_worker()
 
 
 def run_world(tmp_path: Path, strategy: str) -> dict:

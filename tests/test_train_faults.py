@@ -4,7 +4,6 @@ a failing metrics sink, a data error on one rank of two, same-name runs started 
 from __future__ import annotations
 
 import errno
-import gc
 import json
 import os
 import signal
@@ -113,6 +112,7 @@ def _rank_worker(rank: int, init_file: str, out_dir: str) -> None:
 
     from blip.data.skips import DatasetError
     from blip.train.distributed import init_distributed
+    from test_train_helpers import end_gloo_worker
 
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -128,9 +128,7 @@ def _rank_worker(rank: int, init_file: str, out_dir: str) -> None:
     except Exception as e:  # noqa: BLE001 - the outcome is the test's subject
         outcome = f"{type(e).__name__}: {e}"
     Path(out_dir, f"rank{rank}.txt").write_text(outcome)
-    gc.collect()  # the DDP reducer, kept alive by the traceback's frames, must go before its process group
-    dist.barrier()  # both ranks done before teardown: gloo aborts if a peer vanishes mid-teardown
-    dist.destroy_process_group()
+    end_gloo_worker()
 
 
 def test_a_data_error_on_one_rank_stops_every_rank(tmp_path):
