@@ -1,8 +1,9 @@
 """The nn core: ViT against timm, masks against hand-written ones, the KV cache against a full forward."""
+import pytest
 import timm
 import torch
 
-from blip.nn.attention import causal_mask
+from blip.nn.attention import attention, causal_mask, padding_mask
 from blip.nn.transformer import TextConfig, TextTransformer
 from blip.nn.vit import VisionConfig, VisionTransformer, resize_pos_embed
 
@@ -102,3 +103,20 @@ def test_qformer_query_prefix_cache_equals_joint_multimodal_causal_forward():
     q = model(query_embeds=queries, encoder_hidden_states=img, cache=cache)
     t = model(ids, attention_mask=torch.ones(2, 7), causal=True, prefix_length=3, cache=cache)
     torch.testing.assert_close(torch.cat([q, t], 1), joint, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("query_length", [1, 3, 4, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_short_query_path_equals_fused_sdpa(query_length, dtype):
+    """Decode-step shapes take the unfused CPU path; it must agree with torch's fused kernel (the reference) with a
+    padding mask, in fp32 to 1e-6 and in bf16 to bf16 precision."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, t, 8, generator=g).to(dtype) for t in (query_length, 9, 9))
+    mask = padding_mask(torch.tensor([[1] * 9, [1] * 6 + [0] * 3]), dtype)
+    expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask.float())
+    got = attention(q, k, v, mask)
+    assert got.dtype == dtype and got.shape == expected.shape
+    torch.testing.assert_close(got.float(), expected, **({} if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)))
+    # the padded row equals attention over its 6 tokens alone
+    torch.testing.assert_close(attention(q[1:], k[1:, :, :6], v[1:, :, :6]).float(), got[1:].float(),
+                               **({} if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)))

@@ -1,7 +1,8 @@
 """The one attention of the library: multi-head SDPA, additive masks, a preallocated KV cache.
 
 Every attention in blip (ViT, MED text encoder/decoder, Q-Former) goes through :func:`attention`,
-which calls ``torch.nn.functional.scaled_dot_product_attention``.
+which calls ``torch.nn.functional.scaled_dot_product_attention`` (on a CPU, decode steps' short queries take two
+matmuls and a softmax instead, which is faster there).
 """
 from __future__ import annotations
 
@@ -30,7 +31,23 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropo
     """
     if mask is not None and mask.dtype != q.dtype:
         mask = mask.to(q.dtype)
+    if q.device.type == "cpu" and q.shape[-2] <= SHORT_QUERY and not dropout_p:
+        return _short_query_attention(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+# Decode steps on a CPU (a query or a beam group of queries against up to a few hundred keys): two matmuls and a
+# softmax beat the fused SDPA kernel, 1.5x in fp32 and 5x in bf16 (batch 8, 12 heads, 577 image keys), while long
+# queries (ViT, training) are 3x faster fused.
+SHORT_QUERY = 4
+
+
+def _short_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """:func:`attention` unfused: scores and softmax in float32 (as the fused kernel accumulates), output in q's dtype."""
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2)).float()
+    if mask is not None:
+        scores = scores + mask
+    return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
 
 
 def grouped_cross_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, group: int,

@@ -226,8 +226,10 @@ class TextTransformer(nn.Module):
         self.grad_checkpointing = enable
 
     def cross_kv(self, encoder_hidden_states: Tensor) -> list[tuple[Tensor, Tensor] | None]:
-        """Project image features to every cross-attention layer's K/V once (reused across decode steps)."""
-        return [None if layer.cross_attn is None else layer.cross_attn.project_kv(encoder_hidden_states)
+        """Project image features to every cross-attention layer's K/V once (reused across decode steps), stored
+        contiguous: every step reads them, and a strided K/V makes CPU attention 1.3x (fp32) to 3x (bf16) slower."""
+        return [None if layer.cross_attn is None else
+                tuple(t.contiguous() for t in layer.cross_attn.project_kv(encoder_hidden_states))
                 for layer in self.layers]
 
     def new_cache(self, batch_size: int, max_length: int, device: torch.device | str | None = None,
