@@ -8,9 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .checkpoints import CheckpointError, read_hf_config_json, read_state_dict
+from .finite_weights import check_finite, check_finite_before_first_call
 from .registry import create_model, family, list_models
 
 __all__ = ["create_model", "list_models", "load"]
@@ -33,14 +34,21 @@ def load(source: str | Path, *, arch: str | None = None, task: str | None = None
     ``blip.zoo.PRETRAINED`` (the file must already be under ``$BLIP_HOME``: blip never downloads), or a run directory
     of ``scripts/train.py`` (rebuilt from its config.yaml; ``task`` picks the head of a BLIP pretraining run).
     llm: HF directory of the language model for BLIP-2 checkpoints that carry no LLM weights.
-    allow_nonfinite: load weights holding NaN / inf (by default a CheckpointError lists them).
+    allow_nonfinite: load weights holding NaN / inf (by default a CheckpointError lists them: at load, or where the
+        weights stay memory-mapped on a CPU, at the model's first call, which reads them anyway).
     compile: :func:`compile_model` — faster repeated calls (CUDA graphs on GPU) after a warm-up per input shape.
     """
     model = _load(source, arch, task, llm, kwargs)
     if not allow_nonfinite:
-        check_finite(model, str(source))
+        stays_mapped = not compile and torch.device(device).type == "cpu" and dtype in (None, _dtype(model))
+        # weights that stay memory-mapped are checked when first read; a copy to another device / dtype reads them
+        (check_finite_before_first_call if stays_mapped else check_finite)(model, str(source))
     model = _finish(model, device, dtype)
     return compile_model(model) if compile else model
+
+
+def _dtype(model: nn.Module) -> torch.dtype | None:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 def _load(source: str | Path, arch: str | None, task: str | None, llm, kwargs: dict) -> nn.Module:
@@ -74,21 +82,6 @@ def _load(source: str | Path, arch: str | None, task: str | None, llm, kwargs: d
             return convert.load_original(state, str(path), arch=arch, task=task, llm=llm, **kwargs)
     raise CheckpointError(f"{path}: not a BLIP / BLIP-2 checkpoint in any known layout (original BLIP, LAVIS, blip "
                           f"export); first keys: {list(state)[:5]}")
-
-
-def check_finite(model: nn.Module, source: str) -> None:
-    """CheckpointError listing the parameters that hold NaN / inf (a diverged or corrupted checkpoint)."""
-    bad = [name for name, p in model.named_parameters() if p.is_floating_point() and not _finite(p)]
-    if bad:
-        raise CheckpointError(f"{source}: {len(bad)} weight tensors hold NaN or inf values ({bad[:5]}"
-                              f"{' ...' if len(bad) > 5 else ''}): the checkpoint is corrupt or its training "
-                              "diverged; use an earlier checkpoint, or pass allow_nonfinite=True to load it anyway")
-
-
-def _finite(t: Tensor) -> bool:
-    """No NaN / inf in ``t``: min and max propagate both; one pass over ``t`` (reading a memory-mapped file's pages
-    is most of a load's time) and no temporary the size of ``t`` (a loaded model stays within one copy)."""
-    return t.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
 
 
 def _finish(model: nn.Module, device, dtype) -> nn.Module:

@@ -4,6 +4,7 @@ allocation), weight maps pointing outside their directory; head counts of metada
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import subprocess
@@ -47,11 +48,36 @@ def test_non_finite_weights_raise_unless_allowed(tmp_path, tiny_state):
     broken = state[key].clone()
     broken[0, 0] = float("nan")
     path = save(tmp_path, {**state, key: broken})
-    with pytest.raises(CheckpointError, match=rf"model\.pth: 1 weight tensors hold NaN or inf .*{key}.*"
-                                              "allow_nonfinite"):
-        blip.load(path, arch="blip_tiny")
+    refusal = rf"model\.pth: 1 weight tensors hold NaN or inf .*{key}.*allow_nonfinite"
+    with pytest.raises(CheckpointError, match=refusal):  # converted to another dtype: the copy reads every weight
+        blip.load(path, arch="blip_tiny", dtype=torch.bfloat16)
+    mapped = blip.load(path, arch="blip_tiny")  # kept as loaded: refused at the first call, which reads the weights
+    for model in (mapped, mapped, copy.deepcopy(mapped)):  # and at every call after it, and so is a copy
+        with pytest.raises(CheckpointError, match=refusal):
+            model.generate(pixels(model), max_new_tokens=2)
     loaded = blip.load(path, arch="blip_tiny", allow_nonfinite=True)
     assert torch.isnan(loaded.state_dict()[key][0, 0])
+    assert loaded.generate(pixels(loaded), max_new_tokens=2).shape[0] == 1
+
+
+def test_the_deferred_check_checks_each_copy_and_leaves_no_hook_behind(tmp_path, tiny_state):
+    model, state = tiny_state
+    loaded = blip.load(save(tmp_path, state), arch="blip_tiny")
+    early_copy, broken_copy = copy.deepcopy(loaded), copy.deepcopy(loaded)
+    with torch.no_grad():  # a copy checks its own weights, not the original's
+        broken_copy.text_decoder.transformer.layers[0].ffn.fc1.weight[0, 0] = float("inf")
+    with pytest.raises(CheckpointError, match=r"text_decoder\.transformer\.layers\.0\.ffn\.fc1\.weight"):
+        broken_copy.generate(pixels(broken_copy), max_new_tokens=3)
+    assert any(m._forward_pre_hooks for m in loaded.modules())
+    expected = model.eval().generate(pixels(model), max_new_tokens=3)
+    for checked in (loaded, early_copy):
+        assert torch.equal(checked.generate(pixels(checked), max_new_tokens=3), expected)
+        assert not any(m._forward_pre_hooks for m in checked.modules())
+
+
+def pixels(model) -> torch.Tensor:
+    size = model.visual_encoder.cfg.image_size
+    return torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("missing", ["visual_encoder.blocks.1", "text_decoder.transformer.layers.1"])
