@@ -144,3 +144,28 @@ def test_load_peak_memory_within_1_2x_weights(tmp_path, family):
                           str(ROOT)], check=True, capture_output=True, text=True, timeout=300)
     peak = int(out.stdout.split()[-1])
     assert peak <= 1.2 * weights, json.dumps({"peak": peak, "weights": weights})
+
+
+def test_blip_pth_holding_every_tensor_loads_without_random_init(tmp_path):
+    torch.manual_seed(0)
+    model = blip.create_model("blip_tiny", "caption").eval()
+    torch.save(model.state_dict(), tmp_path / "caption.pth")
+    with InitialisersOnRealTensors() as fills:
+        loaded = blip.load(tmp_path / "caption.pth", arch="blip_tiny")
+    assert fills.seen == [] and no_meta_left(loaded)
+    assert loaded.text_decoder.lm_head.weight is loaded.text_decoder.transformer.embeddings.word.weight
+    for (name, ours), theirs in zip(loaded.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(ours, theirs), name
+
+
+def test_blip_pth_lacking_a_tensor_is_built_for_real_with_the_models_own_init(tmp_path):
+    """A pretraining checkpoint without the image-id queue (BLIP's keep none): the queue gets the model's -100s."""
+    from blip.objectives.blip_pretrain import BlipPretrain
+    from blip.models.blip import ARCHS
+    torch.manual_seed(0)
+    state = BlipPretrain(ARCHS["blip_tiny"]).state_dict()
+    torch.save({k: v for k, v in state.items() if k != "queue.idx_queue"}, tmp_path / "pretrain.pth")
+    loaded = blip.load(tmp_path / "pretrain.pth", arch="blip_tiny", task="pretrain")
+    assert no_meta_left(loaded) and bool((loaded.state_dict()["queue.idx_queue"] == -100).all())
+    for name, tensor in loaded.state_dict().items():
+        assert name == "queue.idx_queue" or torch.equal(tensor, state[name]), name

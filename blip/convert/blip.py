@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -236,9 +237,17 @@ def load_original(state_dict: StateDict, source: str, arch: str | None = None, t
         sd, missing = twin_from_single(sd), FROM_SINGLE_MISSING
     config = config.with_overrides(**overrides)
     check_fits_before_building(lambda: build_for_task(config, task), sd, source)
-    model = build_for_task(config, task)
+    model = _build_to_load(lambda: build_for_task(config, task), sd)
     load_state(model, sd, source, task, pretrain, missing)
     return model.eval()
+
+
+def _build_to_load(build: Callable[[], nn.Module], sd: StateDict) -> nn.Module:
+    """On the meta device when ``sd`` holds every tensor of the model (``load_state`` then assigns them: no random
+    init, one copy of the weights in memory); for real when it lacks some, which keep the model's own init."""
+    model = build_empty(build)
+    names = [*dict(model.named_parameters(remove_duplicate=False)), *dict(model.named_buffers(remove_duplicate=False))]
+    return model if all(name in sd for name in names) else build()
 
 
 def build_for_task(cfg: BlipConfig, task: str) -> nn.Module:
