@@ -88,12 +88,20 @@ def main(argv=None) -> dict:
             rows = workload(args, Path(tmp) / name, race)
             for row in rows:
                 row.setdefault("workload", name)
-                if row.get("blip_flops") and row.get("blip_s"):
-                    row["blip_mfu"] = row["blip_flops"] / row["blip_s"] / (out["matmul_peak_tflops"] * 1e12)
+                add_utilisation(row, out["matmul_peak_tflops"] * 1e12)
                 print(json.dumps(row), flush=True)
             out["rows"] += rows
             save(args, out)  # after every workload: a run cut short by a time limit keeps what it measured
     return out
+
+
+def add_utilisation(row: dict, peak_flops: float) -> None:
+    """blip's model FLOP utilisation, and the ratio to HF that blip would reach at the measured matmul peak (its
+    FLOPs at 100% utilisation against HF's measured time): the most any implementation of those FLOPs can gain."""
+    if row.get("blip_flops") and row.get("blip_s"):
+        row["blip_mfu"] = row["blip_flops"] / row["blip_s"] / peak_flops
+        if row.get("hf_s"):
+            row["ratio_at_peak"] = row["hf_s"] / (row["blip_flops"] / peak_flops)
 
 
 def save(args, out: dict) -> None:

@@ -140,7 +140,8 @@ COLUMNS = [("workload", "workload"), ("batch", "batch"), ("outputs_equal", "outp
            ("hf_s", "HF s/call"), ("blip_s", "blip s/call"), ("hf_img_s", "HF img/s"), ("blip_img_s", "blip img/s"),
            ("blip_ratio", "ratio"),
            ("blip_compiled_img_s", "blip compiled img/s"), ("blip_compiled_ratio", "compiled ratio"),
-           ("hf_peak_mb", "HF peak MB"), ("blip_peak_mb", "blip peak MB"), ("blip_mfu", "blip MFU")]
+           ("hf_peak_mb", "HF peak MB"), ("blip_peak_mb", "blip peak MB"), ("blip_mfu", "blip MFU"),
+           ("ratio_at_peak", "ratio at 100% MFU")]
 
 
 def _cell(key: str, value) -> str:
