@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# this checkout's blip, not whichever is installed: a record must describe the code it was run from
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from benchmark_tools import Race, matmul_peak, write_markdown  # noqa: E402
 from benchmark_workloads import WORKLOADS  # noqa: E402
 
