@@ -46,13 +46,12 @@ class _PendingCheck:
 
     def __deepcopy__(self, memo: dict) -> "_PendingCheck":
         """A deepcopy of the model made before its first call checks the copy's own parameters at its first call."""
-        def copied(refs):
-            return [(name, copy.deepcopy(ref(), memo)) for name, ref in refs if ref() is not None]
-        return _PendingCheck(self.source, copied(self.parameters),
-                             [m for _, m in copied([("", ref) for ref in self.holders])])
+        return _PendingCheck(self.source,
+                             [(name, copy.deepcopy(ref(), memo)) for name, ref in self.parameters if ref() is not None],
+                             [copy.deepcopy(ref(), memo) for ref in self.holders if ref() is not None])
 
 
-ATTRIBUTE = "_pending_finite_check"
+_PENDING_ATTRIBUTE = "_pending_finite_check"
 
 
 def check_finite_before_first_call(model: nn.Module, source: str) -> None:
@@ -61,18 +60,18 @@ def check_finite_before_first_call(model: nn.Module, source: str) -> None:
     holders = [m for m in model.modules() if next(m.parameters(recurse=False), None) is not None]
     pending = _PendingCheck(source, list(model.named_parameters()), holders)
     for module in holders:
-        setattr(module, ATTRIBUTE, pending)
+        setattr(module, _PENDING_ATTRIBUTE, pending)
         module.register_forward_pre_hook(_check_before_first_call)
 
 
 def _check_before_first_call(module: nn.Module, args) -> None:
-    pending = getattr(module, ATTRIBUTE)
+    pending = getattr(module, _PENDING_ATTRIBUTE)
     named = [(name, ref()) for name, ref in pending.parameters]
     _raise_if_nonfinite([(name, p) for name, p in named if p is not None], pending.source)
     for ref in pending.holders:
         holder = ref()
-        if holder is not None and hasattr(holder, ATTRIBUTE):
-            delattr(holder, ATTRIBUTE)
+        if holder is not None and hasattr(holder, _PENDING_ATTRIBUTE):
+            delattr(holder, _PENDING_ATTRIBUTE)
             for key, hook in list(holder._forward_pre_hooks.items()):
                 if hook is _check_before_first_call:
                     del holder._forward_pre_hooks[key]
