@@ -105,7 +105,7 @@ def test_qformer_query_prefix_cache_equals_joint_multimodal_causal_forward():
     torch.testing.assert_close(torch.cat([q, t], 1), joint, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("query_length", [1, 3, 4, 5])
+@pytest.mark.parametrize("query_length", [1, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_short_query_path_equals_fused_sdpa(query_length, dtype):
     """Decode-step shapes take the unfused CPU path; it must agree with torch's fused kernel (the reference) with a
