@@ -154,7 +154,7 @@ def test_clip_vit_file_matches_timm_openai_clip():
     import timm
     from timm.models.vision_transformer import _convert_openai_clip
 
-    from blip.convert.blip2_parts import vision_file_to_ours
+    from blip.convert.vit import vision_file_to_ours
     from blip.models.qformer import CLIP_VIT_L, FrozenImageEncoder
     sd = _openai_clip_visual()
     cfg = dataclasses.replace(CLIP_VIT_L, image_size=28, width=32, depth=2, heads=4, mlp_dim=128)

@@ -21,15 +21,16 @@ from pathlib import Path
 
 from torch import nn
 
-from ..checkpoints import (CheckpointError, LoadReport, StateDict, bert_to_ours, build_empty,
-                           check_fits_before_building, hf_pretrained, hf_vit_to_ours, load_into, ours_to_bert,
-                           ours_to_hf_vit, read_state_dict, safetensors_metadata, write_hf_directory,
+from ..checkpoints import (CheckpointError, LoadReport, StateDict, build_empty, check_fits_before_building,
+                           hf_pretrained, load_into, read_state_dict, safetensors_metadata, write_hf_directory,
                            write_safetensors)
 from ..models.blip import ARCHS, TASK_CLASSES, BlipConfig, build
 from ..models.blip_tasks import BlipCaption, BlipRetrieval, BlipVQA
 from ..nn.transformer import TextConfig
 from ..nn.vit import VisionConfig, resize_pos_embed
+from .bert import bert_to_ours, ours_to_bert
 from .blip_nlvr import FROM_SINGLE_MISSING, NLVR_UNUSED, is_nlvr, twin_from_single
+from .vit import hf_vit_to_ours, ours_to_hf_vit
 
 ALWAYS_UNUSED = [r".*embeddings\.position_ids", r"text_decoder(_m)?\.cls\.predictions\.decoder\.(weight|bias)"]
 PRETRAIN_UNUSED = [r".*_m\..*", r"queue\.(image_queue|text_queue|idx_queue|queue_ptr)", r"temp"]

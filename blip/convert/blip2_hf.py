@@ -18,13 +18,14 @@ from pathlib import Path
 
 from torch import nn
 
-from ..checkpoints import (CheckpointError, StateDict, build_empty, hf_pretrained, load_into, ours_to_bert,
-                           read_state_dict, write_hf_directory)
+from ..checkpoints import (CheckpointError, StateDict, build_empty, hf_pretrained, load_into, read_state_dict,
+                           write_hf_directory)
 from ..dtypes import to_dtype
 from ..models import blip2_llm
 from ..models.blip2 import Blip2LLMConfig
 from ..models.blip2_qformer import Blip2Qformer, Blip2QformerConfig
 from ..models.frozen_llm import load_llm
+from .bert import ours_to_bert
 from .blip2_parts import (HF_QFORMER_EMB, hf_qformer_config, hf_qformer_to_ours, hf_vision_config, hf_vision_to_ours,
                           load_parts, ours_to_hf_qformer, ours_to_hf_vision, to_hf_qformer_config,
                           to_hf_vision_config)

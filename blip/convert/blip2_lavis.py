@@ -30,10 +30,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoints import CheckpointError, StateDict, load_into, ours_to_bert
+from ..checkpoints import CheckpointError, StateDict, load_into
 from ..models import blip2_llm
 from ..models.blip2 import LLM_ARCHS, llm_arch_of_sizes, qformer_arch_config, qformer_arch_of_widths
 from ..models.blip2_qformer import Blip2Qformer
+from .bert import ours_to_bert
 from .blip2_parts import (LAVIS_ALWAYS_UNUSED, add_vision_weights, lavis_lm_head_to_ours, lavis_qformer_to_ours,
                           lavis_vision_to_ours, load_parts, vision_for_grid)
 

@@ -19,19 +19,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoints import (CheckpointError, LoadReport, StateDict, bert_to_ours, hf_vit_to_ours, load_into, ours_to_bert,
-                           ours_to_hf_vit, read_state_dict)
+from ..checkpoints import CheckpointError, LoadReport, StateDict, load_into, read_state_dict
 from ..models.qformer import QFormerConfig, qformer_config
-from ..nn.vit import VisionConfig, resize_pos_embed
+from ..nn.vit import VisionConfig
+from .bert import bert_to_ours, ours_to_bert
+from .vit import VISION_PREFIX, clip_vit_to_ours, hf_vit_to_ours, is_clip_vit, ours_to_hf_vit, vision_file_to_ours
 
-VISION_PREFIX = "image_encoder."   # where blip's BLIP-2 models keep their FrozenImageEncoder
 QFORMER_PREFIX = "qformer."        # ... and their QFormer
 HF_QFORMER_EMB = {"layernorm": "embeddings.norm"}   # Blip2QFormerModel owns only the embedding LayerNorm
 
 # LAVIS keys that carry nothing a blip model needs (buffers, tied aliases)
 LAVIS_ALWAYS_UNUSED = [r"Qformer\.bert\.embeddings\.position_ids", r"Qformer\.cls\.predictions\.decoder\.(weight|bias)"]
-# the 40th EVA block (LAVIS builds 39 of them), EVA-CLIP's final norm / head, which LAVIS loads with strict=False
-EVA_FILE_UNUSED = [r"norm\.(weight|bias)", r"fc_norm\.(weight|bias)", r"head\.(weight|bias)", r"lm_head\..*"]
 
 
 def _split(sd: StateDict, src: str, dst: str) -> tuple[StateDict, set[str]]:
@@ -59,98 +57,6 @@ def lavis_vision_to_ours(sd: StateDict, dst: str = VISION_PREFIX) -> tuple[State
     more, more_used = _split(sd, "ln_vision.", dst + "ln_vision.")
     out.update(more)
     return out, used | more_used
-
-
-def eva_vit_to_ours(sd: StateDict, dst: str = VISION_PREFIX, depth: int | None = None,
-                    num_patches: int | None = None) -> tuple[StateDict, set[str]]:
-    """A plain EVA ViT state dict (``eva_vit_g.pth``: ``cls_token``, ``blocks.N.*``...) -> ``{dst}visual_encoder.*``.
-
-    depth: keep blocks ``< depth`` (LAVIS builds EVA ViT-g with 39 of the file's 40 blocks); the others stay unconsumed
-    (see :data:`EVA_FILE_UNUSED` for the rest). num_patches: resize ``pos_embed`` bicubically as LAVIS's
-    ``interpolate_pos_embed`` does (e.g. 224 -> 364 px models).
-    """
-    out, used = {}, set()
-    for k, v in sd.items():
-        m = re.match(r"blocks\.(\d+)\.", k)
-        if m and depth is not None and int(m.group(1)) >= depth:
-            continue
-        if m or k in ("cls_token", "pos_embed") or k.startswith("patch_embed."):
-            if k == "pos_embed" and num_patches is not None:
-                v = resize_pos_embed(v, num_patches)
-            out[dst + "visual_encoder." + k] = v
-            used.add(k)
-    return out, used
-
-
-def unused_eva_keys(sd: StateDict, used: set[str]) -> list[str]:
-    """Keys of an EVA file that :func:`eva_vit_to_ours` did not take and that are not known-harmless."""
-    return [k for k in sd if k not in used and not re.match(r"blocks\.\d+\.", k)
-            and not any(re.fullmatch(p, k) for p in EVA_FILE_UNUSED)]
-
-
-_CLIP_SWAPS = [(r"^conv1\.", "patch_embed.proj."), (r"^ln_pre\.", "norm_pre."),
-               (r"^transformer\.resblocks\.(\d+)\.ln_1\.", r"blocks.\1.norm1."),
-               (r"^transformer\.resblocks\.(\d+)\.ln_2\.", r"blocks.\1.norm2."),
-               (r"^transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", r"blocks.\1.attn.qkv.\2"),
-               (r"^transformer\.resblocks\.(\d+)\.attn\.out_proj\.", r"blocks.\1.attn.proj."),
-               (r"^transformer\.resblocks\.(\d+)\.mlp\.c_fc\.", r"blocks.\1.mlp.fc1."),
-               (r"^transformer\.resblocks\.(\d+)\.mlp\.c_proj\.", r"blocks.\1.mlp.fc2.")]
-CLIP_FILE_UNUSED = [r"ln_post\.(weight|bias)", r"proj"]   # OpenAI CLIP's head: LAVIS uses neither
-
-
-def is_clip_vit(sd: StateDict, src: str = "") -> bool:
-    """OpenAI-CLIP-named ViT weights (LAVIS ``clip_vit_L.pth``, ``visual.*`` of an OpenAI CLIP state dict)."""
-    return src + "conv1.weight" in sd
-
-
-def clip_vit_to_ours(sd: StateDict, dst: str = VISION_PREFIX, src: str = "", depth: int | None = None,
-                     num_patches: int | None = None) -> tuple[StateDict, set[str]]:
-    """OpenAI CLIP ViT names (LAVIS ``clip_vit.py``: ``conv1``, ``class_embedding``, ``positional_embedding``,
-    ``ln_pre``, ``transformer.resblocks.N.{ln_1, attn.in_proj_*, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}``) under
-    ``src`` -> ``{dst}visual_encoder.*``. Blocks ``>= depth`` are left unconsumed (LAVIS uses 23 of CLIP-L's 24);
-    fairscale's ``_checkpoint_wrapped_module.`` infix is ignored."""
-    out, used = {}, set()
-    for name, v in sd.items():
-        if not name.startswith(src):
-            continue
-        k = name[len(src):].replace("_checkpoint_wrapped_module.", "")
-        m = re.match(r"transformer\.resblocks\.(\d+)\.", k)
-        if m and depth is not None and int(m.group(1)) >= depth:
-            continue
-        if k == "class_embedding":
-            new, v = "cls_token", v.reshape(1, 1, -1)
-        elif k == "positional_embedding":
-            new, v = "pos_embed", v.unsqueeze(0)
-            if num_patches is not None:
-                v = resize_pos_embed(v, num_patches)
-        else:
-            for pattern, repl in _CLIP_SWAPS:
-                new, hit = re.subn(pattern, repl, k)
-                if hit:
-                    break
-            else:
-                continue
-        out[dst + "visual_encoder." + new] = v
-        used.add(name)
-    return out, used
-
-
-def vision_file_to_ours(sd: StateDict, dst: str = VISION_PREFIX, depth: int | None = None,
-                        num_patches: int | None = None) -> StateDict:
-    """A frozen-ViT file (EVA ``eva_vit_g.pth`` or CLIP ``clip_vit_L.pth``, optionally ``visual.``-prefixed) ->
-    ``{dst}visual_encoder.*``. Raises :class:`CheckpointError` on keys that are neither converted nor known-unused."""
-    src = "visual." if is_clip_vit(sd, "visual.") else ""
-    if is_clip_vit(sd, src):
-        out, used = clip_vit_to_ours(sd, dst, src, depth, num_patches)
-        left = [k for k in sd if k not in used and k.startswith(src)
-                and not re.match(r"transformer\.resblocks\.\d+\.", k[len(src):])
-                and not any(re.fullmatch(p, k[len(src):]) for p in CLIP_FILE_UNUSED)]
-    else:
-        out, used = eva_vit_to_ours(sd, dst, depth, num_patches)
-        left = unused_eva_keys(sd, used)
-    if left or not out:
-        raise CheckpointError(f"not an EVA or CLIP ViT state dict; unknown keys {left[:6] or list(sd)[:6]}")
-    return out
 
 
 def vision_for_grid(vision: VisionConfig, pos_embed: torch.Tensor | None) -> VisionConfig:

@@ -23,16 +23,15 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..checkpoints import CheckpointError, LoadReport, StateDict, bert_to_ours, read_state_dict
+from ..checkpoints import CheckpointError, LoadReport, StateDict, read_state_dict
 from ..nn.transformer import LMHead, TextTransformer
-from ..nn.vit import VisionTransformer, resize_pos_embed
-from .blip2_parts import clip_vit_to_ours, eva_vit_to_ours, is_clip_vit
+from ..nn.vit import VisionTransformer
+from .bert import lm_head_state, text_state_to_ours
+from .vit import vision_state_to_ours
 
 log = logging.getLogger("blip.init")
 
 NEW_TEXT_PARTS = [r"layers\.\d+\.cross_attn\..*"]   # image cross-attention: BERT has none
-BERT_LM_HEAD = {"cls.predictions.transform.dense.": "dense.", "cls.predictions.transform.LayerNorm.": "norm.",
-                "cls.predictions.bias": "bias"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -93,69 +92,6 @@ def _load_tower(tower: nn.Module, prefix: str, sd: StateDict, report: LoadReport
 # ---------------------------------------------------------------------------------------------------------------
 # vision
 
-def _hf_clip_vision(sd: StateDict, src: str, depth: int) -> tuple[StateDict, set[str]]:
-    """HF ``CLIPVisionModel`` / ``CLIPModel`` (``vision_model.``) keys under ``src`` -> our ViT names (layers
-    ``< depth``)."""
-    out, used, fused = {}, set(), {}
-    swaps = [(r"embeddings\.patch_embedding\.", "patch_embed.proj."), (r"pre_layrnorm\.", "norm_pre."),
-             (r"encoder\.layers\.(\d+)\.layer_norm1\.", r"blocks.\1.norm1."),
-             (r"encoder\.layers\.(\d+)\.layer_norm2\.", r"blocks.\1.norm2."),
-             (r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"blocks.\1.attn.proj."),
-             (r"encoder\.layers\.(\d+)\.mlp\.", r"blocks.\1.mlp.")]
-    for name, v in sd.items():
-        if not name.startswith(src):
-            continue
-        k = name[len(src):]
-        layer = re.match(r"encoder\.layers\.(\d+)\.", k)
-        if layer and int(layer.group(1)) >= depth:
-            continue
-        qkv = re.match(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$", k)
-        if k == "embeddings.class_embedding":
-            out["cls_token"] = v.reshape(1, 1, -1)
-        elif k == "embeddings.position_embedding.weight":
-            out["pos_embed"] = v.unsqueeze(0)
-        elif qkv:
-            i, which, kind = qkv.groups()
-            fused.setdefault(f"blocks.{i}.attn.qkv.{kind}", {})["qkv".index(which)] = v
-        else:
-            for pattern, repl in swaps:
-                new, hit = re.subn("^" + pattern, repl, k)
-                if hit:
-                    out[new] = v
-                    break
-            else:
-                continue
-        used.add(name)
-    for key, parts in fused.items():
-        out[key] = torch.cat([parts[i] for i in range(3)])
-    return out, used
-
-
-def vision_state_to_ours(sd: StateDict, vit: VisionTransformer) -> tuple[StateDict, set[str], list[str]]:
-    """A ViT file (timm / EVA / OpenAI CLIP / HF CLIP layout) -> (``vit``'s keys, consumed file keys, resized)."""
-    cfg = vit.cfg
-    hf_clip = [p for p in ("vision_model.", "") if p + "embeddings.patch_embedding.weight" in sd]
-    if hf_clip:
-        out, used = _hf_clip_vision(sd, hf_clip[0], cfg.depth)
-    elif is_clip_vit(sd, "visual.") or is_clip_vit(sd):
-        src = "visual." if is_clip_vit(sd, "visual.") else ""
-        out, used = clip_vit_to_ours(sd, "", src, cfg.depth)
-        out = {k[len("visual_encoder."):]: v for k, v in out.items()}
-    else:   # timm / EVA names are ours
-        out, used = eva_vit_to_ours(sd, "", cfg.depth)
-        out = {k[len("visual_encoder."):]: v for k, v in out.items()}
-        if cfg.final_norm:
-            for k in ("norm.weight", "norm.bias"):
-                if k in sd:
-                    out[k], _ = sd[k], used.add(k)
-    resized = []
-    pos = out.get("pos_embed")
-    if pos is not None and pos.shape[1] - 1 != cfg.num_patches:
-        out["pos_embed"] = resize_pos_embed(pos, cfg.num_patches)
-        resized.append(f"pos_embed {pos.shape[1]} -> {cfg.num_patches + 1} positions (bicubic)")
-    return out, used, resized
-
-
 def _init_towers(model: nn.Module, path: Path, sd: StateDict, kind: type, convert, new: list[str],
                  layout: str) -> tuple[LoadReport, set[str]]:
     """Load every (non-momentum) ``kind`` tower of ``model`` with ``convert(sd, tower)`` -> (report, consumed keys)."""
@@ -187,40 +123,6 @@ def init_vision(model: nn.Module, source: str | Path) -> LoadReport:
 # ---------------------------------------------------------------------------------------------------------------
 # text
 
-def _grow_rows(value: torch.Tensor, rows: int, init: torch.Tensor) -> torch.Tensor:
-    """The file's first rows, then the model's own initial rows (BLIP adds [DEC] / [ENC] after BERT's 30522)."""
-    return torch.cat([value.to(init.dtype), init[value.shape[0]:]]) if value.shape[0] < rows else value
-
-
-def text_state_to_ours(sd: StateDict, tower: TextTransformer) -> tuple[StateDict, set[str], list[str]]:
-    """HF BERT keys (``bert.``-prefixed or not) -> ``tower``'s keys; the query FFN (Q-Former) is the text FFN's copy."""
-    src = "bert." if any(k.startswith("bert.encoder.") for k in sd) else ""
-    out, used = bert_to_ours(sd, src, "")
-    own = tower.state_dict()
-    for k in list(out):
-        if k.startswith("layers.") and ".ffn." in k and k.replace(".ffn.", ".ffn_query.") in own:
-            out[k.replace(".ffn.", ".ffn_query.")] = out[k].clone()
-    resized = []
-    word = out.get("embeddings.word.weight")
-    if word is not None and "embeddings.word.weight" in own and word.shape[0] < own["embeddings.word.weight"].shape[0]:
-        rows = own["embeddings.word.weight"].shape[0]
-        out["embeddings.word.weight"] = _grow_rows(word, rows, own["embeddings.word.weight"])
-        resized.append(f"embeddings.word {word.shape[0]} -> {rows} rows (new rows keep their init)")
-    return {k: v for k, v in out.items() if k in own}, used, resized
-
-
-def _lm_head_state(sd: StateDict, head: LMHead) -> tuple[StateDict, set[str]]:
-    out, used = {}, set()
-    for k, v in sd.items():
-        for s, d in BERT_LM_HEAD.items():
-            if k.startswith(s):
-                out[d + k[len(s):]] = v
-                used.add(k)
-    if "bias" in out:
-        out["bias"] = _grow_rows(out["bias"], head.bias.shape[0], head.bias.detach())
-    return out, used
-
-
 def init_text(model: nn.Module, source: str | Path) -> LoadReport:
     """Load every (non-momentum) MED / Q-Former text stack and LM head of ``model`` from an HF BERT directory."""
     path = resolve_source(source, "text_init")
@@ -228,7 +130,7 @@ def init_text(model: nn.Module, source: str | Path) -> LoadReport:
     report, used = _init_towers(model, path, sd, TextTransformer, text_state_to_ours, NEW_TEXT_PARTS,
                                 "BERT (embeddings.*, encoder.layer.N.*)")
     for prefix, head in _towers(model, LMHead):
-        converted, consumed = _lm_head_state(sd, head)
+        converted, consumed = lm_head_state(sd, head)
         _load_tower(head, prefix, converted, report, new=[] if converted else [".*"])  # no MLM head: new
         used |= consumed
     report.unused += [k for k in sd if k not in used]   # token types, pooler, NSP head: MED has none of them
