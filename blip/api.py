@@ -1,7 +1,7 @@
 """Public entry points: ``create_model``, ``list_models`` and ``load``.
 
-``create_model`` / ``list_models`` read the ``(arch, task)`` tables of :mod:`blip.registry`; ``load`` asks each
-family's checkpoint facade (:mod:`blip.convert.blip`, :mod:`blip.convert.blip2`) which file it owns.
+``create_model`` / ``list_models`` read the ``(arch, task)`` tables of :mod:`blip.registry`; ``load`` reads the
+source through the table of checkpoint formats (:mod:`blip.convert.formats`) and builds the model its row names.
 """
 from __future__ import annotations
 
@@ -10,18 +10,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoints import CheckpointError, read_hf_config_json, read_state_dict
+from .checkpoints import CheckpointError
+from .convert.formats import read_checkpoint
 from .finite_weights import check_finite, check_finite_before_first_call
 from .registry import create_model, family, list_models
 
-__all__ = ["create_model", "list_models", "load"]
-
-
-def family_converters() -> tuple:
-    """The checkpoint facades of the families, in the order ``load`` asks them."""
-    from .convert import blip as blip_convert
-    from .convert import blip2 as blip2_convert
-    return blip_convert, blip2_convert
+__all__ = ["create_model", "list_models", "load", "load_for_evaluation", "load_task_model"]
 
 
 def load(source: str | Path, *, arch: str | None = None, task: str | None = None, llm: str | Path | None = None,
@@ -47,41 +41,53 @@ def load(source: str | Path, *, arch: str | None = None, task: str | None = None
     return compile_model(model) if compile else model
 
 
+FROZEN_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_for_evaluation(source: str | Path, model_cfg: dict, device: torch.device, precision: str = "fp32") -> nn.Module:
+    """``load`` for the benchmark evaluation (``scripts/evaluate.py``): ``model_cfg`` holds its keyword arguments
+    (None meaning the checkpoint's own). bf16 / fp16: BLIP-2's frozen ViT and LLM are stored in that dtype (as LAVIS
+    runs them); everything else stays fp32 under autocast."""
+    model = load(source, device=device, **{k: v for k, v in model_cfg.items() if v is not None})
+    if FROZEN_DTYPES.get(precision) is not None and hasattr(model, "cast_frozen"):
+        model.cast_frozen(FROZEN_DTYPES[precision])
+    return model
+
+
+def load_task_model(source: str | Path | None, arch: str, task: str, image_size: int | None = None) -> nn.Module:
+    """CapFilt's captioner / filter: ``source`` None (a random ``arch``: smoke tests), a training run of this project
+    (rebuilt from the run's ``config.yaml``, loaded strictly), or anything else :func:`load` reads."""
+    if source is None:
+        return create_model(arch, task, **({"image_size": image_size} if image_size else {}))
+    return load(source, arch=arch, task=task)
+
+
 def _dtype(model: nn.Module) -> torch.dtype | None:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 def _load(source: str | Path, arch: str | None, task: str | None, llm, kwargs: dict) -> nn.Module:
-    path = Path(source)
-    if not path.exists() and isinstance(source, str):
-        from .zoo import PRETRAINED, resolve
-        if source in PRETRAINED:
+    if isinstance(source, str) and not Path(source).exists():
+        from .zoo import PRETRAINED
+        if source in PRETRAINED:   # the settings a released file was evaluated with (blip.load's defaults)
             entry = PRETRAINED[source]
-            path = resolve(source)
             arch, task = arch or entry.arch, task or entry.task
             if family(entry.arch) == "blip":  # BLIP releases differ in resolution (caption 384, VQA 480)
                 kwargs.setdefault("image_size", entry.image_size)
             for key, value in entry.options.items():  # e.g. the prompt and generation settings it was evaluated with
                 kwargs.setdefault(key, value)
-    if path.is_dir() and ((path / "config.yaml").is_file() or (path / "state.pt").is_file()):
-        from .runs import load_run   # a run directory of scripts/train.py (or one of its checkpoints)
-        return load_run(path, task)
-    if path.is_dir():
-        archs = read_hf_config_json(path).get("architectures") or []
-        for convert in family_converters():
-            for name in archs:
-                if name in convert.HF_LOADERS:
-                    return convert.HF_LOADERS[name](path, llm=llm, **kwargs)
-        raise CheckpointError(f"{path}: architectures {archs} are not supported; supported: "
-                              f"{sorted(n for c in family_converters() for n in c.HF_LOADERS)}")
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory (blip never downloads: pass a local path)")
-    state = read_state_dict(path)
-    for convert in family_converters():
-        if convert.owns(state):
-            return convert.load_original(state, str(path), arch=arch, task=task, llm=llm, **kwargs)
-    raise CheckpointError(f"{path}: not a BLIP / BLIP-2 checkpoint in any known layout (original BLIP, LAVIS, blip "
-                          f"export); first keys: {list(state)[:5]}")
+    checkpoint = read_checkpoint(source)
+    fmt = checkpoint.format
+    if fmt.name == "run":   # rebuilt from its config.yaml through the registry (blip.runs)
+        from .runs import load_run
+        return load_run(checkpoint, task)
+    if fmt.tower is not None:
+        raise CheckpointError(f"{checkpoint.name}: a {fmt.description} holds one {fmt.tower} tower, not a model: "
+                              f"train from it with model.{fmt.tower}_init, or load a whole-model checkpoint")
+    if fmt.load is None:
+        raise CheckpointError(f"{checkpoint.name}: not a BLIP / BLIP-2 checkpoint in any known layout (original "
+                              f"BLIP, LAVIS, HF, blip export); first keys: {list(checkpoint.raw)[:5]}")
+    return fmt.load(checkpoint, arch=arch, task=task, llm=llm, **kwargs)
 
 
 def _finish(model: nn.Module, device, dtype) -> nn.Module:

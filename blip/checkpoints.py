@@ -28,6 +28,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model. The message names the file and the fix."""
 
 
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A checkpoint source that does not exist (a wrong path, or a ``blip.zoo`` file not yet under ``$BLIP_HOME``)."""
+
+
 def read_state_dict(path: str | Path) -> StateDict:
     """Read a state dict from a file or an HF model directory (single or sharded weights)."""
     path = Path(path)

@@ -56,14 +56,14 @@ def check_device(device: str) -> None:
 
 def load_predictor(args, need: str):
     """Load ``--model`` with the shared options and check it can do ``need`` (caption / answer / match)."""
-    import blip
     from .predictor import Predictor
     check_device(args.device)
     extra = {k: v for k, v in (("llm", args.llm), ("vision_weights", args.vision_weights)) if v}
     task = args.task
     if task is None and _run_task(args.model) == "pretrain":
         task = RUN_TASK_FOR[need]
-    model = blip.load(args.model, arch=args.arch, task=task, device=args.device, **extra)
+    from .api import load
+    model = load(args.model, arch=args.arch, task=task, device=args.device, **extra)
     if args.dtype != "fp32":   # BLIP-2: the frozen ViT and LLM in that dtype, the Q-Former fp32 (as LAVIS runs it)
         model = model.cast_frozen(DTYPES[args.dtype]) if hasattr(model, "cast_frozen") else model.to(DTYPES[args.dtype])
     predictor = Predictor(model, name=str(args.model))
@@ -175,12 +175,12 @@ def cmd_serve(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    import blip
-    from .api import family_converters
     from .checkpoints import CheckpointError
+    from .convert.formats import exporter_of
     extra = {k: v for k, v in (("llm", args.llm), ("vision_weights", args.vision_weights)) if v}
-    model = blip.load(args.source, arch=args.arch, task=args.task, **extra)
-    convert = next((c for c in family_converters() if c.exports(model)), None)
+    from .api import load
+    model = load(args.source, arch=args.arch, task=args.task, **extra)
+    convert = exporter_of(model)
     if convert is None:
         raise CheckpointError(f"{args.source}: a {type(model).__name__} has no export format")
     out = Path(args.output)
@@ -193,10 +193,10 @@ def cmd_convert(args) -> int:
 
 
 def cmd_models(args) -> int:
-    import blip
     from .zoo import PRETRAINED
     tasks: dict[str, list[str]] = {}
-    for arch, task in blip.list_models():
+    from .api import list_models
+    for arch, task in list_models():
         tasks.setdefault(arch, []).append(task)
     if args.json:
         print(json.dumps({"architectures": tasks, "pretrained": {

@@ -58,7 +58,7 @@ def _blip2_llm(arch: str, task: str, *, qformer_from=None, **overrides) -> nn.Mo
     from .models.blip2_llm import create
     model = create(arch, task, **overrides)
     if qformer_from is not None:
-        from .convert.blip2 import init_from_stage1
+        from .convert.blip2_handoff import init_from_stage1
         init_from_stage1(model, qformer_from)
     return model
 

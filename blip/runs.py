@@ -1,7 +1,7 @@
 """A training run of ``scripts/train.py`` as a model: ``blip.load(<run dir>)``, ``blip caption --model <run dir>``.
 
-A run directory holds ``config.yaml`` (the resolved config of the run) and ``checkpoints/step_*/state.pt``. The model
-is rebuilt from the run's own config (arch, image size, objective, LLM and its tokenizer) with the builder training
+The run-directory layout (``config.yaml``, ``checkpoints/step_*/state.pt``, the newest run of a name) is
+:mod:`blip.run_layout`. The model is rebuilt from the run's own config (arch, image size, objective, LLM and its tokenizer) with the builder training
 used, never by guessing sizes from tensor shapes, and the newest checkpoint's weights load into it strictly by name.
 What comes back is the inference model: the task model of a fine-tuning run, the Q-Former of a BLIP-2 stage-1 run,
 the LLM model of a stage-2 run; a BLIP pretraining run holds every head, so it loads into the ``task`` asked for
@@ -11,38 +11,19 @@ from __future__ import annotations
 
 import logging
 import re
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from torch import nn
 
-from .checkpoints import CheckpointError, read_torch_file
+from .checkpoints import CheckpointError
 from .registry import create_model, create_objective
+from .convert.formats import read_checkpoint
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 BLIP_PRETRAIN_TASKS = ("caption", "retrieval", "vqa", "feature_extractor")
-
-
-def checkpoint_path(path: str | Path) -> Path:
-    """A checkpoint directory, or the newest checkpoint of a run directory."""
-    p = Path(path)
-    if (p / "state.pt").exists():
-        return p
-    from .train.checkpoint import list_checkpoints
-    found = list_checkpoints(p / "checkpoints")
-    if not found:
-        raise FileNotFoundError(f"no checkpoint in {p} (expected {p}/state.pt or {p}/checkpoints/step_*/)")
-    return found[-1]
-
-
-def read_run_weights(path: str | Path) -> tuple[Path, dict]:
-    """The newest checkpoint directory of a run directory (or a checkpoint directory itself) and the model weights in
-    its ``state.pt``: the one reader of a run's weights (:func:`load_run`, ``init_from``)."""
-    ckpt = checkpoint_path(path)
-    return ckpt, read_torch_file(ckpt / "state.pt")["model"]
 
 
 def build_model(model_cfg: DictConfig, **extra) -> nn.Module:
@@ -67,32 +48,18 @@ def build_model(model_cfg: DictConfig, **extra) -> nn.Module:
     return model
 
 
-def find_run(path: str | Path) -> tuple[Path, Path] | None:
-    """(config.yaml, newest checkpoint dir) of a run directory or of one of its checkpoint dirs; None otherwise."""
-    from .train.checkpoint import list_checkpoints
-    p = Path(path)
-    if not p.is_dir():
-        return None
-    if (p / "state.pt").is_file() and (p.parent.parent / "config.yaml").is_file():
-        return p.parent.parent / "config.yaml", p
-    if (p / "config.yaml").is_file() and (p / "checkpoints").is_dir():
-        found = list_checkpoints(p / "checkpoints")
-        if not found:
-            raise CheckpointError(f"{p}: a training run without a finished checkpoint (checkpoints/step_*/state.pt); "
-                                  "train longer or lower trainer.checkpoint_every")
-        return p / "config.yaml", found[-1]
-    return None
-
-
-def load_run(path: str | Path, task: str | None = None) -> nn.Module:
-    """The inference model of the run at ``path`` (see the module docstring), on CPU."""
+def load_run(path, task: str | None = None) -> nn.Module:
+    """The inference model of a run (see the module docstring), on CPU. path: a run directory, one of its checkpoint
+    directories, a folder of runs of one name (its newest run), or their :class:`blip.convert.formats.Checkpoint`."""
+    checkpoint = read_checkpoint(path)
+    config, ckpt = checkpoint.run or (None, None)
+    if config is None:
+        raise CheckpointError(f"{checkpoint.name}: not a training run directory (config.yaml + "
+                              "checkpoints/step_*/state.pt)")
     from omegaconf import OmegaConf
 
-    config, ckpt = find_run(path) or (None, None)
-    if config is None:
-        raise CheckpointError(f"{path}: not a training run directory (config.yaml + checkpoints/step_*/state.pt)")
     cfg = OmegaConf.load(config)
-    ckpt, state = read_run_weights(ckpt)
+    state = checkpoint.raw
     if cfg.model.task == "pretrain" and cfg.model.arch.startswith("blip_"):
         return _blip_task_from_pretraining(cfg, state, str(ckpt), task or "caption")
     objective = build_model(cfg.model)
@@ -105,7 +72,7 @@ def load_run(path: str | Path, task: str | None = None) -> nn.Module:
     if task is not None and task not in ("qformer", "stage2", cfg.model.task):
         raise CheckpointError(f"{path}: a {cfg.model.arch}/{cfg.model.task} run gives a {type(model).__name__}, not "
                               f"task {task!r}")
-    log.info("%s: %s/%s run, step %s", path, cfg.model.arch, cfg.model.task, ckpt.name)
+    log.info("%s: %s/%s run, step %s", checkpoint.name, cfg.model.arch, cfg.model.task, ckpt.name)
     return model
 
 

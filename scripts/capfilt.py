@@ -10,7 +10,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from blip.capfilt import CapFilt, CapFiltConfig, CapFiltInput, load_task_model
+from blip.api import load_task_model
+from blip.capfilt import CapFilt, CapFiltConfig, CapFiltInput
 
 DTYPES = {None: None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -27,7 +27,8 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     import torch
 
-    from blip.evaluation.runner import context_settings, evaluate, load_model
+    from blip.api import load_for_evaluation
+    from blip.evaluation.runner import context_settings, evaluate
     from blip.train.distributed import init_distributed
 
     info = init_distributed(cfg.device)
@@ -35,7 +36,7 @@ def main(cfg: DictConfig) -> None:
         logging.getLogger().setLevel(logging.WARNING)
     torch.manual_seed(cfg.seed)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    model = load_model(str(cfg.checkpoint), model_cfg, info.device, cfg.precision)
+    model = load_for_evaluation(str(cfg.checkpoint), model_cfg, info.device, cfg.precision)
     label = {"checkpoint": str(cfg.checkpoint), "zero_shot": bool(cfg.zero_shot)}
     evaluate(model, cfg.task, cfg.split, cfg.data.root, cfg.output_dir, context_settings(cfg, info), data=data,
              label=label)

@@ -124,10 +124,12 @@ def test_family_plumbing():
     assert (vitg.vision.depth, vitg.vision.width, vitg.vision.qkv_bias, vitg.vision.final_norm) == (39, 1408, "qv", False)
     assert vitg.qformer.num_query_tokens == 32 and vitg.embed_dim == 256 and vitg.ln_vision_eps == 1e-5
     assert type(blip.create_model("blip2_tiny_qformer", "stage1")).__name__ == "Blip2Stage1Objective"
-    from blip.convert import blip2 as convert
+    from blip.convert.blip2_hf import HF_LOADERS
+    from blip.convert.formats import read_checkpoint
     assert {"Blip2ForImageTextRetrieval", "Blip2ForConditionalGeneration",
-            "InstructBlipForConditionalGeneration"} <= set(convert.HF_LOADERS)
-    assert convert.owns({"query_tokens": torch.zeros(1)}) and convert.owns({"Qformer.bert.x": torch.zeros(1)})
+            "InstructBlipForConditionalGeneration"} <= set(HF_LOADERS)
+    for keys in ({"query_tokens": torch.zeros(1)}, {"Qformer.bert.x": torch.zeros(1)}):
+        assert read_checkpoint(keys).format.name == "lavis-blip2-stage1"
     assert {(arch, "stage2") for arch in blip2.LLM_ARCHS} <= set(blip.list_models())
 
 

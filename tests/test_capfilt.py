@@ -188,7 +188,7 @@ def test_script_smoke(tmp_path):
 
 
 def test_load_task_model_from_a_training_run(tmp_path):
-    from blip.capfilt import load_task_model
+    from blip.api import load_task_model
     from blip.checkpoints import CheckpointError
     from blip.objectives.blip_finetune import CaptionObjective
 

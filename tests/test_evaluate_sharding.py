@@ -114,8 +114,8 @@ def test_fine_tuning_run_ends_with_its_benchmark_evaluation(tmp_path, shared):
     assert out["eval"]["txt_r1"] == metrics["txt_r1"] and metrics["task"] == "retrieval_coco"
     assert len(json.loads((run_dir / "eval" / "predictions.json").read_text())["i2t"]) == 5
     # the run directory as a checkpoint: the same model, the same evaluation
-    from blip.evaluation.runner import load_model
-    model = load_model(str(run_dir), {"task": None}, torch.device("cpu"))
+    from blip.api import load_for_evaluation
+    model = load_for_evaluation(str(run_dir), {"task": None}, torch.device("cpu"))
     run_task(model, "retrieval_coco", "test", root, tmp_path / "again", ("task.protocol.blip.k=6",))
     for name in ("predictions.json", "scores.safetensors"):
         assert (tmp_path / "again" / name).read_bytes() == (run_dir / "eval" / name).read_bytes()

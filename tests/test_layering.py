@@ -1,9 +1,12 @@
 """The package's import graph: no cycles, and no import from a lower layer to a higher one.
 
 Every import is counted, at module level and inside functions (a lazy import is still a dependency). The layers,
-low to high: the shared core (nn, data, losses, generation, checkpoints, metrics, zoo) < models < objectives <
-convert < the application modules (registry, api, train, capfilt, evaluation, cli, ...), which may import any layer
-below and each other (without cycles).
+low to high (a module may import its own layer and any below):
+
+  core (nn, data, losses, generation, checkpoints, run_layout, metrics, zoo, dtypes, finite_weights)
+  < models < objectives < convert (checkpoint formats) < registry < runs (a run directory as a model)
+  < tools that take a loaded model (evaluation, capfilt, predictor, serve, caption_dir)
+  < api, train < cli < the package face (``blip/__init__.py``, which nothing inside the package imports).
 """
 from __future__ import annotations
 
@@ -14,12 +17,17 @@ import blip
 
 PACKAGE = Path(blip.__file__).resolve().parent
 LAYERS = [
-    {"nn", "data", "losses", "generation", "checkpoints", "metrics", "zoo", "dtypes"},
+    {"nn", "data", "losses", "generation", "checkpoints", "run_layout", "metrics", "zoo", "dtypes", "finite_weights"},
     {"models"},
     {"objectives"},
     {"convert"},
+    {"registry"},
+    {"runs"},
+    {"evaluation", "capfilt", "predictor", "serve", "caption_dir"},
+    {"api", "train"},
+    {"cli"},
 ]
-APPLICATION = len(LAYERS)   # everything else
+FACE = len(LAYERS)   # the package itself: ``import blip``
 
 
 def module_name(path: Path) -> str:
@@ -58,8 +66,10 @@ def graph() -> dict[str, set[str]]:
 def layer(name: str) -> int:
     parts = name.split(".")
     if len(parts) == 1:
-        return APPLICATION
-    return next((i for i, members in enumerate(LAYERS) if parts[1] in members), APPLICATION)
+        return FACE
+    found = [i for i, members in enumerate(LAYERS) if parts[1] in members]
+    assert found, f"{name} is in no layer: add it to LAYERS"
+    return found[0]
 
 
 def test_no_import_from_a_lower_layer_to_a_higher_one():
@@ -93,5 +103,11 @@ def test_the_walk_sees_function_level_imports():
     assert "blip.models.blip" in g["blip.registry"] and "blip.losses.itc" in g["blip.losses"]
 
 
-def test_metrics_are_core_and_the_model_running_evaluation_is_application():
-    assert layer("blip.metrics.vqa") == 0 and layer("blip.evaluation.runner") == APPLICATION
+def test_every_module_has_a_layer():
+    assert all(layer(name) <= FACE for name in modules())
+
+
+def test_the_order_of_the_application_layers():
+    assert layer("blip.metrics.vqa") == layer("blip.run_layout") == 0
+    assert layer("blip.convert.formats") < layer("blip.registry") < layer("blip.runs") < layer("blip.evaluation.runner")
+    assert layer("blip.evaluation.runner") < layer("blip.api") == layer("blip.train.run") < layer("blip.cli")

@@ -84,7 +84,7 @@ def test_resume_reads_state_and_rng_files_safely(tmp_path, planted, name):
 
 def test_run_dirs_init_from_and_capfilt_sources(tmp_path, planted):
     import blip
-    from blip.capfilt import load_task_model
+    from blip.api import load_task_model
     from blip.train.init import init_from_checkpoint
 
     write, _ = planted

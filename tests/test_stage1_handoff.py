@@ -1,11 +1,11 @@
-"""The one stage-1 -> stage-2 hand-off (blip.convert.blip2.init_from_stage1), used by blip.create_model(qformer_from=)
+"""The one stage-1 -> stage-2 hand-off (blip.convert.blip2_handoff.init_from_stage1), used by blip.create_model(qformer_from=)
 and by stage-2 training: strict, with a report of what was loaded, kept and ignored by name."""
 import pytest
 import torch
 
 import blip
 from blip.checkpoints import CheckpointError
-from blip.convert.blip2 import init_from_stage1
+from blip.convert.blip2_handoff import init_from_stage1
 
 
 @pytest.fixture(scope="module")

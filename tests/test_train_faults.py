@@ -66,7 +66,7 @@ def trainer(model, *, info=DistInfo(), **kw):
 
 # ---- the loop --------------------------------------------------------------------------------------------------
 def test_nan_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(tmp_path):
-    from blip.train.checkpoint import list_checkpoints
+    from blip.run_layout import list_checkpoints
     from blip.train.loop import NonFiniteLossError
 
     model = MeanModel()

@@ -12,7 +12,7 @@ from blip.data.datasets import ImageTextStream, TrainData
 from blip.data.synthetic import ensure_synthetic_shards
 from blip.data.transforms import image_transform
 from blip.data.webdataset import WebDatasetSource
-from blip.train.checkpoint import list_checkpoints
+from blip.run_layout import list_checkpoints
 from blip.train.loop import StopTraining, Trainer
 from blip.train.optim import build_optimizer, param_groups
 from blip.train.precision import PrecisionPolicy, frozen_towers

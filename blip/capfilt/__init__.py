@@ -5,7 +5,7 @@
 """
 from .captioner import sample_captions, sample_seed
 from .filter import itm_match_scores, keep_caption
-from .job import CapFilt, CapFiltConfig, CapFiltInput, CapFiltSettingsError, load_task_model, merge_outputs, output_urls
+from .job import CapFilt, CapFiltConfig, CapFiltInput, CapFiltSettingsError, merge_outputs, output_urls
 
 __all__ = ["CapFilt", "CapFiltConfig", "CapFiltInput", "CapFiltSettingsError", "itm_match_scores", "keep_caption",
-           "load_task_model", "merge_outputs", "output_urls", "sample_captions", "sample_seed"]
+           "merge_outputs", "output_urls", "sample_captions", "sample_seed"]

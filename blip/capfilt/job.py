@@ -387,17 +387,6 @@ def record_settings(out: Path, settings: dict) -> None:
             "\nResume with the recorded settings, or write to a new output_dir.")
 
 
-def load_task_model(source: str | Path | None, arch: str, task: str, image_size: int | None = None) -> nn.Module:
-    """The captioner / filter: ``source`` None (random ``arch``: smoke tests), a training run of this project (a run
-    directory or one of its ``checkpoints/step_*`` dirs: rebuilt from the run's ``config.yaml`` and loaded strictly by
-    :func:`blip.runs.load_run`), or anything else :func:`blip.load` reads."""
-    import blip
-
-    if source is None:
-        return blip.create_model(arch, task, **({"image_size": image_size} if image_size else {}))
-    return blip.load(source, arch=arch, task=task)
-
-
 def merge_outputs(out_dir: str | Path, num_units: int, config: dict | None = None) -> dict:
     """Concatenate the chunk records of all units (in order) into ``index.json``, ``skipped.json`` and
     ``summary.json``."""

@@ -60,15 +60,7 @@ def load_hf_retrieval(directory: str | Path, llm=None, vision_weights=None, **ov
                              embed_dim=hf.image_text_hidden_size, ln_vision_eps=v["layer_norm_eps"])
     model = Blip2Qformer(replace(cfg, **overrides))
     sd = read_state_dict(directory)
-    out, used = hf_vision_to_ours(sd)
-    qf, qf_used = hf_qformer_to_ours(sd)
-    out.update(qf)
-    used |= qf_used
-    for k, value in sd.items():
-        for src, dst in HF_HEADS.items():
-            if k.startswith(src):
-                out[dst + k[len(src):]] = value
-                used.add(k)
+    out, used = hf_retrieval_to_ours(sd)
     stray = [k for k in sd if k not in used and not k.endswith("position_ids")]
     if stray:
         raise CheckpointError(f"{directory}: keys a Blip2ForImageTextRetrieval checkpoint does not have: {stray[:8]}")
@@ -78,6 +70,20 @@ def load_hf_retrieval(directory: str | Path, llm=None, vision_weights=None, **ov
     model.load_report = report
     model.has_lm_head = False
     return model.eval()
+
+
+def hf_retrieval_to_ours(sd: StateDict) -> tuple[StateDict, set[str]]:
+    """Pure key conversion of an HF ``Blip2ForImageTextRetrieval`` state dict -> (ours, consumed keys)."""
+    out, used = hf_vision_to_ours(sd)
+    qf, qf_used = hf_qformer_to_ours(sd)
+    out.update(qf)
+    used |= qf_used
+    for k, value in sd.items():
+        for src, dst in HF_HEADS.items():
+            if k.startswith(src):
+                out[dst + k[len(src):]] = value
+                used.add(k)
+    return out, used
 
 
 def to_hf_state_dict(model: Blip2Qformer) -> StateDict:

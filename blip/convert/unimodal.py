@@ -23,30 +23,15 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..checkpoints import CheckpointError, LoadReport, StateDict, read_state_dict
+from ..checkpoints import CheckpointError, LoadReport, StateDict
 from ..nn.transformer import LMHead, TextTransformer
 from ..nn.vit import VisionTransformer
-from .bert import lm_head_state, text_state_to_ours
-from .vit import vision_state_to_ours
+from .bert import lm_head_state
+from .formats import Checkpoint, read_checkpoint
 
 log = logging.getLogger("blip.init")
 
 NEW_TEXT_PARTS = [r"layers\.\d+\.cross_attn\..*"]   # image cross-attention: BERT has none
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# sources
-
-def resolve_source(source: str | Path, what: str) -> Path:
-    """A path, or a ``blip.zoo`` name whose file must be under ``$BLIP_HOME`` (the error gives its URL)."""
-    path = Path(source)
-    if path.exists():
-        return path
-    from ..zoo import PRETRAINED, resolve
-    if isinstance(source, str) and source in PRETRAINED:
-        return resolve(source)
-    raise FileNotFoundError(f"{what} {str(source)!r}: no such file or directory, and not a blip.zoo name "
-                            f"(known: {sorted(PRETRAINED)})")
 
 
 def _towers(model: nn.Module, kind: type) -> list[tuple[str, nn.Module]]:
@@ -92,30 +77,42 @@ def _load_tower(tower: nn.Module, prefix: str, sd: StateDict, report: LoadReport
 # ---------------------------------------------------------------------------------------------------------------
 # vision
 
-def _init_towers(model: nn.Module, path: Path, sd: StateDict, kind: type, convert, new: list[str],
-                 layout: str) -> tuple[LoadReport, set[str]]:
-    """Load every (non-momentum) ``kind`` tower of ``model`` with ``convert(sd, tower)`` -> (report, consumed keys)."""
+def _read_tower_file(source, what: str, tower: str) -> Checkpoint:
+    """``source`` read through the formats table; it must be a one-tower format holding a ``tower`` tower."""
+    ckpt = read_checkpoint(source, what)
+    if ckpt.format.tower != tower:
+        hint = "; to start from a whole model use init_from" if ckpt.format.tower is None else ""
+        raise CheckpointError(f"{what}={ckpt.name} is a {ckpt.format.description}, not a {tower} tower file{hint}")
+    return ckpt
+
+
+def _init_towers(model: nn.Module, ckpt: Checkpoint, kind: type, new: list[str]) -> tuple[LoadReport, set[str]]:
+    """Load every (non-momentum) ``kind`` tower of ``model`` with the format's tower map -> (report, consumed keys)."""
     towers = _towers(model, kind)
     if not towers:
-        raise ValueError(f"{path}: {type(model).__name__} has no {kind.__name__}")
-    report, used = LoadReport(str(path)), set()
+        raise ValueError(f"{ckpt.name}: {type(model).__name__} has no {kind.__name__}")
+    report, used = LoadReport(ckpt.name), set()
     for prefix, tower in towers:
-        converted, consumed, resized = convert(sd, tower)
+        converted, consumed, resized = ckpt.format.tower_map(ckpt.raw, tower)
         if not converted:
-            raise CheckpointError(f"{path}: no {layout} weights; first keys {list(sd)[:6]}")
+            raise CheckpointError(f"{ckpt.name}: no {ckpt.format.description} weights; first keys {list(ckpt.raw)[:6]}")
         _load_tower(tower, prefix, converted, report, new=new)
         report.resized += [f"{prefix}.{r}" for r in resized]
         used |= consumed
     return report, used
 
 
+def vision_state_to_ours(sd: StateDict, vit: VisionTransformer) -> tuple[StateDict, set[str], list[str]]:
+    """A ViT state dict (timm / EVA / OpenAI CLIP / HF CLIP layout) -> (``vit``'s keys, consumed keys, resized)."""
+    ckpt = _read_tower_file(sd, "vision_init", "vision")
+    return ckpt.format.tower_map(ckpt.raw, vit)
+
+
 def init_vision(model: nn.Module, source: str | Path) -> LoadReport:
     """Load every (non-momentum) ViT of ``model`` from a pretrained vision file / HF CLIP directory."""
-    path = resolve_source(source, "vision_init")
-    sd = read_state_dict(path)
-    report, used = _init_towers(model, path, sd, VisionTransformer, vision_state_to_ours, [],
-                                "ViT (timm / EVA / OpenAI CLIP / HF CLIP layout)")
-    report.unused += [k for k in sd if k not in used]
+    ckpt = _read_tower_file(source, "vision_init", "vision")
+    report, used = _init_towers(model, ckpt, VisionTransformer, [])
+    report.unused += [k for k in ckpt.raw if k not in used]
     sync_momentum(model)
     return report
 
@@ -125,15 +122,13 @@ def init_vision(model: nn.Module, source: str | Path) -> LoadReport:
 
 def init_text(model: nn.Module, source: str | Path) -> LoadReport:
     """Load every (non-momentum) MED / Q-Former text stack and LM head of ``model`` from an HF BERT directory."""
-    path = resolve_source(source, "text_init")
-    sd = read_state_dict(path)
-    report, used = _init_towers(model, path, sd, TextTransformer, text_state_to_ours, NEW_TEXT_PARTS,
-                                "BERT (embeddings.*, encoder.layer.N.*)")
+    ckpt = _read_tower_file(source, "text_init", "text")
+    report, used = _init_towers(model, ckpt, TextTransformer, NEW_TEXT_PARTS)
     for prefix, head in _towers(model, LMHead):
-        converted, consumed = lm_head_state(sd, head)
+        converted, consumed = lm_head_state(ckpt.raw, head)
         _load_tower(head, prefix, converted, report, new=[] if converted else [".*"])  # no MLM head: new
         used |= consumed
-    report.unused += [k for k in sd if k not in used]   # token types, pooler, NSP head: MED has none of them
+    report.unused += [k for k in ckpt.raw if k not in used]   # token types, pooler, NSP head: MED has none of them
     sync_momentum(model)
     return report
 

@@ -4,7 +4,8 @@
 - EVA ``eva_vit_g.pth`` / timm-layout files (names are ours): :func:`eva_vit_to_ours`;
 - OpenAI CLIP ViT (LAVIS ``clip_vit_L.pth``, ``visual.*``): :func:`clip_vit_to_ours`;
 - HF ``CLIPVisionModel`` / ``CLIPModel`` directories: :func:`hf_clip_vision_to_ours`;
-- one ViT tower of any of these for ``model.vision_init``: :func:`vision_state_to_ours`.
+- one ViT tower of these layouts for ``model.vision_init``: :func:`hf_clip_tower`, :func:`openai_clip_tower`,
+  :func:`timm_tower` (the rows of :data:`blip.convert.formats.FORMATS` that name them).
 """
 from __future__ import annotations
 
@@ -218,26 +219,49 @@ def hf_clip_vision_to_ours(sd: StateDict, src: str, depth: int) -> tuple[StateDi
     return out, used
 
 
-def vision_state_to_ours(sd: StateDict, vit: VisionTransformer) -> tuple[StateDict, set[str], list[str]]:
-    """A ViT file (timm / EVA / OpenAI CLIP / HF CLIP layout) -> (``vit``'s keys, consumed file keys, resized)."""
-    cfg = vit.cfg
-    hf_clip = [p for p in ("vision_model.", "") if p + "embeddings.patch_embedding.weight" in sd]
-    if hf_clip:
-        out, used = hf_clip_vision_to_ours(sd, hf_clip[0], cfg.depth)
-    elif is_clip_vit(sd, "visual.") or is_clip_vit(sd):
-        src = "visual." if is_clip_vit(sd, "visual.") else ""
-        out, used = clip_vit_to_ours(sd, "", src, cfg.depth)
-        out = {k[len("visual_encoder."):]: v for k, v in out.items()}
-    else:   # timm / EVA names are ours
-        out, used = eva_vit_to_ours(sd, "", cfg.depth)
-        out = {k[len("visual_encoder."):]: v for k, v in out.items()}
-        if cfg.final_norm:
-            for k in ("norm.weight", "norm.bias"):
-                if k in sd:
-                    out[k], _ = sd[k], used.add(k)
-    resized = []
-    pos = out.get("pos_embed")
-    if pos is not None and pos.shape[1] - 1 != cfg.num_patches:
-        out["pos_embed"] = resize_pos_embed(pos, cfg.num_patches)
-        resized.append(f"pos_embed {pos.shape[1]} -> {cfg.num_patches + 1} positions (bicubic)")
+def is_hf_clip_vit(sd: StateDict) -> bool:
+    """HF ``CLIPVisionModel`` / ``CLIPModel`` weights (``vision_model.`` prefixed or bare)."""
+    return any(p + "embeddings.patch_embedding.weight" in sd for p in ("vision_model.", ""))
+
+
+def is_timm_vit(sd: StateDict) -> bool:
+    """A single ViT under timm / EVA names (DeiT, ViT-L in21k, ``eva_vit_g.pth``): our names, no prefix."""
+    return "cls_token" in sd and "patch_embed.proj.weight" in sd and "blocks.0.attn.qkv.weight" in sd
+
+
+def _fit_grid(out: StateDict, used: set[str], vit: VisionTransformer) -> tuple[StateDict, set[str], list[str]]:
+    """A tower map's result with ``pos_embed`` resized bicubically to ``vit``'s grid (class token kept)."""
+    resized, pos, n = [], out.get("pos_embed"), vit.cfg.num_patches
+    if pos is not None and pos.shape[1] - 1 != n:
+        out["pos_embed"] = resize_pos_embed(pos, n)
+        resized.append(f"pos_embed {pos.shape[1]} -> {n + 1} positions (bicubic)")
     return out, used, resized
+
+
+def _strip_encoder(out: StateDict) -> StateDict:
+    return {k[len("visual_encoder."):]: v for k, v in out.items()}
+
+
+def hf_clip_tower(sd: StateDict, vit: VisionTransformer) -> tuple[StateDict, set[str], list[str]]:
+    """HF CLIP weights -> (``vit``'s keys, consumed file keys, resized): layers beyond ``vit``'s depth unused."""
+    src = "vision_model." if "vision_model.embeddings.patch_embedding.weight" in sd else ""
+    return _fit_grid(*hf_clip_vision_to_ours(sd, src, vit.cfg.depth), vit)
+
+
+def openai_clip_tower(sd: StateDict, vit: VisionTransformer) -> tuple[StateDict, set[str], list[str]]:
+    """OpenAI CLIP ViT weights (bare or under ``visual.``) -> (``vit``'s keys, consumed file keys, resized)."""
+    out, used = clip_vit_to_ours(sd, "", "visual." if is_clip_vit(sd, "visual.") else "", vit.cfg.depth)
+    return _fit_grid(_strip_encoder(out), used, vit)
+
+
+def timm_tower(sd: StateDict, vit: VisionTransformer) -> tuple[StateDict, set[str], list[str]]:
+    """timm / EVA ViT weights (names are ours) -> (``vit``'s keys, consumed file keys, resized); the final norm
+    where ``vit`` has one, the classifier head unused."""
+    out, used = eva_vit_to_ours(sd, "", vit.cfg.depth)
+    out = _strip_encoder(out)
+    if vit.cfg.final_norm:
+        for k in ("norm.weight", "norm.bias"):
+            if k in sd:
+                out[k] = sd[k]
+                used.add(k)
+    return _fit_grid(out, used, vit)

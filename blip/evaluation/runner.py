@@ -23,17 +23,6 @@ log = logging.getLogger("blip.evaluate")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def load_model(source: str, model_cfg: Mapping, device: torch.device, precision: str = "fp32") -> nn.Module:
-    """A checkpoint file, HF directory, zoo name or training run directory, through ``blip.load`` (``model_cfg``:
-    its keyword arguments, None meaning the checkpoint's own). bf16 / fp16: BLIP-2's frozen ViT and LLM are stored
-    in that dtype (as LAVIS runs them); everything else stays fp32 under autocast."""
-    import blip
-    model = blip.load(source, device=device, **{k: v for k, v in model_cfg.items() if v is not None})
-    if DTYPES.get(precision) is not None and hasattr(model, "cast_frozen"):
-        model.cast_frozen(DTYPES[precision])
-    return model
-
-
 def evaluate(model: nn.Module, task: Mapping, split: str, data_root: str | Path, output_dir: str | Path,
              ctx_settings: Mapping[str, Any], data=None, label: Mapping[str, Any] | None = None) -> dict:
     """Collective over the ranks in ``ctx_settings``: run ``task`` on ``split`` and write the outputs (rank 0).

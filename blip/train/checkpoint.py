@@ -1,7 +1,7 @@
 """Resumable checkpoints: atomic, keep-last-N, tensors and plain containers only (loadable with weights_only=True).
 
-Layout: `<dir>/step_00001000/` holding `state.pt` (model, optimizer, schedule, scaler, trainer position) and
-`rng_rank{r}.pt` (each rank's RNG states). A checkpoint is written into a hidden temp directory and renamed into
+Layout (:mod:`blip.run_layout`): `<dir>/step_00001000/` holding `state.pt` (model, optimizer, schedule, scaler,
+trainer position) and `rng_rank{r}.pt` (each rank's RNG states). A checkpoint is written into a hidden temp directory and renamed into
 place only when complete, so a run killed mid-write leaves the previous checkpoint intact.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 
@@ -17,10 +16,8 @@ import numpy as np
 import torch
 
 from blip.checkpoints import read_torch_file
+from blip.run_layout import STATE, checkpoint_name, list_checkpoints
 from blip.train.distributed import DistInfo, barrier, stop_if_any_rank_failed
-
-CHECKPOINT_DIR = re.compile(r"^step_(\d{8})$")
-
 
 def rng_state() -> dict:
     """All RNG states of this process as tensors / lists (no pickled objects)."""
@@ -44,16 +41,6 @@ def set_rng_state(state: dict) -> None:
     npy = state["numpy"]
     np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
                          npy["cached"]))
-
-
-def list_checkpoints(directory: str | Path) -> list[Path]:
-    """Complete checkpoints under `directory`, oldest first."""
-    d = Path(directory)
-    if not d.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := CHECKPOINT_DIR.match(p.name)) and
-             (p / "state.pt").exists()]
-    return [p for _, p in sorted(found)]
 
 
 class CheckpointSaveError(OSError):
@@ -104,8 +91,8 @@ def save_checkpoint(directory: str | Path, step: int, state: dict, info: DistInf
     and directory are fsynced before the rename, so a published checkpoint is complete even after a power loss.
     A failed write (e.g. ENOSPC) removes the partial temp directory and raises CheckpointSaveError on every rank."""
     d = Path(directory)
-    final = d / f"step_{step:08d}"
-    tmp = d / f".step_{step:08d}.tmp"
+    final = d / checkpoint_name(step)
+    tmp = d / f".{final.name}.tmp"
     error = None
     if info.is_main:
         try:
@@ -118,7 +105,7 @@ def save_checkpoint(directory: str | Path, step: int, state: dict, info: DistInf
     try:
         _write(rng_state(), tmp / f"rng_rank{info.rank}.pt")
         if info.is_main:
-            _write(state, tmp / "state.pt")
+            _write(state, tmp / STATE)
     except OSError as e:
         error = _save_error(e, tmp)
     barrier(info)  # every rank's files are written (or failed) before the partial directory may go
@@ -145,7 +132,7 @@ def save_checkpoint(directory: str | Path, step: int, state: dict, info: DistInf
 def load_checkpoint(path: str | Path, info: DistInfo) -> dict:
     """The saved state (on CPU), with this rank's RNG state under "rng" (None if the world size changed)."""
     p = Path(path)
-    state = read_torch_file(p / "state.pt")
+    state = read_torch_file(p / STATE)
     rng_file = p / f"rng_rank{info.rank}.pt"
     state["rng"] = read_torch_file(rng_file) if rng_file.exists() else None
     return state

@@ -18,7 +18,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from blip.checkpoints import CheckpointError, LoadReport, StateDict, fold_names, read_state_dict
+from blip.checkpoints import CheckpointError, LoadReport, StateDict, fold_names
+from blip.convert.formats import read_checkpoint
 from blip.convert.unimodal import init_unimodal, sync_momentum
 from blip.nn.vit import resize_pos_embed
 
@@ -59,31 +60,13 @@ def refuse_random_frozen(model: nn.Module, covered: set[str], model_cfg: DictCon
 
 
 # ---- init_from ---------------------------------------------------------------------------------------------
-def read_init_source(path: str | Path) -> tuple[Path, StateDict]:
-    """A run dir (its newest checkpoint), a checkpoint dir (``state.pt``) or a weights file / HF directory."""
-    from blip.convert.unimodal import resolve_source
-    from blip.runs import read_run_weights
-
-    p = resolve_source(path, "init_from")
-    if p.is_dir() and not (p / "config.json").exists():
-        return read_run_weights(p)
-    return p, read_state_dict(p)
-
-
 def to_model_names(state: StateDict, own: dict[str, Tensor]) -> StateDict:
-    """Released BLIP / LAVIS checkpoints -> our key names; a task model's keys under an objective's ``model.``."""
-    from blip.convert import blip as blip_convert
-    from blip.convert.blip2_lavis import is_lavis_llm, lavis_llm_to_ours, lavis_stage1_to_ours
-    from blip.convert.blip2_parts import is_lavis_blip2
-
-    if blip_convert.owns(state) and not blip_convert.is_ours(state):
-        state = blip_convert.original_to_ours(state)
-    elif is_lavis_blip2(state) and any(k.startswith("Qformer.") for k in state):
-        state = (lavis_llm_to_ours if is_lavis_llm(state) else lavis_stage1_to_ours)(state)[0]
+    """A checkpoint's weights under our names (``Checkpoint.state``) -> under an objective's ``model.`` when the
+    model being initialised is one (a fine-tuning objective around its task model)."""
     wrapped = {k for k in own if k.startswith("model.")}
     if wrapped and len(wrapped) == len(own) and not any(k.startswith("model.") for k in state):
-        state = {"model." + k: v for k, v in state.items()}
-    return state
+        return {"model." + k: v for k, v in state.items()}
+    return dict(state)
 
 
 def _resize_pos_embeds(state: StateDict, own: dict[str, Tensor]) -> list[str]:
@@ -117,9 +100,9 @@ def new_by_design(model: nn.Module) -> list[str]:
 def init_from_checkpoint(model: nn.Module, source: str | Path, min_fraction: float = 1.0) -> LoadReport:
     """Load ``source`` into ``model`` by name (see the module doc); raises :class:`CheckpointError` when a required
     part is not covered. Returns the report (also logged)."""
-    path, state = read_init_source(source)
-    own = model.state_dict()
-    state = to_model_names(state, own)
+    checkpoint = read_checkpoint(source, "init_from")
+    path, own = checkpoint.name, model.state_dict()
+    state = to_model_names(checkpoint.state, own)
     new = new_by_design(model)
     from blip.convert.blip_nlvr import FROM_SINGLE_MISSING, is_nlvr, twin_from_single
     if is_nlvr(own) and not is_nlvr(state):   # NLVR2 from a single-image run: both branches from its cross-attn

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from blip.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
+from blip.run_layout import list_checkpoints
+from blip.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from blip.train.distributed import (DistInfo, all_reduce_mean, all_reduce_sum_int, gradient_sync,
                                     stop_if_any_rank_failed, unwrap)
 from blip.train.metrics_log import MetricLogger

@@ -19,8 +19,9 @@ from blip.data.text import text_cleaner
 from blip.data.webdataset import WebDatasetSource
 from blip.evaluation.runner import benchmark_data, evaluate_after_training
 from blip.registry import BLIP_FINETUNE_TASKS, LLM_TASKS
-from blip.runs import build_model, checkpoint_path
-from blip.train.checkpoint import list_checkpoints, load_checkpoint, remove_stale_tmp
+from blip.run_layout import CONFIG, checkpoint_path, newest_checkpoint, own_run_dir
+from blip.runs import build_model
+from blip.train.checkpoint import load_checkpoint, remove_stale_tmp
 from blip.train.distributed import DistInfo, barrier, block_lists, init_distributed, unwrap, wrap_model
 from blip.train.init import init_from_checkpoint, refuse_random_frozen, unimodal_init
 from blip.train.loop import Trainer
@@ -101,20 +102,11 @@ def build_train_data(cfg: DictConfig, info: DistInfo, sources: list, weights: li
 
 
 # ---- run ---------------------------------------------------------------------------------------------------
-def latest_checkpoint(output_root: str | Path, name: str, exclude: Path | None = None) -> Path | None:
-    """The newest checkpoint of the newest run `output_root/name/*` that has one."""
-    runs = sorted(p for p in (Path(output_root) / name).glob("*") if p.is_dir() and p != exclude)
-    for candidate in reversed(runs):
-        if found := list_checkpoints(candidate / "checkpoints"):
-            return found[-1]
-    return None
-
-
 def locate(spec: str, cfg: DictConfig, run_dir: Path) -> Path | None:
     """A run/checkpoint directory, `latest` (this run's name) or `latest:<name>` → a checkpoint directory."""
     if spec == "latest" or spec.startswith("latest:"):
         name = spec.partition(":")[2] or cfg.name
-        found = latest_checkpoint(cfg.output_root, name, exclude=run_dir)
+        found = newest_checkpoint(cfg.output_root, name, exclude=run_dir)
         if found is None:
             log.warning("%s: no run of %s with a checkpoint under %s", spec, name, cfg.output_root)
         return found
@@ -134,14 +126,6 @@ def init_source(spec: str, cfg: DictConfig, run_dir: Path) -> Path | str | None:
     return spec
 
 
-def stage1_file(init: Path | str) -> Path:
-    """The weights file of a stage-1 source: a file or zoo name as it is, a run / checkpoint dir's ``state.pt``."""
-    from blip.convert.unimodal import resolve_source
-
-    path = resolve_source(init, "init_from")
-    return path if path.is_file() else checkpoint_path(path) / "state.pt"
-
-
 def find_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
     if cfg.resume in (None, "", "none"):
         return None
@@ -151,18 +135,13 @@ def find_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
     return found
 
 
-def own_run_dir(checkpoint: Path) -> Path | None:
-    """The run directory a checkpoint belongs to (`<run>/checkpoints/step_*`), if it is one."""
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
-
-
 def claim_run_dir(cfg: DictConfig, resume_from: Path | None) -> Path:
     """This run's directory, claimed by creating its config.yaml exclusively: runs of one name started in the same
     second get `<dir>`, `<dir>-1`, ... . A resumed run continues in the directory of the run it resumes."""
     config = OmegaConf.to_yaml(cfg, resolve=True)
     if resume_from is not None and (own := own_run_dir(resume_from)) is not None:
         removed = remove_stale_tmp(own / "checkpoints")
-        (own / "config.yaml").write_text(config)
+        (own / CONFIG).write_text(config)
         log.info("resuming in the run's own directory %s%s", own,
                  f" (removed {len(removed)} incomplete checkpoint(s))" if removed else "")
         return own
@@ -171,7 +150,7 @@ def claim_run_dir(cfg: DictConfig, resume_from: Path | None) -> Path:
         run_dir = base if i == 0 else base.with_name(f"{base.name}-{i}")
         run_dir.mkdir(parents=True, exist_ok=True)
         try:
-            with open(run_dir / "config.yaml", "x") as f:
+            with open(run_dir / CONFIG, "x") as f:
                 f.write(config)
         except FileExistsError:
             continue
@@ -228,8 +207,8 @@ def initialised_model(cfg: DictConfig, run_dir: Path, resume_from: Path | None, 
     stage-1 hand-off), the refusal of a random frozen tower, and stage 2's LLM warm-up (not on resume: a checkpoint
     holds the warm LLM)."""
     init = init_source(str(cfg.init_from), cfg, run_dir) if cfg.get("init_from") else None
-    # BLIP-2 stage 2 starts from a stage-1 run through the one strict hand-off (blip.convert.blip2.init_from_stage1)
-    stage1 = stage1_file(init) if init is not None and cfg.model.task in LLM_TASKS else None
+    # BLIP-2 stage 2 starts from a stage-1 run through the one strict hand-off (blip.convert.blip2_handoff.init_from_stage1)
+    stage1 = init if init is not None and cfg.model.task in LLM_TASKS else None
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, qformer_from=stage1)
     reports = unimodal_init(model, cfg.model, cfg.data)

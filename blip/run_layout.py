@@ -1,0 +1,121 @@
+"""Where a training run of ``scripts/train.py`` keeps its files: the one home of the run-directory layout.
+
+::
+
+    <output_root>/<name>/                 runs of one name ("the newest run of this name" is taken from here)
+        <timestamp>[-N]/                  a run directory, claimed by creating its config.yaml
+            config.yaml                   the resolved config (rebuilds the model: blip.runs.load_run)
+            checkpoints/step_00001000/    a checkpoint, published atomically by renaming .step_00001000.tmp
+                state.pt                  model, optimizer, schedule, scaler, trainer position
+                rng_rank{r}.pt            each rank's RNG states
+
+Every function here is about paths and files only (no model is built), so the checkpoint reader
+(:mod:`blip.convert.formats`), training and the loaders above them share it.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .checkpoints import CheckpointError, read_torch_file
+
+CONFIG = "config.yaml"
+CHECKPOINTS = "checkpoints"
+STATE = "state.pt"
+CHECKPOINT_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def checkpoint_name(step: int) -> str:
+    """The directory name of the checkpoint of ``step`` (``step_00001000``); zero-padded so names sort by step."""
+    return f"step_{step:08d}"
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Complete checkpoints (``step_*/state.pt``) under ``directory``, oldest first."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := CHECKPOINT_DIR.match(p.name)) and
+             (p / STATE).exists()]
+    return [p for _, p in sorted(found)]
+
+
+def is_run(path: str | Path) -> bool:
+    """A run directory (``config.yaml`` + ``checkpoints/``), one of its checkpoint directories (``state.pt``), or
+    a folder of runs of one name."""
+    p = Path(path)
+    return p.is_dir() and ((p / CONFIG).is_file() or (p / STATE).is_file() or _runs_of_one_name(p) != [])
+
+
+def _runs_of_one_name(folder: Path) -> list[Path]:
+    """The run directories directly inside ``folder`` (``outputs/<name>/<timestamp>``), oldest first."""
+    if not folder.is_dir() or (folder / CONFIG).exists():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and (p / CONFIG).is_file() and (p / CHECKPOINTS).is_dir())
+
+
+def newest_run(folder: str | Path, exclude: Path | None = None) -> Path | None:
+    """The newest run directory inside ``folder`` that has a finished checkpoint (runs are named by their start
+    time, so the names sort by age); None when no run there has one."""
+    for run in reversed(_runs_of_one_name(Path(folder))):
+        if run != exclude and list_checkpoints(run / CHECKPOINTS):
+            return run
+    return None
+
+
+def newest_checkpoint(output_root: str | Path, name: str, exclude: Path | None = None) -> Path | None:
+    """The newest checkpoint of the newest run ``output_root/name/*`` that has one (``latest:<name>``)."""
+    run = newest_run(Path(output_root) / name, exclude)
+    return None if run is None else list_checkpoints(run / CHECKPOINTS)[-1]
+
+
+def find_run(path: str | Path) -> tuple[Path, Path] | None:
+    """(config.yaml, newest checkpoint dir) of a run directory, one of its checkpoint dirs, or a folder of runs of
+    one name (its newest run with a checkpoint); None when ``path`` is none of these."""
+    p = Path(path)
+    if not p.is_dir():
+        return None
+    if (p / STATE).is_file() and (p.parent.parent / CONFIG).is_file():
+        return p.parent.parent / CONFIG, p
+    if (p / CONFIG).is_file() and (p / CHECKPOINTS).is_dir():
+        found = list_checkpoints(p / CHECKPOINTS)
+        if not found:
+            raise CheckpointError(f"{p}: a training run without a finished checkpoint (checkpoints/step_*/state.pt); "
+                                  "train longer or lower trainer.checkpoint_every")
+        return p / CONFIG, found[-1]
+    runs = _runs_of_one_name(p)
+    if runs:
+        run = newest_run(p)
+        if run is None:
+            raise CheckpointError(f"{p}: none of its {len(runs)} runs has a finished checkpoint "
+                                  "(checkpoints/step_*/state.pt); train longer or lower trainer.checkpoint_every")
+        return run / CONFIG, list_checkpoints(run / CHECKPOINTS)[-1]
+    return None
+
+
+def checkpoint_path(path: str | Path) -> Path:
+    """A checkpoint directory itself, or the newest checkpoint of a run directory / folder of runs."""
+    p = Path(path)
+    if (p / STATE).exists():
+        return p
+    found = find_run(p) or (None, (list_checkpoints(p / CHECKPOINTS) or [None])[-1])
+    if found[1] is None:
+        raise FileNotFoundError(f"no checkpoint in {p} (expected {p}/{STATE}, {p}/{CHECKPOINTS}/step_*/ or "
+                                f"{p}/<run>/{CHECKPOINTS}/step_*/)")
+    return found[1]
+
+
+def own_run_dir(checkpoint: Path) -> Path | None:
+    """The run directory a checkpoint belongs to (``<run>/checkpoints/step_*``), if it is one."""
+    return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else None
+
+
+def read_run_weights(path: str | Path) -> tuple[Path, dict]:
+    """The newest checkpoint directory of a run (or a checkpoint directory itself) and the model weights in its
+    ``state.pt`` (the training objective's names)."""
+    ckpt = checkpoint_path(path)
+    state = read_torch_file(ckpt / STATE)
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise CheckpointError(f"{ckpt / STATE}: a training checkpoint holds a 'model' state dict; this one does not "
+                              "(re-run the training or pick another checkpoint)")
+    return ckpt, state["model"]
