@@ -134,6 +134,10 @@ def _is_hf_bert(sd: StateDict) -> bool:
         any(".encoder.layer.0." in f".{k}" for k in sd) and not any(k.startswith("Qformer.") for k in sd)
 
 
+def _is_blip_ours(sd: StateDict) -> bool:
+    return blip_convert.owns(sd) and blip_convert.is_ours(sd)
+
+
 def _original_load(family_load: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     return lambda c, **options: family_load(c.raw, c.name, **options)
 
@@ -158,7 +162,7 @@ FORMATS: list[Format] = [
            recognise=_keys(is_lavis_blip2), to_ours=lambda sd: blip2_lavis.lavis_stage1_to_ours(sd)[0],
            load=_original_load(blip2_convert.load_lavis_stage1_as_task)),
     Format("blip", "blip", "blip BLIP weights (a .safetensors export, a training objective's state)",
-           recognise=_keys(lambda sd: blip_convert.owns(_strip_objective(sd)) and blip_convert.is_ours(sd)),
+           recognise=_keys(lambda sd: _is_blip_ours(_strip_objective(sd))),
            to_ours=_strip_objective, load=lambda c, **options: blip_convert.load_original(c.state, c.name, **options)),
     Format("blip-original", "blip", "salesforce/BLIP or LAVIS BLIP .pth",
            recognise=_keys(blip_convert.owns), to_ours=blip_convert.original_to_ours,
