@@ -16,28 +16,16 @@ from torch import nn
 
 from ..data.eval_datasets import CaptionData, NLVRData, RetrievalData, VQAData
 from ..metrics.retrieval import recall_at_k, rerank_with_itm
+from ..models.family import Family, family_of
 from .sharding import EvalContext, ListDataset, run_pass
 
 log = logging.getLogger("blip.evaluate")
 
 
 # ---- models -----------------------------------------------------------------------------------------------------
-def model_family(model: nn.Module) -> str:
-    """"blip" (BLIP task models), "blip2_qformer" (BLIP-2 stage 1) or "blip2_llm" (BLIP-2 / InstructBLIP + LLM)."""
-    from ..models.blip2_qformer import Blip2Qformer
-    from ..models.blip_core import BlipModel
-    if isinstance(model, BlipModel):
-        return "blip"
-    if isinstance(model, Blip2Qformer):
-        return "blip2_qformer"
-    if hasattr(model, "llm") and hasattr(model, "query_embeds"):
-        return "blip2_llm"
-    raise TypeError(f"{type(model).__name__} is not a BLIP / BLIP-2 model this evaluation knows")
-
-
-def protocol_for(task: Mapping, model: nn.Module) -> tuple[str, Mapping]:
+def protocol_for(task: Mapping, model: nn.Module) -> tuple[Family, Mapping]:
     """(family, the task's protocol settings for that family); a clear error when the task has none."""
-    family = model_family(model)
+    family = family_of(model)
     protocols = task["protocol"]
     if family not in protocols:
         raise ValueError(f"task {task['name']} has no protocol for {family} models ({type(model).__name__}); it "
@@ -67,14 +55,14 @@ def _image_dataset(model: nn.Module, items: list) -> ListDataset:
 
 
 # ---- captioning -------------------------------------------------------------------------------------------------
-def caption_images(model: nn.Module, family: str, p: Mapping, pixels: torch.Tensor) -> list[str]:
+def caption_images(model: nn.Module, family: Family, p: Mapping, pixels: torch.Tensor) -> list[str]:
     """One caption per image with the protocol ``p`` of ``family`` (BLIP lengths count the prompt tokens)."""
-    if family == "blip":   # BLIP's lengths count the prompt tokens ([DEC] a picture of = 4)
+    if family == Family.BLIP:   # BLIP's lengths count the prompt tokens ([DEC] a picture of = 4)
         from ..data.tokenizer import caption_prompt_ids
         plen = caption_prompt_ids(model.tokenizer, p["prompt"], 1).shape[1]
         return model.caption(pixels, prompt=p["prompt"], num_beams=p["num_beams"],
                              max_new_tokens=p["max_length"] - plen, min_new_tokens=max(p["min_length"] - plen, 0))
-    if family == "blip2_qformer":   # LAVIS's lengths count [DEC]
+    if family == Family.BLIP2_QFORMER:   # LAVIS's lengths count [DEC]
         return model.caption(pixels, num_beams=p["num_beams"], max_new_tokens=p["max_length"] - 1,
                              min_new_tokens=max(p["min_length"] - 1, 0))
     # LAVIS's min_length counts new tokens for decoder-only LLMs and the decoder start token for T5
@@ -112,10 +100,10 @@ def run_captioning(model: nn.Module, data: CaptionData, task: Mapping, ctx: Eval
 
 
 # ---- VQA --------------------------------------------------------------------------------------------------------
-def answer_questions(model: nn.Module, family: str, p: Mapping, pixels: torch.Tensor, questions: list[str],
+def answer_questions(model: nn.Module, family: Family, p: Mapping, pixels: torch.Tensor, questions: list[str],
                      answer_list: list[str] | None) -> list[str]:
     """One answer per (image, question) with the protocol ``p`` (BLIP: rank over ``answer_list`` or generate)."""
-    if family == "blip":
+    if family == Family.BLIP:
         if p["method"] == "rank":
             return model.answer(pixels, questions, method="rank", answer_list=answer_list, k=p["k"])
         return model.answer(pixels, questions, method="generate", num_beams=p["num_beams"],   # lengths count [DEC]
@@ -128,8 +116,8 @@ def run_vqa(model: nn.Module, data: VQAData, task: Mapping, ctx: EvalContext) ->
     from ..metrics.vqa import exact_match_accuracy, lemmatizer, vqa_accuracy
     family, p = protocol_for(task, model)
     items = list(zip(range(len(data.images)), data.images))
-    lemmatize, why = lemmatizer(task.get("lemmatize", False)) if family != "blip" else (None, None)
-    if family == "blip" and p["method"] == "rank" and data.answer_list is None:
+    lemmatize, why = lemmatizer(task.get("lemmatize", False)) if family != Family.BLIP else (None, None)
+    if family == Family.BLIP and p["method"] == "rank" and data.answer_list is None:
         from ..data.eval_datasets import MissingDataError
         raise MissingDataError(data.answer_list_missing or f"task {task['name']} has no answer_list for ranking")
 
@@ -173,7 +161,7 @@ def _collate_pairs(samples: list) -> tuple[torch.Tensor, torch.Tensor, list[int]
 def run_nlvr(model: nn.Module, data: NLVRData, task: Mapping, ctx: EvalContext) -> tuple[list, dict]:
     """BLIP's NLVR2 evaluation (train_nlvr.py): argmax of the two-image classifier per sentence; accuracy in
     percent. predictions: [{"identifier", "prediction": "True" | "False"}] (the NLVR2 evaluation's fields)."""
-    if not hasattr(model, "predict") or model_family(model) != "blip":
+    if not hasattr(model, "predict") or family_of(model) != Family.BLIP:
         raise ValueError(f"nlvr2 needs a BLIP NLVR2 model (task=nlvr), got {type(model).__name__}")
     dataset = ListDataset(data.images, partial(_load_pair, image_preprocess(model)))
 
@@ -193,8 +181,8 @@ def run_nlvr(model: nn.Module, data: NLVRData, task: Mapping, ctx: EvalContext) 
 class RetrievalScorer:
     """ITC features, similarities and ITM match logits of a BLIP retrieval model or a BLIP-2 Q-Former."""
 
-    def __init__(self, model: nn.Module, family: str, max_length: int):
-        if family not in ("blip", "blip2_qformer") or not hasattr(model, "itm_head"):
+    def __init__(self, model: nn.Module, family: Family, max_length: int):
+        if family not in (Family.BLIP, Family.BLIP2_QFORMER) or not hasattr(model, "itm_head"):
             raise ValueError(f"retrieval needs a model with ITC and ITM heads (BLIP retrieval or a BLIP-2 Q-Former), "
                              f"got {type(model).__name__}")
         self.model, self.family, self.max_length = model, family, max_length
@@ -204,26 +192,26 @@ class RetrievalScorer:
         from ..data.tokenizer import tokenize, with_first_token
         enc = tokenize(self.model.tokenizer, texts, self.max_length)
         ids = enc["input_ids"]
-        if itm and self.family == "blip":
+        if itm and self.family == Family.BLIP:
             ids = with_first_token(ids, self.model.cfg.enc_token_id)
         return ids.to(device), enc["attention_mask"].to(device)
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, E] (BLIP) or [B, Q, E] (BLIP-2 queries), normalized."""
-        if self.family == "blip":
+        if self.family == Family.BLIP:
             return self.model.encode_image(pixels)
         return self.model.encode_image(pixels).embeds
 
     def text_features(self, texts: list[str], device) -> torch.Tensor:
         ids, mask = self.tokens(texts, itm=False, device=device)
         out = self.model.encode_text(ids, mask)
-        return out if self.family == "blip" else out.embeds
+        return out if self.family == Family.BLIP else out.embeds
 
     def similarity(self, image_feats: torch.Tensor, text_feats: torch.Tensor, chunk: int = 64) -> torch.Tensor:
         """[N_img, N_txt] cosine similarity (BLIP-2: max over queries, ``chunk`` images at a time: the per-query
         scores [chunk, N_txt, Q] are the largest intermediate)."""
         from ..models.blip2_qformer import query_similarity
-        if self.family == "blip":
+        if self.family == Family.BLIP:
             return image_feats @ text_feats.t()
         return torch.cat([query_similarity(image_feats[i:i + chunk], text_feats)
                           for i in range(0, len(image_feats), chunk)])
@@ -231,12 +219,12 @@ class RetrievalScorer:
     def itm_logits(self, pixels: torch.Tensor, texts: list[str], chunk: int = 128) -> torch.Tensor:
         """Match logits [n] of one image [1, 3, H, W] with each of ``texts`` (BLIP-2: averaged over queries)."""
         m = self.model
-        vit = m.image_embeds(pixels) if self.family == "blip" else m.image_features(pixels)
+        vit = m.image_embeds(pixels) if self.family == Family.BLIP else m.image_features(pixels)
         out = []
         for start in range(0, len(texts), chunk):
             ids, mask = self.tokens(texts[start:start + chunk], itm=True, device=pixels.device)
             embeds = vit.expand(ids.shape[0], -1, -1)
-            head = m.itm_logits_from_embeds if self.family == "blip" else m.itm_logits_from_features
+            head = m.itm_logits_from_embeds if self.family == Family.BLIP else m.itm_logits_from_features
             out.append(head(embeds, ids, mask)[:, 1].float())
         return torch.cat(out) if out else torch.empty(0, device=pixels.device)
 

@@ -28,6 +28,7 @@ from ..generation import GenerationConfig, generate
 from ..nn.vit import VisionTransformer
 from .blip2 import LLM_ARCHS, Blip2LLMConfig
 from .blip2_llm_strings import LanguageInterface
+from .family import Family
 from .frozen_llm import (CausalStep, LLMSource, Seq2SeqStep, align_padding, causal_logits, load_llm, seq2seq_encode,
                          seq2seq_logits)
 from .qformer import FrozenImageEncoder, QFormer, QFormerConfig
@@ -46,6 +47,7 @@ class Blip2LLMOutput:
 class Blip2LanguageModel(LanguageInterface, nn.Module):
     """Stage-2 BLIP-2: ``image_encoder`` (ViT + ln_vision) -> ``qformer`` -> ``llm_proj`` -> ``llm`` (HF, frozen)."""
 
+    family = Family.BLIP2_LLM
     compile_decoding = False   # generate()'s default for compile= (blip.load(compile=True) sets it)
 
     instruct = False

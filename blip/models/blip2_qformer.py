@@ -27,6 +27,7 @@ from ..generation import GenerationConfig, generate
 from ..nn.attention import ConcatKVCache
 from ..nn.transformer import LMHead
 from ..nn.vit import VisionConfig, VisionTransformer
+from .family import Family
 from .qformer import EVA_VIT_G, FrozenImageEncoder, QFormer, QFormerConfig
 from .strings import Images, MatchResult, cached, image_batch
 
@@ -85,6 +86,7 @@ class Blip2Qformer(nn.Module):
     text embeddings), ``lm_head`` (tied), ``vision_proj``, ``text_proj``, ``itm_head``, ``temp``.
     """
 
+    family = Family.BLIP2_QFORMER
     compile_decoding = False   # generate()'s default for compile= (blip.load(compile=True) sets it)
 
     def __init__(self, cfg: Blip2QformerConfig):

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from ..generation import GenerationConfig, generate
 from ..nn.transformer import LMHead, TextConfig, TextTransformer, check_length
 from ..nn.vit import VisionConfig, VisionTransformer
+from .family import Family
 
 
 @dataclass
@@ -52,6 +53,7 @@ def build_vit(cfg: BlipConfig) -> VisionTransformer:
 class BlipModel(nn.Module):
     """Base of the BLIP task models: holds ``cfg``; switches gradient checkpointing in every tower at once."""
 
+    family = Family.BLIP
     compile_decoding = False   # generate()'s default for compile= (blip.load(compile=True) sets it)
 
     def __init__(self, cfg: BlipConfig):

@@ -32,6 +32,7 @@ from ..checkpoints import LoadReport, load_into
 from ..data.tokenizer import DEC_TOKEN_ID, ENC_TOKEN_ID, PAD_TOKEN_ID, get_tokenizer, tokenize_to, with_first_token
 from ..losses import FeatureQueue, lm_loss_from_hidden, rank
 from ..models.blip_core import TextDecoder
+from ..models.family import Family
 from ..nn.transformer import TextTransformer
 from ..nn.vit import VisionTransformer
 from .momentum import MomentumDistillation, itm_hard_negatives, momentum_itc, ramped_alpha
@@ -54,6 +55,8 @@ class BlipPretrain(MomentumDistillation, nn.Module):
     "progress": float (epochs elapsed)}. Text is tokenized here (``[CLS] ... [SEP]``, padded to ``max_txt_len``).
     cfg: a :class:`blip.models.blip_core.BlipConfig` (``vision``, ``text``, ``embed_dim``).
     """
+
+    family = Family.BLIP   # no ``.model`` to ask: the towers are this objective's own
 
     def __init__(self, cfg: Any, *, queue_size: int = 57600, momentum: float = 0.995, alpha: float = 0.4,
                  alpha_warmup_epochs: float = 2.0, temp: float = 0.07, max_txt_len: int = 30,
