@@ -27,10 +27,11 @@ from ..dtypes import to_dtype
 from ..generation import GenerationConfig, generate
 from ..nn.attention import ConcatKVCache
 from ..nn.transformer import LMHead
-from ..nn.vit import VisionConfig, VisionTransformer
+from ..nn.vit import VisionConfig
 from .blip2_qformer_strings import QformerStrings
 from .family import Family
 from .qformer import EVA_VIT_G, FrozenImageEncoder, QFormer, QFormerConfig
+from .structure import DeclaredLayers
 
 
 
@@ -80,7 +81,7 @@ def query_similarity(image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
     return torch.einsum("iqe,te->itq", image_embeds, text_embeds).amax(dim=-1)
 
 
-class Blip2Qformer(QformerStrings, nn.Module):
+class Blip2Qformer(QformerStrings, DeclaredLayers, nn.Module):
     """BLIP-2 stage-1 model (LAVIS ``Blip2Qformer``, HF ``Blip2ForImageTextRetrieval`` + the ITG head).
 
     Modules: ``image_encoder`` (``visual_encoder`` + ``ln_vision``), ``qformer`` (``query_tokens`` + transformer with
@@ -88,6 +89,8 @@ class Blip2Qformer(QformerStrings, nn.Module):
     """
 
     family = Family.BLIP2_QFORMER
+    vit_path = "image_encoder.visual_encoder"
+    checkpointed = ("image_encoder.visual_encoder", "qformer.transformer")
     compile_decoding = False   # generate()'s default for compile= (blip.load(compile=True) sets it)
 
     def __init__(self, cfg: Blip2QformerConfig):
@@ -110,15 +113,6 @@ class Blip2Qformer(QformerStrings, nn.Module):
         for m in (self.lm_head.dense, self.vision_proj, self.text_proj, self.itm_head):
             nn.init.normal_(m.weight, std=text.initializer_range)
             nn.init.zeros_(m.bias)
-
-    def group_matcher(self) -> dict[str, str]:
-        """Layer groups for layer-wise LR decay (timm convention): the ViT's stem and blocks."""
-        return VisionTransformer.group_matcher("image_encoder.visual_encoder.")
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute ViT blocks and Q-Former layers in the backward pass."""
-        self.image_encoder.visual_encoder.set_grad_checkpointing(enable)
-        self.qformer.transformer.set_grad_checkpointing(enable)
 
     @property
     def num_queries(self) -> int:
