@@ -31,7 +31,10 @@ def evaluate(model: nn.Module, task: Mapping, split: str, data_root: str | Path,
     ctx_settings: EvalContext fields (device, rank, world_size, batch_size, num_workers, progress_bar,
     autocast_dtype). label: extra fields recorded in the manifest and metrics (checkpoint, zero_shot).
     Returns the metrics (empty for splits without public ground truth)."""
-    from .tasks import run_captioning, run_nlvr, run_retrieval, run_vqa
+    from .caption import run_captioning
+    from .nlvr2 import run_nlvr
+    from .retrieval import run_retrieval
+    from .vqa import run_vqa
     started = time.perf_counter()
     data = data if data is not None else read_task_data(task, split, data_root)
     output_dir = Path(output_dir)
