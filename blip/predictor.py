@@ -16,6 +16,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from .models.family import Family, family_of
+
 DEFAULT_QUESTION = "What is this a picture of?"
 
 
@@ -60,13 +62,6 @@ def question_prompt(question: str, context: str | None = None) -> str:
     return f"{context.strip()} {prompt}" if context and context.strip() else prompt
 
 
-def family_of(model: nn.Module) -> str:
-    """"blip2" (a frozen-LLM model: BLIP-2 stage 2, InstructBLIP), "qformer" (BLIP-2 stage 1) or "blip"."""
-    if hasattr(model, "chat"):
-        return "blip2"
-    return "qformer" if hasattr(model, "qformer") else "blip"
-
-
 def image_size_of(model: nn.Module) -> int:
     cfg = getattr(model, "cfg", None) or getattr(model, "config")
     vision = getattr(cfg, "vision", None)
@@ -79,7 +74,7 @@ class Predictor:
     def __init__(self, model: nn.Module, name: str = ""):
         self.model, self.name = model.eval(), name
         self.family = family_of(model)
-        self.llm = self.family == "blip2"
+        self.llm = self.family == Family.BLIP2_LLM
 
     # ---- what the model can do ----------------------------------------------------------------------------------
     @property
@@ -168,7 +163,7 @@ class Predictor:
         self.require("caption")
         gen = self._generation(decoding, "caption", seeds, pixels.shape[0])
         prompt = self.resolve(decoding).prompt
-        if self.family == "qformer":
+        if self.family == Family.BLIP2_QFORMER:
             if prompt:
                 raise UsageError("the BLIP-2 Q-Former captions without a prompt")
             return self.model.caption(self._pixels(pixels), **gen)

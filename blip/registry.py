@@ -21,6 +21,7 @@ from .models.blip import ARCHS as BLIP_ARCHS
 from .models.blip import TASKS as BLIP_TASKS
 from .models.blip2 import LLM_ARCHS, QFORMER_ARCHS
 from .models.blip2_qformer import Blip2QformerConfig
+from .models.family import Family
 
 Builder = Callable[..., nn.Module]
 LLM_TASKS = ("stage2", "instruct")
@@ -100,12 +101,15 @@ def register_qformer_arch(arch: str, cfg: Blip2QformerConfig) -> None:
     OBJECTIVES[arch, "stage1"] = _blip2_stage1
 
 
-def family(arch: str) -> str:
-    """"blip" or "blip2": which checkpoint formats (``blip.convert.<family>``) the arch reads and writes."""
+def family(arch: str) -> Family:
+    """The family of the arch's models (:class:`blip.models.family.Family`, what their ``family`` attribute says):
+    BLIP (v1), a BLIP-2 stage-1 Q-Former or a BLIP-2 / InstructBLIP model with its LLM."""
     if arch in BLIP_ARCHS:
-        return "blip"
-    if arch in QFORMER_ARCHS or arch in LLM_ARCHS:
-        return "blip2"
+        return Family.BLIP
+    if arch in QFORMER_ARCHS:
+        return Family.BLIP2_QFORMER
+    if arch in LLM_ARCHS:
+        return Family.BLIP2_LLM
     raise KeyError(f"unknown arch {arch!r}; known: {sorted({a for a, _ in list_models()})}")
 
 

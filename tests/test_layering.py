@@ -97,6 +97,13 @@ def test_no_import_cycle():
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
 
+def test_no_module_imports_the_package_face():
+    """``import blip`` / ``from blip import load`` inside the package hide which module is used (and run the whole
+    package's init): modules import what they use from the module that defines it."""
+    wrong = sorted(name for name, targets in graph().items() if name != "blip" and "blip" in targets)
+    assert not wrong, "modules importing the bare package `blip`:\n" + "\n".join(wrong)
+
+
 def test_the_walk_sees_function_level_imports():
     g = graph()
     assert "blip.objectives.blip_pretrain" in g["blip.registry"]   # imported inside a builder function

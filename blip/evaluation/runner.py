@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ..data.eval_datasets import read_task_data
+from ..models.family import family_of
 from .sharding import EvalContext, check_manifest, write_json_atomic
 
 log = logging.getLogger("blip.evaluate")
@@ -30,7 +31,10 @@ def evaluate(model: nn.Module, task: Mapping, split: str, data_root: str | Path,
     ctx_settings: EvalContext fields (device, rank, world_size, batch_size, num_workers, progress_bar,
     autocast_dtype). label: extra fields recorded in the manifest and metrics (checkpoint, zero_shot).
     Returns the metrics (empty for splits without public ground truth)."""
-    from .tasks import model_family, run_captioning, run_nlvr, run_retrieval, run_vqa
+    from .caption import run_captioning
+    from .nlvr2 import run_nlvr
+    from .retrieval import run_retrieval
+    from .vqa import run_vqa
     started = time.perf_counter()
     data = data if data is not None else read_task_data(task, split, data_root)
     output_dir = Path(output_dir)
@@ -38,7 +42,7 @@ def evaluate(model: nn.Module, task: Mapping, split: str, data_root: str | Path,
     label = dict(label or {})
     protocol = OmegaConf.to_container(task["protocol"]) if isinstance(task, DictConfig) else task["protocol"]
     check_manifest(ctx, {"task": task["name"], "split": split, "batch_size": ctx.batch_size,
-                         "family": model_family(model), "protocol": protocol, **label})
+                         "family": family_of(model), "protocol": protocol, **label})
     model.eval()
     extra = {}
     if task["kind"] == "caption":

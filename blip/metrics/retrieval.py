@@ -1,6 +1,6 @@
 """Image-text retrieval evaluation as in BLIP: ITC similarities, ITM re-ranking of the top-k, recall@K.
 
-The benchmark pass that computes the scores from a model is :func:`blip.evaluation.tasks.run_retrieval`.
+The benchmark pass that computes the scores from a model is :func:`blip.evaluation.retrieval.run_retrieval`.
 """
 from __future__ import annotations
 

@@ -25,12 +25,13 @@ from torch import Tensor, nn
 
 from ..dtypes import to_dtype
 from ..generation import GenerationConfig, generate
-from ..nn.vit import VisionTransformer
 from .blip2 import LLM_ARCHS, Blip2LLMConfig
 from .blip2_llm_strings import LanguageInterface
+from .family import Family
 from .frozen_llm import (CausalStep, LLMSource, Seq2SeqStep, align_padding, causal_logits, load_llm, seq2seq_encode,
                          seq2seq_logits)
 from .qformer import FrozenImageEncoder, QFormer, QFormerConfig
+from .structure import DeclaredLayers
 
 LLM_TASKS = ("stage2", "instruct")
 
@@ -43,9 +44,12 @@ class Blip2LLMOutput:
     query_embeds: Tensor
 
 
-class Blip2LanguageModel(LanguageInterface, nn.Module):
+class Blip2LanguageModel(LanguageInterface, DeclaredLayers, nn.Module):
     """Stage-2 BLIP-2: ``image_encoder`` (ViT + ln_vision) -> ``qformer`` -> ``llm_proj`` -> ``llm`` (HF, frozen)."""
 
+    family = Family.BLIP2_LLM
+    vit_path = "image_encoder.visual_encoder"
+    checkpointed = ("image_encoder.visual_encoder", "qformer.transformer")
     compile_decoding = False   # generate()'s default for compile= (blip.load(compile=True) sets it)
 
     instruct = False
@@ -75,15 +79,6 @@ class Blip2LanguageModel(LanguageInterface, nn.Module):
         return self
 
     # ---- structure -------------------------------------------------------------------------------------------
-    def group_matcher(self) -> dict[str, str]:
-        """Layer groups for layer-wise LR decay (timm convention): the ViT's stem and blocks."""
-        return VisionTransformer.group_matcher("image_encoder.visual_encoder.")
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute ViT blocks and Q-Former layers in the backward pass."""
-        self.image_encoder.visual_encoder.set_grad_checkpointing(enable)
-        self.qformer.transformer.set_grad_checkpointing(enable)
-
     @property
     def is_seq2seq(self) -> bool:
         return bool(self.llm.config.is_encoder_decoder)

@@ -10,7 +10,8 @@ the image features -> heads:
   the query keys/values come from a cache filled by the query pass (the paper's reuse), the LM head is tied to the
   word embeddings.
 
-The tensor API takes ids as given (callers put [CLS] for ITC/ITM, [DEC] for ITG); the stage-1 training objective is
+The tensor API takes ids as given (callers put [CLS] for ITC/ITM, [DEC] for ITG); the string API (``caption``,
+``match``) is :class:`blip.models.blip2_qformer_strings.QformerStrings`; the stage-1 training objective is
 :class:`blip.objectives.blip2_stage1.Blip2Stage1Objective`.
 """
 from __future__ import annotations
@@ -26,9 +27,11 @@ from ..dtypes import to_dtype
 from ..generation import GenerationConfig, generate
 from ..nn.attention import ConcatKVCache
 from ..nn.transformer import LMHead
-from ..nn.vit import VisionConfig, VisionTransformer
+from ..nn.vit import VisionConfig
+from .blip2_qformer_strings import QformerStrings
+from .family import Family
 from .qformer import EVA_VIT_G, FrozenImageEncoder, QFormer, QFormerConfig
-from .strings import Images, MatchResult, cached, image_batch
+from .structure import DeclaredLayers
 
 
 
@@ -78,13 +81,16 @@ def query_similarity(image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
     return torch.einsum("iqe,te->itq", image_embeds, text_embeds).amax(dim=-1)
 
 
-class Blip2Qformer(nn.Module):
+class Blip2Qformer(QformerStrings, DeclaredLayers, nn.Module):
     """BLIP-2 stage-1 model (LAVIS ``Blip2Qformer``, HF ``Blip2ForImageTextRetrieval`` + the ITG head).
 
     Modules: ``image_encoder`` (``visual_encoder`` + ``ln_vision``), ``qformer`` (``query_tokens`` + transformer with
     text embeddings), ``lm_head`` (tied), ``vision_proj``, ``text_proj``, ``itm_head``, ``temp``.
     """
 
+    family = Family.BLIP2_QFORMER
+    vit_path = "image_encoder.visual_encoder"
+    checkpointed = ("image_encoder.visual_encoder", "qformer.transformer")
     compile_decoding = False   # generate()'s default for compile= (blip.load(compile=True) sets it)
 
     def __init__(self, cfg: Blip2QformerConfig):
@@ -107,15 +113,6 @@ class Blip2Qformer(nn.Module):
         for m in (self.lm_head.dense, self.vision_proj, self.text_proj, self.itm_head):
             nn.init.normal_(m.weight, std=text.initializer_range)
             nn.init.zeros_(m.bias)
-
-    def group_matcher(self) -> dict[str, str]:
-        """Layer groups for layer-wise LR decay (timm convention): the ViT's stem and blocks."""
-        return VisionTransformer.group_matcher("image_encoder.visual_encoder.")
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute ViT blocks and Q-Former layers in the backward pass."""
-        self.image_encoder.visual_encoder.set_grad_checkpointing(enable)
-        self.qformer.transformer.set_grad_checkpointing(enable)
 
     @property
     def num_queries(self) -> int:
@@ -170,7 +167,12 @@ class Blip2Qformer(nn.Module):
     def itc_similarity(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Cosine similarity [B_img, B_txt], max over queries, no temperature (HF ITC: ``use_image_text_matching_head
         =False``)."""
-        image = self.encode_image(pixel_values).embeds
+        return self.itc_similarity_from_features(self.image_features(pixel_values), input_ids, attention_mask)
+
+    def itc_similarity_from_features(self, vit_embeds: Tensor, input_ids: Tensor,
+                                     attention_mask: Tensor | None = None) -> Tensor:
+        """vit_embeds [B_img, S, W] (from :meth:`image_features`), input_ids [B_txt, T] -> [B_img, B_txt]."""
+        image = F.normalize(self.vision_proj(self.query_output(vit_embeds)), dim=-1)
         return query_similarity(image, self.encode_text(input_ids, attention_mask).embeds)
 
     def itm_logits(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -260,41 +262,6 @@ class Blip2Qformer(nn.Module):
                                compile=self.compile_decoding if compile is None else compile,
                                stop_check_every=stop_check_every)
         return generate(step, input_ids, attention_mask, cfg, reorder=cache.reorder, generator=generator)
-
-    # ---- string level (blip.models.strings): LAVIS conventions on top of the tensor API ------------------------
-    def pixel_values(self, images: Images) -> Tensor:
-        """Paths / PIL images / a preprocessed tensor -> [B, 3, S, S] (LAVIS eval transform at the model's size)."""
-        return image_batch(self, images, self.cfg.vision.image_size, "blip2")
-
-    @property
-    def tokenizer(self):
-        """bert-base-uncased + [DEC] (30523 tokens), loaded on first use."""
-        from ..data.tokenizer import get_tokenizer
-        return cached(self, "_tokenizer", lambda: get_tokenizer("blip2_qformer"))
-
-    @torch.no_grad()
-    def match(self, images: Images, texts: str | list[str], max_length: int = 35) -> MatchResult:
-        """Every image against every text, each [images, texts]: ITM probability (ITM head averaged over the query
-        outputs) and ITC cosine (max over queries). Texts keep [CLS] (LAVIS's Q-Former encoder convention)."""
-        from ..data.tokenizer import tokenize_to
-        pixels = self.pixel_values(images)
-        ids, mask = tokenize_to(self.tokenizer, texts, max_length, pixels.device)
-        vit = self.image_features(pixels)
-        bi, bt = vit.shape[0], ids.shape[0]
-        logits = self.itm_logits_from_features(vit.repeat_interleave(bt, 0), ids.repeat(bi, 1), mask.repeat(bi, 1))
-        image = F.normalize(self.vision_proj(self.query_output(vit)), dim=-1)
-        itc = query_similarity(image, self.encode_text(ids, mask).embeds)
-        return MatchResult(itm_prob=logits.softmax(-1)[:, 1].view(bi, bt), itc_sim=itc)
-
-    @torch.no_grad()
-    def caption(self, images: Images, *, max_new_tokens: int = 29, min_new_tokens: int = 9, num_beams: int = 3,
-                **gen) -> list[str]:
-        """Q-Former captions with LAVIS's ``Blip2Qformer.generate`` defaults (its max_length 30 / min_length 10
-        count the [DEC] token). gen: the other :mod:`blip.models.strings` keywords."""
-        gen.setdefault("beam_length_convention", "total")
-        ids = self.generate(self.pixel_values(images), num_beams=num_beams, max_new_tokens=max_new_tokens,
-                            min_new_tokens=min_new_tokens, **gen)
-        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     def _check_lm_head(self) -> None:
         if not self.has_lm_head:

@@ -14,6 +14,8 @@ from torch import Tensor, nn
 from ..generation import GenerationConfig, generate
 from ..nn.transformer import LMHead, TextConfig, TextTransformer, check_length
 from ..nn.vit import VisionConfig, VisionTransformer
+from .family import Family
+from .structure import DeclaredLayers
 
 
 @dataclass
@@ -49,24 +51,15 @@ def build_vit(cfg: BlipConfig) -> VisionTransformer:
     return VisionTransformer(cfg.vision)
 
 
-class BlipModel(nn.Module):
+class BlipModel(DeclaredLayers, nn.Module):
     """Base of the BLIP task models: holds ``cfg``; switches gradient checkpointing in every tower at once."""
 
+    family = Family.BLIP
     compile_decoding = False   # generate()'s default for compile= (blip.load(compile=True) sets it)
 
     def __init__(self, cfg: BlipConfig):
         super().__init__()
         self.cfg = cfg
-
-    def group_matcher(self) -> dict[str, str]:
-        """Layer groups for layer-wise LR decay (timm convention): the ViT's stem and blocks."""
-        return VisionTransformer.group_matcher("visual_encoder.")
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute ViT blocks and text layers in the backward pass (training memory for compute)."""
-        for m in self.modules():
-            if m is not self and hasattr(m, "set_grad_checkpointing"):
-                m.set_grad_checkpointing(enable)
 
 
 class TextDecoder(nn.Module):

@@ -24,17 +24,21 @@ from ..data.tokenizer import DEC_TOKEN_ID, PAD_TOKEN_ID, get_tokenizer, tokenize
 from ..losses import (all_gather_with_grad, concat_all_gather, itc_loss, itm_loss, lm_loss_from_hidden,
                       positive_targets, rank, sample_hard_negatives)
 from ..models.blip2_qformer import Blip2Qformer, query_similarity
+from ..models.structure import DeclaredLayers
 from ..nn.attention import ConcatKVCache
-from ..nn.vit import VisionTransformer
 
 
-class Blip2Stage1Objective(nn.Module):
+class Blip2Stage1Objective(DeclaredLayers, nn.Module):
     """forward(batch) -> {"loss", "loss_itc", "loss_itm", "loss_lm"}.
 
     batch: {"pixel_values": [B, 3, H, W], "text": list[str] (B), "image_ids": LongTensor [B] (optional: pairs with
     the same id are never negatives of each other)}. For tests, "itm_negatives": (neg_image_idx [B], neg_text_idx
     [B]) world-batch indices replace the sampling.
     """
+
+    vit_path = "model.image_encoder.visual_encoder"
+    # recomputed in backward: the Q-Former layers (ITM and text passes; the query pass fills the ITG cache)
+    checkpointed = ("model.qformer.transformer",)
 
     def __init__(self, model: Blip2Qformer, tokenizer=None, max_txt_len: int | None = None,
                  label_smoothing: float = 0.1, negative_eps: float = 1e-4, image_id_targets: bool = False):
@@ -46,16 +50,8 @@ class Blip2Stage1Objective(nn.Module):
         self.negative_eps = negative_eps
         self.image_id_targets = image_id_targets
 
-    def group_matcher(self) -> dict[str, str]:
-        """The model's layer groups, under this objective's ``model.`` prefix."""
-        return VisionTransformer.group_matcher("model.image_encoder.visual_encoder.")
-
     def no_weight_decay(self) -> set[str]:
         return {"model.temp"}
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute Q-Former layers in backward (ITM and text passes; the query pass fills the ITG cache)."""
-        self.model.qformer.transformer.set_grad_checkpointing(enable)
 
     # ---- held-out retrieval hooks (blip.train.heldout) -------------------------------------------------------
     def encode_image(self, pixel_values: Tensor) -> Tensor:

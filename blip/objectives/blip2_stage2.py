@@ -21,14 +21,17 @@ from torch import Tensor, nn
 
 from ..losses import lm_loss
 from ..models.frozen_llm import align_padding
-from ..nn.vit import VisionTransformer
+from ..models.structure import DeclaredLayers
 from .prefix_lm import pad_rows, prefix_lm_batch, split_point, text_pair_batch
 
 
-class Blip2Stage2Objective(nn.Module):
+class Blip2Stage2Objective(DeclaredLayers, nn.Module):
     """forward(batch) -> {"loss", "loss_lm"}. batch: "pixel_values" [B, 3, H, W], "text" list[str] (captions), or
     "text_input"/"text_output" (LAVIS FlanT5 mode, VQA / instruction tuning, InstructBLIP). Gradients reach
     ln_vision, the Q-Former and ``llm_proj`` only."""
+
+    vit_path = "model.image_encoder.visual_encoder"
+    checkpointed = ("model.image_encoder.visual_encoder", "model.qformer.transformer")   # the model's own stacks
 
     def __init__(self, model: nn.Module, prompt: str = "", max_txt_len: int = 32,
                  generator: torch.Generator | None = None):
@@ -37,10 +40,6 @@ class Blip2Stage2Objective(nn.Module):
         self.prompt = prompt
         self.max_txt_len = max_txt_len
         self.generator = generator
-
-    def group_matcher(self) -> dict[str, str]:
-        """The model's layer groups, under this objective's ``model.`` prefix."""
-        return VisionTransformer.group_matcher("model.image_encoder.visual_encoder.")
 
     @property
     def tokenizer(self):

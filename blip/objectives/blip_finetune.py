@@ -21,11 +21,13 @@ from torch import Tensor, nn
 from ..data.text import answer_weights
 from ..data.tokenizer import DEC_TOKEN_ID, ENC_TOKEN_ID, PAD_TOKEN_ID, get_tokenizer, tokenize_to, with_first_token
 from ..losses import FeatureQueue, concat_all_gather, lm_loss_from_hidden
+from ..models.structure import DeclaredLayers
 from .momentum import MomentumDistillation, itm_hard_negatives, momentum_itc, ramped_alpha
 
 
-class TaskObjective(nn.Module):
-    """Registers the task model's children as its own (same names, same objects)."""
+class TaskObjective(DeclaredLayers, nn.Module):
+    """Registers the task model's children as its own (same names, same objects), so the task model's layer groups
+    (``visual_encoder``) hold here too."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -35,10 +37,6 @@ class TaskObjective(nn.Module):
             self.add_module(name, child)
         self.__dict__["_task_model"] = model   # not a submodule: its children are already ours
         self.tokenizer = getattr(model, "tokenizer", None) or get_tokenizer("blip")
-
-    def group_matcher(self) -> dict[str, str]:
-        """The task model's layer groups (its children are registered here under the same names)."""
-        return self.model.group_matcher()
 
     @property
     def model(self) -> nn.Module:

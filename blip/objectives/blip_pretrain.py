@@ -32,6 +32,8 @@ from ..checkpoints import LoadReport, load_into
 from ..data.tokenizer import DEC_TOKEN_ID, ENC_TOKEN_ID, PAD_TOKEN_ID, get_tokenizer, tokenize_to, with_first_token
 from ..losses import FeatureQueue, lm_loss_from_hidden, rank
 from ..models.blip_core import TextDecoder
+from ..models.family import Family
+from ..models.structure import DeclaredLayers
 from ..nn.transformer import TextTransformer
 from ..nn.vit import VisionTransformer
 from .momentum import MomentumDistillation, itm_hard_negatives, momentum_itc, ramped_alpha
@@ -47,13 +49,15 @@ def share_except_self_attention(encoder: TextTransformer, decoder: TextTransform
         dec_layer.ffn_query = enc_layer.ffn_query
 
 
-class BlipPretrain(MomentumDistillation, nn.Module):
+class BlipPretrain(MomentumDistillation, DeclaredLayers, nn.Module):
     """BLIP pretraining objective. ``forward(batch) -> {"loss", "loss_itc", "loss_itm", "loss_lm"}``.
 
     batch: {"pixel_values": [B, 3, H, W], "text": list[str] (cleaned captions), "image_ids": LongTensor [B],
     "progress": float (epochs elapsed)}. Text is tokenized here (``[CLS] ... [SEP]``, padded to ``max_txt_len``).
     cfg: a :class:`blip.models.blip_core.BlipConfig` (``vision``, ``text``, ``embed_dim``).
     """
+
+    family = Family.BLIP   # no ``.model`` to ask: the towers are this objective's own
 
     def __init__(self, cfg: Any, *, queue_size: int = 57600, momentum: float = 0.995, alpha: float = 0.4,
                  alpha_warmup_epochs: float = 2.0, temp: float = 0.07, max_txt_len: int = 30,
@@ -76,10 +80,6 @@ class BlipPretrain(MomentumDistillation, nn.Module):
         self.itm_head = nn.Linear(cfg.text.hidden_size, 2)
         self.init_momentum(temp)
         self.queue = FeatureQueue(cfg.embed_dim, queue_size)
-
-    def group_matcher(self) -> dict[str, str]:
-        """Layer groups for layer-wise LR decay (timm convention): the online ViT's stem and blocks."""
-        return VisionTransformer.group_matcher("visual_encoder.")
 
     # ---- training -------------------------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
