@@ -59,11 +59,6 @@ def owns(sd: StateDict) -> bool:
     return any(k.startswith(("text_encoder.", "text_decoder.")) for k in sd)
 
 
-def exports(model: nn.Module) -> bool:
-    """Whether ``model`` (or the task model inside a fine-tuning objective) is a BLIP task model this facade writes."""
-    return type(getattr(model, "model", model)) in TASK_CLASSES.values()
-
-
 def is_ours(sd: StateDict) -> bool:
     return any(k.startswith(("text_decoder.transformer.", "text_encoder.layers.")) for k in sd)
 

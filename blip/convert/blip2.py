@@ -24,7 +24,7 @@ from .blip2_ours import load_ours, save_safetensors
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load_ours_layout", "load_lavis_stage1_as_task", "exports", "export_hf", "save_safetensors"]
+__all__ = ["load_ours_layout", "load_lavis_stage1_as_task", "export_hf", "save_safetensors"]
 QFORMER_TASKS = ("qformer", "stage1")
 
 
@@ -46,11 +46,6 @@ def load_lavis_stage1_as_task(sd: StateDict, source: str, arch: str | None = Non
     if llm is not None:
         raise CheckpointError(f"{source} is a stage-1 (Q-Former) checkpoint: it has no language model, drop llm=")
     return as_task(load_lavis_stage1(sd, source, arch=arch, vision_weights=vision_weights, **overrides), task)
-
-
-def exports(model: nn.Module) -> bool:
-    """Whether ``model`` (or the model inside a training objective) is a BLIP-2 model this facade writes."""
-    return isinstance(getattr(model, "model", model), (Blip2Qformer, Blip2LanguageModel))
 
 
 def export_hf(model: nn.Module, directory: str | Path, image_token_index: int | None = None) -> Path:

@@ -34,7 +34,7 @@ def init_from_stage1(model: Blip2LanguageModel, source: str | Path | Checkpoint)
     if fmt.name not in STAGE1_FORMATS:
         raise CheckpointError(f"{source}: a {fmt.description}, not a BLIP-2 stage-1 checkpoint (LAVIS "
                               "blip2_pretrained*.pth, a blip stage-1 run or export)"
-                              + (": load it with blip.load" if fmt.family == "blip2" else ""))
+                              + (": load it with blip.load" if fmt.load is not None else ""))
     sd = stage1.state
     if any(k.startswith(("llm.", "llm_proj.")) for k in sd):
         raise CheckpointError(f"{source}: a stage-2 (LLM) checkpoint, not a stage-1 one: load it with blip.load")

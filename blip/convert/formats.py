@@ -26,13 +26,14 @@ from torch import nn
 
 from ..checkpoints import (CheckpointError, CheckpointNotFoundError, StateDict, read_hf_config_json, read_state_dict,
                            unwrap_state_dict)
+from ..models.family import Family, family_of
 from ..run_layout import STATE, checkpoint_path, find_run, read_run_weights
 from . import blip as blip_convert
 from . import blip2 as blip2_convert
 from . import blip2_hf, blip2_lavis, blip2_ours
 from .bert import text_state_to_ours
 from .blip2_parts import is_lavis_blip2
-from .vit import (hf_clip_tower, is_clip_vit, is_hf_clip_vit, is_timm_vit, openai_clip_tower, timm_tower)
+from .vit import hf_clip_tower, is_clip_vit, is_hf_clip_vit, is_timm_vit, openai_clip_tower, timm_tower
 
 TowerMap = Callable[[StateDict, nn.Module], tuple[StateDict, set[str], list[str]]]
 
@@ -47,7 +48,6 @@ class Format:
     tower, tower_map: the one tower a unimodal file holds ("vision" / "text") and its map onto a given tower.
     """
     name: str
-    family: str | None
     description: str
     recognise: Callable[[Checkpoint], bool]
     to_ours: Callable[[StateDict], StateDict] | None = None
@@ -143,41 +143,41 @@ def _original_load(family_load: Callable[..., nn.Module]) -> Callable[..., nn.Mo
 
 
 FORMATS: list[Format] = [
-    Format("run", None, "training run of scripts/train.py (config.yaml + checkpoints/step_*/state.pt)",
+    Format("run", "training run of scripts/train.py (config.yaml + checkpoints/step_*/state.pt)",
            recognise=lambda c: c.run is not None, to_ours=_strip_objective),
-    Format("hf-blip", "blip", "HF transformers BlipFor* directory",
+    Format("hf-blip", "HF transformers BlipFor* directory",
            recognise=_hf(blip_convert.HF_CLASSES), to_ours=blip_convert.hf_to_ours,
            load=_hf_load(blip_convert.HF_LOADERS)),
-    Format("hf-blip2", "blip2", "HF transformers Blip2For* / InstructBlipForConditionalGeneration directory",
+    Format("hf-blip2", "HF transformers Blip2For* / InstructBlipForConditionalGeneration directory",
            recognise=_hf(blip2_hf.HF_LOADERS), to_ours=_hf_blip2_to_ours, load=_hf_load(blip2_hf.HF_LOADERS)),
     # blip's own BLIP-2 layout before LAVIS's: LAVIS InstructBLIP-Vicuna files also say llm_proj
-    Format("blip2", "blip2", "blip BLIP-2 weights (a .safetensors export, a training objective's state)",
+    Format("blip2", "blip BLIP-2 weights (a .safetensors export, a training objective's state)",
            recognise=_keys(blip2_ours.is_ours), to_ours=blip2_ours.unwrap_objective,
            load=_original_load(blip2_convert.load_ours_layout)),
-    Format("lavis-blip2-llm", "blip2", "LAVIS BLIP-2 stage-2 / InstructBLIP .pth (opt_proj, t5_proj, llm_proj)",
+    Format("lavis-blip2-llm", "LAVIS BLIP-2 stage-2 / InstructBLIP .pth (opt_proj, t5_proj, llm_proj)",
            recognise=_keys(lambda sd: is_lavis_blip2(sd) and blip2_lavis.is_lavis_llm(sd)),
            to_ours=lambda sd: blip2_lavis.lavis_llm_to_ours(sd)[0],
            load=_original_load(blip2_lavis.load_lavis_llm)),
-    Format("lavis-blip2-stage1", "blip2", "LAVIS BLIP-2 stage-1 .pth (blip2_pretrained*.pth)",
+    Format("lavis-blip2-stage1", "LAVIS BLIP-2 stage-1 .pth (blip2_pretrained*.pth)",
            recognise=_keys(is_lavis_blip2), to_ours=lambda sd: blip2_lavis.lavis_stage1_to_ours(sd)[0],
            load=_original_load(blip2_convert.load_lavis_stage1_as_task)),
-    Format("blip", "blip", "blip BLIP weights (a .safetensors export, a training objective's state)",
+    Format("blip", "blip BLIP weights (a .safetensors export, a training objective's state)",
            recognise=_keys(lambda sd: _is_blip_ours(_strip_objective(sd))),
            to_ours=_strip_objective, load=lambda c, **options: blip_convert.load_original(c.state, c.name, **options)),
-    Format("blip-original", "blip", "salesforce/BLIP or LAVIS BLIP .pth",
+    Format("blip-original", "salesforce/BLIP or LAVIS BLIP .pth",
            recognise=_keys(blip_convert.owns), to_ours=blip_convert.original_to_ours,
            load=_original_load(blip_convert.load_original)),
-    Format("hf-clip-vision", None, "HF CLIPVisionModel / CLIPModel weights",
+    Format("hf-clip-vision", "HF CLIPVisionModel / CLIPModel weights",
            recognise=lambda c: is_hf_clip_vit(c.raw), tower="vision", tower_map=hf_clip_tower),
-    Format("openai-clip-vit", None, "OpenAI CLIP ViT (LAVIS clip_vit_L.pth, a CLIP state dict's visual.*)",
+    Format("openai-clip-vit", "OpenAI CLIP ViT (LAVIS clip_vit_L.pth, a CLIP state dict's visual.*)",
            recognise=lambda c: is_clip_vit(c.raw) or is_clip_vit(c.raw, "visual."), tower="vision",
            tower_map=openai_clip_tower),
-    Format("timm-vit", None, "timm-layout or EVA ViT (DeiT, ViT-L in21k, eva_vit_g.pth)",
+    Format("timm-vit", "timm-layout or EVA ViT (DeiT, ViT-L in21k, eva_vit_g.pth)",
            recognise=lambda c: is_timm_vit(c.raw), tower="vision", tower_map=timm_tower),
-    Format("hf-bert", None, "HF BERT weights (bert-base-uncased)",
+    Format("hf-bert", "HF BERT weights (bert-base-uncased)",
            recognise=lambda c: _is_hf_bert(c.raw), tower="text", tower_map=text_state_to_ours),
     # last: tensors no row knows are taken under their own names (init_from then reports what they cover)
-    Format("by-name", None, "state dict in no known layout (its keys taken as blip's names)",
+    Format("by-name", "state dict in no known layout (its keys taken as blip's names)",
            recognise=_keys(lambda sd: True), to_ours=_strip_objective),
 ]
 
@@ -233,6 +233,10 @@ def read_checkpoint(source: str | Path | StateDict | Checkpoint, what: str = "ch
 
 
 def exporter_of(model: nn.Module):
-    """The family module that writes ``model`` (``save_safetensors``, ``export_hf``): :mod:`blip.convert.blip` or
-    :mod:`blip.convert.blip2`; None for a model no format writes."""
-    return next((family for family in (blip_convert, blip2_convert) if family.exports(model)), None)
+    """The module that writes ``model`` by its family (``save_safetensors``, ``export_hf``): :mod:`blip.convert.blip`
+    or :mod:`blip.convert.blip2`; None for a module that is no BLIP / BLIP-2 model."""
+    try:
+        family = family_of(model)
+    except TypeError:
+        return None
+    return blip_convert if family is Family.BLIP else blip2_convert
