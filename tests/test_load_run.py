@@ -40,7 +40,7 @@ def runs(tmp_path_factory):
             "llm": train(tmp, "llm", ["stage=2", "trainer.llm_warmup_steps=1", "init_from=null"])}
 
 
-def test_blip_pretraining_run_loads_into_each_task(runs, shared, capsys, one_thread):
+def test_blip_pretraining_run_loads_into_each_task(runs, fixtures, capsys, one_thread):
     state = checkpoint_state(runs["blip"])
     caption = blip.load(runs["blip"])                      # default: the captioner
     assert type(caption).__name__ == "BlipCaption" and caption.cfg.image_size == 48   # the run's config.yaml
@@ -51,14 +51,14 @@ def test_blip_pretraining_run_loads_into_each_task(runs, shared, capsys, one_thr
     # a checkpoint directory of the run works too, and so does the CLI (the subcommand picks the head)
     ckpt = sorted((runs["blip"] / "checkpoints").iterdir())[-1]
     assert type(blip.load(ckpt, task="vqa")).__name__ == "BlipVQA"
-    cat = shared / "assets" / "images" / "cat.jpg"
+    cat = fixtures / "images" / "cat.jpg"
     assert main(["match", str(cat), "a red circle", "--model", str(runs["blip"])]) == 0
     assert capsys.readouterr().out.strip().endswith("a red circle")
     with pytest.raises(CheckpointError, match="not 'stage2'"):
         blip.load(runs["blip"], task="stage2")
 
 
-def test_blip2_stage1_and_stage2_runs(runs, shared, capsys, one_thread):
+def test_blip2_stage1_and_stage2_runs(runs, fixtures, capsys, one_thread):
     qformer = blip.load(runs["qformer"])
     state = checkpoint_state(runs["qformer"])
     assert type(qformer).__name__ == "Blip2Qformer"
@@ -68,7 +68,7 @@ def test_blip2_stage1_and_stage2_runs(runs, shared, capsys, one_thread):
     state = checkpoint_state(runs["llm"])
     assert type(lm).__name__ == "Blip2LanguageModel"
     assert all(torch.equal(t, state[f"model.{k}"]) for k, t in lm.state_dict().items())  # the warmed-up LLM too
-    cat = shared / "assets" / "images" / "cat.jpg"
+    cat = fixtures / "images" / "cat.jpg"
     assert main(["caption", str(cat), "--model", str(runs["llm"]), "--max-new-tokens", "4", "--json"]) == 0
     assert '"caption"' in capsys.readouterr().out   # the run's own (synthetic-caption) tokenizer decodes
 
