@@ -63,8 +63,9 @@ def _load(source: str | Path, arch: str | None, task: str | None, llm, kwargs: d
                 kwargs.setdefault("image_size", entry.image_size)
             for key, value in entry.options.items():  # e.g. the prompt and generation settings it was evaluated with
                 kwargs.setdefault(key, value)
-    if path.is_dir() and ((path / "config.yaml").is_file() or (path / "state.pt").is_file()):
-        from .runs import load_run   # a run directory of scripts/train.py (or one of its checkpoints)
+    from .runs import find_run, load_run
+    # a run directory of scripts/train.py, one of its checkpoints, or outputs/<name>/ (its newest run with a checkpoint)
+    if path.is_dir() and ((path / "config.yaml").is_file() or (path / "state.pt").is_file() or find_run(path)):
         return load_run(path, task)
     if path.is_dir():
         archs = read_hf_config_json(path).get("architectures") or []

@@ -68,11 +68,22 @@ def build_model(model_cfg: DictConfig, **extra) -> nn.Module:
 
 
 def find_run(path: str | Path) -> tuple[Path, Path] | None:
-    """(config.yaml, newest checkpoint dir) of a run directory or of one of its checkpoint dirs; None otherwise."""
+    """(config.yaml, newest checkpoint dir) of a run directory or of one of its checkpoint dirs; None otherwise.
+
+    A directory of runs (``outputs/<name>/``, which holds ``<time>/`` per run) stands for its newest run that has a
+    checkpoint (the rule of ``init_from=latest``): a newer run without one (still at its first steps, or killed
+    there) is passed over."""
     from .train.checkpoint import list_checkpoints
     p = Path(path)
     if not p.is_dir():
         return None
+    runs = [] if (p / "config.yaml").is_file() else sorted(d for d in p.iterdir() if (d / "config.yaml").is_file())
+    for run in reversed(runs):   # run names are timestamps (<time>, <time>-1, ...): sorted by name = by start
+        if found := list_checkpoints(run / "checkpoints"):
+            return run / "config.yaml", found[-1]
+    if runs:
+        raise CheckpointError(f"{p}: none of its {len(runs)} runs (newest: {runs[-1].name}) has a finished checkpoint "
+                              "(checkpoints/step_*/state.pt); train longer or lower trainer.checkpoint_every")
     if (p / "state.pt").is_file() and (p.parent.parent / "config.yaml").is_file():
         return p.parent.parent / "config.yaml", p
     if (p / "config.yaml").is_file() and (p / "checkpoints").is_dir():
