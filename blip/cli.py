@@ -72,12 +72,14 @@ def load_predictor(args, need: str):
 
 
 def _run_task(source: str) -> str | None:
-    """The task a scripts/train.py run directory trained, or None for anything else."""
-    config = Path(source) / "config.yaml"
-    if not config.is_file():
+    """The task a scripts/train.py run trained (a run directory, a checkpoint of it, outputs/<name>/), or None for
+    anything else."""
+    from .run_layout import find_run
+    run = find_run(source)
+    if run is None:
         return None
     from omegaconf import OmegaConf
-    return OmegaConf.load(config).model.get("task")
+    return OmegaConf.load(run[0]).model.get("task")
 
 
 def decoding_from(args):

@@ -51,7 +51,7 @@ def _runs_of_one_name(folder: Path) -> list[Path]:
     """The run directories directly inside ``folder`` (``outputs/<name>/<timestamp>``), oldest first."""
     if not folder.is_dir() or (folder / CONFIG).exists():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and (p / CONFIG).is_file() and (p / CHECKPOINTS).is_dir())
+    return sorted(p for p in folder.iterdir() if (p / CONFIG).is_file())
 
 
 def newest_run(folder: str | Path, exclude: Path | None = None) -> Path | None:
@@ -87,8 +87,9 @@ def find_run(path: str | Path) -> tuple[Path, Path] | None:
     if runs:
         run = newest_run(p)
         if run is None:
-            raise CheckpointError(f"{p}: none of its {len(runs)} runs has a finished checkpoint "
-                                  "(checkpoints/step_*/state.pt); train longer or lower trainer.checkpoint_every")
+            raise CheckpointError(f"{p}: none of its {len(runs)} runs (newest: {runs[-1].name}) has a finished "
+                                  "checkpoint (checkpoints/step_*/state.pt); train longer or lower "
+                                  "trainer.checkpoint_every")
         return run / CONFIG, list_checkpoints(run / CHECKPOINTS)[-1]
     return None
 

@@ -1,4 +1,4 @@
-"""Shared pytest fixtures, and the one way tests reach the shared assets and fixtures beside the checkout."""
+"""Shared pytest fixtures, and the one way tests reach the files they read (tests/fixtures/, see its README.md)."""
 from pathlib import Path
 
 import pytest
@@ -9,9 +9,8 @@ from blip.models.blip2_qformer import Blip2QformerConfig
 from blip.models.qformer import QFormerConfig, qformer_config
 from blip.registry import register_qformer_arch
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-MISSING = (f"{SHARED} is missing: the tests need the shared assets and fixtures (LAVIS outputs, BERT vocabulary, "
-           "photos) checked out as ../shared beside the repository")
+# the photos and unusual images (images/) and the LAVIS reference fixtures (lavis/)
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 # The sizes of the LAVIS stage-1 test checkpoint (fixtures/lavis: blip2_qformer) as an arch of their own, so the
 # parity tests load it like a released file (its arch told from its widths).
@@ -20,13 +19,6 @@ register_qformer_arch(LAVIS_TINY_QFORMER, Blip2QformerConfig(
     vision=TINY_VISION,
     qformer=QFormerConfig(qformer_config(48, hidden_size=16, num_heads=2, num_layers=4, intermediate_size=64), 8),
     embed_dim=24))
-
-
-def shared_dir() -> Path:
-    """``../shared`` (for module-level constants); a clear error when it is not there."""
-    if not SHARED.is_dir():
-        raise FileNotFoundError(MISSING)
-    return SHARED
 
 
 @pytest.fixture
@@ -39,11 +31,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def shared() -> Path:
-    """The shared read-only assets and fixtures beside the checkout (``../shared``)."""
-    if not SHARED.is_dir():
-        pytest.fail(MISSING)
-    return SHARED
+def fixtures() -> Path:
+    """``tests/fixtures``: read-only (copy a file to ``tmp_path`` before changing it)."""
+    return FIXTURES
 
 
 @pytest.fixture

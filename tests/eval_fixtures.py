@@ -20,10 +20,10 @@ def coco_file(image_id: int, subset: str = "val2014") -> str:
     return f"{subset}/COCO_{subset}_{image_id:012d}.jpg"
 
 
-def place_photos(shared: Path, root: Path, paths: list[str]) -> None:
+def place_photos(fixtures: Path, root: Path, paths: list[str]) -> None:
     for i, rel in enumerate(paths):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(shared / "assets" / "images" / PHOTOS[i % len(PHOTOS)], root / rel)
+        shutil.copy(fixtures / "images" / PHOTOS[i % len(PHOTOS)], root / rel)
 
 
 def dump(path: Path, obj) -> None:
@@ -37,10 +37,10 @@ def captions_of(i: int) -> list[str]:
             f"there is a {name} here", f"an image showing one {name}"]
 
 
-def write_coco_karpathy(shared: Path, root: Path, split: str = "test", n: int = 5) -> list[int]:
+def write_coco_karpathy(fixtures: Path, root: Path, split: str = "test", n: int = 5) -> list[int]:
     """coco_karpathy_{split}.json (BLIP) + coco_karpathy_{split}_gt.json (COCO format); image ids 101, 102, ..."""
     ids = [101 + i for i in range(n)]
-    place_photos(shared, root, [coco_file(i) for i in ids])
+    place_photos(fixtures, root, [coco_file(i) for i in ids])
     dump(root / f"annotations/coco_karpathy_{split}.json",
          [{"image": coco_file(image_id), "caption": captions_of(i)} for i, image_id in enumerate(ids)])
     anns = [{"image_id": image_id, "caption": c, "id": 1000 * image_id + k}
@@ -50,10 +50,10 @@ def write_coco_karpathy(shared: Path, root: Path, split: str = "test", n: int = 
     return ids
 
 
-def write_nocaps(shared: Path, root: Path, n: int = 6) -> None:
+def write_nocaps(fixtures: Path, root: Path, n: int = 6) -> None:
     domains = ["in-domain", "near-domain", "out-domain"]
     images = [{"id": i, "file_name": f"{i:04x}abcd.jpg", "domain": domains[i % 3]} for i in range(n)]
-    place_photos(shared, root, [f"nocaps/val/{im['file_name']}" for im in images])
+    place_photos(fixtures, root, [f"nocaps/val/{im['file_name']}" for im in images])
     anns = [{"image_id": im["id"], "caption": c, "id": 10 * im["id"] + k}
             for im in images for k, c in enumerate(captions_of(im["id"]))]
     dump(root / "annotations/nocaps_val_4500_captions.json", {"licenses": [], "info": {}, "images": images,
@@ -70,11 +70,11 @@ def vqa_answers(q: int) -> list[str]:
     return [a] * (q % 5 + 2) + [b] * (8 - q % 5)
 
 
-def write_vqa(shared: Path, root: Path, questions_file: str, annotations_file: str | None, answer_list: str,
+def write_vqa(fixtures: Path, root: Path, questions_file: str, annotations_file: str | None, answer_list: str,
               n_images: int = 4, per_image: int = 2, subset: str = "val2014") -> None:
     """The official VQA question / annotation JSON (VQAv2 and OK-VQA share it) + an answer list."""
     image_ids = [7 + 5 * i for i in range(n_images)]
-    place_photos(shared, root, [coco_file(i, subset) for i in image_ids])
+    place_photos(fixtures, root, [coco_file(i, subset) for i in image_ids])
     texts = ["what is in the picture?", "how many objects are there?", "is it red?"]
     qs = [{"image_id": img, "question": texts[(i * per_image + k) % 3], "question_id": img * 1000 + k}
           for i, img in enumerate(image_ids) for k in range(per_image)]
@@ -88,17 +88,17 @@ def write_vqa(shared: Path, root: Path, questions_file: str, annotations_file: s
     dump(root / answer_list, ANSWER_LIST)
 
 
-def write_gqa(shared: Path, root: Path, n: int = 5) -> None:
-    place_photos(shared, root, [f"gqa/images/n{1000 + i}.jpg" for i in range(n)])
+def write_gqa(fixtures: Path, root: Path, n: int = 5) -> None:
+    place_photos(fixtures, root, [f"gqa/images/n{1000 + i}.jpg" for i in range(n)])
     questions = {f"20{i:05d}": {"imageId": f"n{1000 + i}", "question": "What is this?", "answer": ANSWER_LIST[i],
                                 "fullAnswer": "It is."} for i in range(n)}
     dump(root / "annotations/testdev_balanced_questions.json", questions)
 
 
-def write_retrieval(shared: Path, root: Path, annotation: str, image_dir: str, n: int = 5) -> list[str]:
+def write_retrieval(fixtures: Path, root: Path, annotation: str, image_dir: str, n: int = 5) -> list[str]:
     """BLIP's Karpathy retrieval list [{"image", "caption": [...]}] (COCO and Flickr30k share the format)."""
     paths = [f"{image_dir}/{1000 + i}.jpg" for i in range(n)]
-    place_photos(shared, root, paths)
+    place_photos(fixtures, root, paths)
     dump(root / annotation, [{"image": p, "caption": captions_of(i)} for i, p in enumerate(paths)])
     return paths
 
@@ -122,14 +122,14 @@ def tiny_blip(task: str, seed: int = 0, **overrides):
     return blip.create_model("blip_tiny", task, **overrides).eval()
 
 
-def write_nlvr2(shared: Path, root: Path, n: int = 5) -> list[dict]:
+def write_nlvr2(fixtures: Path, root: Path, n: int = 5) -> list[dict]:
     """The official NLVR2 JSON lines (dev.json) and its flat image folder (<pair>-img0.png, <pair>-img1.png)."""
     entries = []
     for i in range(n):
         pair = f"dev-{850 + i}-0"
-        place_photos(shared, root, [f"nlvr2/images/dev/{pair}-img0.png"])
+        place_photos(fixtures, root, [f"nlvr2/images/dev/{pair}-img0.png"])
         (root / f"nlvr2/images/dev/{pair}-img1.png").write_bytes(
-            (shared / "assets" / "images" / PHOTOS[(i + 2) % len(PHOTOS)]).read_bytes())
+            (fixtures / "images" / PHOTOS[(i + 2) % len(PHOTOS)]).read_bytes())
         entries.append({"identifier": f"{pair}-{i % 2}", "sentence": f"The left image shows a {NAMES[i]}.",
                         "label": "True" if i % 2 else "False", "synset": "x", "query": "y"})
     path = root / "nlvr2/data/dev.json"

@@ -9,9 +9,9 @@ from blip.models.blip2_llm import create
 from blip.objectives.blip2_stage2 import Blip2Stage2Objective
 from blip.models.blip2_llm_strings import chat_prompt
 from tiny_weights import randomize
-from conftest import shared_dir
+from conftest import FIXTURES
 
-LAVIS = shared_dir() / "fixtures" / "lavis"
+LAVIS = FIXTURES / "lavis"
 OPT_DIR, T5_DIR = LAVIS / "blip2_opt" / "opt_llm", LAVIS / "blip2_t5" / "t5_llm"
 
 

@@ -9,9 +9,9 @@ import torch
 
 import blip
 from blip.objectives.blip2_stage2 import Blip2Stage2Objective
-from conftest import shared_dir
+from conftest import FIXTURES
 
-LAVIS = shared_dir() / "fixtures" / "lavis"
+LAVIS = FIXTURES / "lavis"
 EVA = LAVIS / "eva_vit_tiny.pth"
 FILES = ("checkpoint.pth", "checkpoint_trainable_only.pth")
 Q = 8  # query tokens of the tiny fixtures

@@ -6,9 +6,9 @@ import torch
 import blip
 from blip.data.tokenizer import get_tokenizer
 from blip.models.blip2_qformer import Blip2Qformer
-from conftest import shared_dir
+from conftest import FIXTURES
 
-FIX = shared_dir() / "fixtures" / "lavis"
+FIX = FIXTURES / "lavis"
 DIR = FIX / "blip2_qformer"
 
 

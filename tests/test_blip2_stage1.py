@@ -9,10 +9,10 @@ import torch.multiprocessing as mp
 
 import blip
 from blip import create_model as create
-from conftest import shared_dir
+from conftest import FIXTURES
 from test_train_helpers import end_gloo_worker
 
-FIX = shared_dir() / "fixtures" / "lavis"
+FIX = FIXTURES / "lavis"
 DIR = FIX / "blip2_qformer"
 
 

@@ -1,5 +1,5 @@
 """Original/LAVIS-format loading against the LAVIS reference fixtures (outputs computed by LAVIS's own code from
-tiny random checkpoints in LAVIS's key layout; see shared/fixtures/lavis/README.md)."""
+tiny random checkpoints in LAVIS's key layout; see tests/fixtures/lavis/README.md)."""
 
 import pytest
 import torch
@@ -8,9 +8,9 @@ import torch.nn.functional as F
 import blip
 from blip.checkpoints import CheckpointError, read_state_dict
 from blip.models.blip import BlipCaption, BlipRetrieval, BlipVQA
-from conftest import shared_dir
+from conftest import FIXTURES
 
-FIX = shared_dir() / "fixtures" / "lavis"
+FIX = FIXTURES / "lavis"
 SPECIAL_COLS = [0, 100, 101, 102, 103, 30522, 30523]
 HEADS = {"blip_caption": (4, 2), "blip_itm": (4, 2), "blip_vqa": (2, 2)}  # (vision, text): not stored in shapes
 

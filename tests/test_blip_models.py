@@ -13,11 +13,10 @@ from blip.convert.blip import ARCHS, config_from_hf, hf_to_ours, save_safetensor
 from blip.data.images import ImageDecodeError
 from blip import create_model as create
 from blip.models.blip import BlipFeatureExtractor
-from conftest import shared_dir
+from conftest import FIXTURES
 
-SHARED = shared_dir()
-ASSETS = SHARED / "assets" / "images"
-FIX = SHARED / "fixtures" / "lavis"
+ASSETS = FIXTURES / "images"
+FIX = FIXTURES / "lavis"
 HF_CLASSES = {"caption": BlipForConditionalGeneration, "retrieval": BlipForImageTextRetrieval,
               "vqa": BlipForQuestionAnswering}
 # the hub configs of Salesforce/blip-*-base and -large differ from HF's code defaults only in these fields

@@ -21,8 +21,8 @@ def close(a, b, tol=TOL):
 
 
 @pytest.fixture(scope="module")
-def fix(shared):
-    return shared / "fixtures" / "lavis" / "blip_nlvr"
+def fix(fixtures):
+    return fixtures / "lavis" / "blip_nlvr"
 
 
 @pytest.fixture(scope="module")

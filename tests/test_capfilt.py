@@ -16,9 +16,10 @@ from blip.data.skips import SkipCounter
 from blip.data.transforms import image_transform
 from blip.data.webdataset import WebDatasetSource
 from blip.models.blip import create
+from conftest import FIXTURES
 
 REPO = Path(__file__).resolve().parents[1]
-ASSETS = REPO.parent / "shared" / "assets" / "images"
+ASSETS = FIXTURES / "images"
 GOOD = ["astronaut.jpg", "cat.jpg", "coffee.jpg", "rocket.jpg", "hubble_deep_field.jpg"]
 # (file, key extension in the shard); gif bytes under .jpg: decodable, re-encoded as JPEG on output
 SHARDS = [[("astronaut.jpg", "jpg"), ("cat.jpg", "jpg"), ("unusual/not_an_image.jpg", "jpg"),

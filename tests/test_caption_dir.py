@@ -43,8 +43,8 @@ def caption_dir(*args):
     return main(["caption-dir", *map(str, args), "--workers", "1", "--no-progress"])
 
 
-def test_folder_with_unusual_images(tmp_path, shared, models, capsys, one_thread):
-    images = shared / "assets" / "images"
+def test_folder_with_unusual_images(tmp_path, fixtures, models, capsys, one_thread):
+    images = fixtures / "images"
     out = tmp_path / "caps.jsonl"
     assert caption_dir(images, "--out", out, "--model", models["caption"], "--batch-size", "4",
                        "--max-new-tokens", "6") == 0
@@ -70,12 +70,12 @@ def test_folder_with_unusual_images(tmp_path, shared, models, capsys, one_thread
     assert "re-run with the same options" in capsys.readouterr().err
 
 
-def test_killed_run_resumes_exactly_once(tmp_path, shared, models, one_thread):
+def test_killed_run_resumes_exactly_once(tmp_path, fixtures, models, one_thread):
     src = tmp_path / "photos"
     names = ["cat.jpg", "rocket.jpg", "coffee.jpg", "astronaut.jpg"]
     for i in range(64):
         (src / f"d{i % 3}").mkdir(parents=True, exist_ok=True)
-        os.symlink(shared / "assets" / "images" / names[i % 4], src / f"d{i % 3}" / f"{i:03d}.jpg")
+        os.symlink(fixtures / "images" / names[i % 4], src / f"d{i % 3}" / f"{i:03d}.jpg")
     (src / "notes.txt").write_text("not an image extension: not listed")
     args = [str(src), "--model", str(models["caption"]), "--batch-size", "4", "--chunk-size", "4",
             "--max-new-tokens", "6"]
@@ -113,8 +113,8 @@ def _shard(path: Path, samples: list[tuple[str, str, bytes]]) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
-def test_shards_and_batch_vqa(tmp_path, shared, models, capsys, one_thread):
-    images = shared / "assets" / "images"
+def test_shards_and_batch_vqa(tmp_path, fixtures, models, capsys, one_thread):
+    images = fixtures / "images"
     good = {n: (images / f"{n}.jpg").read_bytes() for n in ("cat", "rocket", "coffee")}
     _shard(tmp_path / "shard-0.tar", [("a0", "jpg", good["cat"]), ("a1", "jpg", good["rocket"]),
                                       ("a2", "jpg", (images / "unusual" / "truncated.jpg").read_bytes())])
@@ -136,10 +136,10 @@ def test_shards_and_batch_vqa(tmp_path, shared, models, capsys, one_thread):
     assert "cannot answer" in capsys.readouterr().err
 
 
-def test_ranks_share_the_work_and_merge_into_one_output(tmp_path, shared, models, one_thread):
+def test_ranks_share_the_work_and_merge_into_one_output(tmp_path, fixtures, models, one_thread):
     """Two ranks as threads (a barrier and a sum stand in for torch.distributed): each captions its share, rank 0
     merges; the result equals a single-process run."""
-    images = shared / "assets" / "images"
+    images = fixtures / "images"
     predictor = Predictor(blip.load(models["caption"]), name="tiny")
     barrier, totals, lock = threading.Barrier(2, timeout=60), [], threading.Lock()
 
@@ -171,8 +171,8 @@ def test_ranks_share_the_work_and_merge_into_one_output(tmp_path, shared, models
     assert len(read_jsonl(tmp_path / "ranks.errors.jsonl")) == 3
 
 
-def test_file_list(tmp_path, shared, models, capsys, one_thread):
-    images = shared / "assets" / "images"
+def test_file_list(tmp_path, fixtures, models, capsys, one_thread):
+    images = fixtures / "images"
     (tmp_path / "cat.jpg").symlink_to(images / "cat.jpg")
     listing = tmp_path / "list.txt"
     listing.write_text(f"# photos\ncat.jpg\n{images / 'rocket.jpg'}\n\ncat.jpg\n{images / 'missing.jpg'}\n")
@@ -183,8 +183,8 @@ def test_file_list(tmp_path, shared, models, capsys, one_thread):
     assert "captioned 2, skipped 1" in capsys.readouterr().out
 
 
-def test_seeded_sampling_does_not_depend_on_batching(tmp_path, shared, models, one_thread):
-    images = shared / "assets" / "images"
+def test_seeded_sampling_does_not_depend_on_batching(tmp_path, fixtures, models, one_thread):
+    images = fixtures / "images"
     runs = {}
     for name, batch, seed in (("a", "2", "3"), ("b", "5", "3"), ("c", "5", "4")):
         assert caption_dir(images, "--out", tmp_path / f"{name}.jsonl", "--model", models["caption"], "--sample",

@@ -24,8 +24,8 @@ def models(tmp_path_factory):
 
 
 @pytest.fixture
-def images(shared):
-    return shared / "assets" / "images"
+def images(fixtures):
+    return fixtures / "images"
 
 
 def test_blip_caption_ask_match_convert_models(models, images, tmp_path, capsys, one_thread):
@@ -60,9 +60,9 @@ def test_blip_caption_ask_match_convert_models(models, images, tmp_path, capsys,
     assert "caption" in listing["architectures"]["blip_tiny"] and listing["pretrained"]["blip-base"]["task"]
 
 
-def test_blip2_caption_ask_match(shared, images, capsys, one_thread):
-    opt = shared / "fixtures" / "lavis" / "blip2_opt"
-    eva = shared / "fixtures" / "lavis" / "eva_vit_tiny.pth"
+def test_blip2_caption_ask_match(fixtures, images, capsys, one_thread):
+    opt = fixtures / "lavis" / "blip2_opt"
+    eva = fixtures / "lavis" / "eva_vit_tiny.pth"
     source = ["--model", str(opt / "checkpoint_trainable_only.pth"), "--llm", str(opt / "opt_llm"),
               "--vision-weights", str(eva)]
     cat = images / "cat.jpg"
@@ -82,7 +82,7 @@ def test_blip2_caption_ask_match(shared, images, capsys, one_thread):
     assert main(["ask", str(cat), "what is it?", *source, "--dtype", "bf16", "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.strip()   # frozen ViT and LLM in bf16, the Q-Former in fp32
 
-    stage1 = shared / "fixtures" / "lavis" / "blip2_qformer" / "checkpoint.pth"   # the Q-Former matches and captions
+    stage1 = fixtures / "lavis" / "blip2_qformer" / "checkpoint.pth"   # the Q-Former matches and captions
     assert main(["match", str(cat), "a cat", "a rocket", "--model", str(stage1), "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     qformer = blip.load(stage1)
@@ -93,9 +93,9 @@ def test_blip2_caption_ask_match(shared, images, capsys, one_thread):
     assert out == qformer.caption(cat, max_new_tokens=6, min_new_tokens=2)[0]
 
 
-def test_expected_failures_are_one_line_and_exit_2(models, images, shared, tmp_path, capsys, monkeypatch):
+def test_expected_failures_are_one_line_and_exit_2(models, images, fixtures, tmp_path, capsys, monkeypatch):
     cat = str(images / "cat.jpg")
-    lavis = shared / "fixtures" / "lavis"
+    lavis = fixtures / "lavis"
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"not a checkpoint")
     cases = [

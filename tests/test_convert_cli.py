@@ -10,9 +10,9 @@ from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetriev
 import blip
 from blip.cli import main
 from tiny_weights import randomize
-from conftest import shared_dir
+from conftest import FIXTURES
 
-LAVIS = shared_dir() / "fixtures" / "lavis"
+LAVIS = FIXTURES / "lavis"
 EVA = LAVIS / "eva_vit_tiny.pth"
 PX = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(3))
 

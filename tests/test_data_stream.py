@@ -17,9 +17,8 @@ from blip.data.skips import SkipCounter
 from blip.data.synthetic import caption_for, ensure_synthetic_shards, parse_attributes
 from blip.data.transforms import image_transform
 from blip.data.webdataset import WebDatasetSource, expand_urls
-from conftest import shared_dir
+from conftest import FIXTURES
 
-SHARED = shared_dir()
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +117,8 @@ def test_corrupt_samples_are_skipped_and_counted(shards, tmp_path, caplog):
 
 
 def test_json_annotations_and_weighted_mixing(tmp_path):
-    photos = sorted((SHARED / "assets" / "images").glob("*.jpg"))[:2]
-    assert photos, "shared/assets/images must hold test photos"
+    photos = sorted((FIXTURES / "images").glob("*.jpg"))[:2]
+    assert photos, "tests/fixtures/images must hold test photos"
     ann_a = [{"image": p.name, "caption": "A photo, of things!", "image_id": f"coco_{i}"} for i, p in enumerate(photos)]
     ann_b = [{"image": photos[0].name, "caption": ["first caption", "second caption"]}]
     ann_b.append({"image": "missing.jpg", "caption": "gone"})

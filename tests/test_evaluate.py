@@ -36,9 +36,9 @@ def cocoevalcap_reference(gt_file, predictions_file, monkeypatch, image_ids=None
     return {k: v for k, v in ev.eval.items() if k != "SPICE"}
 
 
-def test_caption_coco_matches_cocoevalcap(tmp_path, shared, java, monkeypatch, one_thread):
+def test_caption_coco_matches_cocoevalcap(tmp_path, fixtures, java, monkeypatch, one_thread):
     root, out = tmp_path / "data", tmp_path / "out"
-    ids = write_coco_karpathy(shared, root)
+    ids = write_coco_karpathy(fixtures, root)
     model = tiny_blip("caption")
     metrics = run_task(model, "caption_coco", "test", root, out, ("task.spice=false",))
     predictions = json.loads((out / "predictions.json").read_text())
@@ -56,9 +56,9 @@ def test_caption_coco_matches_cocoevalcap(tmp_path, shared, java, monkeypatch, o
     assert json.loads((out / "metrics.json").read_text())["CIDEr"] == metrics["CIDEr"]
 
 
-def test_nocaps_scores_each_domain_on_its_own(tmp_path, shared, java, monkeypatch):
+def test_nocaps_scores_each_domain_on_its_own(tmp_path, fixtures, java, monkeypatch):
     root, out = tmp_path / "data", tmp_path / "out"
-    write_nocaps(shared, root)
+    write_nocaps(fixtures, root)
     metrics = run_task(tiny_blip("caption"), "caption_nocaps", "val", root, out, ("task.spice=false",))
     gt = root / "annotations/nocaps_val_4500_captions.json"
     assert set(metrics) >= {"in-domain", "near-domain", "out-domain", "CIDEr"}
@@ -86,9 +86,9 @@ def official_vqa_accuracy(predictions: list[dict], annotations: list[dict]) -> d
 
 
 @pytest.mark.parametrize("method", ["rank", "generate"])
-def test_vqa_v2_val_matches_the_official_accuracy(tmp_path, shared, method, one_thread):
+def test_vqa_v2_val_matches_the_official_accuracy(tmp_path, fixtures, method, one_thread):
     root, out = tmp_path / "data", tmp_path / "out"
-    write_vqa(shared, root, "annotations/v2_OpenEnded_mscoco_val2014_questions.json",
+    write_vqa(fixtures, root, "annotations/v2_OpenEnded_mscoco_val2014_questions.json",
               "annotations/v2_mscoco_val2014_annotations.json", "annotations/answer_list.json")
     model = tiny_blip("vqa", seed=3)
     metrics = run_task(model, "vqa_v2", "val", root, out, (f"task.protocol.blip.method={method}",))
@@ -106,25 +106,25 @@ def test_vqa_v2_val_matches_the_official_accuracy(tmp_path, shared, method, one_
     assert set(expected["perAnswerType"]) == {"yes/no", "number", "other"}
 
 
-def test_vqa_v2_test_dev_writes_the_server_file_only(tmp_path, shared, one_thread):
+def test_vqa_v2_test_dev_writes_the_server_file_only(tmp_path, fixtures, one_thread):
     root, out = tmp_path / "data", tmp_path / "out"
-    write_vqa(shared, root, "annotations/v2_OpenEnded_mscoco_test-dev2015_questions.json", None,
+    write_vqa(fixtures, root, "annotations/v2_OpenEnded_mscoco_test-dev2015_questions.json", None,
               "annotations/answer_list.json", subset="test2015")
     assert run_task(tiny_blip("vqa"), "vqa_v2", "test", root, out) == {}
     predictions = json.loads((out / "predictions.json").read_text())
     assert len(predictions) == 8 and all(set(p) == {"question_id", "answer"} for p in predictions)
 
 
-def tiny_blip2_opt(shared):
+def tiny_blip2_opt(fixtures):
     from blip import create_model as create
     torch.manual_seed(0)
-    return create("blip2_tiny_opt", "stage2", tokenizer=shared / "fixtures/lavis/blip2_opt/opt_llm").eval()
+    return create("blip2_tiny_opt", "stage2", tokenizer=fixtures / "lavis/blip2_opt/opt_llm").eval()
 
 
-def test_okvqa_and_gqa_zero_shot_with_blip2(tmp_path, shared, one_thread):
-    model = tiny_blip2_opt(shared)
+def test_okvqa_and_gqa_zero_shot_with_blip2(tmp_path, fixtures, one_thread):
+    model = tiny_blip2_opt(fixtures)
     root = tmp_path / "data"
-    write_vqa(shared, root, "annotations/OpenEnded_mscoco_val2014_questions.json",
+    write_vqa(fixtures, root, "annotations/OpenEnded_mscoco_val2014_questions.json",
               "annotations/mscoco_val2014_annotations.json", "annotations/okvqa_answer_list.json")
     metrics = run_task(model, "okvqa", "val", root, tmp_path / "okvqa", ("task.protocol.blip2_llm.num_beams=2",))
     predictions = json.loads((tmp_path / "okvqa/predictions.json").read_text())
@@ -140,7 +140,7 @@ def test_okvqa_and_gqa_zero_shot_with_blip2(tmp_path, shared, one_thread):
         assert "en_core_web_sm" in metrics["lemmatizer_skipped"]
         assert metrics["overall"] == official_vqa_accuracy(predictions, annotations)["overall"]
 
-    write_gqa(shared, root)
+    write_gqa(fixtures, root)
     metrics = run_task(model, "gqa", "test", root, tmp_path / "gqa", ("task.protocol.blip2_llm.num_beams=1",))
     predictions = json.loads((tmp_path / "gqa/predictions.json").read_text())
     gold = json.loads((root / "annotations/testdev_balanced_questions.json").read_text())
@@ -179,14 +179,14 @@ def brute_force_scores(model, pixels, texts, k: int) -> tuple[torch.Tensor, torc
     return i2t, t2i
 
 
-def test_retrieval_coco_itm_rerank_matches_a_brute_force_score_matrix(tmp_path, shared, one_thread):
+def test_retrieval_coco_itm_rerank_matches_a_brute_force_score_matrix(tmp_path, fixtures, one_thread):
     from safetensors.torch import load_file
 
     from blip.data.images import load_image
     from blip.data.text import pre_caption
     from blip.data.transforms import image_transform
     root, out = tmp_path / "data", tmp_path / "out"
-    paths = write_retrieval(shared, root, "annotations/coco_karpathy_test.json", "val2014")
+    paths = write_retrieval(fixtures, root, "annotations/coco_karpathy_test.json", "val2014")
     model = tiny_blip("retrieval", seed=1)
     metrics = run_task(model, "retrieval_coco", "test", root, out, ("task.protocol.blip.k=12",))
     entries = json.loads((root / "annotations/coco_karpathy_test.json").read_text())
@@ -207,11 +207,11 @@ def test_retrieval_coco_itm_rerank_matches_a_brute_force_score_matrix(tmp_path, 
     assert predictions["i2t"] == scores["i2t_index"][:, :10].tolist()
 
 
-def test_retrieval_flickr_blip2_and_itc_only(tmp_path, shared, one_thread):
+def test_retrieval_flickr_blip2_and_itc_only(tmp_path, fixtures, one_thread):
     from blip.metrics.retrieval import recall_at_k
     from blip import create_model as create
     root = tmp_path / "data"
-    write_retrieval(shared, root, "annotations/flickr30k_test.json", "flickr30k-images")
+    write_retrieval(fixtures, root, "annotations/flickr30k_test.json", "flickr30k-images")
     torch.manual_seed(0)
     model = create("blip2_tiny_qformer", "qformer").eval()
     reranked = run_task(model, "retrieval_flickr", "test", root, tmp_path / "itm")
@@ -226,13 +226,13 @@ def test_retrieval_flickr_blip2_and_itc_only(tmp_path, shared, one_thread):
     assert itc["txt_r1"] == pytest.approx(recall_at_k(sim, img2txt)["i2t_r1"])
 
 
-def test_nlvr2_dev_accuracy_from_the_two_image_classifier(tmp_path, shared, one_thread):
+def test_nlvr2_dev_accuracy_from_the_two_image_classifier(tmp_path, fixtures, one_thread):
     from blip.data.images import load_image
     from blip.data.text import pre_caption
     from blip.data.tokenizer import tokenize, with_first_token
     from blip.data.transforms import image_transform
     root, out = tmp_path / "data", tmp_path / "out"
-    entries = write_nlvr2(shared, root)
+    entries = write_nlvr2(fixtures, root)
     model = tiny_blip("nlvr", seed=5)
     metrics = run_task(model, "nlvr2", "val", root, out)
     predictions = json.loads((out / "predictions.json").read_text())
@@ -251,12 +251,12 @@ def test_nlvr2_dev_accuracy_from_the_two_image_classifier(tmp_path, shared, one_
     assert metrics["accuracy"] == pytest.approx(100 * hits / len(entries))
 
 
-def test_caption_coco_with_blip2_models_uses_the_lavis_settings(tmp_path, shared, java, one_thread):
+def test_caption_coco_with_blip2_models_uses_the_lavis_settings(tmp_path, fixtures, java, one_thread):
     from blip import create_model as create
     root = tmp_path / "data"
-    ids = write_coco_karpathy(shared, root, n=3)
+    ids = write_coco_karpathy(fixtures, root, n=3)
     files = [str(root / f"val2014/COCO_val2014_{i:012d}.jpg") for i in ids]
-    llm = tiny_blip2_opt(shared)
+    llm = tiny_blip2_opt(fixtures)
     metrics = run_task(llm, "caption_coco", "test", root, tmp_path / "llm",
                        ("task.spice=false", "task.protocol.blip2_llm.num_beams=2"))
     predictions = json.loads((tmp_path / "llm/predictions.json").read_text())

@@ -33,12 +33,12 @@ def test_missing_data_is_listed_before_the_model_loads(tmp_path):
     assert not (tmp_path / "out" / "partial").exists()
 
 
-def test_torchrun_two_ranks_write_what_one_process_writes(tmp_path, shared, one_thread):
+def test_torchrun_two_ranks_write_what_one_process_writes(tmp_path, fixtures, one_thread):
     from safetensors.torch import load_file
 
     from blip.convert.blip import save_safetensors
     root = tmp_path / "data"
-    write_retrieval(shared, root, "annotations/coco_karpathy_test.json", "val2014")
+    write_retrieval(fixtures, root, "annotations/coco_karpathy_test.json", "val2014")
     model = tiny_blip("retrieval", seed=2)
     save_safetensors(model, tmp_path / "retrieval.safetensors")
     settings = ["task=retrieval_coco", "split=test", f"data.root={root}", "device=cpu", "batch_size=2",
@@ -63,9 +63,9 @@ class Killed(Exception):
     """Stands in for the process dying mid-evaluation."""
 
 
-def test_killed_evaluation_resumes_to_the_same_files(tmp_path, shared, one_thread):
+def test_killed_evaluation_resumes_to_the_same_files(tmp_path, fixtures, one_thread):
     root = tmp_path / "data"
-    write_vqa(shared, root, "annotations/v2_OpenEnded_mscoco_val2014_questions.json",
+    write_vqa(fixtures, root, "annotations/v2_OpenEnded_mscoco_val2014_questions.json",
               "annotations/v2_mscoco_val2014_annotations.json", "annotations/answer_list.json", n_images=5)
     model = tiny_blip("vqa", seed=4)
     clean = run_task(model, "vqa_v2", "val", root, tmp_path / "clean")  # 10 questions in 5 chunks of 2
@@ -99,12 +99,12 @@ def test_killed_evaluation_resumes_to_the_same_files(tmp_path, shared, one_threa
         run_task(model, "vqa_v2", "val", root, tmp_path / "resumed", ("batch_size=3",))
 
 
-def test_fine_tuning_run_ends_with_its_benchmark_evaluation(tmp_path, shared):
+def test_fine_tuning_run_ends_with_its_benchmark_evaluation(tmp_path, fixtures):
     from test_train_run import config
 
     from blip.train.run import run
     root = tmp_path / "benchmark"
-    write_retrieval(shared, root, "annotations/coco_karpathy_test.json", "val2014")
+    write_retrieval(fixtures, root, "annotations/coco_karpathy_test.json", "val2014")
     out = run(config(tmp_path, "ft", ["stage=1", "task=retrieval_coco", "model=blip_tiny", "data=synthetic",
                                       "model.image_size=48", "trainer.max_steps=2", "trainer.batch_size=8",
                                       "~model.freeze", "model.objective.queue_size=32", f"+data.root={root}",
@@ -121,10 +121,10 @@ def test_fine_tuning_run_ends_with_its_benchmark_evaluation(tmp_path, shared):
         assert (tmp_path / "again" / name).read_bytes() == (run_dir / "eval" / name).read_bytes()
 
 
-def test_the_answer_list_is_needed_only_for_ranking(tmp_path, shared, one_thread):
+def test_the_answer_list_is_needed_only_for_ranking(tmp_path, fixtures, one_thread):
     from blip.data.eval_datasets import MissingDataError
     root = tmp_path / "data"
-    write_vqa(shared, root, "annotations/v2_OpenEnded_mscoco_val2014_questions.json",
+    write_vqa(fixtures, root, "annotations/v2_OpenEnded_mscoco_val2014_questions.json",
               "annotations/v2_mscoco_val2014_annotations.json", "annotations/answer_list.json", n_images=1)
     (root / "annotations/answer_list.json").unlink()
     model = tiny_blip("vqa")

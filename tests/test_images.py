@@ -1,4 +1,4 @@
-"""load_image on every shared photo and every unusual input, plus generated edge cases (16-bit, LA, transparency)."""
+"""load_image on every test photo and every unusual input, plus generated edge cases (16-bit, LA, transparency)."""
 
 import io
 import pickle
@@ -10,9 +10,9 @@ from PIL import Image, ImageFile
 
 from blip.data import images
 from blip.data.images import ImageDecodeError, load_image, to_rgb
-from conftest import shared_dir
+from conftest import FIXTURES
 
-IMAGES = shared_dir() / "assets" / "images"
+IMAGES = FIXTURES / "images"
 UNUSUAL = IMAGES / "unusual"
 BROKEN = ["truncated.jpg", "not_an_image.jpg", "empty.jpg"]
 # EXIF orientation -> the PIL transpose that makes the stored pixels upright (EXIF 2.3 spec, tag 0x0112)
@@ -33,7 +33,7 @@ def pixels(img: Image.Image) -> np.ndarray:
     return np.asarray(img).astype(np.int16)
 
 
-def test_every_shared_file_is_covered():
+def test_every_unusual_file_is_covered():
     names = {p.name for p in UNUSUAL.iterdir()}
     handled = set(BROKEN) | {"cmyk.jpg", "grayscale.png", "exif_rotated.jpg", "rgba.png", "palette.gif",
                              "one_pixel.png", "very_wide.jpg"}  # fmt: skip

@@ -13,9 +13,10 @@ from blip.checkpoints import CheckpointError
 from blip.objectives.blip_finetune import wrap_objective
 from blip.train.init import init_from_checkpoint, refuse_random_frozen
 from blip.train.run import quote_stage_override, run
+from conftest import FIXTURES
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-LAVIS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "lavis"
+LAVIS = FIXTURES / "lavis"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -9,7 +9,7 @@ from transformers import InstructBlipConfig, InstructBlipForConditionalGeneratio
 import blip
 from blip.convert.blip2_hf import export_hf_llm as export_hf
 from tiny_weights import randomize
-from conftest import shared_dir
+from conftest import FIXTURES
 
 NQ = 4
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
@@ -161,7 +161,7 @@ def test_lavis_layout_vicuna_style(tmp_path, trainable_only):
 
 
 def test_string_api_feeds_the_instruction_to_the_qformer():
-    opt_dir = shared_dir() / "fixtures" / "lavis" / "blip2_opt" / "opt_llm"
+    opt_dir = FIXTURES / "lavis" / "blip2_opt" / "opt_llm"
     model = blip.create_model("blip2_tiny_opt", "instruct", tokenizer=opt_dir).eval()
     inputs = model._encode_prompts(["Question: what is it? Short answer:"])
     assert inputs["qformer_input_ids"][0, 0].item() == 101  # [CLS] ... [SEP], BERT ids for the Q-Former
@@ -170,7 +170,7 @@ def test_string_api_feeds_the_instruction_to_the_qformer():
 
 def test_instruction_tuning_objective():
     from blip.objectives.blip2_stage2 import Blip2Stage2Objective
-    opt_dir = shared_dir() / "fixtures" / "lavis" / "blip2_opt" / "opt_llm"
+    opt_dir = FIXTURES / "lavis" / "blip2_opt" / "opt_llm"
     model = blip.create_model("blip2_tiny_opt", "instruct", tokenizer=opt_dir).train()
     objective = Blip2Stage2Objective(model)
     # fixture GPT2 BPE: bos 2; "a photo of" 68 279 75 401 82 276 73; "two" (no leading space) 404, " red" 416,

@@ -9,9 +9,9 @@ import torch
 import blip
 from blip import create_model as create
 from blip.zoo import PRETRAINED, Pretrained
-from conftest import shared_dir
+from conftest import FIXTURES
 
-LAVIS = shared_dir() / "fixtures" / "lavis"
+LAVIS = FIXTURES / "lavis"
 
 
 @pytest.mark.parametrize("arch,task,drop_path", [("blip_base", "pretrain", 0.0), ("blip_base", "caption", 0.0),

@@ -31,8 +31,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def blip2(shared):
-    opt = shared / "fixtures" / "lavis" / "blip2_opt"
+def blip2(fixtures):
+    opt = fixtures / "lavis" / "blip2_opt"
     return {"model": opt / "checkpoint.pth", "llm": opt / "opt_llm"}
 
 
@@ -81,8 +81,8 @@ def expected(model, image: Path, question: str, seed: int | None) -> str:
                           max_new_tokens=MAX_NEW, min_new_tokens=1, generator=[torch.Generator().manual_seed(seed)])[0]
 
 
-def test_concurrent_requests_each_get_their_own_answer(server, direct, shared, one_thread):
-    images = sorted(p for p in (shared / "assets" / "images").rglob("*")
+def test_concurrent_requests_each_get_their_own_answer(server, direct, fixtures, one_thread):
+    images = sorted(p for p in (fixtures / "images").rglob("*")
                     if p.is_file() and p.name not in ("empty.jpg", "not_an_image.jpg", "truncated.jpg"))
     questions = ["what is it?", "where is this?", "how many are there?", "what color is it?", "is it day?"]
     cases = [(images[i % len(images)], questions[i % len(questions)], None if i % 4 == 0 else 1000 + i)
@@ -121,8 +121,8 @@ def test_concurrent_requests_each_get_their_own_answer(server, direct, shared, o
     assert len(set(wanted)) >= 20  # distinct enough that answers handed to the wrong request would show
 
 
-def test_bad_requests_get_4xx_with_a_reason_and_the_server_goes_on(server, shared):
-    images = shared / "assets" / "images"
+def test_bad_requests_get_4xx_with_a_reason_and_the_server_goes_on(server, fixtures):
+    images = fixtures / "images"
     cat = (images / "cat.jpg").read_bytes()
     post = lambda **kw: httpx.post(f"{server}/predictions", timeout=60, **kw)  # noqa: E731
     bad = [
@@ -150,8 +150,8 @@ def test_bad_requests_get_4xx_with_a_reason_and_the_server_goes_on(server, share
     assert httpx.get(f"{server}/docs", timeout=30).status_code == 200
 
 
-def test_seeded_sampling_is_reproducible_and_data_uris_work(server, direct, shared):
-    cat = shared / "assets" / "images" / "cat.jpg"
+def test_seeded_sampling_is_reproducible_and_data_uris_work(server, direct, fixtures):
+    cat = fixtures / "images" / "cat.jpg"
     uri = "data:image/jpeg;base64," + base64.b64encode(cat.read_bytes()).decode()
     body = {"image": uri, "question": "what is it?", "use_nucleus_sampling": True, "temperature": HOT, "seed": 7}
     first, again = (httpx.post(f"{server}/predictions", json=body, timeout=60).json()["output"] for _ in range(2))
@@ -167,14 +167,14 @@ def test_seeded_sampling_is_reproducible_and_data_uris_work(server, direct, shar
                                                  min_new_tokens=1)[0]
 
 
-def test_blip_endpoints_in_process(tmp_path, shared, one_thread):
+def test_blip_endpoints_in_process(tmp_path, fixtures, one_thread):
     from fastapi.testclient import TestClient
 
     from blip.predictor import Predictor
     from blip.serve import ServeConfig, create_app
     from tiny_weights import randomize
 
-    cat = shared / "assets" / "images" / "cat.jpg"
+    cat = fixtures / "images" / "cat.jpg"
     models = {}
     for task in ("caption", "vqa", "retrieval"):
         models[task] = blip.create_model("blip_tiny", task)

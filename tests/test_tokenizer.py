@@ -1,6 +1,7 @@
 """Tokenizer + BLIP token conventions, checked against the raw vocab.txt line numbers and LAVIS's recorded tokens."""
 
 import hashlib
+import shutil
 
 import pytest
 import torch
@@ -12,11 +13,10 @@ from blip.data.tokenizer import (
     tokenize,
     with_first_token,
 )
-from conftest import shared_dir
+from conftest import FIXTURES
 
-SHARED = shared_dir()
-VOCAB = SHARED / "assets" / "bert-base-uncased" / "vocab.txt"
-LAVIS = SHARED / "fixtures" / "lavis"
+VOCAB = tk.DEFAULT_VOCAB   # the real bert-base-uncased vocab.txt (its md5 is checked below)
+LAVIS = FIXTURES / "lavis"
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +155,13 @@ def test_empty_caption_names_index(blip_tok):
 def test_source_vocab_file_and_dirs(tmp_path, blip_tok):
     from_file = get_tokenizer("blip", VOCAB)
     assert from_file.get_vocab() == blip_tok.get_vocab()
-    # the tokenizer dir LAVIS loaded (vocab.txt + tokenizer_config.json, no [DEC]/[ENC] yet)
-    from_dir = get_tokenizer("blip", LAVIS / "tokenizers" / "bert-base-uncased")
+    # the tokenizer dir LAVIS loaded (vocab.txt + tokenizer_config.json, no [DEC]/[ENC] yet); its vocab.txt is
+    # byte-identical to VOCAB, so the fixture keeps only its tokenizer_config.json
+    lavis_dir = tmp_path / "bert-base-uncased"
+    lavis_dir.mkdir()
+    shutil.copy(VOCAB, lavis_dir / "vocab.txt")
+    shutil.copy(LAVIS / "tokenizers" / "bert-base-uncased" / "tokenizer_config.json", lavis_dir)
+    from_dir = get_tokenizer("blip", lavis_dir)
     assert len(from_dir) == 30524 and from_dir.convert_tokens_to_ids("[ENC]") == 30523
     # a saved BLIP tokenizer already holds [DEC]/[ENC]: reloading must not add them twice
     blip_tok.save_pretrained(tmp_path / "saved")

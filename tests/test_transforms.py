@@ -17,11 +17,10 @@ from blip.data.transforms import (
     image_transform,
     op_magnitude,
 )
-from conftest import shared_dir
+from conftest import FIXTURES
 
-SHARED = shared_dir()
-LAVIS = SHARED / "fixtures" / "lavis"
-PHOTOS = SHARED / "assets" / "images"
+LAVIS = FIXTURES / "lavis"
+PHOTOS = FIXTURES / "images"
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,6 @@
 """Unimodal initialisation against the libraries that wrote the files: timm ViTs (DeiT-B / ViT-L layout), HF BERT
 (text encoder, decoder, Q-Former), LAVIS's EVA fixture, HF CLIP."""
 
-from pathlib import Path
-
 import pytest
 import timm
 import torch
@@ -14,8 +12,9 @@ from blip import create_model
 from blip.checkpoints import CheckpointError
 from blip.convert.unimodal import init_text, init_unimodal, init_vision, vision_state_to_ours
 from blip.nn.vit import VisionConfig, VisionTransformer
+from conftest import FIXTURES
 
-LAVIS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "lavis"
+LAVIS = FIXTURES / "lavis"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
