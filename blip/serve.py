@@ -4,15 +4,21 @@ Endpoints (OpenAPI docs at ``/docs``):
 - ``POST /predictions``: the hosted schema. Multipart form data (file field ``image``; fields ``caption``,
   ``question`` (default "What is this a picture of?"), ``context``, ``use_nucleus_sampling``, ``temperature``
   (default 1), ``seed``) or a JSON object with ``image`` as base64 or a data URI -> ``{"output": "..."}``.
+  Cog's form, ``{"input": {...}}`` (the hosted model's inputs: salesforce/blip-2's above, or for BLIP
+  salesforce/blip's ``task``, ``question``, ``caption``), answers Cog's ``{"status": "succeeded", "output", ...}``.
 - ``POST /caption`` -> ``{"caption"}``, ``POST /answer`` -> ``{"answer"}``, ``POST /match`` (``texts``) ->
   ``{"scores": [{"text", "itm", "itc"}]}``, with the same two encodings and the decoding fields of
   :class:`blip.predictor.Decoding`.
-- ``GET /health``: model, device, dtype, queue length, whether a batch is running.
+- ``GET /health``: model, device, dtype, queue length, whether a batch is running. ``GET /health-check``: Cog's.
+- ``/openapi.json`` carries Cog's ``Input`` (the hosted model's fields) and ``Output`` schemas.
+- :mod:`blip.serve_replicate` adds the Replicate HTTP API (``/v1``) that ``blip serve`` also answers.
 
-Images come only as request bytes: the server never opens a path or fetches a URL a client names. Requests wait in a
-bounded queue; one worker gathers them for up to ``max_wait_ms`` (or until ``max_batch_size``), groups those with
-equal settings into one forward pass each, and hands every request its own result. Sampling is seeded per request
-(one generator per row), so a seeded request gives the same output whatever it is batched with.
+With ``ServeConfig.api_token`` every request but ``GET /health-check`` needs ``Authorization: Bearer <token>``
+(401 otherwise, before anything is read). Images come only as request bytes: the server never opens a path or
+fetches a URL a client names. Requests wait in a bounded queue; one worker gathers them for up to ``max_wait_ms``
+(or until ``max_batch_size``), groups those with equal settings into one forward pass each, and hands every request
+its own result. Sampling is seeded per request (one generator per row), so a seeded request gives the same output
+whatever it is batched with.
 Errors: 413 for oversized bodies or images (bytes, or pixels read from the header before decoding), 400 (with the
 reason) for malformed bodies and undecodable images, 422 for invalid fields or a task the model cannot do, 503 when
 the queue is full, 504 after ``timeout_s``.
@@ -22,12 +28,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hmac
 import json
 import logging
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any
+from datetime import datetime, timezone
+from typing import Any, Callable, Literal
 
 import torch
 from fastapi import FastAPI, HTTPException, Request
@@ -48,6 +57,7 @@ class ServeConfig:
     max_image_bytes: int = 20 * 2**20
     max_pixels: int = 50_000_000   # width x height, read from the header before decoding (a small file can be huge)
     decoding: Decoding = field(default_factory=Decoding)   # defaults for fields a request leaves out
+    api_token: str | None = None   # when set, every request but GET /health-check needs it (Authorization header)
 
     @property
     def max_body_bytes(self) -> int:  # a base64 image is 4/3 of its bytes; room for the other fields
@@ -73,12 +83,19 @@ class DecodingFields(BaseModel):
 
 class PredictionFields(BaseModel):
     """The hosted BLIP-2 inputs (besides ``image``)."""
-    caption: bool = False
-    question: str = DEFAULT_QUESTION
-    context: str | None = None
-    use_nucleus_sampling: bool = False
-    temperature: float = Field(1.0, gt=0.0, le=10.0)
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    caption: bool = Field(False, description="caption the image instead of answering the question")
+    question: str = Field(DEFAULT_QUESTION, description="question about the image; empty: caption it")
+    context: str | None = Field(None, description='earlier turns, e.g. "Question: what is it? Answer: a cat."')
+    use_nucleus_sampling: bool = Field(False, description="nucleus sampling (top_p 0.9) instead of beam search")
+    temperature: float = Field(1.0, gt=0.0, le=10.0, description="sampling temperature")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="makes sampling reproducible (a blip extension)")
+
+
+class BlipPredictionFields(BaseModel):
+    """The hosted BLIP (v1) inputs (besides ``image``); the Cog protocol and the Replicate API take these for BLIP."""
+    task: Literal["image_captioning", "visual_question_answering", "image_text_matching"] = "image_captioning"
+    question: str | None = Field(None, description="the question (visual_question_answering)")
+    caption: str | None = Field(None, description="the text to match with the image (image_text_matching)")
 
 
 class CaptionFields(DecodingFields):
@@ -136,14 +153,46 @@ async def read_request(request: Request, schema: type[BaseModel], limit: int) ->
         raw, fields = (_image_from_text(image) if image else None), body
     else:
         raise HTTPException(415, "send multipart/form-data (file field image) or application/json (image as base64)")
+    return _limited(raw, limit), validate_fields(schema, fields)
+
+
+def _limited(raw: bytes | None, limit: int) -> bytes:
     if not raw:
         raise HTTPException(422, "image is required (a file field named image, or base64 in JSON)")
     if len(raw) > limit:
         raise HTTPException(413, f"image is {len(raw)} bytes; the limit is {limit}")
+    return raw
+
+
+def validate_fields(schema: type[BaseModel], fields: dict) -> BaseModel:
+    """The request's fields as ``schema`` (422 with pydantic's reasons)."""
     try:
-        return raw, schema.model_validate(fields)
+        return schema.model_validate(fields)
     except ValidationError as e:
         raise HTTPException(422, json.loads(e.json(include_url=False))) from None
+
+
+def image_input(value: Any, limit: int) -> bytes:
+    """The ``image`` of a JSON input object (base64 or a data URI) -> bytes, checked as request images are."""
+    if value is not None and not isinstance(value, str):
+        raise HTTPException(400, "image must be a base64 string or a data URI")
+    return _limited(_image_from_text(value) if value else None, limit)
+
+
+def echo_input(inputs: dict) -> dict:
+    """A prediction's input as the client sent it, an inline image shortened to its length: predictions are kept
+    in memory and returned on every poll."""
+    image = inputs.get("image")
+    if isinstance(image, str) and len(image) > 64 and "://" not in image:
+        return {**inputs, "image": f"{image[:40]}... ({len(image)} characters)"}
+    return inputs
+
+
+def iso_time(t: float | None) -> str | None:
+    """Seconds since the epoch -> ISO 8601 in UTC, as the Replicate API and Cog write times."""
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 class BodyLimit:
@@ -173,6 +222,30 @@ class BodyLimit:
         return await self.app(scope, limited, send)
 
 
+UNAUTHENTICATED = {"title": "Unauthenticated", "detail": "You did not pass a valid authentication token",
+                   "status": 401}
+
+
+class TokenAuth:
+    """ASGI middleware: the Replicate API's 401 unless the request carries ``Authorization: Bearer <token>`` (or
+    ``Token <token>``); nothing is read or run before the check. GET ``/health-check`` (Cog's liveness probe, which
+    says only READY / BUSY) stays open."""
+
+    OPEN = {"/health-check"}
+
+    def __init__(self, app, token: str):
+        self.app, self.token = app, token.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or (scope["method"] == "GET" and scope["path"] in self.OPEN):
+            return await self.app(scope, receive, send)
+        scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+        if scheme.lower() in (b"bearer", b"token") and hmac.compare_digest(given.strip(), self.token):
+            return await self.app(scope, receive, send)
+        response = JSONResponse(UNAUTHENTICATED, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        return await response(scope, receive, send)
+
+
 # ---- batching -------------------------------------------------------------------------------------------------------
 @dataclass
 class Job:
@@ -184,6 +257,7 @@ class Job:
     texts: list[str] | None = None
     seed: int | None = None
     future: asyncio.Future = field(default=None)
+    started: float | None = None   # time.time() when its batch went to the device
 
     def group_key(self) -> tuple:
         if self.kind == "match":
@@ -207,16 +281,31 @@ class Batcher:
         self.task = asyncio.get_running_loop().create_task(self._loop())
 
     async def submit(self, job: Job) -> Any:
+        self.enqueue(job)
+        return await self.result(job)
+
+    def enqueue(self, job: Job) -> None:
+        """Queue ``job`` now (503 when the queue is full); :meth:`result` waits for it."""
         job.future = asyncio.get_running_loop().create_future()
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
             raise HTTPException(503, f"busy: {self.cfg.max_queue} requests are waiting; retry later") from None
+
+    async def result(self, job: Job) -> Any:
+        """The queued job's result (504 after ``timeout_s``)."""
         try:
             return await asyncio.wait_for(asyncio.shield(job.future), self.cfg.timeout_s)
         except asyncio.TimeoutError:
             job.future.cancel()
             raise HTTPException(504, f"no result within {self.cfg.timeout_s} s") from None
+
+    def cancel(self, job: Job) -> bool:
+        """Drop a job that has not reached the device (it never runs); False once its batch has started."""
+        if job.started is not None or job.future is None or job.future.done():
+            return False
+        job.future.cancel()
+        return True
 
     async def _gather(self) -> list[Job]:
         loop = asyncio.get_running_loop()
@@ -243,6 +332,12 @@ class Batcher:
             for job in await self._gather():
                 groups.setdefault(job.group_key(), []).append(job)
             for jobs in groups.values():
+                jobs = [job for job in jobs if not job.future.done()]   # canceled while the group waited
+                if not jobs:
+                    continue
+                started = time.time()
+                for job in jobs:
+                    job.started = started
                 self.running = len(jobs)
                 try:
                     results = await asyncio.get_running_loop().run_in_executor(self.device_thread, self._run, jobs)
@@ -268,15 +363,45 @@ class Batcher:
 
 
 # ---- the app --------------------------------------------------------------------------------------------------------
-def _openapi_body(schema: type[BaseModel]) -> dict:
-    """Request body documentation for the two accepted encodings."""
+def _openapi_body(schema: type[BaseModel], envelope: bool = False) -> dict:
+    """Request body documentation for the two accepted encodings (and Cog's ``{"input": ...}``)."""
     fields = schema.model_json_schema()
     form = {**fields, "properties": {"image": {"type": "string", "format": "binary"}, **fields.get("properties", {})},
             "required": ["image", *fields.get("required", [])]}
     js = {**fields, "properties": {"image": {"type": "string", "description": "base64 or a data URI"},
                                    **fields.get("properties", {})}, "required": form["required"]}
+    if envelope:
+        js = {"oneOf": [js, {"title": "PredictionRequest", "type": "object", "required": ["input"],
+                             "properties": {"input": {"$ref": "#/components/schemas/Input"}}}]}
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form},
                                                           "application/json": {"schema": js}}}}
+
+
+def cog_input_schema(fields: type[BaseModel]) -> dict:
+    """Cog's ``Input`` schema for the hosted fields: ``image`` first, then the fields in order (``x-order``)."""
+    props = {"image": {"type": "string", "format": "uri", "title": "Image",
+                       "description": "the image: a data URI (the server fetches no URL)"}}
+    for name, prop in fields.model_json_schema()["properties"].items():
+        prop = dict(prop)
+        options = [p for p in prop.pop("anyOf", []) if p.get("type") != "null"]
+        prop.update(options[0] if options else {})   # `str | None`: a string that may be left out
+        props[name] = prop
+    for i, prop in enumerate(props.values()):
+        prop["x-order"] = i
+    return {"title": "Input", "type": "object", "required": ["image"], "properties": props}
+
+
+def _matched(scores: list[dict]) -> str:
+    """The hosted BLIP's image_text_matching output."""
+    return (f"The image and text is matched with a probability of {scores[0]['itm']:.4f}.\n"
+            f"The image feature and text feature has a cosine similarity of {scores[0]['itc']:.4f}.")
+
+
+@dataclass
+class HostedCall:
+    """A request in a hosted model's schema as a batcher job, and how its result becomes that model's output."""
+    job: Job
+    finish: Callable[[Any], str] = str
 
 
 class Service:
@@ -308,10 +433,58 @@ class Service:
         except ImageDecodeError as e:
             raise HTTPException(400, f"image: {e.reason}") from None
 
+    async def decode(self, raw: bytes) -> torch.Tensor:
+        """Image bytes -> pixels, off the event loop (413 / 400 for oversized or undecodable images)."""
+        return await asyncio.to_thread(self._decode, raw)
+
     async def run(self, job: Job, raw: bytes) -> Any:
         """Decode off the event loop, then wait for the job's batch."""
-        job.pixels = await asyncio.to_thread(self._decode, raw)
+        job.pixels = await self.decode(raw)
         return await self.batcher.submit(job)
+
+    # ---- the hosted models' schema (Cog and the Replicate API) -----------------------------------------------------
+    @property
+    def hosted_fields(self) -> type[BaseModel]:
+        """The inputs of the hosted model this one stands in for: salesforce/blip for BLIP, else salesforce/blip-2."""
+        return BlipPredictionFields if self.predictor.family == "blip" else PredictionFields
+
+    def hosted(self, f: BaseModel) -> HostedCall:
+        """Hosted inputs -> the job and its output string (422 for a task or setting this model cannot do)."""
+        check, defaults = self.predictor.check, self.cfg.decoding
+        if isinstance(f, BlipPredictionFields):
+            if f.task == "image_captioning":
+                check("caption", defaults)
+                return HostedCall(Job("caption", None, defaults), lambda out: f"Caption: {out}")
+            if f.task == "visual_question_answering":
+                if not f.question:
+                    raise HTTPException(422, "visual_question_answering needs a question")
+                check("answer", defaults)
+                return HostedCall(Job("answer", None, defaults, f.question), lambda out: f"Answer: {out}")
+            if not f.caption:
+                raise HTTPException(422, "image_text_matching needs a caption")
+            check("match")
+            return HostedCall(Job("match", None, texts=[f.caption]), _matched)
+        decoding = replace(defaults, do_sample=f.use_nucleus_sampling, temperature=f.temperature)
+        if f.caption or not f.question.strip():
+            check("caption", decoding)
+            return HostedCall(Job("caption", None, decoding, seed=f.seed))
+        check("answer", decoding, f.context)
+        return HostedCall(Job("answer", None, decoding, f.question, f.context, seed=f.seed))
+
+    async def predict_cog(self, body: dict, prefer: str) -> dict:
+        """Cog's ``POST /predictions`` with ``{"input": {...}}``, answered synchronously as Cog does."""
+        if body.get("webhook") or "respond-async" in prefer.lower():
+            raise HTTPException(422, "asynchronous Cog predictions (webhook, Prefer: respond-async) are not served; "
+                                     "the Replicate API (POST /v1/predictions) takes webhooks")
+        inputs = dict(body["input"])
+        raw = image_input(inputs.pop("image", None), self.cfg.max_image_bytes)
+        call = self.hosted(validate_fields(self.hosted_fields, inputs))
+        created = time.time()
+        output = call.finish(await self.run(call.job, raw))
+        done = time.time()
+        return {"id": body.get("id"), "input": echo_input(body["input"]), "output": output, "status": "succeeded",
+                "error": None, "logs": "", "created_at": iso_time(created), "started_at": iso_time(call.job.started),
+                "completed_at": iso_time(done), "metrics": {"predict_time": done - call.job.started}}
 
     def health(self) -> dict:
         p, b = self.predictor, self.batcher
@@ -321,6 +494,8 @@ class Service:
 
 
 def create_app(predictor: Predictor, cfg: ServeConfig | None = None) -> FastAPI:
+    """The app: the routes above, batching, body limits and (with ``cfg.api_token``) the token check.
+    :func:`blip.serve_replicate.create_app` adds the Replicate HTTP API to it."""
     from contextlib import asynccontextmanager
 
     service = Service(predictor, cfg or ServeConfig())
@@ -333,14 +508,37 @@ def create_app(predictor: Predictor, cfg: ServeConfig | None = None) -> FastAPI:
         service.batcher.device_thread.shutdown(wait=False)
 
     app = FastAPI(title="blip", description=__doc__, lifespan=lifespan)
+    app.state.service = service
     app.add_middleware(BodyLimit, limit=service.cfg.max_body_bytes)
+    if service.cfg.api_token:
+        app.add_middleware(TokenAuth, token=service.cfg.api_token)   # added last: runs first
 
     @app.exception_handler(UsageError)
     async def unusable(request: Request, e: UsageError) -> JSONResponse:  # a task or setting this model cannot do
         return JSONResponse({"detail": str(e)}, status_code=422)
 
     _add_routes(app, service)
+    default_openapi = app.openapi
+
+    def openapi() -> dict:   # Cog's schema names: Input (the hosted model's fields) and Output
+        schema = default_openapi()
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(
+            Input=cog_input_schema(service.hosted_fields), Output={"title": "Output", "type": "string"})
+        return schema
+
+    app.openapi = openapi
     return app
+
+
+async def _cog_envelope(request: Request) -> dict | None:
+    """A Cog prediction request's body (a JSON object with an ``input`` object), or None for the other forms."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        return None
+    try:
+        body = json.loads(await request.body())   # the body is cached: read_request reads it again
+    except ValueError:
+        return None   # read_request names the problem
+    return body if isinstance(body, dict) and isinstance(body.get("input"), dict) else None
 
 
 def _add_routes(app: FastAPI, service: Service) -> None:
@@ -350,15 +548,19 @@ def _add_routes(app: FastAPI, service: Service) -> None:
     async def health() -> dict:
         return service.health()
 
-    @app.post("/predictions", openapi_extra=_openapi_body(PredictionFields))
+    @app.get("/health-check")
+    async def health_check() -> dict:
+        """Cog's health check: READY, or BUSY while the queue is full."""
+        return {"status": "BUSY" if service.batcher.queue.full() else "READY", "setup": {"status": "succeeded"}}
+
+    @app.post("/predictions", openapi_extra=_openapi_body(PredictionFields, envelope=True))
     async def predictions(request: Request) -> dict:
+        envelope = await _cog_envelope(request)
+        if envelope is not None:
+            return await service.predict_cog(envelope, request.headers.get("prefer", ""))
         raw, f = await service.read(request, PredictionFields)
-        decoding = replace(defaults, do_sample=f.use_nucleus_sampling, temperature=f.temperature)
-        if f.caption or not f.question.strip():
-            check("caption", decoding)
-            return {"output": await service.run(Job("caption", None, decoding, seed=f.seed), raw)}
-        check("answer", decoding, f.context)
-        return {"output": await service.run(Job("answer", None, decoding, f.question, f.context, seed=f.seed), raw)}
+        call = service.hosted(f)
+        return {"output": call.finish(await service.run(call.job, raw))}
 
     @app.post("/caption", openapi_extra=_openapi_body(CaptionFields))
     async def caption(request: Request) -> dict:
@@ -381,11 +583,16 @@ def _add_routes(app: FastAPI, service: Service) -> None:
         return {"scores": await service.run(Job("match", None, texts=f.texts), raw)}
 
 
-def serve(predictor: Predictor, host: str = "127.0.0.1", port: int = 8000, cfg: ServeConfig | None = None) -> None:
+def run_app(app: FastAPI, host: str, port: int) -> None:
+    """Serve ``app`` with uvicorn until interrupted."""
     import sys
 
     import uvicorn
     # The device thread holds the GIL between kernels; hand it over sooner so /health and request parsing stay
     # responsive while a batch runs (Python's default is 5 ms per hand-over).
     sys.setswitchinterval(0.0005)
-    uvicorn.run(create_app(predictor, cfg), host=host, port=port, log_level="info")
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+def serve(predictor: Predictor, host: str = "127.0.0.1", port: int = 8000, cfg: ServeConfig | None = None) -> None:
+    run_app(create_app(predictor, cfg), host, port)
