@@ -5,7 +5,7 @@
         --vision-weights eva_vit_g.pth --context "Question: is it indoors? Answer: yes."
     blip match cat.jpg "a cat" "a rocket" --model model_base_retrieval_coco.pth
     blip caption-dir photos/ --out captions.jsonl --model model_base_caption_capfilt_large.pth
-    blip serve --model model_base_caption_capfilt_large.pth --host 127.0.0.1 --port 8000
+    blip serve --model model_base_caption_capfilt_large.pth --port 8000
     blip convert model_base_caption_capfilt_large.pth out/ --to hf
 
 --model takes a checkpoint file, an HF directory, a name from `blip models` or a run directory of scripts/train.py.
@@ -160,19 +160,49 @@ def cmd_caption_dir(args) -> int:
     return 0
 
 
+TOKEN_ENV = "BLIP_SERVE_API_TOKEN"   # blip serve's API token, where --api-token is not given
+
+
+def bind_host(host: str | None, token: str | None) -> tuple[str, str]:
+    """The address ``blip serve`` listens on, and what to say about it at start: without a token, loopback only
+    unless --host names another address."""
+    import ipaddress
+    if host is None:
+        host = "0.0.0.0" if token else "127.0.0.1"
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:   # a host name
+        loopback = False
+    if token:
+        return host, f"requests need the API token; listening on {host}"
+    if loopback:
+        return host, (f"no API token (--api-token or ${TOKEN_ENV}): listening on {host} (loopback) only; give "
+                      "--host and a token to serve other machines")
+    return host, f"no API token (--api-token or ${TOKEN_ENV}): anyone who can reach {host} can use the model"
+
+
 def cmd_serve(args) -> int:
     from .predictor import UsageError
     try:
-        from .serve import ServeConfig, serve
+        from .serve import ServeConfig
+        from .serve_replicate import ApiConfig, ModelRef, serve
     except ModuleNotFoundError as e:
         raise UsageError(f"blip serve needs {e.name}: pip install -e '.[serve]'") from None
     if not 0 < args.port < 65536:
         raise UsageError(f"--port {args.port} is out of range (1-65535)")
+    try:
+        ref = ModelRef.parse(args.model_ref) if args.model_ref else None
+    except ValueError as e:
+        raise UsageError(f"--model-ref: {e}") from None
+    token = args.api_token or os.environ.get(TOKEN_ENV) or None
+    host, note = bind_host(args.host, token)
     predictor = load_predictor(args, "any")
-    serve(predictor, args.host, args.port, ServeConfig(max_batch_size=args.batch_size, max_wait_ms=args.max_wait_ms,
-                                                        max_queue=args.max_queue, timeout_s=args.timeout_s,
-                                                        max_image_bytes=int(args.max_image_mb * 2**20),
-                                                        decoding=decoding_from(args)))
+    cfg = ServeConfig(max_batch_size=args.batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                      timeout_s=args.timeout_s, max_image_bytes=int(args.max_image_mb * 2**20),
+                      decoding=decoding_from(args), api_token=token)
+    api = ApiConfig(model_ref=ref, webhook_hosts=frozenset(args.webhook_host))
+    print(f"blip serve: {note}", file=sys.stderr, flush=True)
+    serve(predictor, host, args.port, cfg, api)
     return 0
 
 
@@ -272,10 +302,17 @@ def _add_caption_dir(sub) -> None:
 
 def _add_serve(sub) -> None:
     """``blip serve``: the HTTP server and its batching and limits."""
-    p = _model_options(sub.add_parser("serve", help="HTTP server: /predictions (hosted schema), /caption, /answer, "
-                                      "/match, /health"), json_output=False)
-    p.add_argument("--host", default="127.0.0.1")
+    p = _model_options(sub.add_parser("serve", help="HTTP server: the Replicate API (/v1), /predictions (hosted "
+                                      "schema, Cog), /caption, /answer, /match, /health"), json_output=False)
+    p.add_argument("--host", default=None, help="address to listen on (default: 127.0.0.1 without an API token, "
+                   "0.0.0.0 with one)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-token", default=None, help=f"requests must send it (Authorization: Bearer TOKEN); "
+                   f"default ${TOKEN_ENV}, which keeps it out of the process list")
+    p.add_argument("--model-ref", default=None, metavar="OWNER/NAME[:VERSION]", help="the model the Replicate API "
+                   "answers as (default salesforce/blip-2, or salesforce/blip for BLIP, any version)")
+    p.add_argument("--webhook-host", action="append", default=[], metavar="HOST", help="a host webhooks may go to "
+                   "(repeatable; none by default: requests with a webhook are refused)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond this get 503")
     p.add_argument("--timeout-s", type=float, default=60.0, help="per-request timeout (504 after it)")
