@@ -3,10 +3,6 @@ process. Every answer is compared with the same call made directly through the m
 import base64
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,16 +14,10 @@ import torch
 
 import blip
 from blip.predictor import question_prompt
+from serve_process import serve_process
 
-REPO = Path(__file__).resolve().parents[1]
 MAX_NEW = 8          # the tiny OPT has 64 positions: 8 queries + prompt + answer
 HOT = 2.5            # sampling temperature at which the tiny model's outputs differ from seed to seed
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -39,31 +29,10 @@ def blip2(fixtures):
 @pytest.fixture(scope="module")
 def server(blip2):
     """`blip serve` in its own process group; always terminated."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "blip.cli", "serve", "--model", str(blip2["model"]), "--llm", str(blip2["llm"]),
-           "--host", "127.0.0.1", "--port", str(port), "--max-new-tokens", str(MAX_NEW), "--batch-size", "32",
-           "--max-wait-ms", "50", "--max-image-mb", "1", "--timeout-s", "120"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, f"server exited: {proc.stderr.read().decode()[-2000:]}"
-            assert time.monotonic() < deadline, "server not up within 180 s"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    with serve_process(["--model", str(blip2["model"]), "--llm", str(blip2["llm"]), "--max-new-tokens", str(MAX_NEW),
+                        "--batch-size", "32", "--max-wait-ms", "50", "--max-image-mb", "1",
+                        "--timeout-s", "120"]) as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
 
 
 @pytest.fixture(scope="module")
