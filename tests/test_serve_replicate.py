@@ -13,12 +13,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
+import replicate
 
 import blip
 from serve_process import serve_process
 from test_serve import HOT, MAX_NEW, blip2, direct, expected  # noqa: F401 - blip2, direct: fixtures used here
-
-replicate = pytest.importorskip("replicate")
 
 TOKEN = "test-token-7f3a"
 HOSTED_VERSION = "f677695e5e89f8b236e52ecd1d3f01beb44c34606419bcc19345e046d8f786f9"   # any id is answered
