@@ -82,9 +82,18 @@ def check_python_api(out: str, work: Path) -> None:
 
 
 # blocks that run -> the check of what they printed
+def check_replicate_client(out: str, work: Path) -> None:
+    """The Replicate Python client, pointed at the server, prints the caption the server made (one line between the
+    server's access log lines, the last of them the client's version lookup)."""
+    lines = [line for line in out.splitlines() if line.strip() and not line.startswith("INFO:")]
+    assert len(lines) == 1 and lines[0].strip(), out
+    assert '"POST /v1/predictions HTTP/1.1" 201' in out, out
+
+
 CHECKS = {
     "# 1. caption a folder (recursive), a text file of paths, or local shards into JSONL": check_labelling,
     "import blip": check_python_api,
+    "export BLIP_SERVE_API_TOKEN=": check_replicate_client,
 }
 
 
