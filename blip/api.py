@@ -44,7 +44,8 @@ def load(source: str | Path, *, arch: str | None = None, task: str | None = None
 FROZEN_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def load_for_evaluation(source: str | Path, model_cfg: dict, device: torch.device, precision: str = "fp32") -> nn.Module:
+def load_for_evaluation(source: str | Path, model_cfg: dict, device: torch.device,
+                        precision: str = "fp32") -> nn.Module:
     """``load`` for the benchmark evaluation (``scripts/evaluate.py``): ``model_cfg`` holds its keyword arguments
     (None meaning the checkpoint's own). bf16 / fp16: BLIP-2's frozen ViT and LLM are stored in that dtype (as LAVIS
     runs them); everything else stays fp32 under autocast."""

@@ -175,7 +175,8 @@ class LoadReport:
 
 
 def fold_names(keys: Iterable[str]) -> list[str]:
-    """Parameter names grouped per module, layer indices folded: ``blocks.3.attn.qkv.weight`` -> ``blocks.N.attn.qkv``."""
+    """Parameter names grouped per module, layer indices folded: ``blocks.3.attn.qkv.weight`` ->
+    ``blocks.N.attn.qkv``."""
     out: dict[str, None] = {}
     for k in keys:
         out[re.sub(r"\.(weight|bias)$", "", re.sub(r"\.\d+\.", ".N.", k))] = None
@@ -222,7 +223,8 @@ def load_into(model: nn.Module, sd: StateDict, source: str, expected_missing: It
         if bad_missing:
             lines.append(f"  missing ({len(bad_missing)}): {bad_missing[:8]}{' ...' if len(bad_missing) > 8 else ''}")
         if bad_unexpected:
-            lines.append(f"  unexpected ({len(bad_unexpected)}): {bad_unexpected[:8]}{' ...' if len(bad_unexpected) > 8 else ''}")
+            lines.append(f"  unexpected ({len(bad_unexpected)}): {bad_unexpected[:8]}"
+                         f"{' ...' if len(bad_unexpected) > 8 else ''}")
         if mismatched:
             lines.append(f"  shape mismatch: {mismatched[:8]}")
         lines.append("  Check the architecture (arch=...) and the image size / config the checkpoint was trained with.")

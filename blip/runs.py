@@ -1,11 +1,11 @@
 """A training run of ``scripts/train.py`` as a model: ``blip.load(<run dir>)``, ``blip caption --model <run dir>``.
 
 The run-directory layout (``config.yaml``, ``checkpoints/step_*/state.pt``, the newest run of a name) is
-:mod:`blip.run_layout`. The model is rebuilt from the run's own config (arch, image size, objective, LLM and its tokenizer) with the builder training
-used, never by guessing sizes from tensor shapes, and the newest checkpoint's weights load into it strictly by name.
-What comes back is the inference model: the task model of a fine-tuning run, the Q-Former of a BLIP-2 stage-1 run,
-the LLM model of a stage-2 run; a BLIP pretraining run holds every head, so it loads into the ``task`` asked for
-(default "caption").
+:mod:`blip.run_layout`. The model is rebuilt from the run's own config (arch, image size, objective, LLM and its
+tokenizer) with the builder training used, never by guessing sizes from tensor shapes, and the newest checkpoint's
+weights load into it strictly by name. What comes back is the inference model: the task model of a fine-tuning run, the
+Q-Former of a BLIP-2 stage-1 run, the LLM model of a stage-2 run; a BLIP pretraining run holds every head, so it loads
+into the ``task`` asked for (default "caption").
 """
 from __future__ import annotations
 

@@ -37,8 +37,10 @@ PRETRAINED: dict[str, Pretrained] = {
     "blip-large-caption": Pretrained(f"{BLIP_GCS}/model_large_caption.pth", "blip_large", "caption", 384),
     "blip-base-vqa": Pretrained(f"{BLIP_GCS}/model_base_vqa_capfilt_large.pth", "blip_base", "vqa", 480),
     "blip-base-retrieval-coco": Pretrained(f"{BLIP_GCS}/model_base_retrieval_coco.pth", "blip_base", "retrieval", 384),
-    "blip-large-retrieval-coco": Pretrained(f"{BLIP_GCS}/model_large_retrieval_coco.pth", "blip_large", "retrieval", 384),
-    "blip-base-retrieval-flickr": Pretrained(f"{BLIP_GCS}/model_base_retrieval_flickr.pth", "blip_base", "retrieval", 384),
+    "blip-large-retrieval-coco": Pretrained(f"{BLIP_GCS}/model_large_retrieval_coco.pth",
+                                            "blip_large", "retrieval", 384),
+    "blip-base-retrieval-flickr": Pretrained(f"{BLIP_GCS}/model_base_retrieval_flickr.pth",
+                                             "blip_base", "retrieval", 384),
     "blip-base-nlvr": Pretrained(f"{BLIP_GCS}/model_base_nlvr.pth", "blip_base", "nlvr", 384),   # LAVIS blip_nlvr too
     # unimodal weights BLIP pretraining starts from (model.vision_init / model.text_init)
     "deit-base-patch16-224": Pretrained("https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth",
@@ -49,7 +51,8 @@ PRETRAINED: dict[str, Pretrained] = {
     "bert-base-uncased": Pretrained("bert-base-uncased", "blip_base", "text", 224),
     # HF transformers ports
     "hf-blip-image-captioning-base": Pretrained("Salesforce/blip-image-captioning-base", "blip_base", "caption", 384),
-    "hf-blip-image-captioning-large": Pretrained("Salesforce/blip-image-captioning-large", "blip_large", "caption", 384),
+    "hf-blip-image-captioning-large": Pretrained("Salesforce/blip-image-captioning-large",
+                                                 "blip_large", "caption", 384),
     "hf-blip-vqa-base": Pretrained("Salesforce/blip-vqa-base", "blip_base", "vqa", 384),
     "hf-blip-itm-base-coco": Pretrained("Salesforce/blip-itm-base-coco", "blip_base", "retrieval", 384),
     # BLIP-2 (LAVIS releases: trainable parameters only; the ViT and the LLM come from elsewhere)
@@ -75,7 +78,8 @@ PRETRAINED: dict[str, Pretrained] = {
     "hf-blip2-opt-2.7b": Pretrained("Salesforce/blip2-opt-2.7b", "blip2_vitg_opt2.7b", "stage2", 224),
     "hf-blip2-flan-t5-xl": Pretrained("Salesforce/blip2-flan-t5-xl", "blip2_vitg_flant5xl", "stage2", 224),
     "hf-blip2-itm-vit-g": Pretrained("Salesforce/blip2-itm-vit-g", "blip2_vitg_qformer", "qformer", 224),
-    "hf-instructblip-vicuna-7b": Pretrained("Salesforce/instructblip-vicuna-7b", "instructblip_vicuna7b", "instruct", 224),
+    "hf-instructblip-vicuna-7b": Pretrained("Salesforce/instructblip-vicuna-7b", "instructblip_vicuna7b",
+                                            "instruct", 224),
 }
 
 

@@ -34,7 +34,8 @@ def test_itg_mask_queries_never_see_text(model):
     vit = model.image_features(px)
     q = model.num_queries
     queries = model.qformer.query_tokens.expand(2, -1, -1)
-    joint = model.qformer.transformer(ids, query_embeds=queries, causal=True, prefix_length=q, encoder_hidden_states=vit)
+    joint = model.qformer.transformer(ids, query_embeds=queries, causal=True, prefix_length=q,
+                                      encoder_hidden_states=vit)
     other = ids.clone()
     other[:, 1:] = torch.randint(3000, 4000, other[:, 1:].shape)
     joint2 = model.qformer.transformer(other, query_embeds=queries, causal=True, prefix_length=q,
@@ -121,7 +122,8 @@ def test_family_plumbing():
     assert {"blip2_vitg_qformer", "blip2_vitL_qformer", "blip2_tiny_qformer"} <= set(blip2.QFORMER_ARCHS)
     assert {("blip2_tiny_qformer", "qformer"), ("blip2_tiny_qformer", "stage1")} <= set(blip.list_models())
     vitg = blip2.QFORMER_ARCHS["blip2_vitg_qformer"]
-    assert (vitg.vision.depth, vitg.vision.width, vitg.vision.qkv_bias, vitg.vision.final_norm) == (39, 1408, "qv", False)
+    assert (vitg.vision.depth, vitg.vision.width, vitg.vision.qkv_bias,
+            vitg.vision.final_norm) == (39, 1408, "qv", False)
     assert vitg.qformer.num_query_tokens == 32 and vitg.embed_dim == 256 and vitg.ln_vision_eps == 1e-5
     assert type(blip.create_model("blip2_tiny_qformer", "stage1")).__name__ == "Blip2Stage1Objective"
     from blip.convert.blip2_hf import HF_LOADERS
@@ -147,7 +149,8 @@ def _openai_clip_visual(width=32, layers=3, grid=2, embed=16):
                        p + "attn.out_proj.bias": (width,), p + "mlp.c_fc.weight": (4 * width, width),
                        p + "mlp.c_fc.bias": (4 * width,), p + "mlp.c_proj.weight": (width, 4 * width),
                        p + "mlp.c_proj.bias": (width,)})
-    return {"visual." + k: torch.randn(s, generator=g) * (s[-1] ** -0.5 if len(s) > 1 else 0.5) for k, s in shapes.items()}
+    return {"visual." + k: torch.randn(s, generator=g) * (s[-1] ** -0.5 if len(s) > 1 else 0.5)
+            for k, s in shapes.items()}
 
 
 def test_clip_vit_file_matches_timm_openai_clip():
@@ -166,7 +169,8 @@ def test_clip_vit_file_matches_timm_openai_clip():
     assert not unexpected and all(k.startswith("ln_vision") for k in missing)
     ref = timm.create_model("vit_large_patch14_clip_quickgelu_224", pretrained=False, img_size=28, embed_dim=32,
                             depth=2, num_heads=4, num_classes=0, global_pool="").eval()
-    ref_sd = {k: v for k, v in _convert_openai_clip(sd, ref).items() if not k.startswith(("blocks.2.", "norm.", "head."))}
+    ref_sd = {k: v for k, v in _convert_openai_clip(sd, ref).items()
+              if not k.startswith(("blocks.2.", "norm.", "head."))}
     missing, unexpected = ref.load_state_dict(ref_sd, strict=False)
     assert not unexpected and set(missing) <= {"norm.weight", "norm.bias"}
     ref.norm = torch.nn.Identity()   # LAVIS's clip_vit has no ln_post; ln_vision follows instead

@@ -116,6 +116,7 @@ def test_real_size_keys_and_shapes_match_hf_blip2_itm_vit_g():
     qf, qf_used = hf_qformer_to_ours(hf_sd)
     back.update(qf)
     ours_sd = ours.state_dict()
-    expected_missing = {k for k in ours_sd if k.startswith(("lm_head.", "temp", "vision_proj", "text_proj", "itm_head"))}
+    expected_missing = {k for k in ours_sd
+                        if k.startswith(("lm_head.", "temp", "vision_proj", "text_proj", "itm_head"))}
     assert set(back) == set(ours_sd) - expected_missing
     assert all(back[k].shape == ours_sd[k].shape for k in back)

@@ -156,13 +156,15 @@ def test_own_safetensors_and_training_checkpoints_round_trip(tmp_path, data):
     assert back.cfg == model.cfg
     ids, am = tok["itm_text_ids"][:2], tok["itm_text_atts"][:2]
     with torch.no_grad():
-        assert torch.equal(back.itm_logits(inputs["image"][:2], ids, am), model.itm_logits(inputs["image"][:2], ids, am))
+        assert torch.equal(back.itm_logits(inputs["image"][:2], ids, am),
+                           model.itm_logits(inputs["image"][:2], ids, am))
     # a training checkpoint of the stage-1 objective (keys under "model.")
     objective = blip.load(DIR / "checkpoint.pth", task="stage1")
     torch.save({"model": objective.state_dict(), "step": 3}, tmp_path / "state.pt")
     again = blip.load(tmp_path / "state.pt")
     with torch.no_grad():
-        assert torch.equal(again.generate(inputs["image"], max_new_tokens=9, min_new_tokens=9), out["qformer_greedy_ids"])
+        assert torch.equal(again.generate(inputs["image"], max_new_tokens=9, min_new_tokens=9),
+                           out["qformer_greedy_ids"])
 
 
 def test_whole_model_in_bf16(data):

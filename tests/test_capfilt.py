@@ -153,7 +153,8 @@ def test_captions_do_not_depend_on_batching(reference):
     out = root / "batch3"
     cap, filt = models()
     CapFilt(cap, filt, CapFiltConfig(**{**CFG, "batch_size": 3})).run(CapFiltInput(urls=urls), out)
-    captions = lambda d: {r["key"]: [c["text"] for c in r["captions"]] for r in json.loads((d / "index.json").read_text())}  # noqa: E731
+    captions = lambda d: {r["key"]: [c["text"] for c in r["captions"]]  # noqa: E731
+                          for r in json.loads((d / "index.json").read_text())}
     assert captions(out) == captions(ref)
 
 

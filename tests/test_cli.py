@@ -35,7 +35,8 @@ def test_blip_caption_ask_match_convert_models(models, images, tmp_path, capsys,
     out, err = capsys.readouterr()
     lines = [line.split("\t") for line in out.strip().splitlines()]
     model = blip.load(models["caption"])
-    assert lines == [[str(p), model.caption(p, num_beams=2, max_new_tokens=6, min_new_tokens=1)[0]] for p in (cat, rocket)]
+    assert lines == [[str(p), model.caption(p, num_beams=2, max_new_tokens=6, min_new_tokens=1)[0]]
+                     for p in (cat, rocket)]
     assert "truncated.jpg" in err   # reported and skipped, the others captioned
 
     assert main(["ask", str(cat), "what is this?", "--model", str(models["vqa"]), "--json"]) == 0

@@ -73,7 +73,8 @@ def test_each_task_composes(task):
     assert out["eval_task"]["kind"] == out["model"]["task"]  # the benchmark evaluated at the end of the run
     assert "init_from" in out
     assert set(out["eval"]) == set(resolved(compose_cfg(["stage=1"]))["eval"])
-    assert key_paths(out["trainer"]) == key_paths(resolved(compose_cfg(["stage=1", "trainer=blip_pretrain"]))["trainer"])
+    assert key_paths(out["trainer"]) == key_paths(resolved(compose_cfg(["stage=1",
+                                                                        "trainer=blip_pretrain"]))["trainer"])
 
 
 def test_paper_recipes_are_the_config_values():

@@ -46,7 +46,8 @@ def test_stage1(tmp_path, one_thread):
 
 @pytest.mark.parametrize("name,llm", [("blip2_opt", "opt_llm"), ("blip2_t5", "t5_llm")])
 def test_stage2_lavis_file(tmp_path, one_thread, name, llm):
-    source, flags = LAVIS / name / "checkpoint_trainable_only.pth", ("--llm", LAVIS / name / llm, "--vision-weights", EVA)
+    source, flags = LAVIS / name / "checkpoint_trainable_only.pth", ("--llm", LAVIS / name / llm,
+                                                                     "--vision-weights", EVA)
     ours = blip.load(source, llm=LAVIS / name / llm, vision_weights=EVA)
     token = ours.llm.config.vocab_size - 1   # the image placeholder HF needs in the LLM vocabulary
     prompt = torch.tensor([[ours.start_token_id, 5, 6, 7], [ours.start_token_id, 8, 9, 10]])

@@ -99,7 +99,8 @@ def test_per_dataset_cleaning_and_vg_answer_weight(tmp_path):
     vg = [i for i, t in enumerate(batch["text"]) if t == "is it red?"]
     with torch.no_grad():
         loss = obj(batch)["loss"]
-        unweighted = obj({**batch, "weights": [[1.0] if i in vg else w for i, w in enumerate(batch["weights"])]})["loss"]
+        unweighted = obj({**batch, "weights": [[1.0] if i in vg else w
+                                               for i, w in enumerate(batch["weights"])]})["loss"]
         one_vg_row = obj({k: v[vg[0]:vg[0] + 1] for k, v in batch.items() if k in ("pixel_values", "text", "answers",
                                                                                    "weights", "image_ids")})["loss"]
     assert vg and torch.allclose(unweighted - loss, 0.8 * len(vg) * (one_vg_row / 0.2) / 8, rtol=1e-4)

@@ -269,4 +269,5 @@ def test_caption_coco_with_blip2_models_uses_the_lavis_settings(tmp_path, fixtur
     qformer = create("blip2_tiny_qformer", "qformer").eval()
     run_task(qformer, "caption_coco", "test", root, tmp_path / "qformer", ("task.spice=false",))
     predictions = json.loads((tmp_path / "qformer/predictions.json").read_text())
-    assert [p["caption"] for p in predictions] == qformer.caption(files, num_beams=3, max_new_tokens=29, min_new_tokens=9)
+    assert [p["caption"] for p in predictions] == qformer.caption(files, num_beams=3, max_new_tokens=29,
+                                                                  min_new_tokens=9)

@@ -70,7 +70,8 @@ def test_beam_search_matches_hf(seed, num_beams):
     # pick an eos that the beams actually produce, so finished hypotheses and early stopping are exercised
     probe = theirs(lm, PROMPT, max_new_tokens=6, num_beams=num_beams, eos=63)
     eos = int(probe[0, PROMPT.shape[1] + 2])
-    for kw in (dict(max_new_tokens=8), dict(max_new_tokens=8, min_new_tokens=3), dict(max_new_tokens=6, length_penalty=0.5),
+    for kw in (dict(max_new_tokens=8), dict(max_new_tokens=8, min_new_tokens=3),
+               dict(max_new_tokens=6, length_penalty=0.5),
                dict(max_new_tokens=7, repetition_penalty=1.3), dict(max_new_tokens=8, early_stopping=True)):
         a = ours(lm, PROMPT, num_beams=num_beams, eos=eos, **kw)
         b = theirs(lm, PROMPT, num_beams=num_beams, eos=eos, **kw)

@@ -36,7 +36,8 @@ def checkpoint_state(run_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("runs")
-    return {"blip": train(tmp, "blip", ["stage=1", "model=blip_tiny", "model.image_size=48", "model.objective.queue_size=16"]),
+    return {"blip": train(tmp, "blip", ["stage=1", "model=blip_tiny", "model.image_size=48",
+                                        "model.objective.queue_size=16"]),
             "qformer": train(tmp, "qformer", ["stage=1", "model=blip2_tiny_qformer"]),
             "llm": train(tmp, "llm", ["stage=2", "trainer.llm_warmup_steps=1", "init_from=null"])}
 

@@ -9,8 +9,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from blip.losses import (FeatureQueue, all_gather_with_grad, concat_all_gather, hard_negative_weights, itc_loss, itm_loss,
-                         lm_loss, momentum_soft_targets, positive_targets, sample_hard_negatives)
+from blip.losses import (FeatureQueue, all_gather_with_grad, concat_all_gather, hard_negative_weights, itc_loss,
+                         itm_loss, lm_loss, momentum_soft_targets, positive_targets, sample_hard_negatives)
 from blip.objectives.momentum import ema_update
 from test_train_helpers import end_gloo_worker
 

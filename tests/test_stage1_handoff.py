@@ -1,5 +1,6 @@
-"""The one stage-1 -> stage-2 hand-off (blip.convert.blip2_handoff.init_from_stage1), used by blip.create_model(qformer_from=)
-and by stage-2 training: strict, with a report of what was loaded, kept and ignored by name."""
+"""The one stage-1 -> stage-2 hand-off (blip.convert.blip2_handoff.init_from_stage1), used by
+blip.create_model(qformer_from=) and by stage-2 training: strict, with a report of what was loaded, kept and ignored by
+name."""
 import pytest
 import torch
 

@@ -46,7 +46,8 @@ def test_shipped_vocab_is_bert_base_uncased():
 
 def test_constants_match_vocab_lines(lines):
     assert len(lines) == 30522
-    assert (lines["[PAD]"], lines["[UNK]"], lines["[CLS]"], lines["[SEP]"]) == (tk.PAD_TOKEN_ID, tk.UNK_TOKEN_ID, tk.CLS_TOKEN_ID, tk.SEP_TOKEN_ID)
+    assert (lines["[PAD]"], lines["[UNK]"], lines["[CLS]"], lines["[SEP]"]) == (tk.PAD_TOKEN_ID, tk.UNK_TOKEN_ID,
+                                                                                tk.CLS_TOKEN_ID, tk.SEP_TOKEN_ID)
     assert tk.DEC_TOKEN_ID == len(lines) and tk.ENC_TOKEN_ID == len(lines) + 1
 
 

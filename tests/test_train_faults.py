@@ -202,7 +202,8 @@ def run_in_process(args: list[str]) -> dict:
     from blip.train.run import quote_stage_override, run
     from test_train_helpers import build_tiny
 
-    with pytest.MonkeyPatch.context() as patch, initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+    with pytest.MonkeyPatch.context() as patch, initialize_config_dir(config_dir=str(ROOT / "configs"),
+                                                                      version_base=None):
         patch.setitem(registry.OBJECTIVES, ("blip_tiny", "pretrain"), build_tiny)   # the tiny stand-in model
         return run(compose("train", overrides=quote_stage_override(args)))
 
@@ -302,7 +303,8 @@ def test_a_job_with_no_readable_sample_ends_with_a_named_error(tmp_path, kind):
         write_tar(tmp_path / "shard-0.tar", [{"__key__": f"{i:04d}", "jpg": html, "txt": b"a cat"} for i in range(64)])
         data = ["data=webdataset", f"data.datasets.0.urls={tmp_path}/shard-0.tar", "data.datasets.0.num_samples=64"]
         named = ["shard-0.tar", "HTML error page"]
-    args = ["stage=1", "model=blip_tiny", f"run_dir={tmp_path}/out/test/r", f"output_root={tmp_path}/out", "name=test", *data,
+    args = ["stage=1", "model=blip_tiny", f"run_dir={tmp_path}/out/test/r", f"output_root={tmp_path}/out",
+            "name=test", *data,
             "data.num_workers=0", "data.shuffle_buffer=0", "trainer.batch_size=8", "trainer.progress_bar=false",
             "trainer.tensorboard=false", "trainer.threads=1", "eval.enabled=false"]
     with pytest.raises(DatasetError) as err:

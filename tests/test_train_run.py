@@ -50,8 +50,8 @@ def test_run_writes_its_outputs_and_resume_latest_continues(tmp_path, monkeypatc
 
 
 def test_real_blip_pretraining_model_runs(tmp_path):
-    out = run(config(tmp_path, "blip", ["stage=1", "model=blip_tiny", "trainer.max_steps=2", "model.objective.queue_size=64",
-                                        "trainer.activation_checkpointing=true"]))
+    out = run(config(tmp_path, "blip", ["stage=1", "model=blip_tiny", "trainer.max_steps=2",
+                                        "model.objective.queue_size=64", "trainer.activation_checkpointing=true"]))
     assert out["steps"] == 2 and "i2t_r1" in out["eval"]
 
 

@@ -186,7 +186,8 @@ class CapFilt:
 
     # ---- one batch ------------------------------------------------------------------------------------------
     def synthesize(self, pixels: torch.Tensor, keys: list[str]) -> list[list[str]]:
-        """[B, 3, H, W] -> B lists of ``num_captions`` sampled captions (:func:`blip.capfilt.captioner.sample_captions`)."""
+        """[B, 3, H, W] -> B lists of ``num_captions`` sampled captions
+        (:func:`blip.capfilt.captioner.sample_captions`)."""
         return sample_captions(self.captioner, self.tokenizer, pixels, keys, self.cfg, self.device)
 
     def itm_scores(self, pixels: torch.Tensor, texts: list[list[str]]) -> list[list[float]]:

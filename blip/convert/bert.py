@@ -21,7 +21,8 @@ _BERT_LAYER = [  # (BERT suffix, our suffix, fused slot or None)
     ("attention.output.dense", "self_attn.out", None), ("attention.output.LayerNorm", "self_attn.norm", None),
     ("crossattention.{s}.query", "cross_attn.q", None), ("crossattention.{s}.key", "cross_attn.kv", 0),
     ("crossattention.{s}.value", "cross_attn.kv", 1),
-    ("crossattention.output.dense", "cross_attn.out", None), ("crossattention.output.LayerNorm", "cross_attn.norm", None),
+    ("crossattention.output.dense", "cross_attn.out", None),
+    ("crossattention.output.LayerNorm", "cross_attn.norm", None),
     # BLIP NLVR2's twin cross-attention: self0/dense0 read image 0, self1/dense1 image 1, merge_layer joins them
     *[(f"crossattention.self{i}.{src}", f"cross_attn.image{i}.{dst}", slot) for i in (0, 1)
       for src, dst, slot in (("query", "q", None), ("key", "kv", 0), ("value", "kv", 1))],

@@ -25,9 +25,9 @@ def init_from_stage1(model: Blip2LanguageModel, source: str | Path | Checkpoint)
     ``state.pt`` (anything :func:`~blip.convert.formats.read_checkpoint` reads, in a stage-1 format). Every Q-Former /
     ``ln_vision`` key of the model must come from the file with its shape; what only stage 1 has (ITC/ITM/ITG heads,
     ``temp``, and for a model without instructions the Q-Former's text embeddings and text FFN) is ignored; anything
-    else in the file is an error. Returns (and sets as ``model.stage1_report``) the :class:`LoadReport`: ``loaded`` (taken
-    from the file), ``expected_missing`` (kept: the LLM, ``llm_proj`` and a ViT the file lacks), ``unused`` (ignored
-    stage-1 parts).
+    else in the file is an error. Returns (and sets as ``model.stage1_report``) the :class:`LoadReport`: ``loaded``
+    (taken from the file), ``expected_missing`` (kept: the LLM, ``llm_proj`` and a ViT the file lacks), ``unused``
+    (ignored stage-1 parts).
     """
     stage1 = read_checkpoint(source, "init_from")
     source, fmt = stage1.name, stage1.format

@@ -50,8 +50,8 @@ def load_hf_retrieval(directory: str | Path, llm=None, vision_weights=None, **ov
     from transformers import AutoConfig
     directory = Path(directory)
     if llm is not None or vision_weights is not None:
-        raise CheckpointError(f"{directory}: an HF Blip2ForImageTextRetrieval directory carries its ViT and has no LLM: "
-                              "drop llm= / vision_weights=")
+        raise CheckpointError(f"{directory}: an HF Blip2ForImageTextRetrieval directory carries its ViT and has no "
+                              "LLM: drop llm= / vision_weights=")
     hf = hf_pretrained(AutoConfig, directory)
     v, q = hf.vision_config.to_dict(), hf.qformer_config.to_dict()
     if not q.get("use_qformer_text_input", False):

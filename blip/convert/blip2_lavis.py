@@ -111,7 +111,8 @@ def export_lavis(model: Blip2Qformer, trainable_only: bool = False) -> StateDict
     sd = {k: v.detach() for k, v in model.state_dict().items()}   # on the model's device
     out: StateDict = {}
     if not trainable_only:
-        out.update({k[len("image_encoder."):]: v for k, v in sd.items() if k.startswith("image_encoder.visual_encoder.")})
+        out.update({k[len("image_encoder."):]: v for k, v in sd.items()
+                    if k.startswith("image_encoder.visual_encoder.")})
     out.update({k[len("image_encoder."):]: v for k, v in sd.items() if k.startswith("image_encoder.ln_vision.")})
     out["query_tokens"] = sd["qformer.query_tokens"]
     out.update(ours_to_bert(sd, "qformer.transformer.", "Qformer.bert."))

@@ -40,7 +40,8 @@ def save_safetensors(model: nn.Module, path: str | Path) -> Path:
         meta = {"blip_task": "qformer", "blip_config": json.dumps(dataclasses.asdict(model.cfg)),
                 "blip_has_lm_head": str(model.has_lm_head)}
     elif isinstance(model, Blip2LanguageModel):
-        meta = {"blip_task": "instruct" if model.instruct else "stage2", "blip_config": json.dumps(llm_config_dict(model)),
+        meta = {"blip_task": "instruct" if model.instruct else "stage2",
+                "blip_config": json.dumps(llm_config_dict(model)),
                 "blip_lm_head_tied": str(lm_head_tied(model.llm))}
     else:
         raise TypeError(f"{type(model).__name__} is not a BLIP-2 model")

@@ -1,8 +1,8 @@
 """The parts every BLIP-2 model shares, converted between LAVIS / EVA / CLIP / HF names and ours.
 
-Pure ``state_dict -> state_dict`` converters for the frozen image encoder (``visual_encoder`` ViT + ``ln_vision``) and the Q-Former (``query_tokens`` + BERT stack). Each
-takes the destination prefix of the module in our model, so any model that holds a
-:class:`blip.models.qformer.FrozenImageEncoder` and a :class:`blip.models.qformer.QFormer` can use them:
+Pure ``state_dict -> state_dict`` converters for the frozen image encoder (``visual_encoder`` ViT + ``ln_vision``) and
+the Q-Former (``query_tokens`` + BERT stack). Each takes the destination prefix of the module in our model, so any model
+that holds a :class:`blip.models.qformer.FrozenImageEncoder` and a :class:`blip.models.qformer.QFormer` can use them:
 
 - our image encoder keys: ``{dst}visual_encoder.*`` (EVA/timm names) and ``{dst}ln_vision.*``;
 - our Q-Former keys: ``{dst}query_tokens`` and ``{dst}transformer.*`` (:class:`blip.nn.transformer.TextTransformer`).

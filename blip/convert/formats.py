@@ -8,7 +8,8 @@ way weights enter a model starts here and keeps only its own policy:
 - ``blip.load``: the format's ``load`` builds the model from the file's own config; every key is accounted for;
 - ``init_from`` (:mod:`blip.train.init`): by name; each trainable part covered, position embeddings resized;
 - ``model.vision_init`` / ``model.text_init`` (:mod:`blip.convert.unimodal`): a one-tower format's ``tower_map``;
-- the BLIP-2 stage-1 -> stage-2 hand-off (:func:`blip.convert.blip2_handoff.init_from_stage1`): a stage-1 format, strictly;
+- the BLIP-2 stage-1 -> stage-2 hand-off (:func:`blip.convert.blip2_handoff.init_from_stage1`): a stage-1
+  format, strictly;
 - run directories: :func:`blip.runs.load_run` rebuilds the model from the run's ``config.yaml`` (the registry, one
   layer above this table, builds it), then loads ``raw`` strictly.
 

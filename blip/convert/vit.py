@@ -23,7 +23,8 @@ EVA_FILE_UNUSED = [r"norm\.(weight|bias)", r"fc_norm\.(weight|bias)", r"head\.(w
 
 _HF_VIT = [
     (r"embeddings\.class_embedding$", "cls_token"), (r"embeddings\.position_embedding$", "pos_embed"),
-    (r"embeddings\.patch_embedding\.", "patch_embed.proj."), (r"encoder\.layers\.(\d+)\.layer_norm1\.", r"blocks.\1.norm1."),
+    (r"embeddings\.patch_embedding\.", "patch_embed.proj."),
+    (r"encoder\.layers\.(\d+)\.layer_norm1\.", r"blocks.\1.norm1."),
     (r"encoder\.layers\.(\d+)\.layer_norm2\.", r"blocks.\1.norm2."),
     (r"encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"blocks.\1.attn.qkv."),
     (r"encoder\.layers\.(\d+)\.self_attn\.projection\.", r"blocks.\1.attn.proj."),
@@ -57,7 +58,8 @@ def ours_to_hf_vit(sd: StateDict, src: str, dst: str) -> StateDict:
     """Inverse of :func:`hf_vit_to_ours`; EVA q_bias/v_bias become HF's fused bias with a zero k part."""
     inverse = [
         (r"cls_token$", "embeddings.class_embedding"), (r"pos_embed$", "embeddings.position_embedding"),
-        (r"patch_embed\.proj\.", "embeddings.patch_embedding."), (r"blocks\.(\d+)\.norm1\.", r"encoder.layers.\1.layer_norm1."),
+        (r"patch_embed\.proj\.", "embeddings.patch_embedding."),
+        (r"blocks\.(\d+)\.norm1\.", r"encoder.layers.\1.layer_norm1."),
         (r"blocks\.(\d+)\.norm2\.", r"encoder.layers.\1.layer_norm2."),
         (r"blocks\.(\d+)\.attn\.qkv\.", r"encoder.layers.\1.self_attn.qkv."),
         (r"blocks\.(\d+)\.attn\.proj\.", r"encoder.layers.\1.self_attn.projection."),

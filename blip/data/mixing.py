@@ -113,7 +113,8 @@ def mixing_weights(names: Sequence[str], sizes: Sequence[int], weights: Sequence
     shares = [float(w) for w in weights] if all(given) else [float(n) for n in sizes]
     total = sum(shares)
     if total <= 0 or min(shares) < 0:
-        raise ValueError(f"data.datasets: mixing weights must be >= 0 with a positive sum, got {shares} for {list(names)}")
+        raise ValueError(f"data.datasets: mixing weights must be >= 0 with a positive sum, "
+                         f"got {shares} for {list(names)}")
     how = "explicit weights" if all(given) else "proportional to size"
     log.info("data mix (%s): %s", how, ", ".join(f"{n} {100 * s / total:.2f}% ({size:,} samples)"
                                                  for n, s, size in zip(names, shares, sizes)))

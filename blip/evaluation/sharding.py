@@ -3,9 +3,10 @@
 Items are cut into fixed chunks of ``batch_size`` (chunk c = items [c*B, (c+1)*B)); rank r runs the chunks
 c ≡ r (mod world size). Each finished chunk is written atomically to ``<work_dir>/<stage>/<c>.json`` (a list, one
 result per item) or ``<c>.safetensors`` (a tensor, one row per item) through a temp file + ``os.replace``, so a
-killed evaluation re-run skips the chunks on disk. After the pass every rank's chunks are gathered (``all_gather_object``) and concatenated in chunk order: the merged result does not depend on how many
-ranks ran it, nor on how often it was interrupted. A manifest pins what the chunks were computed from; a re-run with
-other settings refuses to mix them.
+killed evaluation re-run skips the chunks on disk. After the pass every rank's chunks are gathered
+(``all_gather_object``) and concatenated in chunk order: the merged result does not depend on how many ranks ran it, nor
+on how often it was interrupted. A manifest pins what the chunks were computed from; a re-run with other settings
+refuses to mix them.
 """
 from __future__ import annotations
 

@@ -39,7 +39,8 @@ class GenerationConfig:
         if self.do_sample and self.num_beams > 1:
             raise ValueError("sampling with beams is not supported: use num_beams=1 with do_sample=True")
         if self.beam_length_convention not in ("generated", "total"):
-            raise ValueError(f"beam_length_convention must be 'generated' or 'total', got {self.beam_length_convention!r}")
+            raise ValueError(f"beam_length_convention must be 'generated' or 'total', "
+                             f"got {self.beam_length_convention!r}")
         if self.stop_check_every < 0:
             raise ValueError(f"stop_check_every must be >= 0, got {self.stop_check_every}")
         if self.min_new_tokens > self.max_new_tokens:

@@ -12,5 +12,5 @@ from .lm import lm_loss, lm_loss_from_hidden
 from .queue import FeatureQueue
 
 __all__ = ["FeatureQueue", "all_gather_with_grad", "concat_all_gather", "hard_negative_weights", "itc_loss",
-           "itm_loss", "lm_loss", "lm_loss_from_hidden", "momentum_soft_targets", "positive_targets", "rank", "sample_hard_negatives",
-           "world_size"]
+           "itm_loss", "lm_loss", "lm_loss_from_hidden", "momentum_soft_targets", "positive_targets", "rank",
+           "sample_hard_negatives", "world_size"]

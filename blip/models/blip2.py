@@ -47,7 +47,8 @@ def qformer_arch_of_widths(query_width: int, image_width: int) -> str | None:
 
 
 def qformer_arch_config(arch: str, **overrides) -> Blip2QformerConfig:
-    """The config of a Q-Former arch with top-level fields replaced (e.g. ``freeze_vit=False``, ``vit_dtype="bf16"``)."""
+    """The config of a Q-Former arch with top-level fields replaced (e.g. ``freeze_vit=False``,
+    ``vit_dtype="bf16"``)."""
     if arch not in QFORMER_ARCHS:
         raise KeyError(f"unknown BLIP-2 Q-Former arch {arch!r}; known: {sorted(QFORMER_ARCHS)}")
     cfg = QFORMER_ARCHS[arch]

@@ -15,8 +15,9 @@ same way in every default below. Options give the alternatives:
   allowed); the decoder attends to padded question positions (``mask_question_padding=False``; True masks them).
 - answer, rank: the top-k candidates by first-token probability, scored by label-smoothed (0.1) summed LM loss.
 
-Images may be paths, PIL images or a preprocessed tensor. A file that cannot be decoded raises :class:`blip.data.images.ImageDecodeError`
-naming it (the whole call fails: these are single-call conveniences, batch jobs should skip bad files themselves).
+Images may be paths, PIL images or a preprocessed tensor. A file that cannot be decoded raises
+:class:`blip.data.images.ImageDecodeError` naming it (the whole call fails: these are single-call conveniences, batch
+jobs should skip bad files themselves).
 """
 from __future__ import annotations
 

@@ -43,7 +43,8 @@ SHORT_QUERY = 4
 
 
 def _short_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-    """:func:`attention` unfused: scores and softmax in float32 (as the fused kernel accumulates), output in q's dtype."""
+    """:func:`attention` unfused: scores and softmax in float32 (as the fused kernel accumulates), output in
+    q's dtype."""
     scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2)).float()
     if mask is not None:
         scores = scores + mask

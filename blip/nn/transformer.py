@@ -200,7 +200,8 @@ class TransformerLayer(nn.Module):
 
     def _text_ffn(self, x: Tensor) -> Tensor:
         if self.ffn is None:
-            raise ValueError("this transformer has no text FFN (BLIP-2 stage-2 Q-Former): text positions are not supported")
+            raise ValueError("this transformer has no text FFN (BLIP-2 stage-2 Q-Former): "
+                             "text positions are not supported")
         return self.ffn(x)
 
 

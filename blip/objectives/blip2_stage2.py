@@ -7,8 +7,9 @@
   ``</s>``; that term carries no caption information and is left out).
 - encoder-decoder LLMs (FlanT5): the paper's **prefix LM**: each caption's tokens are split at a point drawn uniformly
   from 1 .. max(1, n // 2); the prefix (+ ``</s>``) goes to the encoder after the queries, the rest (+ ``</s>``) is the
-  decoder target (:mod:`blip.objectives.prefix_lm`). LAVIS never implemented the split; with ``text_input``/``text_output`` in the batch the LAVIS
-  behaviour (encoder reads text_input, decoder predicts text_output) is used instead.
+  decoder target (:mod:`blip.objectives.prefix_lm`). LAVIS never implemented the split; with
+  ``text_input``/``text_output`` in the batch the LAVIS behaviour (encoder reads text_input, decoder predicts
+  text_output) is used instead.
 - instruction tuning / VQA (``text_input`` + ``text_output``; InstructBLIP always): decoder-only LLMs read bos +
   text_input + text_output + eos text with the loss on the output part only (LAVIS ``concat_text_input_output``);
   InstructBLIP's Q-Former also reads text_input (BERT ids).

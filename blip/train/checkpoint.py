@@ -1,8 +1,8 @@
 """Resumable checkpoints: atomic, keep-last-N, tensors and plain containers only (loadable with weights_only=True).
 
 Layout (:mod:`blip.run_layout`): `<dir>/step_00001000/` holding `state.pt` (model, optimizer, schedule, scaler,
-trainer position) and `rng_rank{r}.pt` (each rank's RNG states). A checkpoint is written into a hidden temp directory and renamed into
-place only when complete, so a run killed mid-write leaves the previous checkpoint intact.
+trainer position) and `rng_rank{r}.pt` (each rank's RNG states). A checkpoint is written into a hidden temp directory
+and renamed into place only when complete, so a run killed mid-write leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations

@@ -207,7 +207,8 @@ def initialised_model(cfg: DictConfig, run_dir: Path, resume_from: Path | None, 
     stage-1 hand-off), the refusal of a random frozen tower, and stage 2's LLM warm-up (not on resume: a checkpoint
     holds the warm LLM)."""
     init = init_source(str(cfg.init_from), cfg, run_dir) if cfg.get("init_from") else None
-    # BLIP-2 stage 2 starts from a stage-1 run through the one strict hand-off (blip.convert.blip2_handoff.init_from_stage1)
+    # BLIP-2 stage 2 starts from a stage-1 run through the one strict hand-off
+    # (blip.convert.blip2_handoff.init_from_stage1)
     stage1 = init if init is not None and cfg.model.task in LLM_TASKS else None
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, qformer_from=stage1)
