@@ -5,7 +5,7 @@ low to high (a module may import its own layer and any below):
 
   core (nn, data, losses, generation, checkpoints, run_layout, metrics, zoo, dtypes, finite_weights)
   < models < objectives < convert (checkpoint formats) < registry < runs (a run directory as a model)
-  < tools that take a loaded model (evaluation, capfilt, predictor, serve, caption_dir)
+  < tools that take a loaded model (evaluation, capfilt, predictor, serve, serve_replicate, caption_dir)
   < api, train < cli < the package face (``blip/__init__.py``, which nothing inside the package imports).
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ LAYERS = [
     {"convert"},
     {"registry"},
     {"runs"},
-    {"evaluation", "capfilt", "predictor", "serve", "caption_dir"},
+    {"evaluation", "capfilt", "predictor", "serve", "serve_replicate", "caption_dir"},
     {"api", "train"},
     {"cli"},
 ]
