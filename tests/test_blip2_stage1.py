@@ -62,13 +62,16 @@ def test_hard_negatives_are_never_positives():
 
 def test_image_id_targets_switch_restores_lavis_itc_for_batches_with_ids():
     """LAVIS's branch for batches with image ids, written out from its formula: pos = (ids == ids_all) / row sum,
-    loss = mean over rows of -sum(log_softmax(sim) * pos), the two directions averaged, no label smoothing."""
+    targets = 0.9 * pos + 0.1 / N (label smoothing 0.1), loss = mean over rows of -sum(log_softmax(sim) * targets),
+    the two directions averaged."""
     torch.manual_seed(0)
     sim_i2t, sim_t2i = torch.randn(5, 5) * 3, torch.randn(5, 5) * 3
     ids = torch.tensor([7, 7, 1, 4, 7])
     pos = (ids[:, None] == ids[None, :]).float()
     pos = pos / pos.sum(1, keepdim=True)
-    want = sum(-(torch.log_softmax(s, dim=1) * pos).sum(1).mean() for s in (sim_i2t, sim_t2i)) / 2
+    want = sum(-(torch.log_softmax(s, dim=1) * (0.9 * pos + 0.1 / 5)).sum(1).mean() for s in (sim_i2t, sim_t2i)) / 2
+    by_ce = sum(torch.nn.functional.cross_entropy(s, pos, label_smoothing=0.1) for s in (sim_i2t, sim_t2i)) / 2
+    assert torch.allclose(by_ce, want, atol=1e-6)   # the same thing: soft targets with label_smoothing=0.1
     lavis = create("blip2_tiny_qformer", "stage1", objective={"image_id_targets": True})
     assert torch.allclose(lavis.contrastive_loss(sim_i2t, sim_t2i, ids), want, atol=1e-6)
     smoothed = sum(torch.nn.functional.cross_entropy(s, torch.arange(5), label_smoothing=0.1)

@@ -11,8 +11,9 @@ As LAVIS ``Blip2Qformer.forward``:
 The loss is the plain sum. Texts are tokenized here, padded to ``max_txt_len`` ("max_length" padding as LAVIS).
 
 ``image_id_targets=True`` restores LAVIS's branch for batches with image ids (its COCO / VG batches): ITC targets
-spread over every candidate of the same image, without label smoothing. By default the targets stay the diagonal with
-smoothing 0.1 for every batch, and image ids only keep same-image pairs out of the ITM negatives.
+spread over every candidate of the same image, smoothed by 0.1 as well (LAVIS ``0.9 * targets + 0.1 / N``). By
+default the targets stay the diagonal with smoothing 0.1 for every batch, and image ids only keep same-image pairs
+out of the ITM negatives.
 """
 from __future__ import annotations
 
@@ -117,9 +118,9 @@ class Blip2Stage1Objective(DeclaredLayers, nn.Module):
         if self.image_id_targets and image_ids is not None:   # LAVIS with image ids: same-image soft targets
             ids = image_ids.to(sim_i2t.device)
             targets = positive_targets(ids, concat_all_gather(ids))
-            return itc_loss(sim_i2t, sim_t2i, targets, targets)
-        b = sim_i2t.shape[0]
-        targets = rank() * b + torch.arange(b, device=sim_i2t.device)
+        else:
+            b = sim_i2t.shape[0]
+            targets = rank() * b + torch.arange(b, device=sim_i2t.device)
         return itc_loss(sim_i2t, sim_t2i, targets, targets, label_smoothing=self.label_smoothing)
 
     @torch.no_grad()
