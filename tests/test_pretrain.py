@@ -249,3 +249,31 @@ def test_two_process_gloo_matches_single_process():
         assert torch.allclose(res[0]["grads"][name], g, atol=1e-5, rtol=1e-4), name
     for k, v in m.queue.state_dict().items():
         assert torch.allclose(res[1]["queue"][k].float(), v.float(), atol=1e-6), k
+
+
+def _queue_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    m = make(queue_size=16, world_batch=False)
+    full = batch(8, IDS, progress=1.0)
+    sl = slice(rank * 4, rank * 4 + 4)
+    with torch.no_grad():
+        m({"pixel_values": full["pixel_values"][sl], "text": full["text"][sl], "image_ids": full["image_ids"][sl],
+           "progress": 1.0})
+    torch.save(m.queue.state_dict(), os.path.join(out_dir, f"queue{rank}.pt"))
+    end_gloo_worker()
+
+
+@pytest.mark.timeout(180)
+def test_world_batch_false_still_fills_the_queue_from_every_rank():
+    """BLIP's ``_dequeue_and_enqueue`` all-gathers (``concat_all_gather``) whatever the in-batch candidates: with
+    ``world_batch=False`` the queue of each of 2 ranks holds both halves' momentum features, as 1 process would."""
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_queue_worker, args=(2, os.path.join(d, "init"), d), nprocs=2, join=True)
+        queues = [torch.load(os.path.join(d, f"queue{r}.pt"), weights_only=True) for r in range(2)]
+    m = make(queue_size=16, world_batch=False)
+    with torch.no_grad():
+        m(batch(8, IDS, progress=1.0))
+    for k, v in m.queue.state_dict().items():
+        for q in queues:
+            assert torch.allclose(q[k].float(), v.float(), atol=1e-5), k

@@ -29,14 +29,12 @@ class FeatureQueue(nn.Module):
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
     @torch.no_grad()
-    def enqueue(self, image_feat: Tensor, text_feat: Tensor, image_ids: Tensor | None = None,
-                gather: bool = True) -> None:
-        """image_feat, text_feat: [B, D] (normalised, local); image_ids: [B] (None: -100).
-        With ``gather`` the world batch [world * B, D] is written, as every rank must keep identical queues."""
+    def enqueue(self, image_feat: Tensor, text_feat: Tensor, image_ids: Tensor | None = None) -> None:
+        """image_feat, text_feat: [B, D] (normalised, local); image_ids: [B] (None: -100). The world batch
+        [world * B, D] is written, so every rank keeps the same queue (BLIP's ``concat_all_gather``)."""
         if image_ids is None:
             image_ids = torch.full((image_feat.shape[0],), -100, dtype=torch.long, device=image_feat.device)
-        if gather:
-            image_feat, text_feat, image_ids = (concat_all_gather(t) for t in (image_feat, text_feat, image_ids))
+        image_feat, text_feat, image_ids = (concat_all_gather(t) for t in (image_feat, text_feat, image_ids))
         n = image_feat.shape[0]
         if n > self.size:
             image_feat, text_feat, image_ids = image_feat[-self.size:], text_feat[-self.size:], image_ids[-self.size:]

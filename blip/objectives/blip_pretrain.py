@@ -15,6 +15,7 @@ Choices (original BLIP behaviour noted where we differ):
 - ``world_batch=True`` (default): the in-batch ITC candidates and the ITM negative pool are the whole world batch
   (momentum features gathered without gradient, ViT tokens with gradient), so a run on N ranks computes what one
   process would on the concatenated batch. ``world_batch=False`` is original BLIP pretraining: local batch + queue.
+  The queue is filled from every rank either way (BLIP's ``_dequeue_and_enqueue`` all-gathers).
 - Hard negatives never share the row's image id (BLIP pretrain only excludes the diagonal; with COCO's 5 captions per
   image it can pick a positive as "negative"); ``exclude_same_image=False`` restores BLIP's rule. ITC targets stay the
   diagonal, as in BLIP pretraining.
@@ -102,7 +103,7 @@ class BlipPretrain(MomentumDistillation, DeclaredLayers, nn.Module):
                                                   self.temp, alpha, world_batch=self.world_batch)
         # no ids in the queue (pretraining ITC is diagonal): a checkpoint's idx_queue stays -100, so retrieval
         # fine-tuning started from it sees no stale pretraining ids, exactly like BLIP (whose pretrain has no id queue)
-        self.queue.enqueue(image_feat_m, text_feat_m, gather=self.world_batch)
+        self.queue.enqueue(image_feat_m, text_feat_m)   # the world batch, whatever ``world_batch`` (as BLIP)
 
         # ITM: negatives from the online-vs-momentum sims of the (world) batch, as BLIP (`sim[:, :bs]`)
         bw = sim_i2t.shape[1] - self.queue.size
