@@ -31,8 +31,9 @@ def build_model(model_cfg: DictConfig, **extra) -> nn.Module:
     builder arguments that are not in the config (``qformer_from=`` for the stage-1 -> stage-2 hand-off)."""
     from omegaconf import OmegaConf
     overrides = OmegaConf.to_container(model_cfg.overrides, resolve=True) if model_cfg.get("overrides") else {}
-    if model_cfg.get("objective"):
-        overrides["objective"] = OmegaConf.to_container(model_cfg.objective, resolve=True)
+    if model_cfg.get("objective"):   # null: a setting of another objective (BLIP pretraining's, in a task config)
+        settings = OmegaConf.to_container(model_cfg.objective, resolve=True)
+        overrides["objective"] = {k: v for k, v in settings.items() if v is not None}
     for key in ("llm", "llm_tokenizer"):  # BLIP-2 stage 2
         if model_cfg.get(key):
             overrides[key] = model_cfg[key]

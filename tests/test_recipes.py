@@ -115,3 +115,96 @@ def test_pretrain_negatives_switch(monkeypatch, exclude):
              "image_ids": torch.tensor([7, 7, 9])}
     model(batch)
     assert seen["ids"] == ([7, 7, 9] if exclude else [0, 1, 2])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# docs/recipes.md "Deliberate differences": every switch in the "restore with" column composes as printed with its
+# recipe, and the value it sets reaches what training builds (the objective, precision policy, optimizer, schedule).
+TINY_BLIP = ["model.arch=blip_tiny", "model.image_size=48"]
+TINY_BLIP2 = ["model.arch=blip2_tiny_qformer", "model.image_size=56"]
+BLIP_PRETRAIN = ["stage=1", "model=blip_base", "data=pretrain_14m", "trainer=blip_pretrain"] + TINY_BLIP
+BLIP2_STAGE1 = ["stage=1", "model=blip2_vitg_qformer", "data=blip2_pretrain", "trainer=blip2_stage1"] + TINY_BLIP2
+PRINTED_AS = {"trainer.grad_clip=<norm>": "trainer.grad_clip=1.0"}   # a placeholder in the table
+
+
+def _built(cfg, tmp_path):
+    """What scripts/train.py builds from ``cfg``: the objective, the precision policy, the trainer (optimizer and
+    schedule) — through the same functions (blip.runs.build_model, blip.train.run.build_trainer)."""
+    from types import SimpleNamespace
+
+    from blip.runs import build_model
+    from blip.train.distributed import DistInfo
+    from blip.train.precision import PrecisionPolicy
+    from blip.train.run import build_trainer
+
+    with torch.device("cpu" if "tiny" in cfg.model.arch else "meta"):   # a real size: shapes only
+        objective = build_model(cfg.model)
+    policy = PrecisionPolicy(cfg.trainer.precision, cfg.trainer.frozen_dtype, device_type="cpu")
+    trainer = build_trainer(objective, cfg, DistInfo(), policy, SimpleNamespace(batches_per_epoch=10), tmp_path)
+    return SimpleNamespace(objective=objective, policy=policy, trainer=trainer, optimizer=trainer.optimizer,
+                           schedule=trainer.schedule)
+
+
+# row ("where" column) -> (recipe overrides, {switch as printed: what it must set, read from the built run})
+SWITCHES = {
+    "all training": (BLIP_PRETRAIN, {
+        "trainer.precision=fp32": lambda b: b.policy.precision == "fp32",
+        "trainer.precision=fp16": lambda b: b.policy.precision == "fp16" and b.trainer.scaler is not None}),
+    "frozen towers (BLIP-2)": (BLIP2_STAGE1, {"trainer.frozen_dtype=fp16": lambda b: b.policy.frozen_dtype == "fp16"}),
+    "BLIP pretraining ITC / ITM": (BLIP_PRETRAIN, {
+        "model.objective.world_batch=false": lambda b: b.objective.world_batch is False}),
+    "BLIP pretraining ITM": (BLIP_PRETRAIN, {
+        "model.objective.exclude_same_image=false": lambda b: b.objective.exclude_same_image is False}),
+    "BLIP retrieval ITC": (["stage=1", "task=retrieval_coco"] + TINY_BLIP, {
+        "model.objective.itc_world_batch=false": lambda b: b.objective.itc_world_batch is False}),
+    "BLIP fine-tuning LR": (["stage=1", "task=caption_coco"] + TINY_BLIP, {
+        "trainer.schedule.name=cosine_epoch": lambda b: b.schedule.name == "cosine_epoch"}),
+    "BLIP-2 LR": (BLIP2_STAGE1, {"trainer.schedule.name=cosine_epoch": lambda b: b.schedule.name == "cosine_epoch"}),
+    "BLIP-2 AdamW β2": (BLIP2_STAGE1, {
+        "trainer.optimizer.betas=[0.9,0.999]": lambda b: all(g["betas"] == (0.9, 0.999)
+                                                             for g in b.optimizer.param_groups)}),
+    "BLIP pretraining LR decay": (BLIP_PRETRAIN, {
+        "trainer.schedule.decay_rate=0.85": lambda b: b.schedule.decay_rate == 0.85}),
+    "gradient clipping": (BLIP_PRETRAIN, {"trainer.grad_clip=<norm>": lambda b: b.trainer.grad_clip == 1.0}),
+    "regularisation": (["stage=1", "model=blip_large", "trainer=blip_pretrain"], {   # the tiny arch has none
+        "+model.overrides.text.hidden_dropout=0.0": lambda b: b.objective.cfg.text.hidden_dropout == 0.0,
+        "+model.overrides.text.attention_dropout=0.0": lambda b: b.objective.cfg.text.attention_dropout == 0.0,
+        "+model.overrides.vision.drop_path=0.0": lambda b: b.objective.cfg.vision.drop_path == 0.0}),
+    "BLIP-2 stage-1 ITC on batches with image ids (LAVIS's COCO / VG batches)": (BLIP2_STAGE1, {
+        "model.objective.image_id_targets=true": lambda b: b.objective.image_id_targets is True}),
+}
+NOT_COMPOSABLE = {
+    "EMA and temperature clamp": "nothing to restore: identical without gradient accumulation",
+    "data mixing": "a `weight:` key on every entry of the data config's list, not one command-line override",
+}
+
+
+def restore_table() -> dict[str, list[str]]:
+    """{"where" cell: the overrides (backquoted, with "=") of its "restore with" cell} from docs/recipes.md."""
+    import re
+
+    from test_configs import ROOT
+
+    text = (ROOT / "docs" / "recipes.md").read_text().split("## Deliberate differences")[1]
+    rows = [line for line in text.splitlines() if line.startswith("|")][2:]   # after the header and the rule
+    return {cells[0]: re.findall(r"`([^`]*=[^`]*)`", cells[-1])
+            for cells in ([c.strip() for c in row.strip("|").split("|")] for row in rows)}
+
+
+def test_every_row_of_the_restore_table_is_checked():
+    table = restore_table()
+    assert set(table) == set(SWITCHES) | set(NOT_COMPOSABLE), "a row of docs/recipes.md is not covered here"
+    for where, switches in table.items():
+        if where in SWITCHES:
+            assert switches == list(SWITCHES[where][1]), where   # the switches this test composes are the printed ones
+
+
+@pytest.mark.parametrize("where,switch", [(w, s) for w, (_, checks) in SWITCHES.items() for s in checks])
+def test_restore_switch_composes_and_reaches_the_run(where, switch, tmp_path):
+    from test_configs import compose_cfg
+
+    recipe, checks = SWITCHES[where]
+    before = _built(compose_cfg(recipe), tmp_path)
+    assert not checks[switch](before), f"{switch}: already the recipe's default"
+    after = _built(compose_cfg(recipe + [PRINTED_AS.get(switch, switch)]), tmp_path)
+    assert checks[switch](after), switch
