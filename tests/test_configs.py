@@ -80,7 +80,7 @@ def test_each_task_composes(task):
 def test_paper_recipes_are_the_config_values():
     blip = resolved(compose_cfg(["stage=1", "model=blip_base", "trainer=blip_pretrain"]))["trainer"]
     assert blip["optimizer"] | {} == {"name": "adamw", "lr": 3e-4, "weight_decay": 0.05, "betas": [0.9, 0.999],
-                                      "eps": 1e-8, "layer_decay": None}
+                                      "eps": 1e-8, "layer_decay": None, "weight_decay_exempt": "ours"}
     assert blip["schedule"] == {"name": "step", "warmup_steps": 3000, "warmup_lr": 1e-6, "min_lr": 1e-6,
                                 "decay_rate": 0.9}
     assert blip["epochs"] == 20

@@ -145,6 +145,12 @@ def _built(cfg, tmp_path):
                            schedule=trainer.schedule)
 
 
+def _wd(built, suffix: str) -> float:
+    """The weight decay the built optimizer applies to the first parameter whose name ends with ``suffix``."""
+    param = next(p for n, p in built.objective.named_parameters() if n.endswith(suffix))
+    return next(g["weight_decay"] for g in built.optimizer.param_groups if any(q is param for q in g["params"]))
+
+
 # row ("where" column) -> (recipe overrides, {switch as printed: what it must set, read from the built run})
 SWITCHES = {
     "all training": (BLIP_PRETRAIN, {
@@ -165,6 +171,10 @@ SWITCHES = {
                                                              for g in b.optimizer.param_groups)}),
     "BLIP pretraining LR decay": (BLIP_PRETRAIN, {
         "trainer.schedule.decay_rate=0.85": lambda b: b.schedule.decay_rate == 0.85}),
+    "weight decay": (BLIP_PRETRAIN, {
+        "trainer.optimizer.weight_decay_exempt=none": lambda b: _wd(b, "temp") > 0 and _wd(b, "proj.bias") > 0,
+        "trainer.optimizer.weight_decay_exempt=lavis": lambda b: _wd(b, "embeddings.word.weight") > 0
+                                                              and _wd(b, "temp") == 0}),
     "gradient clipping": (BLIP_PRETRAIN, {"trainer.grad_clip=<norm>": lambda b: b.trainer.grad_clip == 1.0}),
     "regularisation": (["stage=1", "model=blip_large", "trainer=blip_pretrain"], {   # the tiny arch has none
         "+model.overrides.text.hidden_dropout=0.0": lambda b: b.objective.cfg.text.hidden_dropout == 0.0,
@@ -208,3 +218,31 @@ def test_restore_switch_composes_and_reaches_the_run(where, switch, tmp_path):
     assert not checks[switch](before), f"{switch}: already the recipe's default"
     after = _built(compose_cfg(recipe + [PRINTED_AS.get(switch, switch)]), tmp_path)
     assert checks[switch](after), switch
+
+
+def _decayed(model, exempt):
+    from blip.train.optim import param_groups
+
+    ids = {id(p) for g in param_groups(model, lr=1.0, weight_decay=0.05, exempt=exempt) if g["weight_decay"] > 0
+           for p in g["params"]}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+@pytest.mark.parametrize("arch,task", [("blip2_tiny_qformer", "stage1"), ("blip_tiny", "pretrain")])
+def test_weight_decay_exempt_switch(arch, task):
+    """ours: no decay on biases, norms, embeddings, query tokens, temp; lavis (runner_base: ``p.ndim < 2`` or a
+    bias / ln / bn name): every parameter of 2+ dims decays, embeddings and query_tokens included; none: BLIP
+    (``AdamW(model.parameters())``) decays every trainable parameter, temp included."""
+    model = create(arch, task)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert _decayed(model, "none") == set(trainable)
+    assert _decayed(model, "lavis") == {n for n, p in trainable.items() if p.ndim >= 2}
+    embeddings = {n for n in trainable if ".embeddings.word." in n or ".embeddings.position." in n
+                  or n.endswith(("query_tokens", "pos_embed", "cls_token"))}
+    ours = _decayed(model, "ours")
+    assert embeddings and embeddings <= _decayed(model, "lavis") and not embeddings & ours
+    assert ours == _decayed(model, "lavis") - embeddings
+    temp = next(n for n in trainable if n.endswith("temp"))
+    assert temp in _decayed(model, "none") and temp not in _decayed(model, "lavis") | ours
+    with pytest.raises(ValueError, match="weight_decay_exempt"):
+        _decayed(model, "all")

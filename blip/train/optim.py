@@ -1,8 +1,11 @@
 """Optimizer construction: parameter groups for weight decay and layer-wise LR decay.
 
 - Frozen parameters (requires_grad=False) never enter the optimizer.
-- No weight decay on norms, biases (every parameter with ndim <= 1), embeddings (nn.Embedding weights, position /
-  cls / query tokens) and whatever the model lists in `no_weight_decay()`.
+- Weight decay (``exempt``, the config's ``trainer.optimizer.weight_decay_exempt``): ``ours`` exempts norms, biases
+  (every parameter with ndim <= 1), embeddings (nn.Embedding weights, position / cls / query tokens) and whatever the
+  model lists in `no_weight_decay()` (``temp``); ``lavis`` exempts only parameters of fewer than 2 dims (LAVIS
+  ``get_optimizer_params``: its bias / ln / bn names are all 1-dim), so embeddings and query tokens decay; ``none``
+  decays every parameter (BLIP: ``AdamW(model.parameters(), weight_decay=...)``), ``temp`` included.
 - Layer-wise LR decay (BEiT/BLIP-2 fine-tuning): ViT layer i gets `lr_scale = decay ** (L + 1 - i)` where the
   model declares its layers timm-style, `model.group_matcher() -> {"stem": regex, "blocks": regex capturing the
   block index}`: the stem (patch / cls / pos embedding) is layer 0, block j is layer j + 1, everything else is layer
@@ -48,15 +51,30 @@ def no_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def param_groups(model: nn.Module, *, lr: float, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
+EXEMPT = ("ours", "lavis", "none")
+
+
+def decays(name: str, p: torch.Tensor, exempt: str, skip: set[str]) -> bool:
+    """Whether parameter ``name`` gets weight decay under the ``exempt`` rule (module docstring)."""
+    if exempt == "none":
+        return True
+    if exempt == "lavis":
+        return p.ndim >= 2
+    return not (p.ndim <= 1 or name in skip or EMBEDDING_NAMES.search(name))
+
+
+def param_groups(model: nn.Module, *, lr: float, weight_decay: float, layer_decay: float | None = None,
+                 exempt: str = "ours") -> list[dict]:
     """Groups keyed by (decay?, layer); each has `lr_scale` and `layer_id` besides the usual keys."""
+    if exempt not in EXEMPT:
+        raise ValueError(f"weight_decay_exempt must be one of {' | '.join(EXEMPT)}, got {exempt!r}")
     depth, layer_id = layer_ids(model) if layer_decay is not None and layer_decay != 1.0 else (0, None)
     skip = no_decay_names(model)
     groups: dict[tuple[bool, int], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decay = not (p.ndim <= 1 or name in skip or EMBEDDING_NAMES.search(name))
+        decay = decays(name, p, exempt, skip)
         lid = layer_id(name) if depth else 0
         scale = layer_decay ** (depth + 1 - lid) if depth else 1.0
         group = groups.setdefault((decay, lid), {"params": [], "lr_scale": scale,
@@ -70,9 +88,12 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float, layer_deca
 
 def build_optimizer(model: nn.Module, *, name: str = "adamw", lr: float, weight_decay: float = 0.05,
                     betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                    layer_decay: float | None = None, fused: bool | None = None) -> torch.optim.Optimizer:
-    """fused: one kernel for the whole AdamW update; default: on where torch has it (plain CUDA tensors)."""
-    groups = param_groups(model, lr=lr, weight_decay=weight_decay, layer_decay=layer_decay)
+                    layer_decay: float | None = None, fused: bool | None = None,
+                    weight_decay_exempt: str = "ours") -> torch.optim.Optimizer:
+    """fused: one kernel for the whole AdamW update; default: on where torch has it (plain CUDA tensors).
+    weight_decay_exempt: which parameters get no decay, ``ours | lavis | none`` (module docstring)."""
+    groups = param_groups(model, lr=lr, weight_decay=weight_decay, layer_decay=layer_decay,
+                          exempt=weight_decay_exempt)
     if name == "adamw":
         if fused is None:
             fused = all(p.is_cuda and type(p.data) is torch.Tensor for g in groups for p in g["params"]) or None

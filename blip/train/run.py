@@ -235,7 +235,8 @@ def build_trainer(wrapped: nn.Module, cfg: DictConfig, info: DistInfo, policy: P
     t = cfg.trainer
     optimizer = build_optimizer(unwrap(wrapped), name=t.optimizer.name, lr=t.optimizer.lr,
                                 weight_decay=t.optimizer.weight_decay, betas=tuple(t.optimizer.betas),
-                                eps=t.optimizer.eps, layer_decay=t.optimizer.layer_decay)
+                                eps=t.optimizer.eps, layer_decay=t.optimizer.layer_decay,
+                                weight_decay_exempt=t.optimizer.weight_decay_exempt)
     trainer = Trainer(wrapped, optimizer, None, info=info, precision=policy, grad_accum=t.grad_accum,
                       grad_clip=t.grad_clip, epochs=t.epochs, max_steps=t.max_steps, log_every=t.log_every,
                       checkpoint_dir=run_dir / "checkpoints", checkpoint_every=t.checkpoint_every,
