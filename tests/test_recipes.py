@@ -127,6 +127,29 @@ BLIP2_STAGE1 = ["stage=1", "model=blip2_vitg_qformer", "data=blip2_pretrain", "t
 PRINTED_AS = {"trainer.grad_clip=<norm>": "trainer.grad_clip=1.0"}   # a placeholder in the table
 
 
+def compose_eval(overrides: list[str]):
+    """scripts/evaluate.py's config (configs/evaluate/evaluate.yaml) with ``overrides``."""
+    from hydra import compose, initialize_config_dir
+
+    from test_configs import CONFIGS
+
+    with initialize_config_dir(config_dir=str(CONFIGS / "evaluate"), version_base=None):
+        return compose("evaluate", overrides=overrides + ["checkpoint=unused"])
+
+
+def caption_settings(task) -> dict:
+    """The generation keywords the caption benchmark passes to a BLIP model under ``task``'s protocol."""
+    from blip.evaluation.caption import caption_images
+    from blip.evaluation.common import protocol_for
+
+    model = create("blip_tiny", "caption", image_size=32)
+    seen = {}
+    model.caption = lambda pixels, **kw: seen.update(kw) or ["a"] * len(pixels)
+    family, protocol = protocol_for(task, model)
+    caption_images(model, family, protocol, torch.zeros(1, 3, 32, 32))
+    return seen
+
+
 def _built(cfg, tmp_path):
     """What scripts/train.py builds from ``cfg``: the objective, the precision policy, the trainer (optimizer and
     schedule) — through the same functions (blip.runs.build_model, blip.train.run.build_trainer)."""
@@ -149,6 +172,18 @@ def _wd(built, suffix: str) -> float:
     """The weight decay the built optimizer applies to the first parameter whose name ends with ``suffix``."""
     param = next(p for n, p in built.objective.named_parameters() if n.endswith(suffix))
     return next(g["weight_decay"] for g in built.optimizer.param_groups if any(q is param for q in g["params"]))
+
+
+def built_recipe(recipe: list[str], tmp_path):
+    """A recipe's built run: scripts/train.py's, or for ["evaluate", ...] the generation settings of
+    scripts/evaluate.py's caption benchmark."""
+    from types import SimpleNamespace
+
+    from test_configs import compose_cfg
+
+    if recipe[0] == "evaluate":
+        return SimpleNamespace(generation=caption_settings(compose_eval(recipe[1:]).task))
+    return _built(compose_cfg(recipe), tmp_path)
 
 
 # row ("where" column) -> (recipe overrides, {switch as printed: what it must set, read from the built run})
@@ -180,6 +215,8 @@ SWITCHES = {
         "+model.overrides.text.hidden_dropout=0.0": lambda b: b.objective.cfg.text.hidden_dropout == 0.0,
         "+model.overrides.text.attention_dropout=0.0": lambda b: b.objective.cfg.text.attention_dropout == 0.0,
         "+model.overrides.vision.drop_path=0.0": lambda b: b.objective.cfg.vision.drop_path == 0.0}),
+    "BLIP NoCaps evaluation": (["evaluate", "task=caption_nocaps"], {
+        "task.protocol.blip.repetition_penalty=1.1": lambda b: b.generation["repetition_penalty"] == 1.1}),
     "BLIP-2 stage-1 ITC on batches with image ids (LAVIS's COCO / VG batches)": (BLIP2_STAGE1, {
         "model.objective.image_id_targets=true": lambda b: b.objective.image_id_targets is True}),
 }
@@ -211,12 +248,10 @@ def test_every_row_of_the_restore_table_is_checked():
 
 @pytest.mark.parametrize("where,switch", [(w, s) for w, (_, checks) in SWITCHES.items() for s in checks])
 def test_restore_switch_composes_and_reaches_the_run(where, switch, tmp_path):
-    from test_configs import compose_cfg
-
     recipe, checks = SWITCHES[where]
-    before = _built(compose_cfg(recipe), tmp_path)
+    before = built_recipe(recipe, tmp_path)
     assert not checks[switch](before), f"{switch}: already the recipe's default"
-    after = _built(compose_cfg(recipe + [PRINTED_AS.get(switch, switch)]), tmp_path)
+    after = built_recipe(recipe + [PRINTED_AS.get(switch, switch)], tmp_path)
     assert checks[switch](after), switch
 
 
@@ -246,3 +281,12 @@ def test_weight_decay_exempt_switch(arch, task):
     assert temp in _decayed(model, "none") and temp not in _decayed(model, "lavis") | ours
     with pytest.raises(ValueError, match="weight_decay_exempt"):
         _decayed(model, "all")
+
+
+def test_nocaps_repetition_penalty_is_lavis_and_blips_is_an_override():
+    """BLIP's eval_nocaps.py generates with repetition_penalty=1.1, LAVIS (nocaps_eval.yaml through the captioning
+    task) with the default 1.0: the protocol is LAVIS's, BLIP's is one override away; COCO has 1.0 in both."""
+    assert caption_settings(compose_eval(["task=caption_nocaps"]).task)["repetition_penalty"] == 1.0
+    blips = compose_eval(["task=caption_nocaps", "task.protocol.blip.repetition_penalty=1.1"]).task
+    assert caption_settings(blips)["repetition_penalty"] == 1.1
+    assert caption_settings(compose_eval(["task=caption_coco"]).task)["repetition_penalty"] == 1.0

@@ -22,7 +22,8 @@ def caption_images(model: nn.Module, family: Family, p: Mapping, pixels: torch.T
         from ..data.tokenizer import caption_prompt_ids
         plen = caption_prompt_ids(model.tokenizer, p["prompt"], 1).shape[1]
         return model.caption(pixels, prompt=p["prompt"], num_beams=p["num_beams"],
-                             max_new_tokens=p["max_length"] - plen, min_new_tokens=max(p["min_length"] - plen, 0))
+                             max_new_tokens=p["max_length"] - plen, min_new_tokens=max(p["min_length"] - plen, 0),
+                             repetition_penalty=p.get("repetition_penalty", 1.0))
     if family == Family.BLIP2_QFORMER:   # LAVIS's lengths count [DEC]
         return model.caption(pixels, num_beams=p["num_beams"], max_new_tokens=p["max_length"] - 1,
                              min_new_tokens=max(p["min_length"] - 1, 0))
