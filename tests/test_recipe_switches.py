@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from blip.evaluation.vqa import answer_questions
 from blip.models.blip2_llm import create
+from blip.models.family import Family
 from blip.objectives.blip2_stage2 import Blip2Stage2Objective
 from blip.train.run import quote_stage_override
 from conftest import FIXTURES
@@ -31,6 +34,11 @@ def train_cfg(overrides: list[str]):
         return compose("train", overrides=quote_stage_override(overrides) + ["run_dir=unused"])
 
 
+def eval_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONFIGS / "evaluate"), version_base=None):
+        return compose("evaluate", overrides=overrides + ["checkpoint=unused"])
+
+
 def test_stage2_lavis_bos_target_switch_reaches_the_objective():
     cfg = train_cfg(["stage=2", "model=blip2_vitg_opt2.7b", *documented("+model.objective.bos_target=true")])
     model = create("blip2_tiny_opt", "stage2", tokenizer=OPT_DIR)
@@ -39,3 +47,21 @@ def test_stage2_lavis_bos_target_switch_reaches_the_objective():
     assert Blip2Stage2Objective(model, **OmegaConf.to_container(train_cfg(["stage=2"]).model.objective)) \
         .bos_target is False
 
+
+def test_zero_shot_vqa_paper_switch_reaches_generate():
+    model = create("blip2_tiny_opt", "stage2", tokenizer=OPT_DIR).eval()
+    seen = []
+    model.generate = lambda pixels, **kw: seen.append(kw) or kw["input_ids"]
+    switch = documented("'task.protocol.blip2_llm.prompt=\"Question: {} Answer:\"' "
+                        "task.protocol.blip2_llm.length_penalty=-1")
+    for task in ("vqa_v2", "okvqa", "gqa"):
+        seen.clear()
+        for overrides in ([], switch):
+            p = eval_cfg([f"task={task}", *overrides]).task.protocol.blip2_llm
+            answer_questions(model, Family.BLIP2_LLM, p, torch.zeros(1, 3, 56, 56), ["What is (it)?"], None)
+        lavis, paper = seen
+        for kw, prompt, penalty in ((lavis, "Question: what is it? Short answer:", 0.0),
+                                    (paper, "Question: what is it? Answer:", -1.0)):
+            assert model.tokenizer.decode(kw["input_ids"][0], skip_special_tokens=True) == prompt
+            assert (kw["length_penalty"], kw["num_beams"], kw["max_new_tokens"], kw["min_new_tokens"]) == (
+                penalty, 5, 10, 1)
