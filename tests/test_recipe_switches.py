@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -65,3 +66,37 @@ def test_zero_shot_vqa_paper_switch_reaches_generate():
             assert model.tokenizer.decode(kw["input_ids"][0], skip_special_tokens=True) == prompt
             assert (kw["length_penalty"], kw["num_beams"], kw["max_new_tokens"], kw["min_new_tokens"]) == (
                 penalty, 5, 10, 1)
+
+
+STAGE1 = ["stage=1", "model=blip2_vitg_qformer", "data=blip2_pretrain", "trainer=blip2_stage1"]
+
+
+def test_stage1_lavis_warmup_switch_reaches_the_schedule(tmp_path):
+    from types import SimpleNamespace
+    from blip.train.distributed import DistInfo
+    from blip.train.precision import PrecisionPolicy
+    from blip.train.run import build_trainer
+
+    for overrides, warmup in (([], 2000), (documented("trainer.schedule.warmup_steps=5000"), 5000)):
+        cfg = train_cfg(STAGE1 + overrides)
+        trainer = build_trainer(torch.nn.Linear(2, 2), cfg, DistInfo(), PrecisionPolicy("fp32", "fp32"),
+                                SimpleNamespace(batches_per_epoch=10_000), tmp_path)
+        schedule = trainer.schedule
+        assert schedule.warmup_steps == warmup
+        assert schedule.lr_at(warmup // 2) == pytest.approx((1e-6 + 1e-4) / 2)   # halfway up the linear warm-up
+
+
+def test_stage1_lavis_vg_randaugment_switch_reaches_the_transform():
+    from types import SimpleNamespace
+    from blip.data.transforms import BlipRandAugment
+    from blip.train.distributed import DistInfo
+    from blip.train.run import build_train_data
+
+    def randaugment(transform) -> bool:
+        return any(isinstance(t, BlipRandAugment) for t in transform.transforms)
+
+    sources = [SimpleNamespace(num_samples=1000), SimpleNamespace(num_samples=1000)]
+    for overrides, vg in (([], False), (documented("data.datasets.1.transform=blip"), True)):
+        cfg = train_cfg(STAGE1 + overrides)
+        coco_t, vg_t = build_train_data(cfg, DistInfo(), sources, [0.5, 0.5]).dataset.transforms
+        assert (randaugment(coco_t), randaugment(vg_t)) == (False, vg)
