@@ -19,12 +19,12 @@ from conftest import FIXTURES
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-RECIPES = (ROOT / "docs" / "recipes.md").read_text()
+RECIPES = " ".join((ROOT / "docs" / "recipes.md").read_text().split())   # a code span may wrap a line
 OPT_DIR = FIXTURES / "lavis" / "blip2_opt" / "opt_llm"
 
 
 def documented(switch: str) -> list[str]:
-    """The switch as printed in recipes.md (in backticks), split into overrides as a shell would."""
+    """The switch / variant as printed in recipes.md (in backticks), split into overrides as a shell would."""
     import shlex
     assert f"`{switch}`" in RECIPES, switch
     return shlex.split(switch)
@@ -100,3 +100,38 @@ def test_stage1_lavis_vg_randaugment_switch_reaches_the_transform():
         cfg = train_cfg(STAGE1 + overrides)
         coco_t, vg_t = build_train_data(cfg, DistInfo(), sources, [0.5, 0.5]).dataset.transforms
         assert (randaugment(coco_t), randaugment(vg_t)) == (False, vg)
+
+
+# variants the configs leave to overrides: (base command, override as recipes.md prints it, expected values, source)
+VARIANTS = [
+    (["stage=1", "model=blip_base", "data=pretrain_14m", "trainer=blip_pretrain"],   # BLIP paper §4.1: 2400 / 2e-4
+     "model=blip_large trainer.batch_size=75 trainer.optimizer.lr=2e-4 trainer.activation_checkpointing=true",
+     {"model.arch": "blip_large", "trainer.batch_size": 75, "trainer.optimizer.lr": 2e-4}),
+    (["stage=1", "task=caption_coco"],   # BLIP configs/caption_coco.yaml, vit: 'large' lines
+     "model=blip_large trainer.batch_size=16 trainer.optimizer.lr=2e-6 trainer.activation_checkpointing=true",
+     {"model.arch": "blip_large", "model.image_size": 384, "trainer.batch_size": 16, "trainer.optimizer.lr": 2e-6,
+      "trainer.activation_checkpointing": True}),
+    (["stage=1", "task=retrieval_flickr"],   # BLIP configs/retrieval_flickr.yaml (and _coco), vit: 'large' lines
+     "model=blip_large trainer.batch_size=16 trainer.optimizer.lr=5e-6",
+     {"model.arch": "blip_large", "trainer.batch_size": 16, "trainer.optimizer.lr": 5e-6,
+      "model.objective.negative_all_rank": False}),
+    (["stage=1", "task=retrieval_coco"], "model=blip_large trainer.batch_size=16 trainer.optimizer.lr=5e-6",
+     {"model.arch": "blip_large", "trainer.batch_size": 16, "trainer.optimizer.lr": 5e-6}),
+    (STAGE1, "model=blip2_vitL_qformer trainer.batch_size=145",   # BLIP-2 paper §3.4: 2320 for ViT-L
+     {"model.arch": "blip2_vitL_qformer", "trainer.batch_size": 145}),
+    (["stage=2", "data=blip2_pretrain", "trainer=blip2_stage2"],   # BLIP-2 paper §3.4: 1520 for FlanT5
+     "model=blip2_vitg_flant5xl trainer.batch_size=95",
+     {"model.arch": "blip2_vitg_flant5xl", "trainer.batch_size": 95, "trainer.max_steps": 80000}),
+]
+
+
+@pytest.mark.parametrize("base,variant,expected", VARIANTS, ids=[v[1].split()[0] + "-" + v[0][-1] for v in VARIANTS])
+def test_paper_variants_compose_as_documented(base, variant, expected):
+    cfg = train_cfg(base + documented(variant))
+    assert {k: OmegaConf.select(cfg, k) for k in expected} == expected
+
+
+def test_blip2_default_batches_are_the_papers():
+    # the defaults: ViT-g stage 1 1680, OPT stage 2 1920 (× 16 GPUs); the variants above: 2320 (ViT-L), 1520 (FlanT5)
+    assert train_cfg(STAGE1).trainer.batch_size * 16 == 1680
+    assert train_cfg(["stage=2", "model=blip2_vitg_opt2.7b", "trainer=blip2_stage2"]).trainer.batch_size * 16 == 1920
