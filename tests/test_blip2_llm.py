@@ -51,6 +51,37 @@ def test_opt_labels_hand_computed():
                                         [-100, 68, 279, 75, 401, 82, 276, 73, 202]]
 
 
+def test_opt_bos_target_restores_lavis_last_query_term():
+    # LAVIS Blip2OPT, empty prompt: targets = [-100] * Q + ids (pad -> -100), HF's shift scores position Q - 1 (the
+    # last query) against the bos. bos_target=True computes that loss; the default leaves the bos term out.
+    model = tiny("blip2_tiny_opt", 2, tokenizer=OPT_DIR)
+    texts, px = ["two red cars", "a photo of"], pixels(2, 3)
+    lavis = Blip2Stage2Objective(model, bos_target=True)
+    batch = lavis.causal_batch(texts)
+    assert batch["labels"].tolist() == [[2, 404, 416, 350, 86, 202, -100, -100, -100],
+                                        [2, 68, 279, 75, 401, 82, 276, 73, 202]]
+    with torch.no_grad():
+        queries = model.query_embeds(px)
+        q = queries.shape[1]
+        embeds = torch.cat([queries, model.llm.get_input_embeddings()(batch["input_ids"])], dim=1)
+        mask = torch.cat([torch.ones(2, q, dtype=torch.long), batch["attention_mask"]], dim=1)
+        logits = model.llm(inputs_embeds=embeds, attention_mask=mask).logits.float()   # [B, Q + T, V]
+        targets = torch.cat([torch.full((2, q), -100), batch["input_ids"].masked_fill(mask[:, q:] == 0, -100)], 1)
+        per_pos = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets[:, 1:],
+                                                    ignore_index=-100, reduction="none")   # [B, Q + T - 1]
+        supervised = targets[:, 1:] != -100
+        assert supervised[:, :q - 1].sum() == 0 and supervised[:, q - 1].all()   # the last query -> bos
+        by_hand = per_pos[supervised].mean()
+        without_bos = per_pos[:, q:][supervised[:, q:]].mean()
+        loss = lavis({"pixel_values": px, "text": texts})["loss"]
+        default = Blip2Stage2Objective(model)({"pixel_values": px, "text": texts})["loss"]
+    assert abs(loss.item() - by_hand.item()) < 1e-5
+    assert abs(default.item() - without_bos.item()) < 1e-5 and abs(loss.item() - default.item()) > 1e-4
+    # with a prompt LAVIS masks the prompt and its bos: the switch changes nothing
+    prompted = Blip2Stage2Objective(model, prompt="a photo of ", bos_target=True).causal_batch(texts)["labels"]
+    assert torch.equal(prompted, Blip2Stage2Objective(model, prompt="a photo of ").causal_batch(texts)["labels"])
+
+
 def test_t5_prefix_split_hand_computed():
     # fixture sentencepiece (LAVIS's t5_input_ids / t5_labels): "what color is the car?" -> 11 295 296 75 11 68 45 282
     # 45 298 90 7 57 15 (14 tokens), "a dog" -> 3 33 58; </s> = 1, pad = 0, decoder start = 0

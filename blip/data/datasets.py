@@ -154,14 +154,19 @@ def _identity(text: str) -> str:
 
 class ImageTextStream(IterableDataset):
     """Batches `{"pixel_values", "text", "image_ids", "key" (sample keys), "batch_index", "skipped"}` of one rank
-    for one epoch. `text_fn`: one text cleaning function for every source, or one per source."""
+    for one epoch. `transform` (image) and `text_fn` (text cleaning): one function for every source, or one per
+    source."""
 
-    def __init__(self, sources: Sequence[Source], transform: Callable, *, batch_size: int, batches_per_epoch: int,
+    def __init__(self, sources: Sequence[Source], transform: Callable | Sequence[Callable], *, batch_size: int,
+                 batches_per_epoch: int,
                  weights: Sequence[float] | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
                  shuffle_buffer: int = 1000,
                  text_fn: Callable[[str], str] | Sequence[Callable[[str], str]] = _identity,
                  max_image_pixels: int | None = None, max_consecutive_failures: int = 1000) -> None:
-        self.sources, self.transform = list(sources), transform
+        self.sources = list(sources)
+        self.transforms = list(transform) if isinstance(transform, Sequence) else [transform] * len(self.sources)
+        if len(self.transforms) != len(self.sources):
+            raise ValueError(f"{len(self.transforms)} transforms for {len(self.sources)} sources")
         self.text_fns = list(text_fn) if isinstance(text_fn, Sequence) else [text_fn] * len(self.sources)
         if len(self.text_fns) != len(self.sources):
             raise ValueError(f"{len(self.text_fns)} text functions for {len(self.sources)} sources")
@@ -203,7 +208,7 @@ class ImageTextStream(IterableDataset):
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(hash((*seeds, counter)) & 0x7FFF_FFFF_FFFF_FFFF)
                     try:
-                        out = decode(sample, None if fast_forward else self.transform,
+                        out = decode(sample, None if fast_forward else self.transforms[sample["source"]],
                                      self.text_fns[sample["source"]], self.max_image_pixels)
                     except BadSample as bad:
                         skips.add(bad.reason, bad.detail)

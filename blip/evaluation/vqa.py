@@ -24,8 +24,10 @@ def answer_questions(model: nn.Module, family: Family, p: Mapping, pixels: torch
             return model.answer(pixels, questions, method="rank", answer_list=answer_list, k=p["k"])
         return model.answer(pixels, questions, method="generate", num_beams=p["num_beams"],   # lengths count [DEC]
                             max_new_tokens=p["max_length"] - 1, min_new_tokens=max(p["min_length"] - 1, 0))
+    # length_penalty / min_new_tokens: null -> the model's LAVIS defaults (OPT 0 / 1, T5 -1 / 0)
     return model.answer(pixels, questions, prompt=p["prompt"], num_beams=p["num_beams"],
-                        max_new_tokens=p["max_new_tokens"], beam_length_convention="total")
+                        max_new_tokens=p["max_new_tokens"], min_new_tokens=p.get("min_new_tokens"),
+                        length_penalty=p.get("length_penalty"), beam_length_convention="total")
 
 
 def run_vqa(model: nn.Module, data: VQAData, task: Mapping, ctx: EvalContext) -> tuple[list, dict]:

@@ -143,10 +143,11 @@ class Blip2LanguageModel(LanguageInterface, DeclaredLayers, nn.Module):
     def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None, *,
                 decoder_input_ids: Tensor | None = None, decoder_attention_mask: Tensor | None = None,
                 qformer_input_ids: Tensor | None = None,
-                qformer_attention_mask: Tensor | None = None) -> Blip2LLMOutput:
+                qformer_attention_mask: Tensor | None = None, query_positions: int = 0) -> Blip2LLMOutput:
         """pixel_values [B, 3, H, W]; input_ids/attention_mask [B, T] (LLM ids, no placeholders).
 
-        Decoder-only: logits [B, T, V] for the T text positions (queries dropped).
+        Decoder-only: logits [B, T, V] for the T text positions (queries dropped; ``query_positions`` > 0 also keeps
+        the last that many query positions in front: [B, query_positions + T, V]).
         Seq2seq: the encoder reads [queries; input_ids] (padding moved to the right); ``decoder_input_ids`` [B, Td]
         are required -> [B, Td, V].
         """
@@ -160,7 +161,7 @@ class Blip2LanguageModel(LanguageInterface, DeclaredLayers, nn.Module):
             input_ids, mask = align_padding(input_ids, mask, self.pad_token_id, "right")
             logits = seq2seq_logits(self.llm, prefix, input_ids, mask, decoder_input_ids, decoder_attention_mask)
         else:
-            logits = causal_logits(self.llm, prefix, input_ids, mask)
+            logits = causal_logits(self.llm, prefix, input_ids, mask, query_positions)
         return Blip2LLMOutput(logits=logits, query_embeds=prefix)
 
     @torch.no_grad()

@@ -77,19 +77,21 @@ def mask_positions(mask: Tensor) -> Tensor:
     return pos.masked_fill(mask == 0, 1)
 
 
-def causal_logits(llm: nn.Module, prefix: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+def causal_logits(llm: nn.Module, prefix: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                  query_positions: int = 0) -> Tensor:
     """Decoder-only LLM over ``[prefix; embed(input_ids)]``.
 
     prefix: [B, Q, H] projected queries (LLM dtype); input_ids, attention_mask: [B, T].
-    Returns logits [B, T, V] of the T text positions (the query positions are dropped).
+    Returns logits [B, query_positions + T, V]: the T text positions after the last ``query_positions`` query
+    positions (by default the query positions are dropped).
     """
     embeds = torch.cat([prefix, llm.get_input_embeddings()(input_ids)], dim=1)
     mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
     extra = {"position_ids": mask_positions(mask)} if _accepts(llm, "position_ids") else {}
     if _accepts(llm, "logits_to_keep"):  # no vocabulary projection for the query positions
-        extra["logits_to_keep"] = input_ids.shape[1]
+        extra["logits_to_keep"] = input_ids.shape[1] + query_positions
     out = llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False, **extra)
-    return out.logits[:, -input_ids.shape[1]:]
+    return out.logits[:, -(input_ids.shape[1] + query_positions):]
 
 
 def seq2seq_encode(llm: nn.Module, prefix: Tensor, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:

@@ -3,8 +3,8 @@
 - decoder-only LLMs (OPT, Llama, ...), as LAVIS Blip2OPT: the caption gets the eos text appended ("\\n" for OPT, the
   tokenizer's eos otherwise), is tokenized with the LLM's bos and right padding, and the loss covers only caption
   tokens: queries (not in the logits), prompt tokens (``prompt_length`` counts the bos, as LAVIS) and padding are
-  excluded. The bos itself is never a target (LAVIS, with an empty prompt, also scores the last query predicting
-  ``</s>``; that term carries no caption information and is left out).
+  excluded. The bos itself is not a target by default; LAVIS, with an empty prompt (its stage-2 pretraining), also
+  scores the last query predicting the bos ``</s>``: ``bos_target=True`` restores that term.
 - encoder-decoder LLMs (FlanT5): the paper's **prefix LM**: each caption's tokens are split at a point drawn uniformly
   from 1 .. max(1, n // 2); the prefix (+ ``</s>``) goes to the encoder after the queries, the rest (+ ``</s>``) is the
   decoder target (:mod:`blip.objectives.prefix_lm`). LAVIS never implemented the split; with
@@ -35,12 +35,13 @@ class Blip2Stage2Objective(DeclaredLayers, nn.Module):
     checkpointed = ("model.image_encoder.visual_encoder", "model.qformer.transformer")   # the model's own stacks
 
     def __init__(self, model: nn.Module, prompt: str = "", max_txt_len: int = 32,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, bos_target: bool = False):
         super().__init__()
         self.model = model
         self.prompt = prompt
         self.max_txt_len = max_txt_len
         self.generator = generator
+        self.bos_target = bos_target   # LAVIS: without a prompt, the last query position predicts the bos
 
     @property
     def tokenizer(self):
@@ -62,14 +63,15 @@ class Blip2Stage2Objective(DeclaredLayers, nn.Module):
 
     def causal_batch(self, texts: list[str]) -> dict[str, Tensor]:
         """Captions -> input_ids, attention_mask [B, T] (bos + prompt + caption + eos text, right padded) and
-        labels [B, T] (-100 on padding and on the prompt incl. bos)."""
+        labels [B, T] (-100 on padding and on the prompt incl. bos; with ``bos_target`` and no prompt the bos keeps
+        its id, as LAVIS's targets)."""
         full = [self.prompt + t + self.eos_text() for t in texts]
         tok = self.tokenizer(full, padding="longest", truncation=True, max_length=self.max_txt_len,
                              return_tensors="pt")
         # right padding whatever the tokenizer's padding_side, so the prompt occupies the first positions
         ids, mask = align_padding(tok.input_ids, tok.attention_mask, self.model.pad_token_id, "right")
         labels = ids.masked_fill(mask == 0, -100)
-        labels[:, :max(self.prompt_length(), 1)] = -100
+        labels[:, :max(self.prompt_length(), 0 if self.bos_target else 1)] = -100
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def causal_pair_batch(self, inputs: list[str], outputs: list[str]) -> dict[str, Tensor]:
@@ -128,7 +130,12 @@ class Blip2Stage2Objective(DeclaredLayers, nn.Module):
             t.update(self.qformer_batch(inputs))
         t = {k: v.to(pixels.device) for k, v in t.items()}
         labels = t.pop("labels")
-        logits = self.model(pixels, **t).logits
+        if self.bos_target and not self.model.is_seq2seq and not pair:
+            # one more position in front: the last query, whose target is labels[:, 0] (the bos, or -100)
+            logits = self.model(pixels, **t, query_positions=1).logits
+            labels = torch.cat([labels.new_full((labels.shape[0], 1), -100), labels], dim=1)
+        else:
+            logits = self.model(pixels, **t).logits
         if self.model.is_seq2seq:
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
         else:

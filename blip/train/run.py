@@ -84,12 +84,24 @@ def dataset_text_cleaners(data_cfg: DictConfig, num_sources: int) -> list:
     return cleaners
 
 
-def build_train_data(cfg: DictConfig, info: DistInfo, sources: list, weights: list[float]) -> TrainData:
+def dataset_transforms(cfg: DictConfig, num_sources: int) -> list:
+    """Per dataset: the training image transform of `model.transform` (blip: with RandAugment | blip2), unless the
+    entry sets its own `transform:` (LAVIS's BLIP-2 pretraining gives its VG images `blip`)."""
     from blip.data.transforms import image_transform
 
+    d = cfg.data
+    entries = list(d.datasets) or [DictConfig({})] * num_sources
+    made = {}
+    for e in entries:
+        kind = e.get("transform") or cfg.model.transform
+        if kind not in made:
+            made[kind] = image_transform(cfg.model.image_size, train=bool(d.augment), kind=kind, min_scale=d.min_scale)
+    return [made[e.get("transform") or cfg.model.transform] for e in entries]
+
+
+def build_train_data(cfg: DictConfig, info: DistInfo, sources: list, weights: list[float]) -> TrainData:
     d, t = cfg.data, cfg.trainer
-    transform = image_transform(cfg.model.image_size, train=bool(d.augment), kind=cfg.model.transform,
-                                min_scale=d.min_scale)
+    transform = dataset_transforms(cfg, len(sources))
     samples = d.get("samples_per_epoch") or sum(s.num_samples for s in sources)
     batches = samples // (t.batch_size * info.world_size)
     batches -= batches % t.grad_accum
