@@ -68,6 +68,15 @@ class Blip2Stage1Objective(DeclaredLayers, nn.Module):
         """Normalized [CLS] embedding [B, E]."""
         return self.model.encode_text(input_ids, attention_mask).embeds
 
+    def itm_image_features(self, pixel_values: Tensor) -> Tensor:
+        """The frozen encoder's features [B, S, W] ITM's queries read."""
+        return self.model.image_features(pixel_values)
+
+    def itm_match_prob(self, image_features: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None
+                       ) -> Tensor:
+        """ITM's match probability [B] of the pairs (image_features b, text b)."""
+        return self.model.itm_logits_from_features(image_features, input_ids, attention_mask).softmax(-1)[:, 1]
+
     @staticmethod
     def retrieval_similarity(image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
         """BLIP-2 ITC score [N_img, N_txt]: max over queries."""
