@@ -60,6 +60,38 @@ def test_hard_negatives_are_never_positives():
     assert not torch.any(neg_image == torch.arange(6))
 
 
+def test_uniform_negatives_warm_up_then_mined_negatives():
+    """uniform_negative_epochs: while the batch's progress is below it, every non-positive is an equally likely ITM
+    negative (not the hardest); from then on the negatives are mined from the similarity again."""
+    objective = create("blip2_tiny_qformer", "stage1", objective={"uniform_negative_epochs": 0.5, "negative_eps": 0})
+    sim = 30 * torch.eye(6) + 20 * torch.eye(6).roll(1, dims=1)   # text i + 1 is image i's obvious hard negative
+    hardest = ((torch.arange(6) - 1) % 6, (torch.arange(6) + 1) % 6)   # (image per text, text per image)
+    image_ids = torch.arange(6)
+    torch.manual_seed(0)
+    counts = torch.zeros(6, 6)
+    for _ in range(500):
+        for neg in objective.hard_negatives(sim, sim.t().contiguous(), image_ids, uniform=True):
+            counts[torch.arange(6), neg] += 1
+    assert counts.diagonal().sum() == 0                            # never the positive
+    off = counts[~torch.eye(6, dtype=torch.bool)].view(6, 5) / 1000   # each of the 5 others: 1/5 of the draws
+    assert (off - 0.2).abs().max() < 0.06, off
+    for _ in range(20):
+        mined = objective.hard_negatives(sim, sim.t().contiguous(), image_ids)
+        assert all(torch.equal(neg, hard) for neg, hard in zip(mined, hardest))
+
+    flags = []
+    objective.losses = lambda *args, **kwargs: flags.append(kwargs["uniform_negatives"])
+    for progress in (0.0, 0.49, 0.5, 0.9):
+        objective({"pixel_values": torch.zeros(2, 3, 8, 8), "text": ["a", "b"], "progress": progress})
+    objective({"pixel_values": torch.zeros(2, 3, 8, 8), "text": ["a", "b"]})   # no progress: step 0
+    assert flags == [True, True, False, False, True]
+    flags.clear()
+    default = create("blip2_tiny_qformer", "stage1")
+    default.losses = lambda *args, **kwargs: flags.append(kwargs["uniform_negatives"])
+    default({"pixel_values": torch.zeros(2, 3, 8, 8), "text": ["a", "b"], "progress": 0.0})
+    assert flags == [False]
+
+
 def test_image_id_targets_switch_restores_lavis_itc_for_batches_with_ids():
     """LAVIS's branch for batches with image ids, written out from its formula: pos = (ids == ids_all) / row sum,
     targets = 0.9 * pos + 0.1 / N (label smoothing 0.1), loss = mean over rows of -sum(log_softmax(sim) * targets),

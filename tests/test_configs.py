@@ -117,3 +117,13 @@ def test_the_script_composes_from_the_command_line():
     assert out.returncode == 0, out.stderr
     job = OmegaConf.create(out.stdout)
     assert job.trainer.epochs == 7 and job.stage.id == 1 and job.model.arch == "blip2_tiny_qformer"
+
+
+def test_uniform_itm_negatives_only_in_the_tiny_default():
+    """The tiny CPU default warms ITM up on uniform negatives; every other model config mines them from step 0 (the
+    papers)."""
+    assert compose_cfg(["stage=1"]).model.objective.uniform_negative_epochs == 0.5
+    for name in options("model"):
+        if name != "blip2_tiny_qformer":
+            objective = compose_cfg(["stage=1", f"model={name}"]).model.objective
+            assert objective.get("uniform_negative_epochs", 0.0) == 0.0, name

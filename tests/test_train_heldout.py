@@ -7,7 +7,7 @@ import torch
 
 from blip.data.synthetic import parse_attributes
 from blip.metrics.retrieval import recall_at_k as retrieval_recall
-from blip.train.heldout import attribute_accuracy
+from blip.train.heldout import attribute_accuracy, itm_metrics
 
 
 def test_recall_by_hand():
@@ -42,3 +42,18 @@ def test_attribute_accuracy_by_hand():
     assert out == {"acc_size": 100.0, "acc_color": 100.0, "acc_shape": 100.0, "acc_position": 50.0,
                    "acc_all_attributes": 50.0}
     assert attribute_accuracy(["", "blue"], refs, parse_attributes)["acc_color"] == 50.0  # "" names no colour
+
+
+def test_itm_metrics_by_hand():
+    # 3 images, 3 texts; image i ↔ text i, except image 2 ↔ text 1 as well
+    prob = torch.tensor([[0.9, 0.2, 0.6],     # text 0 first: hit; the negative 0.6 says match
+                         [0.3, 0.4, 0.7],     # text 2 first: miss; its positive 0.4 says no match
+                         [0.1, 0.8, 0.2]])    # text 1 first: a positive, hit
+    out = itm_metrics(prob, [[0], [1], [1, 2]])
+    assert out["itm_i2t_r1"] == pytest.approx(200 / 3)
+    # text 0 → image 0 hit; text 1 → image 2 hit (one of its images); text 2 → image 1 (0.7) miss
+    assert out["itm_t2i_r1"] == pytest.approx(200 / 3)
+    assert out["itm_pos_acc"] == pytest.approx(50)          # 4 positives: 0.4 and 0.2 say no match
+    assert out["itm_neg_acc"] == pytest.approx(60)          # 5 negatives: 0.6 and 0.7 say match
+    prior = itm_metrics(torch.full((3, 3), 1 / 3), [[0], [1], [2]])   # a head at its prior
+    assert prior["itm_pos_acc"] == 0 and prior["itm_neg_acc"] == 100

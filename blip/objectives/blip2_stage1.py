@@ -14,6 +14,10 @@ The loss is the plain sum. Texts are tokenized here, padded to ``max_txt_len`` (
 spread over every candidate of the same image, smoothed by 0.1 as well (LAVIS ``0.9 * targets + 0.1 / N``). By
 default the targets stay the diagonal with smoothing 0.1 for every batch, and image ids only keep same-image pairs
 out of the ITM negatives.
+
+``uniform_negative_epochs`` (0 = the papers) draws the ITM negatives uniformly from the non-positives until the
+batch's "progress" (epochs) reaches it, then mines them as above: the tiny CPU default's warm-up, whose untrained ITC
+makes the mined negatives too hard for its ITM to leave the prior.
 """
 from __future__ import annotations
 
@@ -33,8 +37,8 @@ class Blip2Stage1Objective(DeclaredLayers, nn.Module):
     """forward(batch) -> {"loss", "loss_itc", "loss_itm", "loss_lm"}.
 
     batch: {"pixel_values": [B, 3, H, W], "text": list[str] (B), "image_ids": LongTensor [B] (optional: pairs with
-    the same id are never negatives of each other)}. For tests, "itm_negatives": (neg_image_idx [B], neg_text_idx
-    [B]) world-batch indices replace the sampling.
+    the same id are never negatives of each other), "progress": float (epochs elapsed)}. For tests,
+    "itm_negatives": (neg_image_idx [B], neg_text_idx [B]) world-batch indices replace the sampling.
     """
 
     vit_path = "model.image_encoder.visual_encoder"
@@ -42,7 +46,8 @@ class Blip2Stage1Objective(DeclaredLayers, nn.Module):
     checkpointed = ("model.qformer.transformer",)
 
     def __init__(self, model: Blip2Qformer, tokenizer=None, max_txt_len: int | None = None,
-                 label_smoothing: float = 0.1, negative_eps: float = 1e-4, image_id_targets: bool = False):
+                 label_smoothing: float = 0.1, negative_eps: float = 1e-4, image_id_targets: bool = False,
+                 uniform_negative_epochs: float = 0.0):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else get_tokenizer("blip2_qformer")
@@ -50,6 +55,7 @@ class Blip2Stage1Objective(DeclaredLayers, nn.Module):
         self.label_smoothing = label_smoothing
         self.negative_eps = negative_eps
         self.image_id_targets = image_id_targets
+        self.uniform_negative_epochs = uniform_negative_epochs
 
     def no_weight_decay(self) -> set[str]:
         return {"model.temp"}
@@ -63,6 +69,15 @@ class Blip2Stage1Objective(DeclaredLayers, nn.Module):
         """Normalized [CLS] embedding [B, E]."""
         return self.model.encode_text(input_ids, attention_mask).embeds
 
+    def itm_image_features(self, pixel_values: Tensor) -> Tensor:
+        """The frozen encoder's features [B, S, W] ITM's queries read."""
+        return self.model.image_features(pixel_values)
+
+    def itm_match_prob(self, image_features: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None
+                       ) -> Tensor:
+        """ITM's match probability [B] of the pairs (image_features b, text b)."""
+        return self.model.itm_logits_from_features(image_features, input_ids, attention_mask).softmax(-1)[:, 1]
+
     @staticmethod
     def retrieval_similarity(image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
         """BLIP-2 ITC score [N_img, N_txt]: max over queries."""
@@ -74,12 +89,15 @@ class Blip2Stage1Objective(DeclaredLayers, nn.Module):
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         ids, mask = self.tokenize(batch["text"], batch["pixel_values"].device)
+        uniform = float(batch.get("progress", 0.0)) < self.uniform_negative_epochs
         return self.losses(batch["pixel_values"], ids, mask, image_ids=batch.get("image_ids"),
-                           negatives=batch.get("itm_negatives"))
+                           negatives=batch.get("itm_negatives"), uniform_negatives=uniform)
 
     def losses(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,
-               image_ids: Tensor | None = None, negatives: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
-        """The three losses from tokenized text (input_ids [B, T] with [CLS] first, attention_mask [B, T])."""
+               image_ids: Tensor | None = None, negatives: tuple[Tensor, Tensor] | None = None,
+               uniform_negatives: bool = False) -> dict[str, Tensor]:
+        """The three losses from tokenized text (input_ids [B, T] with [CLS] first, attention_mask [B, T]);
+        ``uniform_negatives``: ITM negatives drawn uniformly from the non-positives instead of mined."""
         m = self.model
         b = pixel_values.shape[0]
         vit = m.image_features(pixel_values)                                    # [B, S, W]
@@ -96,7 +114,7 @@ class Blip2Stage1Objective(DeclaredLayers, nn.Module):
         ids_world, mask_world = concat_all_gather(input_ids), concat_all_gather(attention_mask)
         vit_world = all_gather_with_grad(vit)
         if negatives is None:
-            neg_image, neg_text = self.hard_negatives(sim_i2t, sim_t2i, image_ids)
+            neg_image, neg_text = self.hard_negatives(sim_i2t, sim_t2i, image_ids, uniform=uniform_negatives)
         else:
             neg_image, neg_text = (t.to(pixel_values.device) for t in negatives)
         itm_logits = m.itm_logits_from_features(
@@ -124,13 +142,16 @@ class Blip2Stage1Objective(DeclaredLayers, nn.Module):
         return itc_loss(sim_i2t, sim_t2i, targets, targets, label_smoothing=self.label_smoothing)
 
     @torch.no_grad()
-    def hard_negatives(self, sim_i2t: Tensor, sim_t2i: Tensor, image_ids: Tensor | None = None
-                       ) -> tuple[Tensor, Tensor]:
+    def hard_negatives(self, sim_i2t: Tensor, sim_t2i: Tensor, image_ids: Tensor | None = None,
+                       uniform: bool = False) -> tuple[Tensor, Tensor]:
         """World-batch indices [B] of a negative image per local text and a negative text per local image, drawn
-        from softmax(sim) (+``negative_eps``) with the positives excluded. sim_*: [B, W*B] (this rank's rows)."""
+        from softmax(sim) (+``negative_eps``) with the positives excluded. sim_*: [B, W*B] (this rank's rows).
+        ``uniform``: every non-positive equally likely (a flat similarity)."""
         b = sim_i2t.shape[0]
         targets = rank() * b + torch.arange(b, device=sim_i2t.device)
         positive = self._positive_mask(targets, sim_i2t.shape[1], image_ids)
+        if uniform:
+            sim_i2t, sim_t2i = torch.zeros_like(sim_i2t), torch.zeros_like(sim_t2i)
         return (sample_hard_negatives(sim_t2i.detach(), positive, eps=self.negative_eps),
                 sample_hard_negatives(sim_i2t.detach(), positive, eps=self.negative_eps))
 

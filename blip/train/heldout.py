@@ -6,37 +6,67 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from omegaconf import DictConfig
-from torch import nn
+from torch import Tensor, nn
 
 from ..metrics.retrieval import recall_at_k
 
 
 @torch.no_grad()
-def retrieval_eval(model: nn.Module, batches: Iterable[dict], device: torch.device, max_length: int = 35) -> dict:
+def retrieval_eval(model: nn.Module, batches: Iterable[dict], device: torch.device, max_length: int = 35,
+                   max_itm_pairs: int = 100_000) -> dict:
     """Image→text and text→image recall over held-out pairs; texts with identical captions count as equivalent.
 
     Uses the models' tensor API: `encode_image(pixel_values) -> [B, D]`, `encode_text(input_ids, attention_mask)
     -> [B, D]` (normalized) and `model.tokenizer`; a model whose image embedding is not one vector (BLIP-2: [B, Q, D])
-    supplies `retrieval_similarity(image_feats, text_feats) -> [N_img, N_txt]`."""
+    supplies `retrieval_similarity(image_feats, text_feats) -> [N_img, N_txt]`. A model with `itm_image_features
+    (pixel_values)` and `itm_match_prob(image_features, input_ids, attention_mask) -> [B]` also gets its ITM head
+    scored on every (image, caption) pair, when there are at most ``max_itm_pairs``: :func:`itm_metrics` (``itm_*``
+    keys)."""
     model.eval()
-    image_feats, texts = [], []
+    itm = hasattr(model, "itm_match_prob")
+    image_feats, itm_feats, texts = [], [], []
     for batch in batches:
-        image_feats.append(model.encode_image(batch["pixel_values"].to(device)).float().cpu())
+        pixels = batch["pixel_values"].to(device)
+        image_feats.append(model.encode_image(pixels).float().cpu())
+        if itm:
+            itm_feats.append(model.itm_image_features(pixels).cpu())
         texts += batch["text"]
     unique = sorted(set(texts))
-    text_feats = []
+    text_feats, tokens = [], []
     for start in range(0, len(unique), 256):
         tok = model.tokenizer(unique[start:start + 256], padding="longest", truncation=True,
                               max_length=max_length, return_tensors="pt")
-        text_feats.append(model.encode_text(tok["input_ids"].to(device), tok["attention_mask"].to(device))
-                          .float().cpu())
+        tokens.append((tok["input_ids"].to(device), tok["attention_mask"].to(device)))
+        text_feats.append(model.encode_text(*tokens[-1]).float().cpu())
     image_feats, text_feats = torch.cat(image_feats), torch.cat(text_feats)
     similarity = getattr(model, "retrieval_similarity", None)  # BLIP-2: [N, Q, D] query embeddings, max over Q
     sim = similarity(image_feats, text_feats) if similarity is not None else image_feats @ text_feats.t()
     index = {t: j for j, t in enumerate(unique)}
-    result = recall_at_k(sim, [[index[t]] for t in texts])
+    positives = [[index[t]] for t in texts]
+    result = recall_at_k(sim, positives)
+    if itm and len(texts) * len(unique) <= max_itm_pairs:
+        rows = []
+        for feats in torch.cat(itm_feats).split(1):   # one image against every caption
+            feats = feats.to(device)
+            rows.append(torch.cat([model.itm_match_prob(feats.expand(len(ids), -1, -1), ids, mask).float().cpu()
+                                   for ids, mask in tokens]))
+        result.update(itm_metrics(torch.stack(rows), positives))
     result.update(num_images=len(texts), num_texts=len(unique))
     return result
+
+
+def itm_metrics(match_prob: Tensor, img2txt: Sequence[Sequence[int]]) -> dict[str, float]:
+    """The ITM head alone, from its match probability of every pair [N_img, N_txt] (img2txt[i]: image i's texts):
+    image→text and text→image R@1 ranked by it, and its accuracy (%) at 0.5 on the positive and on the negative
+    pairs (a head stuck at its prior, 1/3 match with 2 negatives per positive, scores 0 and 100)."""
+    ranked = recall_at_k(match_prob, img2txt, ks=(1,))
+    positive = torch.zeros_like(match_prob, dtype=torch.bool)
+    for i, texts in enumerate(img2txt):
+        positive[i, list(texts)] = True
+    said_match = match_prob > 0.5
+    return {"itm_i2t_r1": ranked["i2t_r1"], "itm_t2i_r1": ranked["t2i_r1"],
+            "itm_pos_acc": 100.0 * said_match[positive].float().mean().item(),
+            "itm_neg_acc": 100.0 * (~said_match[~positive]).float().mean().item()}
 
 
 def attribute_accuracy(generated: Sequence[str], references: Sequence[str], parse) -> dict:

@@ -381,6 +381,10 @@ def print_summary(results: dict, run_dir: Path) -> None:
         print(f"held-out retrieval over {ev['num_images']} images / {ev['num_texts']} distinct captions: "
               f"image→text R@1 {ev['i2t_r1']:.1f}% (chance {ev['chance_i2t_r1']:.1f}%), R@5 {ev['i2t_r5']:.1f}%; "
               f"text→image R@1 {ev['t2i_r1']:.1f}% (chance {ev['chance_t2i_r1']:.1f}%)")
+    if "itm_i2t_r1" in ev:
+        print(f"held-out ITM head alone (every image-caption pair): image→text R@1 {ev['itm_i2t_r1']:.1f}%, "
+              f"text→image R@1 {ev['itm_t2i_r1']:.1f}%; match at p > 0.5 on {ev['itm_pos_acc']:.1f}% of the true "
+              f"pairs, non-match on {ev['itm_neg_acc']:.1f}% of the others")
     for sample in ev.get("samples", []):
         print(f"  {sample['reference']!r:45} → {sample['generated']!r}")
     if "acc_all_attributes" in ev:
