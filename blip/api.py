@@ -12,6 +12,7 @@ from torch import nn
 
 from .checkpoints import CheckpointError
 from .convert.formats import read_checkpoint
+from .dtypes import to_dtype
 from .finite_weights import check_finite, check_finite_before_first_call
 from .registry import create_model, family, list_models
 
@@ -41,17 +42,15 @@ def load(source: str | Path, *, arch: str | None = None, task: str | None = None
     return compile_model(model) if compile else model
 
 
-FROZEN_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def load_for_evaluation(source: str | Path, model_cfg: dict, device: torch.device,
                         precision: str = "fp32") -> nn.Module:
     """``load`` for the benchmark evaluation (``scripts/evaluate.py``): ``model_cfg`` holds its keyword arguments
     (None meaning the checkpoint's own). bf16 / fp16: BLIP-2's frozen ViT and LLM are stored in that dtype (as LAVIS
     runs them); everything else stays fp32 under autocast."""
     model = load(source, device=device, **{k: v for k, v in model_cfg.items() if v is not None})
-    if FROZEN_DTYPES.get(precision) is not None and hasattr(model, "cast_frozen"):
-        model.cast_frozen(FROZEN_DTYPES[precision])
+    dtype = to_dtype(precision)
+    if dtype != torch.float32 and hasattr(model, "cast_frozen"):
+        model.cast_frozen(dtype)
     return model
 
 

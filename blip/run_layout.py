@@ -40,13 +40,6 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def is_run(path: str | Path) -> bool:
-    """A run directory (``config.yaml`` + ``checkpoints/``), one of its checkpoint directories (``state.pt``), or
-    a folder of runs of one name."""
-    p = Path(path)
-    return p.is_dir() and ((p / CONFIG).is_file() or (p / STATE).is_file() or _runs_of_one_name(p) != [])
-
-
 def _runs_of_one_name(folder: Path) -> list[Path]:
     """The run directories directly inside ``folder`` (``outputs/<name>/<timestamp>``), oldest first."""
     if not folder.is_dir() or (folder / CONFIG).exists():
@@ -99,11 +92,14 @@ def checkpoint_path(path: str | Path) -> Path:
     p = Path(path)
     if (p / STATE).exists():
         return p
-    found = find_run(p) or (None, (list_checkpoints(p / CHECKPOINTS) or [None])[-1])
-    if found[1] is None:
+    run = find_run(p)
+    if run is not None:
+        return run[1]
+    found = list_checkpoints(p / CHECKPOINTS)   # checkpoints without the run's config.yaml
+    if not found:
         raise FileNotFoundError(f"no checkpoint in {p} (expected {p}/{STATE}, {p}/{CHECKPOINTS}/step_*/ or "
                                 f"{p}/<run>/{CHECKPOINTS}/step_*/)")
-    return found[1]
+    return found[-1]
 
 
 def own_run_dir(checkpoint: Path) -> Path | None:

@@ -21,50 +21,61 @@ VISION_PREFIX = "image_encoder."   # where blip's BLIP-2 models keep their Froze
 EVA_FILE_UNUSED = [r"norm\.(weight|bias)", r"fc_norm\.(weight|bias)", r"head\.(weight|bias)", r"lm_head\..*"]
 
 
-_HF_VIT = [
-    (r"embeddings\.class_embedding$", "cls_token"), (r"embeddings\.position_embedding$", "pos_embed"),
-    (r"embeddings\.patch_embedding\.", "patch_embed.proj."),
-    (r"encoder\.layers\.(\d+)\.layer_norm1\.", r"blocks.\1.norm1."),
-    (r"encoder\.layers\.(\d+)\.layer_norm2\.", r"blocks.\1.norm2."),
-    (r"encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"blocks.\1.attn.qkv."),
-    (r"encoder\.layers\.(\d+)\.self_attn\.projection\.", r"blocks.\1.attn.proj."),
-    (r"encoder\.layers\.(\d+)\.mlp\.", r"blocks.\1.mlp."), (r"post_layernorm\.", "norm."),
+# HF vision_model names <-> ours, one table for both directions: "{i}" stands for a block index; a name ending in "."
+# is a prefix (the rest of the key is kept), any other is a whole name
+_HF_VIT_NAMES = [
+    ("embeddings.class_embedding", "cls_token"), ("embeddings.position_embedding", "pos_embed"),
+    ("embeddings.patch_embedding.", "patch_embed.proj."),
+    ("encoder.layers.{i}.layer_norm1.", "blocks.{i}.norm1."), ("encoder.layers.{i}.layer_norm2.", "blocks.{i}.norm2."),
+    ("encoder.layers.{i}.self_attn.qkv.", "blocks.{i}.attn.qkv."),
+    ("encoder.layers.{i}.self_attn.projection.", "blocks.{i}.attn.proj."),
+    ("encoder.layers.{i}.mlp.", "blocks.{i}.mlp."), ("post_layernorm.", "norm."),
 ]
+
+
+def _hf_vit_rules(to_ours: bool) -> list[tuple[re.Pattern, str]]:
+    """:data:`_HF_VIT_NAMES` as (pattern, replacement) pairs, HF -> ours or ours -> HF."""
+    rules = []
+    for hf, ours in _HF_VIT_NAMES:
+        src, dst = (hf, ours) if to_ours else (ours, hf)
+        pattern = r"(\d+)".join(map(re.escape, src.split("{i}"))) + ("" if src.endswith(".") else "$")
+        rules.append((re.compile("^" + pattern), dst.replace("{i}", r"\1")))
+    return rules
+
+
+def _rename(rest: str, rules: list[tuple[re.Pattern, str]]) -> str | None:
+    """``rest`` renamed by the first rule that matches it; None when none does."""
+    for pattern, repl in rules:
+        new, hit = pattern.subn(repl, rest)
+        if hit:
+            return new
+    return None
 
 
 def hf_vit_to_ours(sd: StateDict, src: str, dst: str, qv_bias: bool = False) -> tuple[StateDict, set[str]]:
     """HF ``vision_model.*`` -> ours. With ``qv_bias`` (EVA), HF's fused qkv bias is split into q_bias/v_bias."""
     out: StateDict = {}
     used: set[str] = set()
+    rules = _hf_vit_rules(to_ours=True)
     for name, value in sd.items():
         if not name.startswith(src):
             continue
-        rest = name[len(src):]
-        for pattern, repl in _HF_VIT:
-            new, hit = re.subn("^" + pattern, repl, rest)
-            if hit:
-                if qv_bias and new.endswith("attn.qkv.bias"):
-                    q, _, v = value.chunk(3)
-                    out[dst + new[:-len("qkv.bias")] + "q_bias"] = q
-                    out[dst + new[:-len("qkv.bias")] + "v_bias"] = v
-                else:
-                    out[dst + new] = value
-                used.add(name)
-                break
+        new = _rename(name[len(src):], rules)
+        if new is None:
+            continue
+        if qv_bias and new.endswith("attn.qkv.bias"):
+            q, _, v = value.chunk(3)
+            out[dst + new[:-len("qkv.bias")] + "q_bias"] = q
+            out[dst + new[:-len("qkv.bias")] + "v_bias"] = v
+        else:
+            out[dst + new] = value
+        used.add(name)
     return out, used
 
 
 def ours_to_hf_vit(sd: StateDict, src: str, dst: str) -> StateDict:
     """Inverse of :func:`hf_vit_to_ours`; EVA q_bias/v_bias become HF's fused bias with a zero k part."""
-    inverse = [
-        (r"cls_token$", "embeddings.class_embedding"), (r"pos_embed$", "embeddings.position_embedding"),
-        (r"patch_embed\.proj\.", "embeddings.patch_embedding."),
-        (r"blocks\.(\d+)\.norm1\.", r"encoder.layers.\1.layer_norm1."),
-        (r"blocks\.(\d+)\.norm2\.", r"encoder.layers.\1.layer_norm2."),
-        (r"blocks\.(\d+)\.attn\.qkv\.", r"encoder.layers.\1.self_attn.qkv."),
-        (r"blocks\.(\d+)\.attn\.proj\.", r"encoder.layers.\1.self_attn.projection."),
-        (r"blocks\.(\d+)\.mlp\.", r"encoder.layers.\1.mlp."), (r"norm\.", "post_layernorm."),
-    ]
+    rules = _hf_vit_rules(to_ours=False)
     out: StateDict = {}
     for name, value in sd.items():
         if not name.startswith(src):
@@ -77,11 +88,9 @@ def ours_to_hf_vit(sd: StateDict, src: str, dst: str) -> StateDict:
             continue
         if rest.endswith("attn.v_bias"):
             continue
-        for pattern, repl in inverse:
-            new, hit = re.subn("^" + pattern, repl, rest)
-            if hit:
-                out[dst + new] = value
-                break
+        new = _rename(rest, rules)
+        if new is not None:
+            out[dst + new] = value
     return out
 
 
