@@ -210,9 +210,10 @@ def test_image_root_and_paths_inside_it(tmp_path):
 def test_strict_false_skips_and_counts_bad_rows(tmp_path, caplog):
     write_images(tmp_path)
     f = tmp_path / "a.jsonl"
-    lines = [json.dumps({"image": "red.png", "caption": "good"}), json.dumps({"image": "gone.png", "caption": "x"}),
-             "{not json", json.dumps({"image": "red.png", "label": "x"}), json.dumps({"image": "gone.png", "caption": "y"}),
-             json.dumps({"image": "../x.png", "caption": "y"}), json.dumps({"image": "blue.png", "caption": ""})]
+    rows = [{"image": "red.png", "caption": "good"}, {"image": "gone.png", "caption": "x"}, "{not json",
+            {"image": "red.png", "label": "x"}, {"image": "gone.png", "caption": "y"},
+            {"image": "../x.png", "caption": "y"}, {"image": "blue.png", "caption": ""}]
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in rows]
     f.write_text("\n".join(lines) + "\n")
     with caplog.at_level("WARNING", logger="blip.data"):
         data = read_custom(f, strict=False)

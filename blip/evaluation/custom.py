@@ -38,9 +38,9 @@ def evaluate_custom(model: nn.Module, data: CustomData, *, device="cpu", batch_s
     "input", "reference", "generated"}, ... max_shown]}`` (metrics in the module docstring: ``bleu4`` / ``cider``;
     ``vqa_accuracy``; ``exact_match`` / ``bleu4``).
 
-    generation: keywords of the string API (num_beams, max_new_tokens, ...; None values: its default). prompt: the caption prompt (BLIP
-    "a picture of ", BLIP-2 "a photo of"; None: the model's default) or, for vqa with BLIP-2, the question template
-    ("Question: {} Short answer:" when None)."""
+    generation: keywords of the string API (num_beams, max_new_tokens, ...; None values: its default).
+    prompt: the caption prompt (BLIP "a picture of ", BLIP-2 "a photo of"; None: the model's default) or, for vqa
+    with BLIP-2, the question template ("Question: {} Short answer:" when None)."""
     predictions = predict_custom(model, data, device=device, batch_size=batch_size, generation=generation,
                                  prompt=prompt)
     return report(data.kind, predictions, max_shown)
