@@ -53,7 +53,7 @@ def main(cfg: DictConfig) -> None:
             from blip.evaluation.custom import run_custom
             ctx = context_settings(cfg, info)
             run_custom(model, data, cfg.task, cfg.output_dir, device=info.device, batch_size=ctx["batch_size"],
-                       autocast_dtype=ctx["autocast_dtype"], label=label)
+                       autocast_dtype=ctx["autocast_dtype"], label={"checkpoint": label["checkpoint"]})
     else:
         evaluate(model, cfg.task, cfg.split, cfg.data.root, cfg.output_dir, context_settings(cfg, info), data=data,
                  label=label)

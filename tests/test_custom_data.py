@@ -27,6 +27,18 @@ INSTRUCTION_ROWS = [{"image": "green.png", "instruction": "Describe the image.",
                     {"image": "blue.png", "instruction": "And its colour?", "response": "Blue.",
                      "context": "Describe the image.\nA blue square."}]
 
+MIXED_ROWS = [CAPTION_ROWS[0], VQA_ROWS[0], INSTRUCTION_ROWS[1]]
+
+
+def row_from(record: dict, kind: str) -> CustomRow:
+    """The row a record's fields describe, written out by hand (image and where left empty)."""
+    if kind == "caption":
+        return CustomRow("", kind, "", captions=(record["caption"],))
+    if kind == "vqa":
+        return CustomRow("", kind, "", question=record["question"], answers=(record["answer"],))
+    return CustomRow("", kind, "", instruction=record["instruction"], response=record["response"],
+                     context=record.get("context"))
+
 
 def png(color) -> bytes:
     out = io.BytesIO()
@@ -92,11 +104,17 @@ def content(data) -> list[tuple[CustomRow, bytes]]:
 
 
 @pytest.mark.parametrize("rows,kind", [(CAPTION_ROWS, "caption"), (VQA_ROWS, "vqa"),
-                                       (INSTRUCTION_ROWS, "instruction")])
+                                       (INSTRUCTION_ROWS, "instruction"), (MIXED_ROWS, "instruction")])
 def test_every_format_reads_to_the_same_rows(tmp_path, rows, kind):
     paths = write_every_format(tmp_path, rows)
     expected = content(read_custom(paths["jsonl"]))
-    assert len(expected) == len(rows)
+    if rows is MIXED_ROWS:
+        hand = [CustomRow("", kind, "", instruction=CAPTION_INSTRUCTION, response=rows[0]["caption"]),
+                CustomRow("", kind, "", instruction=rows[1]["question"], response=rows[1]["answer"]),
+                row_from(rows[2], kind)]
+    else:
+        hand = [row_from(r, kind) for r in rows]
+    assert expected == [(row, png(COLORS[r["image"]])) for row, r in zip(hand, rows)]
     for name, path in paths.items():
         data = read_custom(path)
         assert data.kind == kind, name
@@ -186,6 +204,9 @@ def test_errors_name_the_file_the_row_and_the_fix(tmp_path):
         read_custom(tmp_path / "empty.jsonl")
     with pytest.raises(CustomDataError, match="cannot read the file"):
         read_custom(tmp_path / "missing.jsonl")
+    (tmp_path / "d.csv").write_text('image,caption\nred.png,"two\nlines"\n\ngone.png,x\n')   # rows on 2-3 and 5
+    with pytest.raises(CustomDataError, match=r"d\.csv:5: image 'gone\.png' not found"):
+        read_custom(tmp_path / "d.csv")
     with pytest.raises(CustomDataError, match="no 'image'"):
         read_custom(write_csv(tmp_path / "c.csv", [{"picture": "red.png", "caption": "x"}]))
     with pytest.raises(CustomDataError, match=r"shards not found"):

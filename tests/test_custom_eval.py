@@ -76,7 +76,8 @@ def write_split(root: Path, fixtures: Path, rows: list[dict]) -> Path:
 
 
 CAPTIONS = [{"image": "cat.jpg", "caption": "a tabby cat"}, {"image": "coffee.jpg", "caption": "a cup of coffee"},
-            {"image": "cat.jpg", "caption": ["a cat looking up", "the cat"]}, {"image": "rocket.jpg", "caption": "a launch"}]
+            {"image": "cat.jpg", "caption": ["a cat looking up", "the cat"]},
+            {"image": "rocket.jpg", "caption": "a launch"}]
 QUESTIONS = [{"image": "cat.jpg", "question": "What animal is it?", "answer": ["cat", "cat", "dog"]},
              {"image": "coffee.jpg", "question": "What drink?", "answer": "coffee"},
              {"image": "rocket.jpg", "question": "Is it night?", "answer": ["yes", "no"]}]

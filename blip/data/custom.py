@@ -24,6 +24,7 @@ Bad rows (no kind, an empty or non-string text, a missing image, an image path l
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -180,7 +181,7 @@ def _records(path: Path, skips: _Skips) -> Iterator[tuple[str, object]]:
     except UnicodeDecodeError as e:
         raise CustomDataError(f"{path}: not UTF-8 text ({e}); save it as UTF-8") from e
     if path.suffix.lower() == ".csv":
-        yield from _csv_records(path, content)
+        yield from _csv_records(path, content, skips)
         return
     if path.suffix.lower() not in (".json", ".jsonl"):
         raise CustomDataError(f"{path}: unknown format {path.suffix!r}; use .jsonl, .json (a list), .csv (with a "
@@ -205,20 +206,23 @@ def _records(path: Path, skips: _Skips) -> Iterator[tuple[str, object]]:
         yield f"{path}:{number}", record
 
 
-def _csv_records(path: Path, content: str) -> Iterator[tuple[str, dict]]:
-    import io
-    reader = csv.DictReader(io.StringIO(content, newline=""))
-    header = reader.fieldnames or []
+def _csv_records(path: Path, content: str, skips: _Skips) -> Iterator[tuple[str, dict]]:
+    reader = csv.reader(io.StringIO(content, newline=""))
+    header = next(reader, [])
     if not any(f in header for f in IMAGE_FIELDS):
         raise CustomDataError(f"{path}: the CSV header {header} has no 'image' (or 'file_name') column; the first "
                               "row must name the columns: image and caption, question + answer or instruction + "
                               "response")
-    for record in reader:
-        where = f"{path}:{reader.line_num}"
-        if None in record:
-            raise CustomDataError(f"{where}: {len(record[None])} more cells than the header's {len(header)} columns; "
-                                  "quote cells that contain commas")
-        yield where, {k: v for k, v in record.items() if v not in (None, "")}
+    end = reader.line_num   # the last line read; a row's line is the first of its (possibly multi-line) cells
+    for cells in reader:
+        where, end = f"{path}:{end + 1}", reader.line_num
+        if not cells:
+            continue
+        if len(cells) > len(header):
+            skips.bad(_BadRow("bad_csv_row", f"{where}: {len(cells)} cells for the header's {len(header)} columns; "
+                                             "quote cells that contain commas"), where)
+            continue
+        yield where, {k: v for k, v in zip(header, cells) if v != ""}
 
 
 def _image_path(record: dict, where: str, root: Path) -> str:
