@@ -7,6 +7,10 @@
 Tasks: caption_coco, caption_nocaps, vqa_v2, okvqa, gqa, retrieval_coco, retrieval_flickr. Missing data files are
 listed (with where to get them) before the model loads; a killed evaluation re-run with the same output_dir skips
 what was done.
+
+Your own held-out split (caption, vqa or instruction rows; formats in blip/data/custom.py):
+
+    python scripts/evaluate.py task=custom data.val=my_val.jsonl checkpoint=outputs/my_run output_dir=outputs/eval/my
 """
 
 import logging
@@ -20,9 +24,15 @@ from blip.data.eval_datasets import MissingDataError, read_task_data
 
 @hydra.main(config_path="../configs/evaluate", config_name="evaluate", version_base=None)
 def main(cfg: DictConfig) -> None:
+    from blip.data.custom import CustomDataError, read_custom
     try:
-        data = read_task_data(cfg.task, cfg.split, cfg.data.root)
-    except MissingDataError as e:
+        if cfg.task.kind == "custom":
+            if not cfg.data.val:
+                raise CustomDataError("task=custom needs data.val=<the split to evaluate>")
+            data = read_custom(cfg.data.val, cfg.data.image_root, strict=bool(cfg.task.strict))
+        else:
+            data = read_task_data(cfg.task, cfg.split, cfg.data.root)
+    except (MissingDataError, CustomDataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     import torch
@@ -38,8 +48,15 @@ def main(cfg: DictConfig) -> None:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model = load_for_evaluation(str(cfg.checkpoint), model_cfg, info.device, cfg.precision)
     label = {"checkpoint": str(cfg.checkpoint), "zero_shot": bool(cfg.zero_shot)}
-    evaluate(model, cfg.task, cfg.split, cfg.data.root, cfg.output_dir, context_settings(cfg, info), data=data,
-             label=label)
+    if cfg.task.kind == "custom":   # one process: a custom split is small next to the benchmarks
+        if info.is_main:
+            from blip.evaluation.custom import run_custom
+            ctx = context_settings(cfg, info)
+            run_custom(model, data, cfg.task, cfg.output_dir, device=info.device, batch_size=ctx["batch_size"],
+                       autocast_dtype=ctx["autocast_dtype"], label={"checkpoint": label["checkpoint"]})
+    else:
+        evaluate(model, cfg.task, cfg.split, cfg.data.root, cfg.output_dir, context_settings(cfg, info), data=data,
+                 label=label)
     if info.distributed:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

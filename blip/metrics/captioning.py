@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import shutil
 from pathlib import Path
-from typing import Mapping
+from typing import Collection, Mapping
 
 CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 
@@ -64,28 +64,33 @@ def ptb_tokenize(predictions: Mapping[object, str], references: Mapping[object, 
 
 
 def score_tokenized(res: Mapping[object, list[str]], gts: Mapping[object, list[str]],
-                    spice: bool = False) -> dict[str, float]:
-    """BLEU-1..4, METEOR, ROUGE-L, CIDEr (+ SPICE) of tokenized captions (:func:`ptb_tokenize`)."""
+                    spice: bool = False, only: Collection[str] | None = None) -> dict[str, float]:
+    """BLEU-1..4, METEOR, ROUGE-L, CIDEr (+ SPICE) of tokenized captions (:func:`ptb_tokenize`). only: the metric
+    names wanted (e.g. {"Bleu_4", "CIDEr"}): scorers that give none of them are not run (METEOR's JVM not started)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
-    scorers = [(Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]), (meteor(), ["METEOR"]), (Rouge(), ["ROUGE_L"]),
-               (Cider(), ["CIDEr"])]
+    scorers = [(lambda: Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]), (meteor, ["METEOR"]),
+               (Rouge, ["ROUGE_L"]), (Cider, ["CIDEr"])]
     if spice:
         from pycocoevalcap.spice.spice import Spice
-        scorers.append((Spice(), ["SPICE"]))
+        scorers.append((Spice, ["SPICE"]))
     out: dict[str, float] = {}
-    for scorer, names in scorers:
-        score, _ = scorer.compute_score(dict(gts), dict(res))
+    for make_scorer, names in scorers:
+        if only is not None and not set(names) & set(only):
+            continue
+        score, _ = make_scorer().compute_score(dict(gts), dict(res))
         for name, value in zip(names, score if isinstance(score, list) else [score]):
-            out[name] = float(value)
+            if only is None or name in only:
+                out[name] = float(value)
     return out
 
 
 def caption_metrics(predictions: Mapping[object, str], references: Mapping[object, list[str]],
-                    spice: bool = False) -> dict[str, float]:
-    """Corpus-level scores for ``predictions`` (image id -> caption) against ``references`` (id -> captions)."""
-    return score_tokenized(*ptb_tokenize(predictions, references), spice=spice)
+                    spice: bool = False, only: Collection[str] | None = None) -> dict[str, float]:
+    """Corpus-level scores for ``predictions`` (image id -> caption) against ``references`` (id -> captions);
+    only: the metric names wanted (all when None)."""
+    return score_tokenized(*ptb_tokenize(predictions, references), spice=spice, only=only)
 
 
 def nocaps_metrics(predictions: Mapping[int, str], references: Mapping[int, list[str]], domains: Mapping[int, str],
