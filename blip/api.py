@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoints import CheckpointError
 from .convert.formats import read_checkpoint
 from .dtypes import to_dtype
 from .finite_weights import check_finite, check_finite_before_first_call
 from .registry import create_model, family, list_models
+from .runs import load_source
 
 __all__ = ["create_model", "list_models", "load", "load_for_evaluation", "load_task_model"]
 
@@ -76,18 +76,7 @@ def _load(source: str | Path, arch: str | None, task: str | None, llm, kwargs: d
                 kwargs.setdefault("image_size", entry.image_size)
             for key, value in entry.options.items():  # e.g. the prompt and generation settings it was evaluated with
                 kwargs.setdefault(key, value)
-    checkpoint = read_checkpoint(source)
-    fmt = checkpoint.format
-    if fmt.name == "run":   # rebuilt from its config.yaml through the registry (blip.runs)
-        from .runs import load_run
-        return load_run(checkpoint, task)
-    if fmt.tower is not None:
-        raise CheckpointError(f"{checkpoint.name}: a {fmt.description} holds one {fmt.tower} tower, not a model: "
-                              f"train from it with model.{fmt.tower}_init, or load a whole-model checkpoint")
-    if fmt.load is None:
-        raise CheckpointError(f"{checkpoint.name}: not a BLIP / BLIP-2 checkpoint in any known layout (original "
-                              f"BLIP, LAVIS, HF, blip export); first keys: {list(checkpoint.raw)[:5]}")
-    return fmt.load(checkpoint, arch=arch, task=task, llm=llm, **kwargs)
+    return load_source(read_checkpoint(source), arch=arch, task=task, llm=llm, **kwargs)
 
 
 def _finish(model: nn.Module, device, dtype) -> nn.Module:

@@ -17,7 +17,7 @@ from torch import nn
 
 from .checkpoints import CheckpointError
 from .registry import create_model, create_objective
-from .convert.formats import read_checkpoint
+from .convert.formats import Checkpoint, read_checkpoint
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -49,6 +49,44 @@ def build_model(model_cfg: DictConfig, **extra) -> nn.Module:
     return model
 
 
+def load_source(checkpoint: Checkpoint, *, arch: str | None = None, task: str | None = None, llm=None,
+                **options) -> nn.Module:
+    """The model a recognised checkpoint holds, built by its format's ``load`` (a run: :func:`load_run`)."""
+    fmt = checkpoint.format
+    if fmt.name == "run":   # rebuilt from its config.yaml through the registry
+        return load_run(checkpoint, task)
+    if fmt.tower is not None:
+        raise CheckpointError(f"{checkpoint.name}: a {fmt.description} holds one {fmt.tower} tower, not a model: "
+                              f"train from it with model.{fmt.tower}_init, or load a whole-model checkpoint")
+    if fmt.load is None:
+        raise CheckpointError(f"{checkpoint.name}: not a BLIP / BLIP-2 checkpoint in any known layout (original "
+                              f"BLIP, LAVIS, HF, blip export); first keys: {list(checkpoint.raw)[:5]}")
+    return fmt.load(checkpoint, arch=arch, task=task, llm=llm, **options)
+
+
+def custom_objective(cfg: DictConfig) -> nn.Module:
+    """The objective of a ``task=custom`` run, before its own weights: the base (``init_from``) loaded, then the
+    run's recipe and adapters applied (:func:`blip.finetune.finetune_objective`)."""
+    from .finetune import finetune_objective, load_task
+    base = load_source(read_checkpoint(cfg.init_from, "init_from"), task=load_task(cfg.model.family, cfg.data.kind),
+                       llm=cfg.model.get("llm"))
+    return finetune_objective(base, cfg.data.kind, cfg.model)
+
+
+def load_trained_weights(objective: nn.Module, state: dict, source: str) -> None:
+    """A custom run's saved weights (its trainable parameters and buffers) into the rebuilt objective: every saved
+    key must exist there and every trainable parameter must be saved."""
+    own = objective.state_dict()
+    unknown = [k for k in state if k not in own]
+    trainable = [n for n, p in objective.named_parameters() if p.requires_grad]
+    missing = [n for n in trainable if n not in state]
+    if unknown or missing:
+        raise CheckpointError(f"{source}: does not fit the model its run rebuilds from init_from "
+                              f"(not in the model: {unknown[:5]}; trained but not saved: {missing[:5]}); was the "
+                              "base checkpoint replaced since training?")
+    objective.load_state_dict(state, strict=False)
+
+
 def load_run(path, task: str | None = None) -> nn.Module:
     """The inference model of a run (see the module docstring), on CPU. path: a run directory, one of its checkpoint
     directories, a folder of runs of one name (its newest run), or their :class:`blip.convert.formats.Checkpoint`."""
@@ -61,8 +99,15 @@ def load_run(path, task: str | None = None) -> nn.Module:
 
     cfg = OmegaConf.load(config)
     state = checkpoint.raw
-    if cfg.model.task == "pretrain" and cfg.model.arch.startswith("blip_"):
+    if cfg.model.task == "pretrain" and str(cfg.model.arch).startswith("blip_"):
         return _blip_task_from_pretraining(cfg, state, str(ckpt), task or "caption")
+    if cfg.stage.id == "finetune":   # task=custom: the base, the recipe, the trained weights over them
+        objective = custom_objective(cfg)
+        load_trained_weights(objective, state, str(ckpt))
+        objective.eval()
+        model = objective.model
+        log.info("%s: custom run from %s, step %s", checkpoint.name, cfg.init_from, ckpt.name)
+        return model
     objective = build_model(cfg.model)
     try:
         objective.load_state_dict(state, strict=True)

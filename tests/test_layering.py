@@ -4,7 +4,7 @@ Every import is counted, at module level and inside functions (a lazy import is 
 low to high (a module may import its own layer and any below):
 
   core (nn, data, losses, generation, checkpoints, run_layout, metrics, zoo, dtypes, finite_weights)
-  < models < objectives < convert (checkpoint formats) < registry < runs (a run directory as a model)
+  < models < objectives < convert (checkpoint formats) < registry, finetune < runs (a run directory as a model)
   < tools that take a loaded model (evaluation, capfilt, predictor, serve, serve_replicate, caption_dir)
   < api, train < cli < the package face (``blip/__init__.py``, which nothing inside the package imports).
 """
@@ -21,7 +21,7 @@ LAYERS = [
     {"models"},
     {"objectives"},
     {"convert"},
-    {"registry"},
+    {"registry", "finetune"},
     {"runs"},
     {"evaluation", "capfilt", "predictor", "serve", "serve_replicate", "caption_dir"},
     {"api", "train"},

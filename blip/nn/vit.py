@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -183,6 +183,16 @@ class VisionTransformer(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
+
+    def set_image_size(self, image_size: int) -> None:
+        """Train at another resolution: the position embedding becomes a parameter of the new grid, resized once
+        (bicubic, as BLIP / LAVIS ``interpolate_pos_embed`` at load), e.g. 224 -> 364 px for BLIP-2 fine-tuning."""
+        if image_size == self.cfg.image_size:
+            return
+        self.cfg = replace(self.cfg, image_size=image_size)
+        with torch.no_grad():
+            resized = resize_pos_embed(self.pos_embed.data, self.cfg.num_patches)
+        self.pos_embed = nn.Parameter(resized, requires_grad=self.pos_embed.requires_grad)
 
     def cast_matmul_weights(self, dtype: torch.dtype) -> "VisionTransformer":
         """Store the Linear / Conv weights and biases in ``dtype`` (LAVIS ``convert_weights_to_fp16``); norms, cls

@@ -51,15 +51,19 @@ class Trainer:
                  grad_clip: float | None = None, epochs: int = 1, max_steps: int | None = None,
                  log_every: int = 10, checkpoint_dir: str | Path | None = None, checkpoint_every: int | None = None,
                  keep_last: int = 3, logger: MetricLogger | None = None, fsdp: bool = False,
-                 on_step: Callable[[TrainState, dict], None] | None = None, layout: dict | None = None) -> None:
+                 on_step: Callable[[TrainState, dict], None] | None = None, layout: dict | None = None,
+                 save_frozen: bool = True) -> None:
         """layout: settings a resume cannot change without changing the data order (per-rank batch size; the
-        world size and grad_accum are always included); saved with every checkpoint and checked on load."""
+        world size and grad_accum are always included); saved with every checkpoint and checked on load.
+        save_frozen: False saves only the trainable parameters and the buffers (fine-tuning from a base checkpoint
+        the run points at: its frozen towers, e.g. a 2.7B LLM, are not copied into every checkpoint)."""
         self.model, self.optimizer, self.schedule, self.info = model, optimizer, schedule, info
         self.precision = precision or PrecisionPolicy(device_type=info.device.type)
         self.scaler = self.precision.grad_scaler()
         self.grad_accum, self.grad_clip, self.epochs, self.max_steps = grad_accum, grad_clip, epochs, max_steps
         self.log_every, self.checkpoint_dir, self.checkpoint_every = log_every, checkpoint_dir, checkpoint_every
         self.keep_last, self.logger, self.fsdp, self.on_step = keep_last, logger, fsdp, on_step
+        self.save_frozen = save_frozen
         self.state = TrainState()
         self.history: list[dict] = []  # logged metrics (every `log_every` steps)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -73,7 +77,12 @@ class Trainer:
 
             return get_state_dict(self.model, self.optimizer,
                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return unwrap(self.model).state_dict(), self.optimizer.state_dict()
+        model = unwrap(self.model)
+        state = model.state_dict()
+        if not self.save_frozen:
+            frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+            state = {k: v for k, v in state.items() if k not in frozen}
+        return state, self.optimizer.state_dict()
 
     def state_dict(self) -> dict:
         model_state, optim_state = self._model_and_optim_state()
@@ -90,7 +99,15 @@ class Trainer:
                            optim_state_dict=state["optimizer"],
                            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
         else:
-            unwrap(self.model).load_state_dict(state["model"])
+            model = unwrap(self.model)
+            if self.save_frozen:
+                model.load_state_dict(state["model"])
+            else:   # the frozen weights are the base's, already in the model
+                frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+                missing, unexpected = model.load_state_dict(state["model"], strict=False)
+                if unexpected or set(missing) - frozen:
+                    raise RuntimeError(f"checkpoint does not fit the model: unexpected {unexpected[:5]}, missing "
+                                       f"{sorted(set(missing) - frozen)[:5]}")
             self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         if self.scaler is not None and state.get("scaler"):

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from blip.data.datasets import ImageTextStream, JsonSource, TrainData, eval_batches
@@ -99,15 +99,20 @@ def dataset_transforms(cfg: DictConfig, num_sources: int) -> list:
     return [made[e.get("transform") or cfg.model.transform] for e in entries]
 
 
-def build_train_data(cfg: DictConfig, info: DistInfo, sources: list, weights: list[float]) -> TrainData:
+def build_train_data(cfg: DictConfig, info: DistInfo, sources: list, weights: list[float],
+                     text_fn: list | None = None) -> TrainData:
     d, t = cfg.data, cfg.trainer
     transform = dataset_transforms(cfg, len(sources))
     samples = d.get("samples_per_epoch") or sum(s.num_samples for s in sources)
     batches = samples // (t.batch_size * info.world_size)
     batches -= batches % t.grad_accum
+    if batches == 0:
+        raise ValueError(f"{samples} training samples make no batch of {t.batch_size} x {info.world_size} rank(s) x "
+                         f"{t.grad_accum} accumulation steps: lower trainer.batch_size or add data")
     stream = ImageTextStream(sources, transform, batch_size=t.batch_size, batches_per_epoch=batches, weights=weights,
                              seed=cfg.seed, rank=info.rank, world_size=info.world_size,
-                             shuffle_buffer=d.shuffle_buffer, text_fn=dataset_text_cleaners(d, len(sources)),
+                             shuffle_buffer=d.shuffle_buffer,
+                             text_fn=text_fn or dataset_text_cleaners(d, len(sources)),
                              max_image_pixels=d.get("max_image_pixels"),
                              max_consecutive_failures=int(d.get("max_consecutive_failures") or 1000))
     return TrainData(stream, num_workers=d.num_workers)
@@ -241,6 +246,20 @@ def initialised_model(cfg: DictConfig, run_dir: Path, resume_from: Path | None, 
     return model
 
 
+def custom_model(cfg: DictConfig) -> nn.Module:
+    """task=custom: the base (init_from) with the recipe applied and its objective around it; the resolution the
+    recipe left to the checkpoint is recorded in the config."""
+    from blip.runs import custom_objective
+    from blip.train.custom import image_size_of
+
+    torch.manual_seed(cfg.seed)  # identical new weights (adapters, new text parts) on every rank
+    model = custom_objective(cfg)
+    if cfg.model.get("image_size") is None:
+        with open_dict(cfg):
+            cfg.model.image_size = image_size_of(model)
+    return model
+
+
 def build_trainer(wrapped: nn.Module, cfg: DictConfig, info: DistInfo, policy: PrecisionPolicy, data,
                   run_dir: Path) -> Trainer:
     """The optimizer, the iteration schedule and the trainer around them, checkpointing into ``run_dir``."""
@@ -253,7 +272,8 @@ def build_trainer(wrapped: nn.Module, cfg: DictConfig, info: DistInfo, policy: P
                       grad_clip=t.grad_clip, epochs=t.epochs, max_steps=t.max_steps, log_every=t.log_every,
                       checkpoint_dir=run_dir / "checkpoints", checkpoint_every=t.checkpoint_every,
                       keep_last=t.keep_last, fsdp=t.distributed.strategy == "fsdp",
-                      layout={"batch_size": int(t.batch_size)})
+                      layout={"batch_size": int(t.batch_size)},
+                      save_frozen=cfg.stage.id != "finetune")   # task=custom: the frozen parts are init_from's
     trainer.schedule = IterationSchedule(optimizer, name=t.schedule.name, lr=t.optimizer.lr,
                                          total_steps=trainer.total_steps(data.batches_per_epoch),
                                          steps_per_epoch=data.batches_per_epoch // t.grad_accum,
@@ -271,19 +291,33 @@ def run(cfg: DictConfig) -> dict:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")  # no-op under Hydra
     if not info.is_main:
         logging.getLogger().setLevel(logging.WARNING)  # one copy of the INFO lines, from rank 0
+    custom = None
+    if cfg.stage.id == "finetune":   # task=custom: the rows and the model pick the recipe (blip.train.custom)
+        from blip.data.custom import CustomSource
+        from blip.train.custom import resolve_custom
+
+        custom = resolve_custom(cfg)
+        model = custom_model(cfg)   # before the run directory: its config.yaml records the resolved settings
     resume_from = find_resume(cfg, Path(cfg.run_dir))
     # rank 0 claims the directory; ranks may resolve ${now:...} a second apart
     run_dir = Path(broadcast_str(str(claim_run_dir(cfg, resume_from)) if info.is_main else "", info))
     started = time.perf_counter()
 
-    sources, weights, eval_source = build_sources(cfg.data)  # every rank: the cache write is atomic
-    benchmark = benchmark_data(cfg)  # fine-tuning: the task's benchmark files, checked before any training
-    model = initialised_model(cfg, run_dir, resume_from, sources, info)
+    if custom is not None:
+        sources, weights, eval_source, benchmark = [CustomSource(custom.train)], [1.0], None, None
+    else:
+        sources, weights, eval_source = build_sources(cfg.data)  # every rank: the cache write is atomic
+        benchmark = benchmark_data(cfg)  # fine-tuning: the task's benchmark files, checked before any training
+        model = initialised_model(cfg, run_dir, resume_from, sources, info)
     torch.manual_seed(cfg.seed + info.rank)
 
     policy = PrecisionPolicy(t.precision, t.frozen_dtype, device_type=info.device.type)
     wrapped = prepare_model(model, cfg, info, policy)
-    data = build_train_data(cfg, info, sources, weights)
+    text_fn = None
+    if custom is not None:
+        from blip.data.custom import custom_text_cleaner
+        text_fn = [custom_text_cleaner(custom.train.kind, cfg.data.max_words)]
+    data = build_train_data(cfg, info, sources, weights, text_fn)
     trainer = build_trainer(wrapped, cfg, info, policy, data, run_dir)
     if resume_from is not None:
         trainer.load_state_dict(load_checkpoint(resume_from, info))
@@ -293,17 +327,51 @@ def run(cfg: DictConfig) -> dict:
     n_train = sum(p.numel() for p in unwrap(wrapped).parameters() if p.requires_grad)
     log.info("%s: %d trainable parameters, %d steps (%d per epoch), %d rank(s), run dir %s", cfg.model.arch, n_train,
              total, data.batches_per_epoch // t.grad_accum, info.world_size, run_dir)
+    before = held_out_custom(wrapped, cfg, custom, info) if resume_from is None else None
+    if before is not None:
+        (run_dir / "results_before.json").write_text(json.dumps(before, indent=1))
     trainer.logger = MetricLogger(run_dir, enabled=info.is_main, tensorboard=t.tensorboard, total_steps=total,
                                   initial_step=trainer.state.step, progress_bar=t.progress_bar)
     history = trainer.fit(data)
     trainer.logger.close()
     results = {"steps": trainer.state.step, "samples": trainer.state.samples, "skipped": trainer.state.skipped,
                "train_seconds": round(time.perf_counter() - started, 1)}
+    if custom is not None and custom.val is not None:
+        results["before"] = before if before is not None else previous_before(run_dir)
+        results["after"] = held_out_custom(wrapped, cfg, custom, info)
     evaluate_and_report(results, wrapped, cfg, info, benchmark, eval_source, history, run_dir, started)
     barrier(info)
     if owns_group and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # after the barrier: a peer vanishing mid-teardown aborts gloo
     return results
+
+
+def held_out_custom(wrapped: nn.Module, cfg: DictConfig, custom, info: DistInfo) -> dict | None:
+    """task=custom: the held-out rows (data.val) evaluated with the metrics of their kind, on rank 0 (None
+    elsewhere, or without data.val). The model is put back in training mode afterwards."""
+    if custom is None or custom.val is None or not cfg.eval.enabled:
+        return None
+    result = None
+    if info.is_main:
+        from blip.evaluation.custom import evaluate_custom
+
+        model = unwrap(wrapped)
+        model.eval()
+        generation = {k: cfg.eval[k] for k in ("num_beams", "max_new_tokens") if cfg.eval.get(k) is not None}
+        prompt = cfg.model.objective.get("prompt") if custom.val.kind == "caption" else None
+        result = evaluate_custom(getattr(model, "model", model), custom.val, device=info.device,
+                                 batch_size=int(cfg.eval.batch_size), generation=generation, prompt=prompt,
+                                 max_shown=int(cfg.eval.num_captions_shown))
+        model.train()
+    barrier(info)
+    return result
+
+
+def previous_before(run_dir: Path) -> dict | None:
+    """A resumed custom run keeps the "before" its first start measured (results.json is written at the end, so a
+    run interrupted before that has none: the "before" stays unknown rather than measured on trained weights)."""
+    path = run_dir / "results_before.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def evaluate_and_report(results: dict, wrapped: nn.Module, cfg: DictConfig, info: DistInfo, benchmark, eval_source,
@@ -385,6 +453,13 @@ def print_summary(results: dict, run_dir: Path) -> None:
         print(f"held-out ITM head alone (every image-caption pair): image→text R@1 {ev['itm_i2t_r1']:.1f}%, "
               f"text→image R@1 {ev['itm_t2i_r1']:.1f}%; match at p > 0.5 on {ev['itm_pos_acc']:.1f}% of the true "
               f"pairs, non-match on {ev['itm_neg_acc']:.1f}% of the others")
+    before, after = results.get("before"), results.get("after")
+    if after:
+        metrics = [k for k, v in after.items() if isinstance(v, float)]
+        change = ", ".join(f"{k} {before[k]:.1f} -> {after[k]:.1f}" if before and k in before else f"{k} {after[k]:.1f}"
+                           for k in metrics)
+        print(f"held-out {after['kind']} rows ({after['num_items']}), before -> after fine-tuning: {change}")
+        ev = after
     for sample in ev.get("samples", []):
         print(f"  {sample['reference']!r:45} → {sample['generated']!r}")
     if "acc_all_attributes" in ev:

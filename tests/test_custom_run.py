@@ -1,0 +1,153 @@
+"""``scripts/train.py task=custom``: the user's rows fine-tune the model of ``init_from`` with the recipe of its family
+and the rows' kind; the held-out rows are scored before and after; the run saves only what it trained and loads as a
+model wherever one is taken (blip.load, caption-dir)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import blip
+from blip.data.synthetic import render_sample
+from blip.train.run import quote_stage_override, run
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+COMMON = ["trainer.progress_bar=false", "trainer.threads=null", "trainer.tensorboard=false", "trainer.device=cpu",
+          "trainer.precision=fp32"]
+
+
+def compose_run(tmp: Path, name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        return compose("train", overrides=quote_stage_override(
+            [f"run_dir={tmp}/outputs/{name}", f"output_root={tmp}/outputs", f"name={name}"] + COMMON + overrides))
+
+
+def label(attrs: dict) -> str:
+    """A caption style the synthetic stage-2 run never saw ("a small red circle in the top left" there)."""
+    return f"{attrs['color']} {attrs['shape']} {attrs['position']}"
+
+
+def write_rows(root: Path, split: str, n: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        image, attrs = render_sample(rng)
+        image.save(root / "images" / f"{split}_{i}.png")
+        lines.append(json.dumps({"image": f"images/{split}_{i}.png", "caption": label(attrs)}))
+    path = root / f"{split}.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A tiny stage-2 BLIP-2 run (Q-Former + frozen tiny OPT) to fine-tune."""
+    tmp = tmp_path_factory.mktemp("base")
+    run(compose_run(tmp, "stage2", [
+        "stage=2", "init_from=null", f"data.synthetic.cache_dir={tmp}/cache", "data.synthetic.num_train=64",
+        "data.synthetic.num_val=8", "data.synthetic.shard_size=32", "trainer.batch_size=16", "trainer.max_steps=2",
+        "trainer.llm_warmup_steps=2", "eval.enabled=false", "model.vision_init=null"]))
+    return tmp / "outputs" / "stage2"
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("rows")
+    return write_rows(root, "train", 24, 0), write_rows(root, "val", 6, 1)
+
+
+def custom(tmp: Path, name: str, base: Path, rows, extra: list[str]) -> tuple[dict, Path]:
+    train, val = rows
+    out = run(compose_run(tmp, name, ["task=custom", f"data.train={train}", f"data.val={val}", f"init_from={base}",
+                                      "model.image_size=56", "model.objective.prompt=", "trainer.batch_size=8",
+                                      "trainer.schedule.warmup_steps=0", "eval.num_beams=1", "eval.max_new_tokens=6",
+                                      *extra]))
+    return out, tmp / "outputs" / name
+
+
+def test_custom_captions_fine_tune_a_stage2_run(tmp_path, base, rows):
+    out, run_dir = custom(tmp_path, "ft", base, rows, ["trainer.max_steps=3", "trainer.optimizer.lr=1e-4"])
+    assert out["steps"] == 3
+    saved = json.loads((run_dir / "results.json").read_text())
+    for when in ("before", "after"):
+        assert saved[when]["kind"] == "caption" and saved[when]["num_items"] == 6
+        assert {"bleu4", "cider"} <= saved[when].keys()
+    config = (run_dir / "config.yaml").read_text()
+    assert "recipe: blip2_caption" in config and "family: blip2_llm" in config and "kind: caption" in config
+    # only what trained is saved: no frozen LLM or ViT tensors, every trainable one
+    state = torch.load(sorted((run_dir / "checkpoints").iterdir())[-1] / "state.pt", weights_only=True)["model"]
+    assert not any(k.startswith("model.llm.") for k in state)
+    assert any(k.startswith("model.qformer.") for k in state) and any(k.startswith("model.llm_proj.") for k in state)
+    # blip.load(run) = the base with the trained weights over it, ready to caption
+    model = blip.load(run_dir)
+    assert model.training is False
+    for key, value in state.items():
+        assert torch.equal(model.state_dict()[key.removeprefix("model.")], value), key
+    base_model = blip.load(base)
+    llm_keys = [k for k in base_model.state_dict() if k.startswith("llm.")]
+    assert llm_keys and all(torch.equal(model.state_dict()[k], base_model.state_dict()[k]) for k in llm_keys)
+    assert model.config.prompt == ""
+
+
+def test_the_command_line_wins_over_the_recipe(tmp_path, base, rows):
+    from blip.train.custom import recipe_settings, resolve_custom
+
+    train, val = rows
+    cfg = compose_run(tmp_path, "r", ["task=custom", f"data.train={train}", f"init_from={base}",
+                                      "trainer.optimizer.lr=0.5"])
+    resolve_custom(cfg)
+    recipe = recipe_settings("blip2_caption")
+    assert cfg.trainer.optimizer.lr == 0.5                               # given: kept
+    assert cfg.trainer.epochs == recipe.trainer.epochs                   # open: the recipe's
+    assert cfg.model.objective.prompt == recipe.model.objective.prompt
+    assert Path(cfg.init_from).is_absolute() and cfg.data.kind == "caption"
+
+
+def test_every_recipe_value_reaches_a_custom_run(tmp_path):
+    """Each value a recipe sets must be open (null or absent) in the composed task=custom config: otherwise a group
+    default would silently win over the paper's value."""
+    from blip.train.custom import RECIPE_DIR, leaves, recipe_settings
+    from omegaconf import OmegaConf
+
+    cfg = compose_run(tmp_path, "r", ["task=custom", "data.train=x", "init_from=y"])
+    closed = [f"{path.stem}: {key}" for path in sorted(RECIPE_DIR.glob("*.yaml"))
+              for key, _ in leaves(recipe_settings(path.stem))
+              if key != "defaults" and OmegaConf.select(cfg, key, default=None) is not None]
+    assert not closed, closed
+
+
+def test_lora_run_saves_adapters_only_and_loads(tmp_path, base, rows):
+    out, run_dir = custom(tmp_path, "lora", base, rows, ["trainer.max_steps=2", "model.lora.r=4",
+                                                         "model.lora.towers=[llm,qformer]"])
+    state = torch.load(sorted((run_dir / "checkpoints").iterdir())[-1] / "state.pt", weights_only=True)["model"]
+    assert state and all("lora_" in k for k in state), sorted(state)[:5]
+    model = blip.load(run_dir)
+    own = model.state_dict()
+    assert all(torch.equal(own[k.removeprefix("model.")], v) for k, v in state.items())
+    full = sum(v.numel() for v in own.values())
+    assert sum(v.numel() for v in state.values()) < 0.2 * full
+
+
+def test_the_loss_falls_on_a_tiny_custom_set(tmp_path, base, rows):
+    out, run_dir = custom(tmp_path, "curve", base, rows, ["trainer.max_steps=24", "trainer.optimizer.lr=1e-3",
+                                                          "trainer.log_every=1", "eval.enabled=false"])
+    losses = [h["loss"] for h in json.loads((run_dir / "loss_curve.json").read_text()) if "loss" in h]
+    assert len(losses) == 24
+    assert np.mean(losses[-4:]) < 0.7 * np.mean(losses[:4])
+
+
+def test_rows_of_a_kind_the_family_cannot_learn_are_refused():
+    from blip.finetune import RECIPES, recipe_for
+    from blip.models.family import Family
+
+    assert recipe_for("blip2_llm", "instruction") == "blip2_instruct"
+    with pytest.raises(ValueError, match=r"blip model cannot be fine-tuned on instruction rows.*\['caption', 'vqa'\]"):
+        recipe_for(Family.BLIP, "instruction")
+    with pytest.raises(ValueError, match="blip2_qformer model cannot be fine-tuned on vqa rows"):
+        recipe_for(Family.BLIP2_QFORMER, "vqa")
+    assert {name for name in RECIPES.values()} == {p.stem for p in (CONFIGS / "recipe").glob("*.yaml")}
