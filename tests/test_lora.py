@@ -343,6 +343,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(case, towers):
 
     plain = grads(False)
     assert len(calls) == len(layers)
+    if case == "opt":   # the frozen ViT stays in eval mode; only its adapters' dropout follows train()
+        qkv = objective.model.image_encoder.visual_encoder.blocks[0].attn.qkv
+        assert not qkv.base_layer.training and qkv.lora_dropout.training
     checkpointed = grads(True)
     assert len(calls) == 2 * len(layers)   # each checkpointed layer ran again in the backward pass
     assert plain.keys() == checkpointed.keys() and len(plain) > 0
