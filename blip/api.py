@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoints import CheckpointError
 from .convert.formats import read_checkpoint
 from .dtypes import to_dtype
 from .finite_weights import check_finite, check_finite_before_first_call
@@ -21,19 +22,28 @@ __all__ = ["create_model", "list_models", "load", "load_for_evaluation", "load_t
 
 def load(source: str | Path, *, arch: str | None = None, task: str | None = None, llm: str | Path | None = None,
          device: str | torch.device = "cpu", dtype: torch.dtype | None = None, allow_nonfinite: bool = False,
-         compile: bool = False, **kwargs) -> nn.Module:
+         compile: bool = False, merge: bool = False, **kwargs) -> nn.Module:
     """Load a checkpoint into the matching model, in eval mode.
 
     source: an HF model directory (``config.json["architectures"]`` picks the class), an original BLIP / LAVIS
     ``.pth`` (``arch``/``task`` where the file can't tell), a ``.safetensors`` exported by blip, or a name from
     ``blip.zoo.PRETRAINED`` (the file must already be under ``$BLIP_HOME``: blip never downloads), or a run directory
-    of ``scripts/train.py`` (rebuilt from its config.yaml; ``task`` picks the head of a BLIP pretraining run).
+    of ``scripts/train.py`` (rebuilt from its config.yaml; ``task`` picks the head of a BLIP pretraining run), or a
+    LoRA adapter directory (:func:`blip.models.lora.save_adapters`: its base, read by the same rules with this call's
+    options, plus the adapters).
     llm: HF directory of the language model for BLIP-2 checkpoints that carry no LLM weights.
+    merge: fold LoRA adapters into the weights (plain modules, the base model's ``state_dict`` names); without it a
+        model with adapters keeps them.
     allow_nonfinite: load weights holding NaN / inf (by default a CheckpointError lists them: at load, or where the
         weights stay memory-mapped on a CPU, at the model's first call, which reads them anyway).
     compile: :func:`compile_model` — faster repeated calls (CUDA graphs on GPU) after a warm-up per input shape.
     """
     model = _load(source, arch, task, llm, kwargs)
+    if merge:
+        from .models.lora import has_lora, merge_lora
+        if not has_lora(model):
+            raise CheckpointError(f"{source}: the model has no LoRA adapters to merge; drop merge")
+        merge_lora(model)
     if not allow_nonfinite:
         stays_mapped = not compile and torch.device(device).type == "cpu" and dtype in (None, _dtype(model))
         # weights that stay memory-mapped are checked when first read; a copy to another device / dtype reads them
@@ -76,7 +86,13 @@ def _load(source: str | Path, arch: str | None, task: str | None, llm, kwargs: d
                 kwargs.setdefault("image_size", entry.image_size)
             for key, value in entry.options.items():  # e.g. the prompt and generation settings it was evaluated with
                 kwargs.setdefault(key, value)
-    return load_source(read_checkpoint(source), arch=arch, task=task, llm=llm, **kwargs)
+    checkpoint = read_checkpoint(source)
+    if checkpoint.format.name == "adapters":   # the base through this same function (any row, run or zoo name)
+        from .models.lora import attach_adapters, base_source, read_adapters
+        settings, base, tensors = read_adapters(checkpoint.path)
+        model = _load(base_source(checkpoint.path, base), arch, task, llm, kwargs)
+        return attach_adapters(model, settings, tensors, checkpoint.name)
+    return load_source(checkpoint, arch=arch, task=task, llm=llm, **kwargs)
 
 
 def _finish(model: nn.Module, device, dtype) -> nn.Module:

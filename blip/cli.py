@@ -7,6 +7,7 @@
     blip caption-dir photos/ --out captions.jsonl --model model_base_caption_capfilt_large.pth
     blip serve --model model_base_caption_capfilt_large.pth --port 8000
     blip convert model_base_caption_capfilt_large.pth out/ --to hf
+    blip convert my_adapters/ merged/ --to hf --merge        (LoRA adapters folded into plain weights)
 
 --model takes a checkpoint file, an HF directory, a name from `blip models` or a run directory of scripts/train.py.
 Every expected failure prints one line on stderr and exits with status 2.
@@ -211,7 +212,11 @@ def cmd_convert(args) -> int:
     from .convert.formats import exporter_of
     extra = {k: v for k, v in (("llm", args.llm), ("vision_weights", args.vision_weights)) if v}
     from .api import load
-    model = load(args.source, arch=args.arch, task=args.task, **extra)
+    from .models.lora import has_lora
+    model = load(args.source, arch=args.arch, task=args.task, merge=args.merge, **extra)
+    if has_lora(model):
+        raise CheckpointError(f"{args.source}: the model has LoRA adapters; pass --merge to fold them into the "
+                              "weights (the export holds plain weights only)")
     convert = exporter_of(model)
     if convert is None:
         raise CheckpointError(f"{args.source}: a {type(model).__name__} has no export format")
@@ -334,6 +339,9 @@ def _add_convert(sub) -> None:
                    help="the frozen ViT file, e.g. eva_vit_g.pth (BLIP-2 files saved without it)")
     p.add_argument("--image-token-id", type=int, default=None,
                    help="HF layout of BLIP-2 LLM models: the LLM vocabulary id that marks the image queries")
+    p.add_argument("--merge", action="store_true",
+                   help="fold LoRA adapters into the weights (a LoRA adapter directory, or a run trained with "
+                        "model.lora): the export is the plain model")
     p.set_defaults(func=cmd_convert)
 
 

@@ -1,6 +1,8 @@
 """The table of checkpoint formats (blip.convert.formats): every row recognises a file of its layout (written by the
 original classes where we have them: transformers, timm, blip's exports of LAVIS / HF layouts) and no earlier row
 takes it; its key map gives the model's names; and all five ways into a model read through the one reader."""
+import copy
+
 import pytest
 import timm
 import torch
@@ -14,6 +16,7 @@ from blip.convert.blip2 import save_safetensors
 from blip.convert.blip2_hf import export_hf_qformer
 from blip.convert.blip2_lavis import export_lavis
 from blip.convert.formats import FORMATS, read_checkpoint
+from blip.models.lora import LoraSettings, apply_lora, save_adapters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,8 +51,12 @@ def test_every_row_recognises_its_layout(tmp_path, caption, qformer):
     vit = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=16, embed_dim=16, depth=1,
                                                            num_heads=2, num_classes=3)
     save_safetensors(qformer, tmp_path / "stage1.safetensors")
+    adapted = copy.deepcopy(caption)
+    settings = LoraSettings(r=2, towers=("vit",))
+    apply_lora(adapted, settings)
     sources = {
         "run": write_run(tmp_path / "run", CaptionObjective(caption).state_dict()),
+        "adapters": save_adapters(adapted, tmp_path / "adapters", base="base.safetensors", settings=settings),
         "hf-blip": blip_convert.export_hf(caption, tmp_path / "hf_blip"),
         "hf-blip2": export_hf_qformer(qformer, tmp_path / "hf_blip2"),
         "blip2": tmp_path / "stage1.safetensors",
@@ -114,4 +121,9 @@ def test_the_five_ways_in_read_through_the_one_reader(tmp_path, monkeypatch, cap
     torch.save({"model": stage1.state_dict()}, tmp_path / "state.pt")
     init_from_stage1(blip.create_model("blip2_tiny_opt", "stage2"), tmp_path / "state.pt")
     blip.load(write_run(tmp_path / "run", CaptionObjective(caption).state_dict()))
-    assert seen == ["blip", "blip", "timm-vit", "blip2", "run"]
+    # an adapter directory's base goes through the same reader
+    base = blip_convert.save_safetensors(caption, tmp_path / "base.safetensors")
+    adapted = copy.deepcopy(caption)
+    apply_lora(adapted, LoraSettings(r=2, towers=("text",)))
+    blip.load(save_adapters(adapted, tmp_path / "adapters", base=base, settings=LoraSettings(r=2, towers=("text",))))
+    assert seen == ["blip", "blip", "timm-vit", "blip2", "run", "adapters", "blip"]

@@ -11,7 +11,9 @@ way weights enter a model starts here and keeps only its own policy:
 - the BLIP-2 stage-1 -> stage-2 hand-off (:func:`blip.convert.blip2_handoff.init_from_stage1`): a stage-1
   format, strictly;
 - run directories: :func:`blip.runs.load_run` rebuilds the model from the run's ``config.yaml`` (the registry, one
-  layer above this table, builds it), then loads ``raw`` strictly.
+  layer above this table, builds it), then loads ``raw`` strictly;
+- LoRA adapter directories (:mod:`blip.models.lora`): ``blip.load`` builds their base (any row, or a run), then
+  attaches the adapters strictly.
 
 To add a format, add a row to :data:`FORMATS` (before any row that would also recognise it) and, next to its key map
 in this package, the functions it names; ``docs/design.md`` lists the rows.
@@ -28,6 +30,7 @@ from torch import nn
 from ..checkpoints import (CheckpointError, CheckpointNotFoundError, StateDict, read_hf_config_json, read_state_dict,
                            unwrap_state_dict)
 from ..models.family import Family, family_of
+from ..models.lora import ADAPTER_CONFIG
 from ..run_layout import STATE, checkpoint_path, find_run, read_run_weights
 from . import blip as blip_convert
 from . import blip2 as blip2_convert
@@ -139,6 +142,16 @@ def _is_blip_ours(sd: StateDict) -> bool:
     return blip_convert.owns(sd) and blip_convert.is_ours(sd)
 
 
+def _adapters_hold_no_weights(sd: StateDict) -> StateDict:
+    raise CheckpointError("a LoRA adapter directory holds adapters, not a model's weights: load it with "
+                          "blip.load(<dir>), or fold them in with `blip convert <dir> out.safetensors --merge` and "
+                          "start from that file")
+
+
+def _is_adapters(c: Checkpoint) -> bool:
+    return c.path is not None and c.path.is_dir() and (c.path / ADAPTER_CONFIG).is_file()
+
+
 def _original_load(family_load: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     return lambda c, **options: family_load(c.raw, c.name, **options)
 
@@ -146,6 +159,9 @@ def _original_load(family_load: Callable[..., nn.Module]) -> Callable[..., nn.Mo
 FORMATS: list[Format] = [
     Format("run", "training run of scripts/train.py (config.yaml + checkpoints/step_*/state.pt)",
            recognise=lambda c: c.run is not None, to_ours=_strip_objective),
+    # loaded by blip.load (api.py), which builds the base through this table or blip.runs, then attaches them
+    Format("adapters", "LoRA adapter directory (adapter_config.json + adapter_model.safetensors, a base's source)",
+           recognise=_is_adapters, to_ours=_adapters_hold_no_weights),
     Format("hf-blip", "HF transformers BlipFor* directory",
            recognise=_hf(blip_convert.HF_CLASSES), to_ours=blip_convert.hf_to_ours,
            load=_hf_load(blip_convert.HF_LOADERS)),
@@ -224,7 +240,7 @@ def read_checkpoint(source: str | Path | StateDict | Checkpoint, what: str = "ch
     run = find_run(path.parent if path.name == STATE and path.is_file() else path)
     if run is not None:
         return Checkpoint(run[1], run=run)
-    if path.is_dir() and not (path / "config.json").is_file():
+    if path.is_dir() and not (path / "config.json").is_file() and not (path / ADAPTER_CONFIG).is_file():
         try:   # checkpoints without the run's config.yaml: their weights, recognised by key
             path = checkpoint_path(path) / STATE
         except FileNotFoundError:

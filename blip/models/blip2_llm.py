@@ -29,7 +29,7 @@ from .blip2 import LLM_ARCHS, Blip2LLMConfig
 from .blip2_llm_strings import LanguageInterface
 from .family import Family
 from .frozen_llm import (CausalStep, LLMSource, Seq2SeqStep, align_padding, causal_logits, load_llm, seq2seq_encode,
-                         seq2seq_logits)
+                         seq2seq_logits, set_hf_checkpointing)
 from .qformer import FrozenImageEncoder, QFormer, QFormerConfig
 from .structure import DeclaredLayers
 
@@ -89,10 +89,19 @@ class Blip2LanguageModel(LanguageInterface, DeclaredLayers, nn.Module):
 
     def train(self, mode: bool = True) -> "Blip2LanguageModel":
         """The frozen ViT stays in eval mode (FrozenImageEncoder, as LAVIS). The frozen LLM too unless
-        ``config.llm_train_mode``: LAVIS leaves its LLM in train mode, so the LLM's dropout is active in training."""
+        ``config.llm_train_mode``: LAVIS leaves its LLM in train mode, so the LLM's dropout is active in training.
+        An LLM with trainable parameters (LoRA adapters) follows ``mode``, as LAVIS and peft train it: its dropout,
+        the adapters' dropout and HF activation checkpointing act in training mode only."""
         super().train(mode)
-        self.llm.train(mode and self.config.llm_train_mode)
+        trains = any(p.requires_grad for p in self.llm.parameters())
+        self.llm.train(mode and (self.config.llm_train_mode or trains))
         return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the ViT and Q-Former layers in the backward pass, and the LLM's (HF activation checkpointing,
+        which transformers applies while the LLM is in training mode: with adapters or ``llm_train_mode``)."""
+        super().set_grad_checkpointing(enable)
+        set_hf_checkpointing(self.llm, enable)
 
     @property
     def eos_token_id(self) -> int | None:

@@ -62,6 +62,19 @@ def load_llm(source: LLMSource, dtype: torch.dtype | None = None, overrides: dic
     return model
 
 
+def set_hf_checkpointing(llm: nn.Module, enable: bool) -> None:
+    """Switch an HF model's activation checkpointing (non-reentrant; transformers >= 5 names it
+    ``activation_checkpointing_*``, earlier ``gradient_checkpointing_*``)."""
+    if not getattr(llm, "supports_gradient_checkpointing", False):
+        return
+    if enable and hasattr(llm, "activation_checkpointing_enable"):
+        llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif enable:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        (getattr(llm, "activation_checkpointing_disable", None) or llm.gradient_checkpointing_disable)()
+
+
 def _cache_kwarg(llm: nn.Module) -> str:
     params = inspect.signature(llm.forward).parameters
     return "cache" if "cache" in params else "past_key_values"

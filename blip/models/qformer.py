@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..nn.transformer import TextConfig, TextTransformer
 from ..nn.vit import LayerNorm, VisionConfig, VisionTransformer
+from .lora import set_adapter_dropout
 
 EVA_VIT_G = VisionConfig(image_size=224, patch_size=14, width=1408, depth=39, heads=16, mlp_dim=6144, qkv_bias="qv",
                          final_norm=False, layer_norm_eps=1e-6)
@@ -76,7 +77,9 @@ class FrozenImageEncoder(nn.Module):
     """ViT (EVA ViT-g or CLIP ViT-L configuration) followed by ``ln_vision`` (trainable, computed in fp32).
 
     forward(pixel_values [B, 3, H, W]) -> [B, 1 + N, width]. With ``freeze`` (BLIP-2's default) the ViT has
-    ``requires_grad=False`` and stays in eval mode when the model is ``.train()``-ed (as LAVIS ``freeze_vit``).
+    ``requires_grad=False`` and stays in eval mode when the model is ``.train()``-ed (as LAVIS ``freeze_vit``). A ViT
+    without trainable parameters runs without autograd; one with LoRA adapters (:mod:`blip.models.lora`) lets
+    gradients reach them, still in eval mode (only the adapters' dropout follows ``.train()``).
     :meth:`cast_vit` stores its Linear/Conv weights in fp16/bf16 (LAVIS ``vit_precision``; norms, q/v biases, cls and
     position embeddings stay fp32); ``ln_vision`` returns float32 either way.
     """
@@ -94,6 +97,7 @@ class FrozenImageEncoder(nn.Module):
         super().train(mode)
         if self.frozen:
             self.visual_encoder.eval()  # no dropout / drop-path in a frozen tower
+            set_adapter_dropout(self.visual_encoder, mode)
         return self
 
     def cast_vit(self, dtype: torch.dtype) -> "FrozenImageEncoder":
@@ -103,7 +107,8 @@ class FrozenImageEncoder(nn.Module):
         return self
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        with torch.no_grad() if self.frozen else contextlib.nullcontext():  # a frozen tower keeps no activations
+        trains = any(p.requires_grad for p in self.visual_encoder.parameters())
+        with contextlib.nullcontext() if trains else torch.no_grad():  # a frozen tower keeps no activations
             feats = self.visual_encoder(pixel_values).float()
         ln = self.ln_vision  # fp32 even when the whole model was cast to bf16/fp16, as LAVIS computes it
         return F.layer_norm(feats, ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps)

@@ -70,10 +70,10 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, t, d = x.shape
         x = x.to(self.qkv.weight.dtype)  # an fp32 residual stream into low-precision weights
-        bias = self.qkv.bias
+        qkv = self.qkv(x)   # a module call: a LoRA-adapted qkv (blip.models.lora) adds its update
         if hasattr(self, "q_bias"):
-            bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias]).to(x.dtype)
-        qkv = F.linear(x, self.qkv.weight, bias).view(b, t, 3, self.heads, d // self.heads)
+            qkv = qkv + torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias]).to(qkv.dtype)
+        qkv = qkv.view(b, t, 3, self.heads, d // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         return self.proj(merge_heads(attention(q, k, v)))
 
@@ -224,7 +224,8 @@ class VisionTransformer(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1) + pos
         x = self.norm_pre(x)
         for block in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            # not gated on self.training: a frozen ViT stays in eval mode while its LoRA adapters train
+            if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)

@@ -42,8 +42,9 @@ class Blip2Stage1Objective(DeclaredLayers, nn.Module):
     """
 
     vit_path = "model.image_encoder.visual_encoder"
-    # recomputed in backward: the Q-Former layers (ITM and text passes; the query pass fills the ITG cache)
-    checkpointed = ("model.qformer.transformer",)
+    # recomputed in backward: the Q-Former layers (ITM and text passes; the query pass fills the ITG cache), and the
+    # ViT's where it trains (LoRA adapters: a frozen ViT runs without autograd, so nothing is recomputed there)
+    checkpointed = ("model.qformer.transformer", "model.image_encoder.visual_encoder")
 
     def __init__(self, model: Blip2Qformer, tokenizer=None, max_txt_len: int | None = None,
                  label_smoothing: float = 0.1, negative_eps: float = 1e-4, image_id_targets: bool = False,

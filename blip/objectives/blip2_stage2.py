@@ -32,7 +32,7 @@ class Blip2Stage2Objective(DeclaredLayers, nn.Module):
     ln_vision, the Q-Former and ``llm_proj`` only."""
 
     vit_path = "model.image_encoder.visual_encoder"
-    checkpointed = ("model.image_encoder.visual_encoder", "model.qformer.transformer")   # the model's own stacks
+    checkpointed = ("model",)   # the model's own hook: its ViT and Q-Former stacks and its LLM
 
     def __init__(self, model: nn.Module, prompt: str = "", max_txt_len: int = 32,
                  generator: torch.Generator | None = None, bos_target: bool = False):
