@@ -20,7 +20,7 @@ REFERENCE = {"model": "blip_tiny", "data": "synthetic", "trainer": "blip_pretrai
 OPTIONAL_KEYS = {
     "data": {"synthetic", "root", "eval"},
     "trainer": {"llm_warmup_steps", "llm_warmup_lr"},
-    "model": set(),
+    "model": {"freeze_vit"},   # BLIP-2 only (BLIP's ViT always trains)
 }
 
 
