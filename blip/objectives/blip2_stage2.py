@@ -178,7 +178,8 @@ class Blip2Stage2Objective(DeclaredLayers, nn.Module):
         qformer = self.qformer_batch(questions) if self.model.instruct else {}
         t = {k: v.to(pixels.device) for k, v in {**t, **qformer}.items()}
         labels = t.pop("labels")
-        prefix = self.model.query_embeds(pixels, t.pop("qformer_input_ids", None), t.pop("qformer_attention_mask", None))
+        prefix = self.model.query_embeds(pixels, t.pop("qformer_input_ids", None),
+                                         t.pop("qformer_attention_mask", None))
         per_answer = torch.tensor(counts, device=pixels.device)
         logits = self.model.logits_from_queries(prefix.repeat_interleave(per_answer, 0), **t).logits
         if self.model.is_seq2seq:   # decoder logits are aligned with their labels
