@@ -34,6 +34,8 @@ def build_model(model_cfg: DictConfig, **extra) -> nn.Module:
     if model_cfg.get("objective"):   # null: a setting of another objective (BLIP pretraining's, in a task config)
         settings = OmegaConf.to_container(model_cfg.objective, resolve=True)
         overrides["objective"] = {k: v for k, v in settings.items() if v is not None}
+    if model_cfg.get("freeze_vit") is not None:   # BLIP-2: false trains the ViT (fine-tuning recipes)
+        overrides["freeze_vit"] = bool(model_cfg.freeze_vit)
     for key in ("llm", "llm_tokenizer"):  # BLIP-2 stage 2
         if model_cfg.get(key):
             overrides[key] = model_cfg[key]

@@ -221,6 +221,10 @@ SWITCHES = {
         "model.objective.image_id_targets=true": lambda b: b.objective.image_id_targets is True}),
     "BLIP-2 stage-2 OPT loss (no prompt)": (["stage=2"], {   # the tiny OPT default
         "+model.objective.bos_target=true": lambda b: b.objective.bos_target is True}),
+    "BLIP-2 fine-tuning ViT layer decay (`task=blip2_retrieval_coco`, `task=blip2_vqa`)": (
+        ["stage=1", "task=blip2_retrieval_coco"] + TINY_BLIP2, {
+            "trainer.optimizer.layer_decay=null": lambda b: {g["lr_scale"] for g in b.optimizer.param_groups} == {1.0},
+        }),
     "BLIP-2 stage-1 warm-up (`trainer=blip2_stage1`)": (BLIP2_STAGE1, {
         "trainer.schedule.warmup_steps=5000": lambda b: b.schedule.warmup_steps == 5000}),
     "BLIP-2 stage-1 ITM in the tiny CPU default only (`model=blip2_tiny_qformer`; the paper-size configs mine from "

@@ -40,6 +40,8 @@ class JsonSource:
     For VQA lists (`{"image", "question", "answer": [...]}`) use `text_field="question"`: the unique answers travel
     along as the sample's "answers" with their loss "weights": BLIP's VQAv2 rule (each answer's share of the
     annotators) or, with `answer_weight` set, that weight for every answer (BLIP gives VG-QA answers 0.2).
+    Instruction lists (`{"image", "text_input", "text_output"}`, LAVIS InstructBLIP) use `text_field="text_input"`:
+    the target travels along as the sample's "text_output".
     A caption that is not a string (null, a number) is skipped and counted as bad_text; an entry without the
     "image" or text field is an error naming the entry."""
 
@@ -62,6 +64,8 @@ class JsonSource:
             image_id = entry.get("image_id", entry["image"])
             image_id = image_id if isinstance(image_id, int) else stable_id(str(image_id))
             extra = self._answers(entry["answer"]) if "answer" in entry else {}
+            if "text_output" in entry:   # instruction data ({image, text_input, text_output}): the target travels along
+                extra["text_output"] = str(entry["text_output"])
             self.pairs += [(entry["image"], t, image_id, extra) for t in texts]
 
     def _answers(self, answer: str | list[str]) -> dict:

@@ -73,6 +73,7 @@ class Blip2LLMConfig:
     frozen_dtype: str | torch.dtype | None = None  # storage dtype of the frozen ViT + LLM ("bf16", "fp16"); None: fp32
     image_token_id: int | None = None     # HF placeholder id, rejected in input_ids (queries are prepended inside)
     llm_train_mode: bool = False          # True: the frozen LLM follows model.train() (dropout on), as in LAVIS
+    freeze_vit: bool = True               # False: the ViT trains, in fp32 (LAVIS fine-tuning, ``freeze_vit: False``)
 
 
 def _tiny_llm_qformer() -> QFormerConfig:

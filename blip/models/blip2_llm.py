@@ -34,6 +34,9 @@ from .qformer import FrozenImageEncoder, QFormer, QFormerConfig
 from .structure import DeclaredLayers
 
 LLM_TASKS = ("stage2", "instruct")
+# the parts an instruction-aware Q-Former has and a stage-2 one lacks (word / position embeddings, text FFN)
+QUESTION_TEXT_PARTS = (r"qformer\.transformer\.embeddings\.(word|position)\..*",
+                       r"qformer\.transformer\.layers\.\d+\.ffn\..*")
 
 
 @dataclass
@@ -61,7 +64,7 @@ class Blip2LanguageModel(LanguageInterface, DeclaredLayers, nn.Module):
             raise ValueError("this architecture needs its language model: pass llm=<HF model directory>")
         self.config = cfg
         frozen_dtype = to_dtype(cfg.frozen_dtype)
-        self.image_encoder = FrozenImageEncoder(cfg.vision, ln_eps=cfg.ln_vision_eps, freeze=True)
+        self.image_encoder = FrozenImageEncoder(cfg.vision, ln_eps=cfg.ln_vision_eps, freeze=cfg.freeze_vit)
         self.qformer = QFormer(cfg.qformer)
         self.llm = llm if llm is not None else load_llm(cfg.llm, frozen_dtype, cfg.llm_overrides)
         self.llm.requires_grad_(False)
@@ -70,10 +73,12 @@ class Blip2LanguageModel(LanguageInterface, DeclaredLayers, nn.Module):
             self.cast_frozen(frozen_dtype)
 
     def cast_frozen(self, dtype: str | torch.dtype) -> "Blip2LanguageModel":
-        """Store the frozen ViT (Linear/Conv weights) and the LLM in ``dtype``; ln_vision, the Q-Former and llm_proj
-        stay fp32. (``model.to(dtype)`` would cast everything, as HF's ``.to`` does.)"""
+        """Store the frozen ViT (Linear/Conv weights) and the LLM in ``dtype``; ln_vision, the Q-Former, llm_proj and a
+        trainable ViT (``freeze_vit=False``) stay fp32. (``model.to(dtype)`` would cast everything, as HF's ``.to``
+        does.)"""
         dtype = to_dtype(dtype)
-        self.image_encoder.cast_vit(dtype)
+        if self.image_encoder.frozen:
+            self.image_encoder.cast_vit(dtype)
         self.llm.to(dtype)
         self.config.frozen_dtype = dtype
         return self
@@ -162,6 +167,14 @@ class Blip2LanguageModel(LanguageInterface, DeclaredLayers, nn.Module):
         """
         self._check_ids(input_ids)
         prefix = self.query_embeds(pixel_values, qformer_input_ids, qformer_attention_mask)
+        return self.logits_from_queries(prefix, input_ids, attention_mask, decoder_input_ids=decoder_input_ids,
+                                        decoder_attention_mask=decoder_attention_mask, query_positions=query_positions)
+
+    def logits_from_queries(self, prefix: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+                            decoder_input_ids: Tensor | None = None, decoder_attention_mask: Tensor | None = None,
+                            query_positions: int = 0) -> Blip2LLMOutput:
+        """:meth:`forward` from projected queries prefix [B, Q, H_llm] (:meth:`query_embeds`), e.g. one image's
+        queries repeated for several target texts (VQA answers)."""
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         if self.is_seq2seq:
             if decoder_input_ids is None:
@@ -225,6 +238,9 @@ class InstructBlipLanguageModel(Blip2LanguageModel):
     queries."""
 
     instruct = True
+    # started from a stage-2 file (BLIP-2 VQA fine-tuning, InstructBLIP from BLIP-2) the text parts are new; the
+    # training run fills them from model.text_init or the query FFN (blip.convert.blip2_handoff.init_question_text)
+    new_on_init_from = Blip2LanguageModel.new_on_init_from + QUESTION_TEXT_PARTS
 
     def query_embeds(self, pixel_values: Tensor, qformer_input_ids: Tensor | None = None,
                      qformer_attention_mask: Tensor | None = None) -> Tensor:

@@ -101,7 +101,7 @@ class Blip2Qformer(QformerStrings, DeclaredLayers, nn.Module):
             raise ValueError("Blip2Qformer needs a stage-1 Q-Former: word embeddings, text FFN, query FFN, "
                              "cross-attention on queries only")
         self.image_encoder = FrozenImageEncoder(cfg.vision, cfg.ln_vision_eps, cfg.freeze_vit)
-        if to_dtype(cfg.vit_dtype) != torch.float32:
+        if to_dtype(cfg.vit_dtype) != torch.float32 and cfg.freeze_vit:   # a trainable ViT stays fp32
             self.image_encoder.cast_vit(to_dtype(cfg.vit_dtype))
         self.qformer = QFormer(cfg.qformer)
         self.lm_head = LMHead(text, self.qformer.transformer.embeddings.word)

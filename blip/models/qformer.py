@@ -88,16 +88,24 @@ class FrozenImageEncoder(nn.Module):
         super().__init__()
         self.visual_encoder = VisionTransformer(cfg)
         self.ln_vision = LayerNorm(cfg.width, eps=ln_eps)
-        self.frozen = freeze
-        if freeze:
-            self.visual_encoder.requires_grad_(False)
-            self.visual_encoder.eval()
+        self.set_frozen(freeze)
 
     def train(self, mode: bool = True) -> "FrozenImageEncoder":
         super().train(mode)
         if self.frozen:
             self.visual_encoder.eval()  # no dropout / drop-path in a frozen tower
             set_adapter_dropout(self.visual_encoder, mode)
+        return self
+
+    def set_frozen(self, frozen: bool) -> "FrozenImageEncoder":
+        """Freeze the ViT (no grad, eval mode, no activations kept) or make it trainable (LAVIS ``freeze_vit:
+        False``: fine-tuning). A trainable ViT is stored in fp32 (LAVIS ``vit_precision: fp32``): weights a frozen
+        tower had cast to bf16 / fp16 come back as fp32 copies of those values."""
+        self.frozen = frozen
+        self.visual_encoder.requires_grad_(not frozen)
+        if not frozen:
+            self.visual_encoder.float()
+        self.train(self.training)
         return self
 
     def cast_vit(self, dtype: torch.dtype) -> "FrozenImageEncoder":

@@ -12,7 +12,14 @@
   text_output) is used instead.
 - instruction tuning / VQA (``text_input`` + ``text_output``; InstructBLIP always): decoder-only LLMs read bos +
   text_input + text_output + eos text with the loss on the output part only (LAVIS ``concat_text_input_output``);
-  InstructBLIP's Q-Former also reads text_input (BERT ids).
+  InstructBLIP's Q-Former also reads text_input (BERT ids). Inputs and outputs are truncated to ``max_txt_len`` and
+  ``max_output_len`` tokens (LAVIS InstructBLIP: 128 and 256).
+- VQA fine-tuning (batches with "answers", the question in "text"): each question, formatted by ``question_prompt``
+  ("Question: {} Short answer:"), is paired with each of its answers as above; BLIP's VQA loss over the LLM:
+  ``loss = sum_q sum_k w_qk * NLL(answer_qk) / B`` with the NLL summed over the answer's tokens (eos included) and
+  the weights of "weights" (else BLIP's VQAv2 rule, :func:`blip.data.text.answer_weights`). A question-aware
+  (InstructBLIP-structured) model's Q-Former reads the formatted question; the image and Q-Former run once per
+  question.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.text import answer_weights
 from ..losses import lm_loss
 from ..models.frozen_llm import align_padding
 from ..models.structure import DeclaredLayers
@@ -35,11 +43,14 @@ class Blip2Stage2Objective(DeclaredLayers, nn.Module):
     checkpointed = ("model",)   # the model's own hook: its ViT and Q-Former stacks and its LLM
 
     def __init__(self, model: nn.Module, prompt: str = "", max_txt_len: int = 32,
-                 generator: torch.Generator | None = None, bos_target: bool = False):
+                 generator: torch.Generator | None = None, bos_target: bool = False,
+                 question_prompt: str = "Question: {} Short answer:", max_output_len: int | None = None):
         super().__init__()
         self.model = model
         self.prompt = prompt
         self.max_txt_len = max_txt_len
+        self.max_output_len = max_output_len or max_txt_len   # text_output tokens (LAVIS max_output_txt_len)
+        self.question_prompt = question_prompt
         self.generator = generator
         self.bos_target = bos_target   # LAVIS: without a prompt, the last query position predicts the bos
 
@@ -81,7 +92,7 @@ class Blip2Stage2Objective(DeclaredLayers, nn.Module):
         rows, starts = [], []
         for inp, out in zip(inputs, outputs):
             head = tok(inp, truncation=True, max_length=self.max_txt_len).input_ids
-            tail = tok(out + eos, add_special_tokens=False, truncation=True, max_length=self.max_txt_len).input_ids
+            tail = tok(out + eos, add_special_tokens=False, truncation=True, max_length=self.max_output_len).input_ids
             rows.append(head + tail)
             starts.append(len(head))
         ids, mask = pad_rows(rows, self.model.pad_token_id)
@@ -108,7 +119,8 @@ class Blip2Stage2Objective(DeclaredLayers, nn.Module):
 
     def text_pair_batch(self, inputs: list[str], outputs: list[str]) -> dict[str, Tensor]:
         """LAVIS Blip2T5 mode: encoder reads ``text_input``, the decoder predicts ``text_output`` (both with </s>)."""
-        return text_pair_batch(self.tokenizer, inputs, outputs, self._t5_ids(), max_txt_len=self.max_txt_len)
+        return text_pair_batch(self.tokenizer, inputs, outputs, self._t5_ids(), max_txt_len=self.max_txt_len,
+                               max_output_len=self.max_output_len)
 
     def _t5_ids(self) -> tuple[int, int]:
         return self.model.pad_token_id, self.model.llm.config.decoder_start_token_id
@@ -117,6 +129,8 @@ class Blip2Stage2Objective(DeclaredLayers, nn.Module):
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """batch: "pixel_values" and "text" (captions), or "text_input" + "text_output" (instruction / question and
         target; InstructBLIP models also read "text_input" with the Q-Former)."""
+        if "answers" in batch:
+            return self.answer_loss(batch)
         pixels = batch["pixel_values"]
         pair = "text_output" in batch
         inputs = batch.get("text_input", batch.get("text")) if pair else None
@@ -141,3 +155,37 @@ class Blip2Stage2Objective(DeclaredLayers, nn.Module):
         else:
             loss = lm_loss(logits, labels)
         return {"loss": loss, "loss_lm": loss.detach()}
+
+    def answer_loss(self, batch: dict) -> dict[str, Tensor]:
+        """VQA fine-tuning (module docstring): batch "pixel_values" [B, 3, H, W], "text" (B questions), "answers"
+        (B lists), optionally "weights" (B lists, as the answers) -> {"loss", "loss_vqa"}."""
+        pixels = batch["pixel_values"]
+        if batch.get("weights") is not None:
+            answers, weights = batch["answers"], batch["weights"]
+        else:
+            answers, weights = zip(*(answer_weights(list(a)) for a in batch["answers"]))
+        counts = [len(a) for a in answers]
+        if len(counts) != len(batch["text"]) or [len(w) for w in weights] != counts:
+            raise ValueError(f"VQA batch: {len(batch['text'])} questions, answers per question {counts}, weights per "
+                             f"question {[len(w) for w in weights]}: each question needs its answers and weights")
+        questions = [self.question_prompt.format(q) for q in batch["text"]]
+        inputs = [q for q, n in zip(questions, counts) for _ in range(n)]
+        outputs = [a for group in answers for a in group]
+        if self.model.is_seq2seq:
+            t = self.text_pair_batch(inputs, outputs)
+        else:
+            t = self.causal_pair_batch(inputs, outputs)
+        qformer = self.qformer_batch(questions) if self.model.instruct else {}
+        t = {k: v.to(pixels.device) for k, v in {**t, **qformer}.items()}
+        labels = t.pop("labels")
+        prefix = self.model.query_embeds(pixels, t.pop("qformer_input_ids", None),
+                                         t.pop("qformer_attention_mask", None))
+        per_answer = torch.tensor(counts, device=pixels.device)
+        logits = self.model.logits_from_queries(prefix.repeat_interleave(per_answer, 0), **t).logits
+        if self.model.is_seq2seq:   # decoder logits are aligned with their labels
+            nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none").sum(1)
+        else:
+            nll = lm_loss(logits, labels, reduction="sum_per_sequence")
+        w = torch.tensor([x for group in weights for x in group], device=nll.device, dtype=nll.dtype)
+        loss = (w * nll).sum() / len(counts)
+        return {"loss": loss, "loss_vqa": loss.detach()}

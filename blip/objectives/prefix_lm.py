@@ -52,10 +52,11 @@ def prefix_lm_batch(tokenizer, texts: list[str], special_ids: tuple[int, int], *
 
 
 def text_pair_batch(tokenizer, inputs: list[str], outputs: list[str], special_ids: tuple[int, int], *,
-                    max_txt_len: int = 32) -> dict[str, Tensor]:
-    """LAVIS Blip2T5 mode: the encoder reads ``inputs``, the decoder predicts ``outputs`` (both end with </s>)."""
+                    max_txt_len: int = 32, max_output_len: int | None = None) -> dict[str, Tensor]:
+    """LAVIS Blip2T5 mode: the encoder reads ``inputs``, the decoder predicts ``outputs`` (both end with </s>);
+    outputs are truncated to ``max_output_len`` tokens (default ``max_txt_len``)."""
     enc = [tokenizer(t, truncation=True, max_length=max_txt_len).input_ids for t in inputs]
-    dec = [tokenizer(t, truncation=True, max_length=max_txt_len).input_ids for t in outputs]
+    dec = [tokenizer(t, truncation=True, max_length=max_output_len or max_txt_len).input_ids for t in outputs]
     return _encoder_decoder(enc, dec, *special_ids)
 
 

@@ -27,10 +27,12 @@ log = logging.getLogger("blip.train")
 
 
 # ---- unimodal ----------------------------------------------------------------------------------------------
-def unimodal_init(model: nn.Module, model_cfg: DictConfig, data_cfg: DictConfig) -> list[LoadReport]:
+def unimodal_init(model: nn.Module, model_cfg: DictConfig, data_cfg: DictConfig, text: bool = True
+                  ) -> list[LoadReport]:
     """``model.vision_init`` / ``model.text_init`` (paths, blip.zoo names; ``synthetic``: the cached tiny encoder
-    trained on the synthetic shapes, see :mod:`blip.train.synthetic_vision`)."""
-    vision, text = model_cfg.get("vision_init"), model_cfg.get("text_init")
+    trained on the synthetic shapes, see :mod:`blip.train.synthetic_vision`). ``text=False``: leave text_init to
+    the caller (a question-aware BLIP-2 Q-Former takes only its text parts from it, after init_from)."""
+    vision, text = model_cfg.get("vision_init"), model_cfg.get("text_init") if text else None
     if vision == "synthetic":
         from blip.nn.vit import VisionTransformer
         from blip.train.synthetic_vision import ensure_synthetic_vision_encoder
@@ -97,9 +99,11 @@ def new_by_design(model: nn.Module) -> list[str]:
     return found
 
 
-def init_from_checkpoint(model: nn.Module, source: str | Path, min_fraction: float = 1.0) -> LoadReport:
+def init_from_checkpoint(model: nn.Module, source: str | Path, min_fraction: float = 1.0,
+                         already: set[str] = frozenset()) -> LoadReport:
     """Load ``source`` into ``model`` by name (see the module doc); raises :class:`CheckpointError` when a required
-    part is not covered. Returns the report (also logged)."""
+    part is not covered. ``already``: keys an earlier source set (``model.vision_init``: a trainable ViT that a LAVIS
+    stage-2 file lacks), which count as covered where the file has none. Returns the report (also logged)."""
     checkpoint = read_checkpoint(source, "init_from")
     path, own = checkpoint.name, model.state_dict()
     state = to_model_names(checkpoint.state, own)
@@ -115,7 +119,7 @@ def init_from_checkpoint(model: nn.Module, source: str | Path, min_fraction: flo
     short = []
     for part in sorted(required):
         keys = [k for k in own if part_of(k) == part and not any(re.fullmatch(p, k) for p in new)]
-        total, got = len(keys), sum(k in usable for k in keys)
+        total, got = len(keys), sum(k in usable or k in already for k in keys)
         if total and got < min_fraction * total:
             lacking = fold_names(k for k in keys if k not in usable)[:4]
             short.append(f"{part}: {got / total:.0%} loaded (missing e.g. {lacking})")
@@ -132,4 +136,25 @@ def init_from_checkpoint(model: nn.Module, source: str | Path, min_fraction: flo
     kept = [k for k in own if k not in usable and k not in report.expected_missing]
     log.info("init_from %s\n%s%s", path, report.describe(),
              f"\n  kept at init ({len(kept)}): {', '.join(fold_names(kept)[:16])}" if kept else "")
+    return report
+
+
+def question_text_init(objective: nn.Module, covered: set[str], text_init: str | Path | None) -> LoadReport:
+    """A question-aware (InstructBLIP-structured) model's Q-Former text parts, after ``init_from``: kept when the
+    checkpoint had them all (an InstructBLIP file, a stage-1 hand-off), else set from ``model.text_init`` (a stage-1
+    BLIP-2 run / file or an HF BERT directory) or the query FFN
+    (:func:`blip.convert.blip2_handoff.init_question_text`). A checkpoint holding only some of them is refused."""
+    from blip.convert.blip2_handoff import init_question_text
+    from blip.models.blip2_finetune import is_question_text_part
+
+    keys = [f"model.{k}" for k in objective.model.state_dict() if is_question_text_part(k)]
+    have = [k for k in keys if k in covered]
+    if len(have) == len(keys):
+        return LoadReport("init_from (text parts)", loaded=have)
+    if have:
+        raise CheckpointError(f"init_from holds {len(have)} of the Q-Former's {len(keys)} text-part tensors (missing "
+                              f"e.g. {fold_names(k for k in keys if k not in covered)[:4]}): a checkpoint either has "
+                              "the question-aware text parts or none")
+    report = init_question_text(objective.model, text_init)
+    report.loaded = [f"model.{k}" for k in report.loaded]
     return report

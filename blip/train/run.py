@@ -13,6 +13,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
+from blip.convert.blip2_handoff import is_stage1_checkpoint
+from blip.convert.formats import read_checkpoint
 from blip.data.datasets import ImageTextStream, JsonSource, TrainData, eval_batches
 from blip.data.mixing import mixing_weights
 from blip.data.text import text_cleaner
@@ -23,7 +25,7 @@ from blip.run_layout import CONFIG, checkpoint_path, newest_checkpoint, own_run_
 from blip.runs import build_model
 from blip.train.checkpoint import load_checkpoint, remove_stale_tmp
 from blip.train.distributed import DistInfo, barrier, block_lists, init_distributed, unwrap, wrap_model
-from blip.train.init import init_from_checkpoint, refuse_random_frozen, unimodal_init
+from blip.train.init import init_from_checkpoint, question_text_init, refuse_random_frozen, unimodal_init
 from blip.train.loop import Trainer
 from blip.train.metrics_log import MetricLogger
 from blip.train.optim import build_optimizer
@@ -224,17 +226,23 @@ def initialised_model(cfg: DictConfig, run_dir: Path, resume_from: Path | None, 
     stage-1 hand-off), the refusal of a random frozen tower, and stage 2's LLM warm-up (not on resume: a checkpoint
     holds the warm LLM)."""
     init = init_source(str(cfg.init_from), cfg, run_dir) if cfg.get("init_from") else None
+    init = read_checkpoint(init, "init_from") if init is not None else None   # read once, for every use below
     # BLIP-2 stage 2 starts from a stage-1 run through the one strict hand-off
-    # (blip.convert.blip2_handoff.init_from_stage1)
-    stage1 = init if init is not None and cfg.model.task in LLM_TASKS else None
+    # (blip.convert.blip2_handoff.init_from_stage1); a stage-2 / InstructBLIP file (fine-tuning) loads by name
+    llm_task = cfg.model.task in LLM_TASKS
+    stage1 = init if init is not None and llm_task and is_stage1_checkpoint(init) else None
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, qformer_from=stage1)
-    reports = unimodal_init(model, cfg.model, cfg.data)
+    question_aware = llm_task and model.model.instruct
+    reports = unimodal_init(model, cfg.model, cfg.data, text=not question_aware)
     if init is not None and stage1 is None:
-        reports.append(init_from_checkpoint(model, init, cfg.get("init_from_min_fraction", 1.0)))
+        reports.append(init_from_checkpoint(model, init, cfg.get("init_from_min_fraction", 1.0),
+                                            already={k for r in reports for k in r.loaded}))
     covered = {k for r in reports for k in r.loaded}
     if stage1 is not None:   # what the hand-off loaded into the objective's model (a stage-1 run carries its ViT)
         covered |= {f"model.{k}" for k in model.model.stage1_report.loaded}
+    if question_aware:
+        reports.append(question_text_init(model, covered, cfg.model.get("text_init")))
     refuse_random_frozen(model, covered, cfg.model)
     if init is None and cfg.model.task in BLIP_FINETUNE_TASKS:
         log.warning("%s/%s starts from random weights: set init_from=<run dir> to fine-tune pretrained weights",
