@@ -96,7 +96,8 @@ def finetune_objective(model: nn.Module, kind: str, model_cfg: Mapping) -> nn.Mo
         from .objectives.blip_finetune import wrap_objective
         objective = wrap_objective(BLIP_LOAD_TASK[kind], model, **settings)
     else:
-        from .models.blip2_finetune import question_aware, set_vit_trainable
+        from .convert.blip2_handoff import question_aware
+        from .models.blip2_finetune import set_vit_trainable
         if family is Family.BLIP2_LLM and kind in ("vqa", "instruction"):
             model = question_aware(model, model_cfg.get("text_init"))
         if model_cfg.get("freeze_vit") is False:

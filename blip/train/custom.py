@@ -21,13 +21,13 @@ from blip.models.family import Family
 from blip.registry import family
 
 log = logging.getLogger("blip.train")
-RECIPE_DIR = Path(__file__).resolve().parents[2] / "configs" / "recipe"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+RECIPE_DIR = CONFIGS / "recipe"
 # formats whose family is known from the format alone (the rest: from the loaded model)
 FORMAT_FAMILY = {"hf-blip": Family.BLIP, "blip": Family.BLIP, "blip-original": Family.BLIP,
                  "hf-blip2": Family.BLIP2_LLM, "lavis-blip2-llm": Family.BLIP2_LLM,
                  "lavis-blip2-stage1": Family.BLIP2_QFORMER}
 TRANSFORM = {Family.BLIP: "blip", Family.BLIP2_QFORMER: "blip2", Family.BLIP2_LLM: "blip2"}
-REQUIRED = ("trainer.epochs", "trainer.batch_size", "trainer.optimizer.lr", "trainer.schedule.warmup_steps")
 
 
 @dataclass
@@ -59,11 +59,25 @@ def read_splits(cfg: DictConfig) -> CustomSplits:
     return CustomSplits(train, val)
 
 
+def on_gpu(cfg: DictConfig) -> bool:
+    import torch
+    return cfg.trainer.device in ("auto", "cuda") and torch.cuda.is_available()
+
+
 def recipe_settings(name: str) -> DictConfig:
     path = RECIPE_DIR / f"{name}.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"recipe {name!r}: no {path}; known: {sorted(p.stem for p in RECIPE_DIR.glob('*.yaml'))}")
     return OmegaConf.load(path)
+
+
+def trainer_defaults() -> DictConfig:
+    """The fine-tuning trainer group (configs/trainer/finetune.yaml over blip_pretrain.yaml): what task=custom falls
+    back to where neither the command line nor the recipe sets a value."""
+    group = CONFIGS / "trainer"
+    finetune = OmegaConf.load(group / "finetune.yaml")
+    bases = [OmegaConf.load(group / f"{name}.yaml") for name in finetune.pop("defaults") if name != "_self_"]
+    return OmegaConf.create({"trainer": OmegaConf.merge(*bases, finetune)})
 
 
 def leaves(node, prefix: str = ""):
@@ -94,7 +108,10 @@ def resolve_custom(cfg: DictConfig) -> CustomSplits:
     checkpoint = read_checkpoint(cfg.init_from, "init_from")
     fam = source_family(checkpoint)
     name = recipe_for(fam, splits.train.kind) if cfg.get("recipe", "auto") == "auto" else str(cfg.recipe)
+    if not on_gpu(cfg):   # the recipes' bf16 autocast and bf16 frozen towers are for GPUs: fp32 on a CPU
+        fill_open(cfg, OmegaConf.create({"trainer": {"precision": "fp32", "frozen_dtype": "fp32"}}))
     filled = fill_open(cfg, recipe_settings(name))
+    fill_open(cfg, trainer_defaults())
     with open_dict(cfg):
         cfg.recipe = name
         cfg.init_from = str(checkpoint.path.resolve()) if checkpoint.path is not None else str(cfg.init_from)
@@ -103,15 +120,8 @@ def resolve_custom(cfg: DictConfig) -> CustomSplits:
         cfg.model.transform = cfg.model.get("transform") or TRANSFORM[fam]
         if cfg.model.get("arch") is None:
             cfg.model.arch = f"{checkpoint.format.name}:{Path(cfg.init_from).name}"
-        if cfg.trainer.get("precision") is None:
-            import torch
-            gpu = cfg.trainer.device in ("auto", "cuda") and torch.cuda.is_available()
-            cfg.trainer.precision = "bf16" if gpu else "fp32"
         if cfg.data.get("max_words") is None:
             cfg.data.max_words = 50 if fam is not Family.BLIP else 30
-    unset = [k for k in REQUIRED if OmegaConf.select(cfg, k, default=None) is None]
-    if unset:
-        raise ValueError(f"recipe {name} leaves {unset} unset: set them on the command line")
     log.info("task=custom: %d %s rows (%s) from %s; recipe %s (%d settings from it: %s)", len(splits.train.rows),
              splits.train.kind, splits.train.path, cfg.init_from, name, len(filled), ", ".join(filled))
     return splits

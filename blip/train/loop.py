@@ -80,7 +80,7 @@ class Trainer:
         model = unwrap(self.model)
         state = model.state_dict()
         if not self.save_frozen:
-            frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+            frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
             state = {k: v for k, v in state.items() if k not in frozen}
         return state, self.optimizer.state_dict()
 
@@ -103,7 +103,7 @@ class Trainer:
             if self.save_frozen:
                 model.load_state_dict(state["model"])
             else:   # the frozen weights are the base's, already in the model
-                frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+                frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
                 missing, unexpected = model.load_state_dict(state["model"], strict=False)
                 if unexpected or set(missing) - frozen:
                     raise RuntimeError(f"checkpoint does not fit the model: unexpected {unexpected[:5]}, missing "
