@@ -415,6 +415,15 @@ def errors_as_one_line(prog: str | None = None, rewrite=lambda message: message)
         raise SystemExit(2) from None
 
 
+def hydra_help_argv(argv: list[str], group: str, example: str) -> list[str]:
+    """A Hydra script's argv, made fit for ``--help``: Hydra composes the config to print its help and fails with a
+    traceback on a group the config leaves mandatory (``stage: ???``), so a --help that does not choose ``group``
+    gets ``group=example`` (the help then shows that option's config)."""
+    if {"--help", "-h"} & set(argv) and not any(a.lstrip("+").startswith(f"{group}=") for a in argv):
+        return [*argv, f"{group}={example}"]
+    return argv
+
+
 def _cli_flags(message: str) -> str:
     """Library keyword arguments in a message -> the CLI flags that set them."""
     for keyword, flag in (("llm=", "--llm "), ("vision_weights=", "--vision-weights ")):
