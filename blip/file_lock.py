@@ -71,9 +71,3 @@ def hold_until_exit(path: str | Path, what: str) -> None:
     if key not in _HELD:
         _HELD[key] = _acquire(Path(key), what)
 
-
-def release_held(path: str | Path) -> None:
-    """Release a lock taken by :func:`hold_until_exit` before the process exits (no-op when not held)."""
-    fd = _HELD.pop(os.path.abspath(path), None)
-    if fd is not None:
-        _release(fd)
