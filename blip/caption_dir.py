@@ -7,8 +7,17 @@ shards, into one JSONL file, resumably.
   ``"answer"``), ``"model"`` and ``"settings"``. Lines are appended in chunks with one write each; a run killed at
   any point and re-run with the same command skips the images already in the output (a torn last line is cut off)
   and writes every image exactly once. Lines follow the order in which chunks finish, not the input order.
-- Unreadable images go to the errors file (``"path"`` or ``"key"``, ``"reason"``) and are skipped; a re-run tries
-  them again and rewrites the errors file.
+- Unreadable images, and sub-folders that cannot be listed, go to the errors file (``"path"`` or ``"key"``,
+  ``"reason"``), are counted as skipped and are warned about; a re-run tries them again and rewrites the errors file.
+- A file name that is not valid UTF-8 (Linux allows any bytes) is kept losslessly: it is read as Python's
+  ``surrogateescape`` str and written with ``\\udcXX`` escapes, which ``json.loads`` turns back into that str and
+  ``os.fsencode`` into the original bytes; the JSONL file itself stays valid UTF-8.
+- Results are written every ``chunk_size`` images or ``flush_seconds``, whichever comes first, and on Ctrl-C (which
+  then raises :class:`Interrupted`, saying how many were saved); a chunk's write is never cut by Ctrl-C.
+- One process at a time per output: rank 0 holds a lock (``OUT.lock``, :mod:`blip.file_lock`) for the whole run, so
+  a second run on the same ``--out`` is refused with the holder's pid instead of writing every image twice.
+- Resuming needs the same model and settings as the output's: a model path is compared by the file it names
+  (``run/``, ``./run`` and an absolute path are one model); a refusal lists the recorded and the new values.
 - Under ``torchrun`` each rank captions its own share into ``OUT.rank{r}.jsonl``; rank 0 merges them into ``OUT``
   when every rank has finished.
 """
@@ -18,13 +27,18 @@ import glob
 import json
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from time import monotonic
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from .file_lock import exclusive_lock
 from .predictor import Decoding, Predictor, UsageError
 
 log = logging.getLogger("blip.caption_dir")
@@ -32,8 +46,9 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".ti
 
 
 # ---- inputs -------------------------------------------------------------------------------------------------------
-def list_inputs(src: str) -> tuple[list[str], list[str]]:
-    """SRC -> (image paths, shard paths); exactly one of them is non-empty."""
+def list_inputs(src: str) -> tuple[list[str], list[str], list[dict]]:
+    """SRC -> (image paths, shard paths, error records of sub-folders that could not be listed); exactly one of
+    the first two is non-empty."""
     if ".tar" in src:
         from .data.webdataset import expand_urls
         shards = expand_urls(src)
@@ -43,18 +58,33 @@ def list_inputs(src: str) -> tuple[list[str], list[str]]:
         missing = [s for s in shards if not Path(s).is_file()]
         if missing:
             raise UsageError(f"{len(missing)} of {len(shards)} shards are missing, e.g. {missing[0]}")
-        return [], shards
+        return [], shards, []
     path = Path(src)
     if path.is_dir():
-        paths = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+        paths, unreadable = _walk_images(path)
         if not paths:
-            raise UsageError(f"{src}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
-        return paths, []
-    if path.is_file():
-        lines = [line.strip() for line in path.read_text().splitlines()]
+            raise UsageError(f"{src}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder" +
+                             (f"; {len(unreadable)} sub-folder(s) could not be read, e.g. {unreadable[0]['path']}: "
+                              f"{unreadable[0]['reason']}" if unreadable else ""))
+        return paths, [], unreadable
+    if path.is_file():   # names that are not UTF-8 stay lossless (surrogateescape), as os.listdir gives them
+        lines = [line.strip() for line in path.read_text(errors="surrogateescape").splitlines()]
         paths = [str(path.parent / line) for line in lines if line and not line.startswith("#")]  # absolute stay
-        return list(dict.fromkeys(paths)), []   # a path listed twice is captioned once
+        return list(dict.fromkeys(paths)), [], []   # a path listed twice is captioned once
     raise UsageError(f"{src}: no such folder, file list or shard pattern")
+
+
+def _walk_images(root: Path) -> tuple[list[str], list[dict]]:
+    """Image files under ``root`` (recursive, symlinked folders not followed), sorted, and an error record for each
+    folder that could not be listed (a permission error is reported, never silently left out)."""
+    unreadable: list[dict] = []
+
+    def report(e: OSError) -> None:
+        unreadable.append({"path": e.filename or str(root), "reason": f"folder not listed: {e.strerror or e}"})
+
+    paths = [os.path.join(folder, name) for folder, _, names in os.walk(root, onerror=report) for name in names
+             if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES]
+    return sorted(paths), unreadable
 
 
 def count_images(shards: list[str]) -> int:
@@ -139,6 +169,15 @@ def collate(items: list[dict]) -> dict:
 
 
 # ---- output -------------------------------------------------------------------------------------------------------
+def _jsonl_line(row: dict) -> bytes:
+    """One JSON line in UTF-8. A file name that is not valid UTF-8 is a surrogateescape str; its lone surrogates
+    cannot be UTF-8, so such a row is written with ASCII escapes (``\\udce9``), which read back to the same str."""
+    try:
+        return json.dumps(row, ensure_ascii=False).encode() + b"\n"
+    except UnicodeEncodeError:
+        return json.dumps(row).encode() + b"\n"
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     """Complete lines of a JSONL file (a torn last line, from a killed run, is ignored)."""
     if not path.exists():
@@ -163,12 +202,30 @@ def _cut_torn_tail(path: Path) -> None:
             f.truncate(end)
 
 
+@contextmanager
+def _deferred_interrupt() -> Iterator[None]:
+    """Ctrl-C inside the block is raised when it ends, so a chunk's write is never cut (main thread only: signal
+    handlers live there; inside another such block, the outer one defers it)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    caught = []
+    signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def _append(path: Path, rows: list[dict]) -> None:
     """One write per chunk, flushed to disk before the next chunk starts."""
     if not rows:
         return
-    with open(path, "ab") as f:
-        f.write(b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in rows))
+    with open(path, "ab") as f, _deferred_interrupt():
+        f.write(b"".join(map(_jsonl_line, rows)))
         f.flush()
         os.fsync(f.fileno())
 
@@ -211,12 +268,37 @@ class Outputs:
         new = [r for part in self.parts() for r in _read_jsonl(part) if record_id(r) not in seen]
         _append(self.out, list({record_id(r): r for r in new}.values()))
         errors = [r for part in self.error_parts() for r in _read_jsonl(part)]
-        self.errors.write_bytes(b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in errors))
+        self.errors.write_bytes(b"".join(map(_jsonl_line, errors)))
         for path in [*self.parts(), *self.error_parts()]:
             path.unlink()
 
 
 # ---- the job ------------------------------------------------------------------------------------------------------
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during :meth:`CaptionDirJob.run`, raised after this run's finished results were written to ``out``:
+    ``saved`` of them (this rank's). Its text is the line the CLI prints; re-running the same command resumes."""
+
+    def __init__(self, saved: int, out: Path):
+        super().__init__(f"interrupted: {saved} saved to {out}, re-run the same command to resume")
+        self.saved, self.out = saved, out
+
+
+def lock_path(out: Path) -> Path:
+    """``captions.jsonl`` -> ``captions.jsonl.lock``, held by the run writing that output."""
+    return out.with_name(out.name + ".lock")
+
+
+def same_model(recorded: str | None, current: str) -> bool:
+    """Whether a recorded ``"model"`` and this run's name the same model: equal names, or paths to the same file or
+    folder (``run/``, ``./run`` and ``/abs/run``)."""
+    if recorded == current:
+        return True
+    try:
+        return recorded is not None and os.path.samefile(recorded, current)
+    except OSError:   # a zoo name, or a path that no longer exists
+        return False
+
+
 @dataclass
 class CaptionDirJob:
     predictor: Predictor
@@ -224,7 +306,8 @@ class CaptionDirJob:
     question: str | None = None
     seed: int | None = None     # sampling: each image's stream is seeded by (seed, its path or key)
     batch_size: int = 16
-    chunk_size: int = 1024      # images per flush to the output
+    chunk_size: int = 1024      # images per flush to the output ...
+    flush_seconds: float = 30.0  # ... or seconds since the last flush, whichever comes first
     num_workers: int = 2
     progress: bool = True
 
@@ -242,24 +325,47 @@ class CaptionDirJob:
         return [{"question": self.question, "answer": a} for a in answers]
 
     def _check_same_settings(self, written: list[dict]) -> None:
-        if written and (written[0].get("model"), written[0].get("settings")) != (self.predictor.name, self.settings()):
-            raise UsageError(f"the output already holds results of model {written[0].get('model')!r} with settings "
-                             f"{written[0].get('settings')}; re-run with the same options or choose another --out")
+        """Refuse to add to an output written with another model or settings, listing each recorded value next to
+        this run's."""
+        if not written:
+            return
+        model, settings = written[0].get("model"), written[0].get("settings") or {}
+        ours = self.settings()
+        differ = [] if same_model(model, self.predictor.name) else [f"model {model!r} (this run: "
+                                                                     f"{self.predictor.name!r})"]
+        differ += [f"{k} {settings.get(k, '(unset)')!r} (this run: {ours.get(k, '(unset)')!r})"
+                   for k in sorted(settings.keys() | ours.keys()) if settings.get(k) != ours.get(k)]
+        if differ:
+            raise UsageError(f"the output already holds results made with other options: {'; '.join(differ)}; re-run "
+                             "with the same options or choose another --out")
 
     def run(self, src: str, out: str | Path, errors: str | Path | None = None, rank: int = 0,
             world_size: int = 1, barrier=lambda: None, all_reduce=lambda counts: counts) -> dict:
-        """Caption ``src`` into ``out``; returns {"captioned", "skipped", "already_done"} summed over ranks."""
+        """Caption ``src`` into ``out``; returns {"captioned", "skipped", "already_done"} summed over ranks.
+        Raises :class:`Interrupted` on Ctrl-C (after writing what was finished) and
+        :class:`blip.file_lock.LockHeldError` when another process is writing ``out``."""
         self.predictor.require("caption" if self.question is None else "answer")
         if self.batch_size < 1 or self.chunk_size < 1:
             raise UsageError("--batch-size and --chunk-size must be >= 1")
         out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # rank 0 holds the output for the run; the ranks of one job share it
+        with exclusive_lock(lock_path(out), f"the output {out}") if rank == 0 else nullcontext():
+            return self._run(src, out, errors, rank, world_size, barrier, all_reduce)
+
+    def _run(self, src: str, out: Path, errors: str | Path | None, rank: int, world_size: int, barrier,
+             all_reduce) -> dict:
         files = Outputs(out, Path(errors) if errors else default_errors_path(out), rank, world_size)
-        paths, shards = list_inputs(src)
+        paths, shards, unreadable = list_inputs(src)
         written = files.written()
         self._check_same_settings(written)
         done = {record_id(r) for r in written}
         barrier()   # every rank has read what is done before any rank writes
         files.start()
+        if rank == 0:   # folders that could not be listed: reported once, counted as skipped
+            for err in unreadable:
+                log.warning("skipped folder %s: %s", err["path"], err["reason"])
+            _append(files.error_part, unreadable)
         transform, total = self.predictor.transform(), None
         if paths:
             pending = [p for p in paths if p not in done]
@@ -274,6 +380,7 @@ class CaptionDirJob:
                 done_here = sum(1 for r in written if r.get("shard") in ours)
                 total = max(count_images(mine) - done_here, 0)
         counts = self._label_all(dataset, total, files)
+        counts["skipped"] += len(unreadable) if rank == 0 else 0
         counts = all_reduce({**counts, "already_done": already if rank == 0 else 0})
         barrier()
         if world_size > 1 and rank == 0:
@@ -286,27 +393,38 @@ class CaptionDirJob:
         loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate,
                             pin_memory=self.predictor.device.type == "cuda")
         bar = tqdm(total=total, unit="img", dynamic_ncols=True, disable=not self.progress, desc="caption-dir")
-        with logging_redirect_tqdm():
-            counts = self._loop(loader, bar, files)
-        bar.close()
-        return counts
+        try:
+            with logging_redirect_tqdm():
+                return self._loop(loader, bar, files)
+        finally:
+            bar.close()
 
     def _loop(self, loader: DataLoader, bar, files: Outputs) -> dict:
         counts = {"captioned": 0, "skipped": 0}
         rows, bad = [], []
         base = {"model": self.predictor.name, "settings": self.settings()}
-        for batch in loader:
-            if batch["pixels"] is not None:
-                results = self.label(batch["pixels"], batch["records"])
-                rows += [{**rec, **result, **base} for rec, result in zip(batch["records"], results)]
-            for err in batch["errors"]:
-                log.warning("skipped %s: %s", record_id(err), err["reason"])
-            bad += batch["errors"]
-            bar.update(len(batch["records"]) + len(batch["errors"]))
-            if len(rows) + len(bad) >= self.chunk_size:
+        last_flush = monotonic()
+        try:
+            for batch in loader:
+                if batch["pixels"] is not None:
+                    results = self.label(batch["pixels"], batch["records"])
+                    rows += [{**rec, **result, **base} for rec, result in zip(batch["records"], results)]
+                for err in batch["errors"]:
+                    log.warning("skipped %s: %s", record_id(err), err["reason"])
+                bad += batch["errors"]
+                bar.update(len(batch["records"]) + len(batch["errors"]))
+                now = monotonic()
+                if len(rows) + len(bad) >= self.chunk_size or now - last_flush >= self.flush_seconds:
+                    with _deferred_interrupt():   # written and forgotten together: never written twice
+                        counts = self._flush(files, rows, bad, counts)
+                        rows, bad, last_flush = [], [], now
+            with _deferred_interrupt():
                 counts = self._flush(files, rows, bad, counts)
                 rows, bad = [], []
-        return self._flush(files, rows, bad, counts)
+        except KeyboardInterrupt:   # keep every finished batch, then stop
+            counts = self._flush(files, rows, bad, counts)
+            raise Interrupted(counts["captioned"], files.out) from None
+        return counts
 
     @staticmethod
     def _flush(files: Outputs, rows: list[dict], bad: list[dict], counts: dict) -> dict:

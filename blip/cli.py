@@ -18,6 +18,8 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -145,7 +147,7 @@ def cmd_caption_dir(args) -> int:
     args.device = str(info.device)
     job = CaptionDirJob(load_predictor(args, "caption" if args.question is None else "answer"), decoding_from(args),
                         question=args.question, seed=args.seed, batch_size=args.batch_size,
-                        chunk_size=args.chunk_size, num_workers=args.workers,
+                        chunk_size=args.chunk_size, flush_seconds=args.flush_seconds, num_workers=args.workers,
                         progress=info.is_main and not args.no_progress)
     try:
         counts = job.run(args.src, args.out, args.errors, rank=info.rank, world_size=info.world_size,
@@ -297,7 +299,9 @@ def _add_caption_dir(sub) -> None:
     p.add_argument("--out", required=True, help="output JSONL (re-running the same command resumes)")
     p.add_argument("--errors", default=None, help="unreadable images (default: OUT.errors.jsonl)")
     p.add_argument("--question", default=None, help="answer this question about every image instead (VQA)")
-    p.add_argument("--chunk-size", type=_int_at_least(1), default=1024, help="images per write to the output")
+    p.add_argument("--chunk-size", type=_int_at_least(1), default=1024, help="images per write to the output, or")
+    p.add_argument("--flush-seconds", type=float, default=30.0, help="seconds between writes, whichever comes first "
+                   "(Ctrl-C writes what is done and says how to resume)")
     p.add_argument("--workers", type=_int_at_least(0), default=min(4, os.cpu_count() or 1),
                    help="data-loader processes decoding images")
     p.add_argument("--no-progress", action="store_true")
@@ -377,19 +381,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# usage, config, checkpoint, data, image and file errors: the library names them, and its messages name the fix
+EXPECTED_ERRORS = (ValueError, KeyError, OSError)
+FULL_ERROR_ENV = "BLIP_FULL_ERROR"   # set to 1: expected errors keep their traceback too (debugging)
+
+
+def error_message(e: BaseException) -> str:
+    """An expected error's message: on one line (a KeyError without its repr quotes), except a MissingDataError,
+    whose message lists one missing file per line."""
+    from .data.eval_datasets import MissingDataError
+    text = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+    return text.strip() if isinstance(e, MissingDataError) else " ".join(text.split())
+
+
+@contextmanager
+def errors_as_one_line(prog: str | None = None, rewrite=lambda message: message) -> Iterator[None]:
+    """The one error policy of the ``blip`` command and ``scripts/*.py``: an expected error (EXPECTED_ERRORS) becomes
+    ``[prog: ]error: <message>`` on stderr and exit status 2, Ctrl-C one line (the exception's own text, e.g.
+    caption-dir's count of saved results, else "interrupted") and status 130, a reader closing stdout (``| head``) a
+    quiet exit 0; anything else, a bug, keeps its traceback. ``rewrite`` adapts a message (the CLI names its flags)."""
+    try:
+        yield
+    except BrokenPipeError:   # e.g. `blip models | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(0) from None
+    except KeyboardInterrupt as e:
+        print(str(e) or "interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    except EXPECTED_ERRORS as e:
+        if os.environ.get(FULL_ERROR_ENV) == "1":
+            raise
+        print(f"{prog + ': ' if prog else ''}error: {rewrite(error_message(e))}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def hydra_help_argv(argv: list[str], group: str, example: str) -> list[str]:
+    """A Hydra script's argv, made fit for ``--help``: Hydra composes the config to print its help and fails with a
+    traceback on a group the config leaves mandatory (``stage: ???``), so a --help that does not choose ``group``
+    gets ``group=example`` (the help then shows that option's config)."""
+    if {"--help", "-h"} & set(argv) and not any(a.lstrip("+").startswith(f"{group}=") for a in argv):
+        return [*argv, f"{group}={example}"]
+    return argv
+
+
+def _cli_flags(message: str) -> str:
+    """Library keyword arguments in a message -> the CLI flags that set them."""
+    for keyword, flag in (("llm=", "--llm "), ("vision_weights=", "--vision-weights ")):
+        message = message.replace(keyword, flag)
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except BrokenPipeError:   # e.g. `blip models | head`: the reader left, nothing to report
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    except (ValueError, KeyError, OSError) as e:  # usage, checkpoint, image and file errors: named, one line
-        message = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
-        for keyword, flag in (("llm=", "--llm "), ("vision_weights=", "--vision-weights ")):  # name the CLI flags
-            message = message.replace(keyword, flag)
-        print(f"blip {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        with errors_as_one_line(f"blip {args.command}", _cli_flags):
+            return args.func(args)
+    except SystemExit as e:   # returned, not raised: main() is also called in-process (tests, other tools)
+        return e.code
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from blip.api import load_task_model
 from blip.capfilt import CapFilt, CapFiltConfig, CapFiltInput
+from blip.cli import errors_as_one_line
 
 DTYPES = {None: None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -23,6 +24,11 @@ def build(spec: DictConfig, task: str, device: torch.device, dtype):
 
 @hydra.main(config_path="../configs", config_name="capfilt", version_base=None)
 def main(cfg: DictConfig) -> None:
+    with errors_as_one_line():   # a bad source, settings or input: `error: ...`, exit 2
+        capfilt(cfg)
+
+
+def capfilt(cfg: DictConfig) -> None:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if cfg.device == "auto":

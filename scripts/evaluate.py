@@ -19,22 +19,24 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from blip.data.eval_datasets import MissingDataError, read_task_data
+from blip.cli import errors_as_one_line, hydra_help_argv
+from blip.data.eval_datasets import read_task_data
 
 
 @hydra.main(config_path="../configs/evaluate", config_name="evaluate", version_base=None)
 def main(cfg: DictConfig) -> None:
+    with errors_as_one_line():   # missing data, a bad checkpoint...: `error: ...`, exit 2
+        evaluate_task(cfg)
+
+
+def evaluate_task(cfg: DictConfig) -> None:
     from blip.data.custom import CustomDataError, read_custom
-    try:
-        if cfg.task.kind == "custom":
-            if not cfg.data.val:
-                raise CustomDataError("task=custom needs data.val=<the split to evaluate>")
-            data = read_custom(cfg.data.val, cfg.data.image_root, strict=bool(cfg.task.strict))
-        else:
-            data = read_task_data(cfg.task, cfg.split, cfg.data.root)
-    except (MissingDataError, CustomDataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    if cfg.task.kind == "custom":   # read before the model loads, as the benchmarks' files are
+        if not cfg.data.val:
+            raise CustomDataError("task=custom needs data.val=<the split to evaluate>")
+        data = read_custom(cfg.data.val, cfg.data.image_root, strict=bool(cfg.task.strict))
+    else:
+        data = read_task_data(cfg.task, cfg.split, cfg.data.root)   # lists every missing file
     import torch
 
     from blip.api import load_for_evaluation
@@ -63,4 +65,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = hydra_help_argv(sys.argv, "task", "caption_coco")
     main()

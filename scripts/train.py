@@ -9,14 +9,16 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from blip.cli import errors_as_one_line, hydra_help_argv
 from blip.train.run import quote_stage_override, run
 
 
 @hydra.main(config_path="../configs", config_name="train", version_base=None)
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    with errors_as_one_line():   # a named error (config, data, checkpoint): `error: ...`, exit 2
+        run(cfg)
 
 
 if __name__ == "__main__":
-    sys.argv = quote_stage_override(sys.argv)
+    sys.argv = quote_stage_override(hydra_help_argv(sys.argv, "stage", "1"))
     main()

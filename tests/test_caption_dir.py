@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 import blip
 from blip.caption_dir import CaptionDirJob
@@ -191,3 +190,149 @@ def test_seeded_sampling_does_not_depend_on_batching(tmp_path, fixtures, models,
                            "--seed", seed, "--batch-size", batch, "--max-new-tokens", "6") == 0
         runs[name] = {r["path"]: r["caption"] for r in read_jsonl(tmp_path / f"{name}.jsonl")}
     assert runs["a"] == runs["b"] != runs["c"]
+
+
+# ---- long runs: Ctrl-C, odd file names, a second process, unreadable folders, resuming -------------------------
+# Runs the CLI with Predictor.caption patched: on call HOOK_AT the hook named by HOOK runs ("interrupt": Ctrl-C, which
+# a terminal sends to the whole process group; "hold": mark HOOK_FILE and wait, keeping the job alive).
+CLI_WITH_HOOK = """
+import os, signal, sys, time
+from blip.cli import main
+from blip.predictor import Predictor
+real, calls = Predictor.caption, [0]
+def caption(self, *args, **kwargs):
+    calls[0] += 1
+    if calls[0] == int(os.environ["HOOK_AT"]):
+        if os.environ["HOOK"] == "interrupt":
+            os.killpg(os.getpgid(0), signal.SIGINT)
+        else:
+            open(os.environ["HOOK_FILE"], "w").close()
+            time.sleep(120)
+    return real(self, *args, **kwargs)
+Predictor.caption = caption
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _photos(root: Path, fixtures: Path, n: int) -> Path:
+    """``n`` images (links to the fixture photos) in three sub-folders of ``root``."""
+    names = ["cat.jpg", "rocket.jpg", "coffee.jpg", "astronaut.jpg"]
+    for i in range(n):
+        (root / f"d{i % 3}").mkdir(parents=True, exist_ok=True)
+        os.symlink(fixtures / "images" / names[i % 4], root / f"d{i % 3}" / f"{i:03d}.jpg")
+    return root
+
+
+def _cli_with_hook(args: list, hook: str, at: int, hook_file: Path | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1",
+           "HOOK": hook, "HOOK_AT": str(at), "HOOK_FILE": str(hook_file)}
+    return subprocess.Popen([sys.executable, "-c", CLI_WITH_HOOK, "caption-dir", *map(str, args), "--workers", "1",
+                             "--no-progress"], env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_ctrl_c_saves_what_was_done_in_one_line_and_the_rerun_finishes(tmp_path, fixtures, models, one_thread):
+    src = _photos(tmp_path / "photos", fixtures, 24)
+    out = tmp_path / "caps.jsonl"
+    args = [src, "--out", out, "--model", models["caption"], "--batch-size", "4", "--max-new-tokens", "6"]
+    proc = _cli_with_hook([*args, "--chunk-size", "1000"], "interrupt", at=3)   # Ctrl-C inside the third batch
+    stdout, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert stderr.strip().splitlines() == [f"interrupted: 8 saved to {out}, re-run the same command to resume"]
+    assert len(read_jsonl(out)) == 8   # the two finished batches, though a chunk is 1000 images
+    assert caption_dir(*args, "--out", out) == 0
+    rows = read_jsonl(out)
+    assert len(rows) == 24 and len({r["path"] for r in rows}) == 24
+
+
+def test_results_are_flushed_every_few_seconds_whatever_the_chunk_size(tmp_path, fixtures, models, one_thread):
+    from blip.caption_dir import Outputs
+    predictor = Predictor(blip.load(models["caption"]), name="tiny")
+    appended = []
+    real_flush = CaptionDirJob._flush
+
+    def flush(files: Outputs, rows, bad, counts):
+        appended.append(len(rows))
+        return real_flush(files, rows, bad, counts)
+
+    clock = iter(range(0, 10_000, 20))   # every batch takes 20 s on this clock
+    job = CaptionDirJob(predictor, batch_size=2, chunk_size=1000, flush_seconds=30, num_workers=0, progress=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(CaptionDirJob, "_flush", staticmethod(flush))
+        patch.setattr("blip.caption_dir.monotonic", lambda: next(clock))
+        job.run(str(_photos(tmp_path / "photos", fixtures, 8)), tmp_path / "caps.jsonl")
+    assert appended == [4, 4, 0]   # every second batch is 40 s after the last write; the last flush has nothing
+
+
+def test_a_file_name_that_is_not_utf8_is_captioned_and_resumed(tmp_path, fixtures, models, capsys, one_thread):
+    src = tmp_path / "photos"
+    src.mkdir()
+    odd = os.path.join(os.fsencode(src), b"caf\xe9-\xff.jpg")   # Latin-1 bytes: not valid UTF-8
+    os.symlink(os.fsencode(fixtures / "images" / "cat.jpg"), odd)
+    (src / "rocket.jpg").symlink_to(fixtures / "images" / "rocket.jpg")
+    out = tmp_path / "caps.jsonl"
+    assert caption_dir(src, "--out", out, "--model", models["caption"]) == 0
+    assert "captioned 2, skipped 0" in capsys.readouterr().out
+    rows = read_jsonl(out)   # Python's json: \udcXX escapes -> the surrogateescape str of the name
+    assert sorted(os.fsencode(r["path"]) for r in rows) == sorted([odd, os.fsencode(src / "rocket.jpg")])
+    out.read_bytes().decode("utf-8")   # the file itself is valid UTF-8
+    assert caption_dir(src, "--out", out, "--model", models["caption"]) == 0
+    assert "captioned 0, skipped 0" in capsys.readouterr().out
+
+
+def test_a_second_process_on_the_same_output_is_refused(tmp_path, fixtures, models, capsys, one_thread):
+    src = _photos(tmp_path / "photos", fixtures, 8)
+    out, started = tmp_path / "caps.jsonl", tmp_path / "first-is-captioning"
+    first = _cli_with_hook([src, "--out", out, "--model", models["caption"]], "hold", at=1, hook_file=started)
+    try:
+        deadline = time.monotonic() + 120
+        while not started.exists():
+            assert first.poll() is None, first.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the first run never started captioning"
+            time.sleep(0.05)
+        assert caption_dir(src, "--out", out, "--model", models["caption"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and f"in use by process {first.pid}" in err, err
+        assert not out.exists() or out.read_text() == ""   # the refused run wrote nothing
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.communicate(timeout=30)
+    assert caption_dir(src, "--out", out, "--model", models["caption"]) == 0   # the lock died with its process
+    assert len(read_jsonl(out)) == 8
+
+
+def test_an_unreadable_folder_is_reported_not_left_out_silently(tmp_path, fixtures, models, capsys, caplog,
+                                                                 monkeypatch, one_thread):
+    src = _photos(tmp_path / "photos", fixtures, 6)
+    locked = src / "d1"
+    locked.chmod(0)
+    if os.geteuid() == 0:   # root reads a mode-000 folder anyway: answer as the kernel answers anyone else
+        real_scandir = os.scandir
+
+        def scandir(path="."):
+            if os.fspath(path) == str(locked):
+                raise PermissionError(13, "Permission denied", str(locked))
+            return real_scandir(path)
+        monkeypatch.setattr(os, "scandir", scandir)
+    try:
+        assert caption_dir(src, "--out", tmp_path / "caps.jsonl", "--model", models["caption"]) == 0
+    finally:
+        locked.chmod(0o755)
+    assert "captioned 4, skipped 1" in capsys.readouterr().out
+    [error] = read_jsonl(tmp_path / "caps.errors.jsonl")
+    assert error["path"] == str(locked) and "Permission denied" in error["reason"]
+    assert any(str(locked) in r.getMessage() for r in caplog.records)
+
+
+def test_resume_knows_a_model_by_its_resolved_path_and_a_refusal_shows_both(tmp_path, fixtures, models, capsys,
+                                                                            monkeypatch, one_thread):
+    images, out = fixtures / "images", tmp_path / "caps.jsonl"
+    monkeypatch.chdir(models["caption"].parent)
+    name = models["caption"].name
+    assert caption_dir(images, "--out", out, "--model", name, "--max-new-tokens", "4") == 0
+    for same in (f"./{name}", str(models["caption"])):
+        assert caption_dir(images, "--out", out, "--model", same, "--max-new-tokens", "4") == 0
+        assert "captioned 0," in capsys.readouterr().out
+    assert caption_dir(images, "--out", out, "--model", name, "--max-new-tokens", "5") == 2
+    err = capsys.readouterr().err
+    assert "max_new_tokens 4" in err and "this run: 5" in err, err

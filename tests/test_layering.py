@@ -3,7 +3,7 @@
 Every import is counted, at module level and inside functions (a lazy import is still a dependency). The layers,
 low to high (a module may import its own layer and any below):
 
-  core (nn, data, losses, generation, checkpoints, run_layout, metrics, zoo, dtypes, finite_weights)
+  core (nn, data, losses, generation, checkpoints, run_layout, metrics, zoo, dtypes, finite_weights, file_lock)
   < models < objectives < convert (checkpoint formats) < registry, finetune < runs (a run directory as a model)
   < tools that take a loaded model (evaluation, capfilt, predictor, serve, serve_replicate, caption_dir)
   < api, train < cli < the package face (``blip/__init__.py``, which nothing inside the package imports).
@@ -17,7 +17,8 @@ import blip
 
 PACKAGE = Path(blip.__file__).resolve().parent
 LAYERS = [
-    {"nn", "data", "losses", "generation", "checkpoints", "run_layout", "metrics", "zoo", "dtypes", "finite_weights"},
+    {"nn", "data", "losses", "generation", "checkpoints", "run_layout", "metrics", "zoo", "dtypes", "finite_weights",
+     "file_lock"},
     {"models"},
     {"objectives"},
     {"convert"},

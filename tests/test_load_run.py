@@ -135,3 +135,15 @@ def test_a_directory_of_runs_stands_for_its_newest_run_with_a_checkpoint(tmp_pat
         find_run(empty)
     with pytest.raises(CheckpointError, match="none of its 2 runs"):
         blip.load(empty)
+
+
+def test_blip_load_refuses_a_run_whose_newest_checkpoint_changed_on_disk(tmp_path, one_thread):
+    run_dir = train(tmp_path, "blip", ["stage=1", "model=blip_tiny", "model.image_size=48",
+                                       "model.objective.queue_size=16", "trainer.max_steps=2",
+                                       "trainer.checkpoint_every=1"])
+    older, newest = sorted((run_dir / "checkpoints").iterdir())
+    state = newest / "state.pt"
+    state.write_bytes(state.read_bytes()[:-1] + bytes([state.read_bytes()[-1] ^ 0x01]))   # one bit of its last byte
+    with pytest.raises(CheckpointError, match=rf"checkpoint {newest} is damaged: .*sha256 differs"):
+        blip.load(run_dir)
+    assert type(blip.load(older)).__name__ == "BlipCaption"   # the error names this one to load instead

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -94,4 +95,7 @@ def test_the_script_under_torchrun_with_the_real_tiny_models(tmp_path, args):
     assert "trained 3 steps" in out.stdout and "held-out" in out.stdout
     ckpts = sorted((tmp_path / "out").glob("*/*/checkpoints/step_*"))
     assert [c.name for c in ckpts] == ["step_00000002", "step_00000003"]
-    assert {p.name for p in ckpts[-1].iterdir()} == {"state.pt", "rng_rank0.pt", "rng_rank1.pt"}
+    assert {p.name for p in ckpts[-1].iterdir()} == {"state.pt", "rng_rank0.pt", "rng_rank1.pt", "manifest.json"}
+    # the manifest is written after every rank's files: it lists both ranks' RNG states
+    files = json.loads((ckpts[-1] / "manifest.json").read_text())["files"]
+    assert sorted(files) == ["rng_rank0.pt", "rng_rank1.pt", "state.pt"]

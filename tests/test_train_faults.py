@@ -310,3 +310,122 @@ def test_a_job_with_no_readable_sample_ends_with_a_named_error(tmp_path, kind):
     with pytest.raises(DatasetError) as err:
         run_in_process(args)
     assert all(part in str(err.value) for part in named), str(err.value)
+
+
+# ---- damaged checkpoints, two resumes of one run ---------------------------------------------------------------
+def saved_run(tmp_path: Path, steps: int) -> Path:
+    """A run directory: config.yaml and checkpoints/step_1..steps of the stand-in trainer (each with its manifest)."""
+    run = tmp_path / "out" / "test" / "r"
+    trainer(MeanModel(), checkpoint_dir=run / "checkpoints", checkpoint_every=1, keep_last=None).fit(Batches(steps))
+    (run / "config.yaml").write_text("model: {}\n")
+    return run
+
+
+def flip_a_weight_bit(ckpt: Path) -> None:
+    """Change one bit of the model weight ``w`` inside a checkpoint's state.pt (found by its bytes): the size stays,
+    torch.load still reads the file, and a weight differs."""
+    state = ckpt / "state.pt"
+    data, weight = bytearray(state.read_bytes()), torch.load(state, weights_only=True)["model"]["w"]
+    at = bytes(data).find(weight.numpy().tobytes())
+    assert at > 0
+    data[at + 1] ^= 0x01
+    state.write_bytes(bytes(data))
+    assert not torch.equal(torch.load(state, weights_only=True)["model"]["w"], weight)
+
+
+def resume_cfg(tmp_path: Path, resume: str):
+    from omegaconf import OmegaConf
+    return OmegaConf.create({"resume": resume, "output_root": str(tmp_path / "out"), "name": "test",
+                             "run_dir": str(tmp_path / "out" / "test" / "new")})
+
+
+def test_every_checkpoint_carries_the_size_and_sha256_of_its_files(tmp_path):
+    import hashlib
+
+    from blip.run_layout import list_checkpoints
+    run = saved_run(tmp_path, 2)
+    for ckpt in list_checkpoints(run / "checkpoints"):
+        files = json.loads((ckpt / "manifest.json").read_text())["files"]
+        assert sorted(files) == ["rng_rank0.pt", "state.pt"]
+        for name, entry in files.items():
+            data = (ckpt / name).read_bytes()
+            assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_a_resume_skips_damaged_checkpoints_for_the_newest_intact_one(tmp_path, caplog):
+    from blip.run_layout import list_checkpoints
+    from blip.train.run import claim_run_dir, find_resume
+    run = saved_run(tmp_path, 4)
+    ckpts = run / "checkpoints"
+    step = {i: ckpts / f"step_{i:08d}" for i in range(1, 5)}
+    flip_a_weight_bit(step[4])                                              # a weight changed, the size not
+    (step[3] / "state.pt").write_bytes(b"")                                 # emptied
+    (step[2] / "manifest.json").unlink()                                    # from before manifests, and cut short
+    (step[2] / "state.pt").write_bytes((step[2] / "state.pt").read_bytes()[:1000])
+    (step[1] / "manifest.json").unlink()                                    # from before manifests, whole
+    caplog.set_level("WARNING", logger="blip.train")
+    cfg = resume_cfg(tmp_path, "latest")
+    assert find_resume(cfg, Path(cfg.run_dir)) == step[1]
+    said = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"skipping checkpoint {step[4]}: {step[4] / 'state.pt'}: its sha256 differs" in said, said
+    assert f"skipping checkpoint {step[3]}: {step[3] / 'state.pt'}: 0 bytes" in said, said
+    assert f"skipping checkpoint {step[2]}: {step[2] / 'state.pt'}: truncated" in said, said
+    assert f"{step[1]} has no manifest.json" in said and "unverified" in said, said
+
+    assert claim_run_dir(cfg, step[1]) == run   # the damaged later checkpoints are set aside, not deleted
+    assert list_checkpoints(ckpts) == [step[1]]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000001", "step_00000002.corrupt",
+                                                       "step_00000003.corrupt", "step_00000004.corrupt"]
+    resumed = trainer(MeanModel(), checkpoint_dir=ckpts)
+    assert resumed.resume(find_resume(cfg, Path(cfg.run_dir))) and resumed.state.step == 1
+
+
+def test_a_run_without_an_intact_checkpoint_is_not_resumed(tmp_path):
+    from blip.checkpoints import CheckpointError
+    from blip.train.run import find_resume
+    run = saved_run(tmp_path, 2)
+    for state in (run / "checkpoints").glob("step_*/state.pt"):
+        state.write_bytes(state.read_bytes()[:-1])
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint in .*checkpoints up to step_00000002"):
+        find_resume(resume_cfg(tmp_path, str(run)), tmp_path / "new")
+
+
+def test_blip_load_refuses_a_damaged_newest_checkpoint_and_names_the_intact_one(tmp_path):
+    from blip.checkpoints import CheckpointError
+    from blip.run_layout import read_run_weights
+    run = saved_run(tmp_path, 2)
+    newest, older = run / "checkpoints" / "step_00000002", run / "checkpoints" / "step_00000001"
+    flip_a_weight_bit(newest)   # torch.load reads it without complaint
+    with pytest.raises(CheckpointError, match=rf"checkpoint {newest} is damaged: .*the newest intact one is {older}"):
+        read_run_weights(run)   # what blip.load / init_from read a run's weights with
+    assert read_run_weights(older)[0] == older
+
+
+CLAIM_AND_WAIT = """
+import sys, time
+from pathlib import Path
+from omegaconf import OmegaConf
+from blip.train.run import claim_run_dir
+claim_run_dir(OmegaConf.create({"run_dir": sys.argv[2]}), Path(sys.argv[1]))
+print("claimed", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_resume_of_a_running_run_is_refused_until_it_ends(tmp_path):
+    from blip.file_lock import LockHeldError
+    from blip.train.run import claim_run_dir
+    run = saved_run(tmp_path, 1)
+    ckpt = run / "checkpoints" / "step_00000001"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    first = subprocess.Popen([sys.executable, "-c", CLAIM_AND_WAIT, str(ckpt), str(tmp_path / "other")], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline() == "claimed\n", first.stderr.read()
+        cfg = resume_cfg(tmp_path, str(run))
+        with pytest.raises(LockHeldError, match=rf"run directory {run} is in use by process {first.pid}"):
+            claim_run_dir(cfg, ckpt)
+    finally:
+        first.kill()   # SIGKILL: no clean-up runs, the kernel drops the lock
+        first.communicate(timeout=30)
+    assert claim_run_dir(cfg, ckpt) == run

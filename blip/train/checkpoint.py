@@ -1,12 +1,16 @@
 """Resumable checkpoints: atomic, keep-last-N, tensors and plain containers only (loadable with weights_only=True).
 
 Layout (:mod:`blip.run_layout`): `<dir>/step_00001000/` holding `state.pt` (model, optimizer, schedule, scaler,
-trainer position) and `rng_rank{r}.pt` (each rank's RNG states). A checkpoint is written into a hidden temp directory
-and renamed into place only when complete, so a run killed mid-write leaves the previous checkpoint intact.
+trainer position), `rng_rank{r}.pt` (each rank's RNG states) and `manifest.json` (each file's size and sha256). A
+checkpoint is written into a hidden temp directory and renamed into place only when complete, so a run killed
+mid-write leaves the previous checkpoint intact; a resume checks the manifest and falls back to the newest intact
+checkpoint when bytes changed afterwards (:func:`resume_point`).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import random
 import shutil
@@ -15,9 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from blip.checkpoints import read_torch_file
-from blip.run_layout import STATE, checkpoint_name, list_checkpoints
+from blip.checkpoints import CheckpointError, read_torch_file
+from blip.run_layout import (MANIFEST, STATE, checkpoint_name, intact_checkpoint, list_checkpoints, manifest_of,
+                             verify_checkpoint)
 from blip.train.distributed import DistInfo, barrier, stop_if_any_rank_failed
+
+log = logging.getLogger("blip.train")
+
 
 def rng_state() -> dict:
     """All RNG states of this process as tensors / lists (no pickled objects)."""
@@ -65,6 +73,13 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _write_manifest(directory: Path) -> None:
+    with open(directory / MANIFEST, "w") as f:
+        json.dump(manifest_of(directory), f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _write(obj: dict, path: Path) -> None:
     try:
         with open(path, "wb") as f:
@@ -87,8 +102,9 @@ def _save_error(e: OSError, path: Path) -> CheckpointSaveError:
 
 
 def save_checkpoint(directory: str | Path, step: int, state: dict, info: DistInfo, keep_last: int | None = 3) -> Path:
-    """Collective: every rank calls it (each saves its RNG), rank 0 writes `state` and publishes atomically: files
-    and directory are fsynced before the rename, so a published checkpoint is complete even after a power loss.
+    """Collective: every rank calls it (each saves its RNG), rank 0 writes `state` and the manifest of every file and
+    publishes atomically: files and directory are fsynced before the rename, so a published checkpoint is complete
+    even after a power loss.
     A failed write (e.g. ENOSPC) removes the partial temp directory and raises CheckpointSaveError on every rank."""
     d = Path(directory)
     final = d / checkpoint_name(step)
@@ -114,6 +130,7 @@ def save_checkpoint(directory: str | Path, step: int, state: dict, info: DistInf
     stop_if_any_rank_failed(error, info)
     if info.is_main:
         try:
+            _write_manifest(tmp)   # after every rank's files: it lists them all
             _fsync(tmp)
             if final.exists():  # re-saving the same step (e.g. after a resume): replace
                 shutil.rmtree(final)
@@ -136,3 +153,38 @@ def load_checkpoint(path: str | Path, info: DistInfo) -> dict:
     rng_file = p / f"rng_rank{info.rank}.pt"
     state["rng"] = read_torch_file(rng_file) if rng_file.exists() else None
     return state
+
+
+def resume_point(ckpt: Path) -> Path:
+    """The checkpoint a resume of ``ckpt`` loads: ``ckpt`` when its files match its manifest, else the newest earlier
+    checkpoint of its run that does; each one passed over is logged with why. A checkpoint from before manifests is
+    taken when its ``state.pt`` is whole, logged as unverified. CheckpointError when none of them is intact."""
+    good, skipped = intact_checkpoint(ckpt)
+    for bad, why in skipped:
+        log.warning("resume: skipping checkpoint %s: %s", bad, why)
+    if good is None:
+        raise CheckpointError(f"resume: no intact checkpoint in {ckpt.parent} up to {ckpt.name} (each is logged "
+                              "above with why); start a new run or init_from= another run")
+    if not (good / MANIFEST).is_file():
+        log.warning("resume: %s has no %s (saved before checksums were written): its bytes are unverified", good,
+                    MANIFEST)
+    return good
+
+
+def set_aside_damaged_after(ckpt: Path) -> list[Path]:
+    """Rename the checkpoints newer than ``ckpt`` in its directory that fail their check to ``step_*.corrupt`` (kept
+    for inspection, no longer a checkpoint), so the resumed run's own saves are its newest and a later resume or
+    ``blip.load`` never meets them. Returns the new names. Rank 0, with the run directory locked."""
+    moved = []
+    for later in list_checkpoints(ckpt.parent):
+        if later.name <= ckpt.name:
+            continue
+        try:
+            verify_checkpoint(later)
+        except CheckpointError:
+            target, n = later.with_name(later.name + ".corrupt"), 0
+            while target.exists():   # set aside before, by an earlier resume
+                n += 1
+                target = later.with_name(f"{later.name}.corrupt-{n}")
+            moved.append(later.rename(target))
+    return moved

@@ -20,10 +20,11 @@ from blip.data.mixing import mixing_weights
 from blip.data.text import text_cleaner
 from blip.data.webdataset import WebDatasetSource
 from blip.evaluation.runner import benchmark_data, evaluate_after_training
+from blip.file_lock import hold_until_exit
 from blip.registry import BLIP_FINETUNE_TASKS, LLM_TASKS
-from blip.run_layout import CONFIG, checkpoint_path, newest_checkpoint, own_run_dir
+from blip.run_layout import CONFIG, RUN_LOCK, checkpoint_path, newest_checkpoint, own_run_dir
 from blip.runs import build_model
-from blip.train.checkpoint import load_checkpoint, remove_stale_tmp
+from blip.train.checkpoint import load_checkpoint, remove_stale_tmp, resume_point, set_aside_damaged_after
 from blip.train.distributed import DistInfo, barrier, block_lists, init_distributed, unwrap, wrap_model
 from blip.train.init import init_from_checkpoint, question_text_init, refuse_random_frozen, unimodal_init
 from blip.train.loop import Trainer
@@ -146,20 +147,27 @@ def init_source(spec: str, cfg: DictConfig, run_dir: Path) -> Path | str | None:
 
 
 def find_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """The checkpoint `resume` names, checked against its manifest: a damaged one falls back to the newest intact
+    earlier checkpoint of its run, with a warning (blip.train.checkpoint.resume_point)."""
     if cfg.resume in (None, "", "none"):
         return None
     found = locate(str(cfg.resume), cfg, run_dir)
     if found is None:
         log.warning("resume=%s: nothing to resume; starting fresh", cfg.resume)
-    return found
+    return None if found is None else resume_point(found)
 
 
 def claim_run_dir(cfg: DictConfig, resume_from: Path | None) -> Path:
     """This run's directory, claimed by creating its config.yaml exclusively: runs of one name started in the same
-    second get `<dir>`, `<dir>-1`, ... . A resumed run continues in the directory of the run it resumes."""
+    second get `<dir>`, `<dir>-1`, ... . A resumed run continues in the directory of the run it resumes. Either way
+    this process locks the directory (`run.lock`) until it exits, so a second resume of a running run is refused
+    (blip.file_lock.LockHeldError naming its pid) before it touches anything."""
     config = OmegaConf.to_yaml(cfg, resolve=True)
     if resume_from is not None and (own := own_run_dir(resume_from)) is not None:
+        hold_until_exit(own / RUN_LOCK, f"run directory {own}")
         removed = remove_stale_tmp(own / "checkpoints")
+        for damaged in set_aside_damaged_after(resume_from):
+            log.warning("set aside the damaged checkpoint %s (newer than the one resumed from)", damaged)
         (own / CONFIG).write_text(config)
         log.info("resuming in the run's own directory %s%s", own,
                  f" (removed {len(removed)} incomplete checkpoint(s))" if removed else "")
@@ -173,6 +181,7 @@ def claim_run_dir(cfg: DictConfig, resume_from: Path | None) -> Path:
                 f.write(config)
         except FileExistsError:
             continue
+        hold_until_exit(run_dir / RUN_LOCK, f"run directory {run_dir}")
         remove_stale_tmp(run_dir / "checkpoints")
         return run_dir
     raise AssertionError("unreachable")
