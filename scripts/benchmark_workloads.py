@@ -274,6 +274,79 @@ def blip_only_step(name: str, arch: dict, task: str, image_size: int | None):
     return workload
 
 
+def finetune_memory(args, directory: Path, race) -> list[dict]:
+    """One BLIP-2 (OPT) fine-tuning step, full (the blip2_caption recipe: ViT, Q-Former and projection train, the LLM
+    frozen) and LoRA (r 8 on the LLM's q_proj / v_proj through peft, everything else frozen), HF and blip alike.
+    Each side is built, measured and freed alone (two ViT-g with optimizer state would not fit a 24 GB CPU box):
+    peak memory above the model's own weights over the first step (gradients, AdamW state, activations), and the
+    median time of the steps after it."""
+    import gc
+    import statistics
+    import time
+
+    from peft import LoraConfig, inject_adapter_in_model
+    from transformers import Blip2ForConditionalGeneration
+
+    from benchmark_tools import PeakMemory, release_free_heap, sync
+    from blip.models.blip2_finetune import set_vit_trainable
+    from blip.models.lora import LoraSettings, apply_lora
+
+    cfg = blip2_config("opt", args.size, args.device)
+    torch.manual_seed(0)
+    Blip2ForConditionalGeneration(cfg).save_pretrained(directory)
+    b, nq = args.batch, cfg.num_query_tokens
+    px = pixels(args, b, cfg.vision_config.image_size)
+    ids = torch.cat([torch.full((b, 1), 2), torch.randint(100, 400, (b, 19))], 1).to(args.device)
+    hf_ids = torch.cat([torch.full((b, nq), cfg.image_token_index, device=args.device), ids], 1)
+
+    def hf_side(mode: str):
+        model = Blip2ForConditionalGeneration.from_pretrained(directory).to(args.device).train()
+        model.requires_grad_(mode == "full")
+        model.language_model.requires_grad_(False).eval()
+        if mode == "lora":
+            inject_adapter_in_model(LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
+                                               target_modules=["q_proj", "v_proj"]), model.language_model)
+        return model, lambda: lm_loss(model(pixel_values=px, input_ids=hf_ids).logits[:, nq:], ids)
+
+    def blip_side(mode: str):
+        model = blip.load(directory).to(args.device).train()
+        if mode == "full":
+            set_vit_trainable(model)
+        else:
+            apply_lora(model, LoraSettings(r=8, towers=("llm",)))
+        return model, lambda: lm_loss(model(px, ids).logits, ids)
+
+    rows = []
+    for mode in ("full", "lora"):
+        timing, trainable = {}, {}
+        for side, build in (("hf", hf_side), ("blip", blip_side)):
+            model, loss_fn = build(mode)
+            trainable[side] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+            def loss(fn=loss_fn):
+                with autocast(args):
+                    return fn()
+            step = train_step(model, loss)
+            with PeakMemory(args.device) as mem:
+                step()
+            times = []
+            for _ in range(max(1, args.iters)):
+                sync(args.device)
+                t0 = time.perf_counter()
+                step()
+                sync(args.device)
+                times.append(time.perf_counter() - t0)
+            timing[side] = {"s": statistics.median(times), "peak_mb": mem.peak / 2 ** 20}
+            del model, step, loss_fn
+            gc.collect()
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            release_free_heap()
+        rows.append(row(f"blip2_finetune_{mode}_step", b, None, timing, None, hf_trainable=trainable["hf"],
+                        blip_trainable=trainable["blip"]))
+    return rows
+
+
 # ---- loading ------------------------------------------------------------------------------------------------
 
 LOAD_PROBE = """
@@ -340,5 +413,6 @@ WORKLOADS = {
     "blip2_stage1_step": blip_only_step("blip2_stage1_step", {"real": "blip2_vitg_qformer",
                                                               "tiny": "blip2_tiny_qformer"}, "stage1", None),
     "blip2_stage2_step": blip2_stage2_step,
+    "finetune_memory": finetune_memory,
     "load": loading,
 }

@@ -133,12 +133,16 @@ def test_lora_run_saves_adapters_only_and_loads(tmp_path, base, rows):
     assert sum(v.numel() for v in state.values()) < 0.2 * full
 
 
-def test_the_loss_falls_on_a_tiny_custom_set(tmp_path, base, rows):
-    out, run_dir = custom(tmp_path, "curve", base, rows, ["trainer.epochs=16", "trainer.max_steps=48", "trainer.optimizer.lr=1e-3",
-                                                          "trainer.log_every=1", "eval.enabled=false"])
+@pytest.mark.parametrize("extra", [[], ["model.lora.r=8", "model.lora.towers=[llm,qformer]"]], ids=["full", "lora"])
+def test_the_loss_falls_on_a_tiny_custom_set(tmp_path, base, rows, extra):
+    """48 steps on 24 rows: the loss falls by more than 5% (the base's tiny LLM is frozen and barely warmed up, so the
+    Q-Former and ViT, or the adapters, learn the new style slowly)."""
+    out, run_dir = custom(tmp_path, "curve", base, rows, ["trainer.epochs=16", "trainer.max_steps=48",
+                                                          "trainer.optimizer.lr=1e-3", "trainer.log_every=1",
+                                                          "eval.enabled=false", *extra])
     losses = [h["loss"] for h in json.loads((run_dir / "loss_curve.json").read_text()) if "loss" in h]
     assert len(losses) == 48
-    assert np.mean(losses[-8:]) < 0.93 * np.mean(losses[:8]), losses   # a frozen, barely warmed tiny LLM
+    assert np.mean(losses[-8:]) < 0.95 * np.mean(losses[:8]), losses
 
 
 def test_rows_of_a_kind_the_family_cannot_learn_are_refused():
@@ -151,3 +155,66 @@ def test_rows_of_a_kind_the_family_cannot_learn_are_refused():
     with pytest.raises(ValueError, match="blip2_qformer model cannot be fine-tuned on vqa rows"):
         recipe_for(Family.BLIP2_QFORMER, "vqa")
     assert {name for name in RECIPES.values()} == {p.stem for p in (CONFIGS / "recipe").glob("*.yaml")}
+
+
+def write_kind(root: Path, n: int, seed: int, kind: str) -> Path:
+    """Rows of another kind about the same shapes: a question with its answers, or an instruction with a response."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        image, attrs = render_sample(rng)
+        image.save(root / "images" / f"{kind}_{seed}_{i}.png")
+        row = {"image": f"images/{kind}_{seed}_{i}.png"}
+        if kind == "vqa":
+            row.update(question="what colour is the shape?", answer=[attrs["color"]] * 3)
+        else:
+            row.update(instruction="name the shape and where it is", response=f"{attrs['shape']} {attrs['position']}")
+        lines.append(json.dumps(row))
+    path = root / f"{kind}_{seed}.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("kind, recipe, metric", [("vqa", "blip2_vqa", "vqa_accuracy"),
+                                                  ("instruction", "blip2_instruct", "exact_match")])
+def test_questions_and_instructions_fine_tune_a_question_aware_model(tmp_path, base, kind, recipe, metric):
+    rows = write_kind(tmp_path, 16, 0, kind), write_kind(tmp_path, 4, 1, kind)
+    out, run_dir = custom(tmp_path, kind, base, rows, ["trainer.max_steps=2"])
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved["before"]["kind"] == kind and metric in saved["after"]
+    assert f"recipe: {recipe}" in (run_dir / "config.yaml").read_text()
+    model = blip.load(run_dir)
+    assert model.instruct   # the question / instruction goes into the Q-Former too
+    state = torch.load(sorted((run_dir / "checkpoints").iterdir())[-1] / "state.pt", weights_only=True)["model"]
+    assert any(k.startswith("model.qformer.transformer.embeddings.word") for k in state)   # new text parts trained
+    vit_trained = any(k.startswith("model.image_encoder.visual_encoder.") for k in state)
+    assert vit_trained == (kind == "vqa")   # the VQA recipe trains the ViT, InstructBLIP's keeps it frozen
+
+
+def test_a_blip_model_fine_tunes_on_captions(tmp_path, rows):
+    """BLIP (v1) from a blip safetensors export: the BLIP caption recipe (everything trains)."""
+    from blip.convert.formats import exporter_of
+
+    model = blip.create_model("blip_tiny", "caption")
+    exported = exporter_of(model).save_safetensors(model, tmp_path / "blip_tiny.safetensors")
+    out, run_dir = custom(tmp_path, "blip", exported, rows, ["trainer.max_steps=2", "model.image_size=64"])
+    assert "recipe: blip_caption" in (run_dir / "config.yaml").read_text()
+    loaded = blip.load(run_dir)
+    assert type(loaded) is type(model) and loaded.cfg.vision.image_size == 64
+    state = torch.load(sorted((run_dir / "checkpoints").iterdir())[-1] / "state.pt", weights_only=True)["model"]
+    assert len(state) == len(model.state_dict())   # BLIP's recipe trains every weight
+
+
+def test_a_lora_run_merges_into_plain_weights(tmp_path, base, rows):
+    from blip.cli import main
+
+    out, run_dir = custom(tmp_path, "lora", base, rows, ["trainer.max_steps=2", "model.lora.r=4"])
+    adapted = blip.load(run_dir)
+    merged_file = tmp_path / "merged.safetensors"
+    assert main(["convert", str(run_dir), str(merged_file), "--merge", "--to", "safetensors"]) == 0
+    merged = blip.load(merged_file)
+    pixels = torch.rand(2, 3, 56, 56)
+    ids = torch.tensor([[2, 5, 6], [2, 7, 8]])
+    torch.testing.assert_close(merged(pixels, ids).logits, adapted(pixels, ids).logits, atol=1e-5, rtol=1e-5)
+    assert not any("lora_" in k for k in merged.state_dict())
