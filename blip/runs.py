@@ -103,7 +103,7 @@ def load_run(path, task: str | None = None) -> nn.Module:
     state = checkpoint.raw
     if cfg.model.task == "pretrain" and str(cfg.model.arch).startswith("blip_"):
         return _blip_task_from_pretraining(cfg, state, str(ckpt), task or "caption")
-    if cfg.stage.id == "finetune":   # task=custom: the base, the recipe, the trained weights over them
+    if OmegaConf.select(cfg, "stage.id") == "finetune":   # task=custom: the base, its recipe, the trained weights
         objective = custom_objective(cfg)
         load_trained_weights(objective, state, str(ckpt))
         objective.eval()

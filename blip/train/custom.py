@@ -67,7 +67,8 @@ def on_gpu(cfg: DictConfig) -> bool:
 def recipe_settings(name: str) -> DictConfig:
     path = RECIPE_DIR / f"{name}.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"recipe {name!r}: no {path}; known: {sorted(p.stem for p in RECIPE_DIR.glob('*.yaml'))}")
+        known = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"recipe {name!r}: no {path}; known: {known}")
     return OmegaConf.load(path)
 
 
