@@ -84,8 +84,9 @@ def finetune_objective(model: nn.Module, kind: str, model_cfg: Mapping) -> nn.Mo
     """The training objective around a loaded inference ``model`` for ``kind`` rows.
 
     model_cfg: the run's resolved ``model`` settings: ``objective`` (the objective's keyword arguments, e.g. prompt,
-    max_txt_len), ``freeze_vit`` (BLIP-2), ``text_init`` (the Q-Former text parts of a question-aware model),
-    ``lora`` (:class:`blip.models.lora.LoraSettings` fields) and ``freeze`` (extra regexes of frozen parameters).
+    max_txt_len), ``image_size``, ``freeze_vit`` / ``freeze_llm`` (BLIP-2), ``text_init`` (the Q-Former text parts of
+    a question-aware model), ``lora`` (:class:`blip.models.lora.LoraSettings` fields) and ``freeze`` (extra regexes
+    of frozen parameters).
     """
     family = family_of(model)
     recipe_for(family, kind)   # refuses a family / kind pair no recipe covers
@@ -104,6 +105,9 @@ def finetune_objective(model: nn.Module, kind: str, model_cfg: Mapping) -> nn.Mo
             set_vit_trainable(model, True)
         if family is Family.BLIP2_LLM:
             from .objectives.blip2_stage2 import Blip2Stage2Objective
+            if model_cfg.get("freeze_llm") is False:   # every weight trains (the papers keep the LLM frozen)
+                model.llm.requires_grad_(True)
+                model.config.llm_train_mode = True
             if kind == "caption" and "prompt" in settings:   # the caption prompt the model was trained with
                 model.config.prompt = settings["prompt"]
             objective = Blip2Stage2Objective(model, **settings)

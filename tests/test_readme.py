@@ -81,6 +81,27 @@ def check_python_api(out: str, work: Path) -> None:
     assert all(-1 <= v <= 1 for v in itc) and all(0 <= v <= 1 for v in itm)
 
 
+def check_new_rows(out: str, work: Path) -> None:
+    """The rows of the fine-tuning example: 512 + 64 captions of the new style, each naming its image."""
+    root = work / "data" / "shapes_new_style"
+    for split, n in (("train", 512), ("val", 64)):
+        rows = [json.loads(line) for line in (root / f"{split}.jsonl").read_text().splitlines()]
+        assert len(rows) == n and all((root / r["image"]).is_file() and len(r["caption"].split()) in (3, 4)
+                                      for r in rows)
+
+
+def check_fine_tuning(out: str, work: Path) -> None:
+    """Two task=custom runs (full, LoRA) with their before / after lines, then caption-dir with the full run."""
+    changes = [line for line in out.splitlines() if line.startswith("held-out caption rows (64), before -> after")]
+    assert len(changes) == 2 and all("bleu4" in line and "cider" in line for line in changes), out[-3000:]
+    for name in ("custom", "custom_lora"):
+        results = json.loads(next((work / "outputs" / name).glob("*/results.json")).read_text())
+        assert results["before"]["num_items"] == results["after"]["num_items"] == 64
+    assert "captioned 576, skipped 0" in out
+    first = json.loads(out.splitlines()[-2])   # head -2
+    assert first["model"] == "outputs/custom" and first["caption"].strip()
+
+
 # blocks that run -> the check of what they printed
 def check_replicate_client(out: str, work: Path) -> None:
     """The Replicate Python client, pointed at the server, prints the caption the server made (one line between the
@@ -94,6 +115,8 @@ CHECKS = {
     "# 1. caption a folder (recursive), a text file of paths, or local shards into JSONL": check_labelling,
     "import blip": check_python_api,
     "export BLIP_SERVE_API_TOKEN=": check_replicate_client,
+    "import json, pathlib": check_new_rows,
+    ".venv/bin/python scripts/train.py task=custom": check_fine_tuning,
 }
 
 
@@ -109,7 +132,7 @@ def clone(tmp_path_factory) -> tuple[Path, dict]:
     work.mkdir()
     home.mkdir()
     for entry in ROOT.iterdir():   # the repository's files, at their relative paths
-        if entry.name not in (".git", ".venv", "outputs") and not entry.name.startswith((".pytest", ".ruff")):
+        if entry.name not in (".git", ".venv", "outputs", "data") and not entry.name.startswith((".pytest", ".ruff")):
             (work / entry.name).symlink_to(entry)
     (work / ".venv").symlink_to(sys.prefix)   # the environment itself: its python finds its pyvenv.cfg
     assert (work / ".venv/bin/blip").is_file(), f"the blip command is not installed in {sys.prefix} (pip install -e .)"
