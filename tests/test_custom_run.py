@@ -218,3 +218,41 @@ def test_a_lora_run_merges_into_plain_weights(tmp_path, base, rows):
     ids = torch.tensor([[2, 5, 6], [2, 7, 8]])
     torch.testing.assert_close(merged(pixels, ids).logits, adapted(pixels, ids).logits, atol=1e-5, rtol=1e-5)
     assert not any("lora_" in k for k in merged.state_dict())
+
+
+def test_freeze_llm_false_trains_every_weight(tmp_path, base, rows):
+    from blip.runs import custom_objective
+    from blip.train.custom import resolve_custom
+
+    def objective(extra):
+        cfg = compose_run(tmp_path, "r", ["task=custom", f"data.train={rows[0]}", f"init_from={base}", *extra])
+        resolve_custom(cfg)
+        return custom_objective(cfg)
+
+    default, everything = objective([]), objective(["model.freeze_llm=false"])
+    assert not any(p.requires_grad for p in default.model.llm.parameters())      # the recipe: the LLM frozen
+    assert all(p.requires_grad for p in everything.model.llm.parameters())
+    assert everything.model.train().llm.training and not default.model.train().llm.training
+
+
+def test_a_resumed_custom_run_equals_an_uninterrupted_one(tmp_path, base, rows):
+    """Trainable-only checkpoints resume exactly: a copy of a 4-step run cut back to its step-2 checkpoint, resumed,
+    ends with the same step-4 weights."""
+    import shutil
+
+    common = ["trainer.max_steps=4", "trainer.checkpoint_every=1", "trainer.keep_last=10", "trainer.epochs=2"]
+    custom(tmp_path, "whole", base, rows, common)
+    whole, cut = tmp_path / "outputs/whole", tmp_path / "outputs/cut"
+    shutil.copytree(whole, cut)
+    for later in ("step_00000003", "step_00000004"):
+        shutil.rmtree(cut / "checkpoints" / later)
+    (cut / "results.json").unlink()
+    out, _ = custom(tmp_path, "resumed", base, rows, [*common, f"resume={cut}"])
+    assert out["steps"] == 4
+
+    def final(run: Path) -> dict:
+        return torch.load(run / "checkpoints/step_00000004/state.pt", weights_only=True)["model"]
+    a, b = final(whole), final(cut)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    saved = json.loads((cut / "results.json").read_text())
+    assert saved["before"] == json.loads((whole / "results.json").read_text())["before"]   # from the first start
