@@ -83,7 +83,7 @@ def test_prompts_too_long_for_the_positions_are_refused_by_the_string_apis(direc
     captioner.check_generation_length(["a picture of "], positions - 4)
 
 
-def test_an_over_long_request_is_refused_and_its_batch_neighbours_get_their_answers(direct, cat, one_thread):  # noqa: F811,E501
+def test_an_over_long_request_is_refused_and_its_neighbours_answered(direct, cat, one_thread):  # noqa: F811
     """Good and over-long requests arrive together: the over-long ones get 422 naming the limit before they are
     queued, the good ones the answers the model gives them alone (the hosted prompt, 5 beams)."""
     cfg = ServeConfig(max_batch_size=16, max_wait_ms=300, decoding=Decoding(max_new_tokens=MAX_NEW))
