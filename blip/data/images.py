@@ -93,12 +93,14 @@ def _open_source(source: ImageSource) -> tuple[BinaryIO | str, str]:
     return str(path), str(path)
 
 
-def load_image(source: ImageSource, max_pixels: int | None = None) -> Image.Image:
+def load_image(source: ImageSource, max_pixels: int | None = None,
+               limit_name: str = "data.max_image_pixels") -> Image.Image:
     """Decode `source` (path, bytes, binary file object or PIL image) -> upright RGB `PIL.Image.Image`.
 
     Raises ImageDecodeError (a ValueError) naming the file for missing/unreadable paths, empty files, non-images,
     truncated or corrupt data and decompression bombs; ImageTooLargeError (a subclass) when `max_pixels` is given
-    and the header declares more pixels (read from the header, before any pixel is decoded).
+    and the header declares more pixels (read from the header, before any pixel is decoded); `limit_name` is
+    the setting the message names.
     """
     if isinstance(source, Image.Image):
         name = getattr(source, "filename", "") or "<PIL image>"
@@ -113,7 +115,7 @@ def load_image(source: ImageSource, max_pixels: int | None = None) -> Image.Imag
         with Image.open(fp) as img:
             if max_pixels is not None and img.width * img.height > max_pixels:
                 raise ImageTooLargeError(name, f"{img.width}x{img.height} pixels, more than the limit of {max_pixels} "
-                                         "(data.max_image_pixels); downscale the image or raise the limit")
+                                         f"({limit_name}); downscale the image or raise the limit")
             img.load()  # full decode now: truncation must fail here, not later in a worker
             return to_rgb(_upright(img, name))  # exif_transpose returns a copy, detached from the file
     except ImageTooLargeError:
