@@ -36,8 +36,9 @@ class SettingError(ValueError):
 class Setting:
     """One setting's type and range. kind: int | float | bool | str | list (``item`` types each element, ``length``
     fixes the count); low / high: bounds, inclusive unless ``low_open`` / ``high_open``; choices: the only values a
-    str may take; pattern: a regex a str may match instead, ``pattern_shown`` its form in messages; null: what null means where it is allowed (None: null is
-    refused); optional: the key may be absent (groups that have it set it)."""
+    str may take; pattern: a regex a str may match instead, ``pattern_shown`` its form in messages; null: what null
+    means where it is allowed (None: null is refused); optional: the key may be absent (groups that have it set
+    it)."""
     kind: type
     low: float | None = None
     high: float | None = None
