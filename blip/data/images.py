@@ -121,10 +121,9 @@ def load_image(source: ImageSource, max_pixels: int | None = None,
     except ImageTooLargeError:
         raise
     except UnidentifiedImageError as e:
-        head = _peek(fp)
         raise ImageDecodeError(
-            name, f"not a recognised image format (starts with {head!r}); often an HTML error page saved by a "
-            "failed download: re-download it or remove it from the annotations"
+            name, f"not a recognised image format ({_content_kind(_peek(fp))}); re-download it or remove it from the "
+            "annotations"
         ) from e  # fmt: skip
     except Image.DecompressionBombError as e:
         raise ImageDecodeError(name, f"too large to decode safely ({e})") from e
@@ -132,6 +131,19 @@ def load_image(source: ImageSource, max_pixels: int | None = None,
         raise ImageDecodeError(
             name, f"truncated or corrupt image data ({e}); re-download or re-encode the file, or remove it"
         ) from e
+
+
+def _content_kind(head: bytes) -> str:
+    """What a file's first bytes look like, in words: errors describe a file's content, never echo it (the path
+    may name a file that is not the user's to show)."""
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
+        return "it is an HTML page: often an HTML error page saved by a failed download"
+    if not head:
+        return "nothing could be read from it"
+    if any(byte < 32 and byte not in b"\t\n\r" or byte == 127 for byte in head):   # control bytes: not text
+        return "binary data of an unknown format"
+    return "it holds text, not image data"
 
 
 def _peek(fp: BinaryIO | str, n: int = 16) -> bytes:
