@@ -300,7 +300,8 @@ def finetune_memory(args, directory: Path, race) -> list[dict]:
     hf_ids = torch.cat([torch.full((b, nq), cfg.image_token_index, device=args.device), ids], 1)
 
     def hf_side(mode: str):
-        model = Blip2ForConditionalGeneration.from_pretrained(directory).to(args.device).train()
+        model = Blip2ForConditionalGeneration.from_pretrained(directory, local_files_only=True,
+                                                              trust_remote_code=False).to(args.device).train()
         model.requires_grad_(mode == "full")
         model.language_model.requires_grad_(False).eval()
         if mode == "lora":
