@@ -386,9 +386,12 @@ def _materialise_missing(model: nn.Module) -> None:
 # blip's own safetensors files: weights + the config that rebuilds the model, in the metadata
 
 def write_safetensors(sd: StateDict, path: str | Path, metadata: dict[str, str]) -> Path:
-    """Write ``sd`` (moved to CPU, contiguous; tied aliases stored once) with ``metadata`` to ``path`` atomically."""
+    """Write ``sd`` (moved to CPU, contiguous; tied aliases stored once) with ``metadata`` to ``path`` atomically;
+    ``.safetensors`` is appended to a name without it (readers tell the format by the name). -> the path written."""
     from safetensors.torch import save_file
     path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path.with_name(path.name + ".safetensors")
     seen: set[tuple[int, int]] = set()
     out = {}
     for k, v in sd.items():
