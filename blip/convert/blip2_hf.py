@@ -192,7 +192,7 @@ def export_hf_llm(model: nn.Module, directory: str | Path, image_token_index: in
         if token is None:
             raise ValueError("HF marks the image queries with an id of the LLM vocabulary and this model has none "
                              "to spare (no LLM tokenizer, or no embedding row beyond its vocabulary): pass "
-                             "image_token_index= (an id whose embedding row no text uses)")
+                             "image_token_index=<id> (an id whose embedding row no text uses)")
         log.warning("image_token_index=%d: the LLM embedding row after the tokenizer's vocabulary, where HF's "
                     "Blip2Processor puts <image>", token)
     if cfg.ln_vision_eps != cfg.vision.layer_norm_eps:
