@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -42,6 +43,17 @@ def _int_at_least(low: int):
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
         return value
     parse.__name__ = f"integer >= {low}"   # argparse names the type in its message
+    return parse
+
+
+def _number_above(low: float, inclusive: bool = False):
+    """argparse type: a finite number > ``low`` (>= with ``inclusive``)."""
+    def parse(text: str) -> float:
+        value = float(text)
+        if not (math.isfinite(value) and (value >= low if inclusive else value > low)):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {low:g}, got {text}")
+        return value
+    parse.__name__ = f"number {'>=' if inclusive else '>'} {low:g}"
     return parse
 
 
@@ -77,7 +89,7 @@ def _run_task(source: str) -> str | None:
 def decoding_from(args):
     from .predictor import Decoding
     return Decoding(prompt=getattr(args, "prompt", None), num_beams=args.beams, max_new_tokens=args.max_new_tokens,
-                    min_new_tokens=args.min_new_tokens, do_sample=args.sample, top_p=args.top_p,
+                    min_new_tokens=args.min_new_tokens, do_sample=args.sample, top_p=args.top_p, top_k=args.top_k,
                     temperature=args.temperature, repetition_penalty=args.repetition_penalty)
 
 
@@ -192,8 +204,9 @@ def cmd_serve(args) -> int:
     host, note = bind_host(args.host, token)
     predictor = load_predictor(args, "any")
     cfg = ServeConfig(max_batch_size=args.batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-                      timeout_s=args.timeout_s, max_image_bytes=int(args.max_image_mb * 2**20),
-                      decoding=decoding_from(args), api_token=token)
+                      timeout_s=args.timeout_s, max_image_bytes=max(int(args.max_image_mb * 2**20), 1),
+                      max_pixels=args.max_pixels, max_decodes=args.max_decodes,
+                      shutdown_timeout_s=args.shutdown_timeout_s, decoding=decoding_from(args), api_token=token)
     api = ApiConfig(model_ref=ref, webhook_hosts=frozenset(args.webhook_host))
     print(f"blip serve: {note}", file=sys.stderr, flush=True)
     serve(predictor, host, args.port, cfg, api)
@@ -273,9 +286,11 @@ def _decoding_options(p: argparse.ArgumentParser, prompt: bool = True, seed: boo
     p.add_argument("--beams", type=int, default=None, help="beam width (default BLIP 3, BLIP-2 5)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default BLIP 15 (caption), BLIP-2 30")
     p.add_argument("--min-new-tokens", type=int, default=None)
-    p.add_argument("--sample", action="store_true", help="nucleus sampling instead of beam search")
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--sample", action="store_true", default=None, help="nucleus sampling instead of beam search "
+                   "(implied by --temperature other than 1, --top-p below 1 or --top-k above 0; one beam)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus mass (default 0.9 when sampling)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 1)")
     p.add_argument("--repetition-penalty", type=float, default=None)
     if seed:
         p.add_argument("--seed", type=int, default=None, help="makes --sample reproducible (caption-dir: per image, "
@@ -306,17 +321,25 @@ def _add_serve(sub) -> None:
                                       "schema, Cog), /caption, /answer, /match, /health"), json_output=False)
     p.add_argument("--host", default=None, help="address to listen on (default: 127.0.0.1 without an API token, "
                    "0.0.0.0 with one)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="1-65535")
     p.add_argument("--api-token", default=None, help=f"requests must send it (Authorization: Bearer TOKEN); "
                    f"default ${TOKEN_ENV}, which keeps it out of the process list")
     p.add_argument("--model-ref", default=None, metavar="OWNER/NAME[:VERSION]", help="the model the Replicate API "
                    "answers as (default salesforce/blip-2, or salesforce/blip for BLIP, any version)")
     p.add_argument("--webhook-host", action="append", default=[], metavar="HOST", help="a host webhooks may go to "
                    "(repeatable; none by default: requests with a webhook are refused)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
-    p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond this get 503")
-    p.add_argument("--timeout-s", type=float, default=60.0, help="per-request timeout (504 after it)")
-    p.add_argument("--max-image-mb", type=float, default=20.0, help="larger uploads get 413")
+    p.add_argument("--max-wait-ms", type=_number_above(0, inclusive=True), default=5.0,
+                   help="how long a batch waits for more requests")
+    p.add_argument("--max-queue", type=_int_at_least(1), default=256,
+                   help="requests waiting beyond this get 503 with Retry-After")
+    p.add_argument("--timeout-s", type=_number_above(0), default=60.0, help="per-request timeout (504 after it)")
+    p.add_argument("--max-image-mb", type=_number_above(0), default=20.0, help="larger uploads get 413")
+    p.add_argument("--max-pixels", type=_int_at_least(1), default=50_000_000,
+                   help="images with more pixels (width x height, read from the header before decoding) get 413")
+    p.add_argument("--max-decodes", type=_int_at_least(1), default=2,
+                   help="images decoded at once (bounds memory: each holds up to 3 bytes per pixel)")
+    p.add_argument("--shutdown-timeout-s", type=_number_above(0), default=10.0,
+                   help="on SIGTERM, how long open requests may take before they are cut off")
     _decoding_options(p, seed=False)   # the defaults for requests that leave them out
     p.set_defaults(func=cmd_serve)
 

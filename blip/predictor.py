@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from .generation import choose_search, sampling_settings_given
 from .models.family import Family, family_of
 
 DEFAULT_QUESTION = "What is this a picture of?"
@@ -29,28 +30,54 @@ class UsageError(ValueError):
 @dataclass
 class Decoding:
     """Decoding settings with one meaning for every family; None means the model's own default (BLIP's caption prompt
-    "a picture of ", 3 beams, 16 new tokens; BLIP-2: the checkpoint's prompt, 5 beams, 30 new tokens)."""
+    "a picture of ", 3 beams, 16 new tokens; BLIP-2: the checkpoint's prompt, 5 beams, 30 new tokens).
+
+    Sampling follows :func:`blip.generation.choose_search`: a sampling setting (temperature != 1, top_p < 1,
+    top_k > 0) implies ``do_sample``, sampling uses one beam, and ``do_sample=False`` with a sampling setting (or
+    sampling with beams) is refused. When sampling, top_p defaults to 0.9 (LAVIS's nucleus) and temperature to 1."""
     prompt: str | None = None
     num_beams: int | None = None
     max_new_tokens: int | None = None
     min_new_tokens: int | None = None
-    do_sample: bool = False
-    top_p: float = 0.9
-    temperature: float = 1.0
+    do_sample: bool | None = None
+    top_p: float | None = None
+    temperature: float | None = None
     repetition_penalty: float | None = None
+    top_k: int | None = None
 
     def __post_init__(self) -> None:
         checks = [(self.num_beams is None or self.num_beams >= 1, "num_beams must be >= 1"),
                   (self.max_new_tokens is None or self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
                   (self.min_new_tokens is None or self.min_new_tokens >= 0, "min_new_tokens must be >= 0"),
-                  (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
-                  (self.temperature > 0.0, "temperature must be > 0"),
+                  (self.top_p is None or 0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+                  (self.top_k is None or self.top_k >= 0, "top_k must be >= 0"),
+                  (self.temperature is None or self.temperature > 0.0, "temperature must be > 0"),
                   (self.repetition_penalty is None or self.repetition_penalty > 0, "repetition_penalty must be > 0"),
                   (self.max_new_tokens is None or self.min_new_tokens is None
                    or self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be <= max_new_tokens")]
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
+        self.search()
+
+    def search(self) -> tuple[bool, int | None]:
+        """(do_sample, num_beams) by :func:`blip.generation.choose_search`; UsageError for contradicting settings."""
+        try:
+            return choose_search(self.do_sample, self.num_beams, self.temperature, self.top_p, self.top_k)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+
+    def under(self, own: dict) -> Decoding:
+        """A request's own settings (the fields it gave) over these defaults. A request that picks its search keeps
+        it unmixed: sampling (do_sample or a sampling setting) drops the default beams; beam search (do_sample
+        false or num_beams > 1) drops the default sampling settings."""
+        base, sample = self, own.get("do_sample")
+        if sample or (sample is None and sampling_settings_given(own.get("temperature"), own.get("top_p"),
+                                                                 own.get("top_k"))):
+            base = replace(base, num_beams=None)
+        elif sample is False or (own.get("num_beams") or 1) > 1:
+            base = replace(base, do_sample=None, top_p=None, temperature=None, top_k=None)
+        return replace(base, **own)
 
     def as_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -93,16 +120,30 @@ class Predictor:
             raise UsageError(f"{self.name or type(self.model).__name__} ({type(self.model).__name__}) cannot {task}: "
                              f"load {kind} model (it can: {', '.join(self.tasks) or 'nothing at string level'})")
 
-    def check(self, task: str, decoding: Decoding | None = None, context: str | None = None) -> None:
-        """Raise UsageError unless the model can do ``task`` with these settings."""
+    def check(self, task: str, decoding: Decoding | None = None, context: str | None = None,
+              question: str | None = None) -> None:
+        """Raise UsageError unless the model can do ``task`` with these settings, and (given ``decoding``) unless
+        the prompt (caption prompt, or ``question`` with its ``context``) and the new tokens fit the model's
+        positions: the limit is named before anything runs."""
         self.require(task)
         if task == "answer" and not self.llm:
             if context and context.strip():
                 raise UsageError("a context (previous questions and answers) needs a BLIP-2 language model; BLIP VQA "
                                  "answers one question at a time")
-            if decoding is not None and decoding.do_sample:
+            if decoding is not None and decoding.search()[0]:
                 raise UsageError("BLIP VQA answers here with beam search (its sampling takes no per-image seed); "
                                  "sample with a BLIP-2 language model")
+        if decoding is None or task == "match" or not hasattr(self.model, "check_generation_length"):
+            return
+        d = self.resolve(decoding, task)
+        if task == "caption":
+            prompt = d.prompt or ""
+        else:
+            prompt = question_prompt(question or "", context) if self.llm else (question or "")
+        try:
+            self.model.check_generation_length([prompt], d.max_new_tokens)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
 
     def transform(self):
         """Decoded RGB PIL image -> float32 [3, S, S] at this model's resolution (the eval transform)."""
@@ -124,27 +165,30 @@ class Predictor:
     def _defaults(self, task: str) -> dict:
         """The model's own defaults for ``task``: BLIP-2 LLM models' ``caption_defaults()`` (the checkpoint's own; T5
         min_length 1 counts the decoder start), used for answers too as the hosted predictor does; otherwise the
-        keyword defaults of the model's ``caption`` / ``answer`` (BLIP's and LAVIS's lengths)."""
+        keyword defaults of the model's ``caption`` / ``answer`` (BLIP's and LAVIS's lengths) and its
+        ``default_num_beams``."""
         if self.llm:
             return {**self.model.caption_defaults(), "prompt": self.model.config.prompt if task == "caption" else None}
         params = inspect.signature(getattr(self.model, task)).parameters
         keys = ("num_beams", "max_new_tokens", "min_new_tokens", "prompt")
-        return {k: params[k].default if k in params else None for k in keys}
+        own = {k: params[k].default if k in params else None for k in keys}
+        return {**own, "num_beams": own["num_beams"] or getattr(self.model, "default_num_beams", None)}
 
     def resolve(self, d: Decoding, task: str = "caption") -> Decoding:
-        """``d`` with the model's defaults for ``task`` filled in (what the model will actually run)."""
+        """``d`` with the search decided (:meth:`Decoding.search`) and the model's defaults for ``task`` filled in
+        (what the model will actually run); the sampling settings only when sampling."""
         own = self._defaults(task)
-        return replace(d, prompt=d.prompt if d.prompt is not None else own["prompt"],
-                       num_beams=1 if d.do_sample else (d.num_beams or own["num_beams"]),
-                       max_new_tokens=d.max_new_tokens or own["max_new_tokens"],
-                       min_new_tokens=d.min_new_tokens if d.min_new_tokens is not None else own["min_new_tokens"])
+        sample, beams = d.search()
+        return replace(d, prompt=d.prompt if d.prompt is not None else own["prompt"], do_sample=sample,
+                       num_beams=beams or own["num_beams"], max_new_tokens=d.max_new_tokens or own["max_new_tokens"],
+                       min_new_tokens=d.min_new_tokens if d.min_new_tokens is not None else own["min_new_tokens"],
+                       top_p=(0.9 if d.top_p is None else d.top_p) if sample else None,
+                       temperature=(1.0 if d.temperature is None else d.temperature) if sample else None,
+                       top_k=d.top_k if sample else None)
 
     def settings(self, d: Decoding, task: str = "caption") -> dict:
         """The effective settings, as recorded next to results."""
-        out = self.resolve(d, task).as_dict()
-        if not d.do_sample:
-            out.pop("top_p"), out.pop("temperature")
-        return out
+        return self.resolve(d, task).as_dict()
 
     def _generation(self, d: Decoding, task: str, seeds: Sequence[int | None] | None, n: int) -> dict:
         d = self.resolve(d, task)
@@ -152,6 +196,8 @@ class Predictor:
                    do_sample=d.do_sample)
         if d.do_sample:
             gen.update(top_p=d.top_p, temperature=d.temperature, generator=row_generators(seeds, n))
+            if d.top_k is not None:
+                gen["top_k"] = d.top_k
         if d.repetition_penalty is not None:
             gen["repetition_penalty"] = d.repetition_penalty
         return gen

@@ -19,45 +19,84 @@ fetches a URL a client names. Requests wait in a bounded queue; one worker gathe
 (or until ``max_batch_size``), groups those with equal settings into one forward pass each, and hands every request
 its own result. Sampling is seeded per request (one generator per row), so a seeded request gives the same output
 whatever it is batched with.
+Every request is checked before it is queued: unknown fields, settings, and the prompt's length with the new tokens
+against the model's positions (:meth:`blip.predictor.Predictor.check`). A batch that fails anyway is run again
+request by request, so only the request that fails alone gets an error. At most ``max_decodes`` images are decoded at
+once, and memory is handed back after large ones (:func:`release_memory`).
 Errors: 413 for oversized bodies or images (bytes, or pixels read from the header before decoding), 400 (with the
-reason) for malformed bodies and undecodable images, 422 for invalid fields or a task the model cannot do, 503 when
-the queue is full, 504 after ``timeout_s``.
+reason) for malformed bodies and undecodable images, 422 for invalid or unknown fields, prompts too long for the
+model or a task the model cannot do, 503 (with ``Retry-After``) when the queue is full, 504 after ``timeout_s``.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
 import binascii
+import gc
 import hmac
 import json
 import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Literal
 
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .predictor import DEFAULT_QUESTION, Decoding, Predictor, UsageError
 
 log = logging.getLogger("blip.serve")
+RETRY_AFTER_S = 1                 # the Retry-After of a 503 (queue full)
+LARGE_IMAGE_PIXELS = 2**22        # decoding more than this many pixels hands the freed memory back afterwards
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the operating system: collect cycles, then glibc's ``malloc_trim`` (without it,
+    freed image buffers stay in the allocator's arenas and the process keeps its peak size); where the C library has
+    no ``malloc_trim`` only the collection runs."""
+    gc.collect()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _malloc_trim():
+    import ctypes
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
 
 
 @dataclass
 class ServeConfig:
     max_batch_size: int = 16
     max_wait_ms: float = 5.0
-    max_queue: int = 256
+    max_queue: int = 256           # requests waiting beyond it get 503 (with Retry-After)
     timeout_s: float = 60.0
     max_image_bytes: int = 20 * 2**20
     max_pixels: int = 50_000_000   # width x height, read from the header before decoding (a small file can be huge)
+    max_decodes: int = 2           # images decoded at once: decoded memory is about max_decodes x 3 x max_pixels
+    shutdown_timeout_s: float = 10.0   # after SIGTERM, open requests get this long before they are cut off
     decoding: Decoding = field(default_factory=Decoding)   # defaults for fields a request leaves out
     api_token: str | None = None   # when set, every request but GET /health-check needs it (Authorization header)
+
+    def __post_init__(self) -> None:
+        positive = {"max_batch_size": self.max_batch_size, "max_queue": self.max_queue, "timeout_s": self.timeout_s,
+                    "max_image_bytes": self.max_image_bytes, "max_pixels": self.max_pixels,
+                    "max_decodes": self.max_decodes, "shutdown_timeout_s": self.shutdown_timeout_s}
+        for name, value in positive.items():
+            if not value > 0:
+                raise UsageError(f"{name} must be > 0, got {value}")
+        if not self.max_wait_ms >= 0:
+            raise UsageError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
 
     @property
     def max_body_bytes(self) -> int:  # a base64 image is 4/3 of its bytes; room for the other fields
@@ -65,33 +104,40 @@ class ServeConfig:
 
 
 # ---- request schemas ------------------------------------------------------------------------------------------------
-class DecodingFields(BaseModel):
+class Fields(BaseModel):
+    """Request fields: a field the schema does not name is refused (422 naming it), never ignored."""
+    model_config = ConfigDict(extra="forbid")
+
+
+class DecodingFields(Fields):
+    """Sampling settings (temperature != 1, top_p < 1, top_k > 0) imply do_sample, with one beam
+    (:func:`blip.generation.choose_search`)."""
     num_beams: int | None = Field(None, ge=1, le=32)
     max_new_tokens: int | None = Field(None, ge=1, le=512)
     min_new_tokens: int | None = Field(None, ge=0, le=512)
-    do_sample: bool = False
-    top_p: float = Field(0.9, gt=0.0, le=1.0)
-    temperature: float = Field(1.0, gt=0.0, le=10.0)
+    do_sample: bool | None = None
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="nucleus mass (0.9 when sampling)")
+    top_k: int | None = Field(None, ge=0, le=1000)
+    temperature: float | None = Field(None, gt=0.0, le=10.0, description="sampling temperature (1 when sampling)")
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     seed: int | None = Field(None, ge=0, lt=2**63)
 
     def decoding(self, defaults: Decoding) -> Decoding:
-        """The server's defaults with the fields this request set."""
-        own = self.model_dump(include=self.model_fields_set & (set(Decoding.__dataclass_fields__)))
-        return replace(defaults, **own)
+        """The server's defaults with the fields this request set (:meth:`Decoding.under`)."""
+        return defaults.under(self.model_dump(include=self.model_fields_set & set(Decoding.__dataclass_fields__)))
 
 
-class PredictionFields(BaseModel):
+class PredictionFields(Fields):
     """The hosted BLIP-2 inputs (besides ``image``)."""
     caption: bool = Field(False, description="caption the image instead of answering the question")
     question: str = Field(DEFAULT_QUESTION, description="question about the image; empty: caption it")
     context: str | None = Field(None, description='earlier turns, e.g. "Question: what is it? Answer: a cat."')
     use_nucleus_sampling: bool = Field(False, description="nucleus sampling (top_p 0.9) instead of beam search")
-    temperature: float = Field(1.0, gt=0.0, le=10.0, description="sampling temperature")
+    temperature: float = Field(1.0, gt=0.0, le=10.0, description="sampling temperature (other than 1: samples)")
     seed: int | None = Field(None, ge=0, lt=2**63, description="makes sampling reproducible (a blip extension)")
 
 
-class BlipPredictionFields(BaseModel):
+class BlipPredictionFields(Fields):
     """The hosted BLIP (v1) inputs (besides ``image``); the Cog protocol and the Replicate API take these for BLIP."""
     task: Literal["image_captioning", "visual_question_answering", "image_text_matching"] = "image_captioning"
     question: str | None = Field(None, description="the question (visual_question_answering)")
@@ -107,7 +153,7 @@ class AnswerFields(DecodingFields):
     context: str | None = None
 
 
-class MatchFields(BaseModel):
+class MatchFields(Fields):
     texts: list[str] = Field(..., min_length=1, max_length=256)
 
 
@@ -162,6 +208,17 @@ def _limited(raw: bytes | None, limit: int) -> bytes:
     if len(raw) > limit:
         raise HTTPException(413, f"image is {len(raw)} bytes; the limit is {limit}")
     return raw
+
+
+COG_REQUEST_FIELDS = frozenset({"input", "id", "created_at", "context", "output_file_prefix", "webhook",
+                                "webhook_events_filter"})   # Cog's PredictionRequest
+
+
+def refuse_unknown(body: dict, known: frozenset[str], what: str) -> None:
+    """422 naming the first field of ``body`` outside ``known``: an unknown field is refused, never ignored."""
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise HTTPException(422, f"unknown field {unknown[0]!r} in the {what}; it takes {', '.join(sorted(known))}")
 
 
 def validate_fields(schema: type[BaseModel], fields: dict) -> BaseModel:
@@ -290,7 +347,8 @@ class Batcher:
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
-            raise HTTPException(503, f"busy: {self.cfg.max_queue} requests are waiting; retry later") from None
+            raise HTTPException(503, f"busy: {self.cfg.max_queue} requests are waiting; retry later",
+                                headers={"Retry-After": str(RETRY_AFTER_S)}) from None
 
     async def result(self, job: Job) -> Any:
         """The queued job's result (504 after ``timeout_s``)."""
@@ -340,16 +398,27 @@ class Batcher:
                     job.started = started
                 self.running = len(jobs)
                 try:
-                    results = await asyncio.get_running_loop().run_in_executor(self.device_thread, self._run, jobs)
-                except Exception as e:  # noqa: BLE001 - one failed batch must not stop the server
-                    log.exception("batch of %d %s requests failed", len(jobs), jobs[0].kind)
-                    results = [e] * len(jobs)
+                    results = await asyncio.get_running_loop().run_in_executor(self.device_thread, self._run_apart,
+                                                                               jobs)
                 finally:
                     self.running = 0
                     self.batches += 1
                 for job, result in zip(jobs, results):
                     if not job.future.done():
                         (job.future.set_exception if isinstance(result, Exception) else job.future.set_result)(result)
+
+    def _run_apart(self, jobs: list[Job]) -> list:
+        """The jobs' results as one batch; if the batch fails, each job alone, so only the requests that fail on
+        their own get an exception (one per job) and the others their results."""
+        try:
+            return self._run(jobs)
+        except Exception as e:  # noqa: BLE001 - one failed batch must not stop the server or fail its neighbours
+            if len(jobs) == 1:
+                log.exception("a %s request failed", jobs[0].kind)
+                return [e]
+            log.warning("batch of %d %s requests failed (%s: %s); running them one by one", len(jobs), jobs[0].kind,
+                        type(e).__name__, e)
+        return [self._run_apart([job])[0] for job in jobs]
 
     def _run(self, jobs: list[Job]) -> list:
         p, first = self.predictor, jobs[0]
@@ -411,31 +480,39 @@ class Service:
         self.predictor, self.cfg = predictor, cfg
         self.batcher = Batcher(predictor, cfg)
         self.transform = predictor.transform()
+        self.decode_slots: asyncio.Semaphore | None = None   # made on the server's event loop by start()
+
+    def start(self) -> None:
+        """On the server's event loop: the decode slots and the batcher's worker."""
+        self.decode_slots = asyncio.Semaphore(self.cfg.max_decodes)
+        self.batcher.start()
 
     async def read(self, request: Request, schema: type[BaseModel]) -> tuple[bytes, BaseModel]:
         return await read_request(request, schema, self.cfg.max_image_bytes)
 
     def _decode(self, raw: bytes) -> torch.Tensor:
-        import io
-
-        from PIL import Image
-
-        from .data.images import ImageDecodeError, load_image
+        """Image bytes -> pixels [3, S, S], the pixel count checked from the header before decoding; freed memory
+        goes back to the system after a large image."""
+        from .data.images import ImageDecodeError, ImageTooLargeError, load_image
         try:
-            with Image.open(io.BytesIO(raw)) as header:   # the size only: nothing is decoded yet
-                pixels = header.width * header.height
-        except Exception:  # noqa: BLE001 - not an image: load_image below names the problem
-            pixels = 0
-        if pixels > self.cfg.max_pixels:
-            raise HTTPException(413, f"image has {pixels} pixels; the limit is {self.cfg.max_pixels}")
-        try:
-            return self.transform(load_image(raw))
+            image = load_image(raw, max_pixels=self.cfg.max_pixels, limit_name="the server's --max-pixels")
+        except ImageTooLargeError as e:
+            raise HTTPException(413, f"image: {e.reason}") from None
         except ImageDecodeError as e:
             raise HTTPException(400, f"image: {e.reason}") from None
+        large = image.width * image.height > LARGE_IMAGE_PIXELS
+        try:
+            return self.transform(image)
+        finally:
+            del image
+            if large:
+                release_memory()
 
     async def decode(self, raw: bytes) -> torch.Tensor:
-        """Image bytes -> pixels, off the event loop (413 / 400 for oversized or undecodable images)."""
-        return await asyncio.to_thread(self._decode, raw)
+        """Image bytes -> pixels, off the event loop and at most ``max_decodes`` at once (each holds its full
+        decoded image); 413 / 400 for oversized or undecodable images."""
+        async with self.decode_slots:
+            return await asyncio.to_thread(self._decode, raw)
 
     async def run(self, job: Job, raw: bytes) -> Any:
         """Decode off the event loop, then wait for the job's batch."""
@@ -458,21 +535,24 @@ class Service:
             if f.task == "visual_question_answering":
                 if not f.question:
                     raise HTTPException(422, "visual_question_answering needs a question")
-                check("answer", defaults)
+                check("answer", defaults, question=f.question)
                 return HostedCall(Job("answer", None, defaults, f.question), lambda out: f"Answer: {out}")
             if not f.caption:
                 raise HTTPException(422, "image_text_matching needs a caption")
             check("match")
             return HostedCall(Job("match", None, texts=[f.caption]), _matched)
-        decoding = replace(defaults, do_sample=f.use_nucleus_sampling, temperature=f.temperature)
+        given = f.model_fields_set   # the hosted switch and temperature, as far as the request set them
+        decoding = defaults.under({**({"do_sample": f.use_nucleus_sampling} if "use_nucleus_sampling" in given else {}),
+                                   **({"temperature": f.temperature} if "temperature" in given else {})})
         if f.caption or not f.question.strip():
             check("caption", decoding)
             return HostedCall(Job("caption", None, decoding, seed=f.seed))
-        check("answer", decoding, f.context)
+        check("answer", decoding, f.context, f.question)
         return HostedCall(Job("answer", None, decoding, f.question, f.context, seed=f.seed))
 
     async def predict_cog(self, body: dict, prefer: str) -> dict:
         """Cog's ``POST /predictions`` with ``{"input": {...}}``, answered synchronously as Cog does."""
+        refuse_unknown(body, COG_REQUEST_FIELDS, "Cog prediction request")
         if body.get("webhook") or "respond-async" in prefer.lower():
             raise HTTPException(422, "asynchronous Cog predictions (webhook, Prefer: respond-async) are not served; "
                                      "the Replicate API (POST /v1/predictions) takes webhooks")
@@ -502,7 +582,7 @@ def create_app(predictor: Predictor, cfg: ServeConfig | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app):
-        service.batcher.start()
+        service.start()
         yield
         service.batcher.task.cancel()
         service.batcher.device_thread.shutdown(wait=False)
@@ -573,7 +653,7 @@ def _add_routes(app: FastAPI, service: Service) -> None:
     async def answer(request: Request) -> dict:
         raw, f = await service.read(request, AnswerFields)
         decoding = f.decoding(defaults)
-        check("answer", decoding, f.context)
+        check("answer", decoding, f.context, f.question)
         return {"answer": await service.run(Job("answer", None, decoding, f.question, f.context, seed=f.seed), raw)}
 
     @app.post("/match", openapi_extra=_openapi_body(MatchFields))
@@ -584,14 +664,16 @@ def _add_routes(app: FastAPI, service: Service) -> None:
 
 
 def run_app(app: FastAPI, host: str, port: int) -> None:
-    """Serve ``app`` with uvicorn until interrupted."""
+    """Serve ``app`` with uvicorn until interrupted. On SIGTERM / Ctrl-C open requests get the config's
+    ``shutdown_timeout_s``; then they are cut off (a client holding a half-sent body cannot keep the server up)."""
     import sys
 
     import uvicorn
     # The device thread holds the GIL between kernels; hand it over sooner so /health and request parsing stay
     # responsive while a batch runs (Python's default is 5 ms per hand-over).
     sys.setswitchinterval(0.0005)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.run(app, host=host, port=port, log_level="info",
+                timeout_graceful_shutdown=app.state.service.cfg.shutdown_timeout_s)
 
 
 def serve(predictor: Predictor, host: str = "127.0.0.1", port: int = 8000, cfg: ServeConfig | None = None) -> None:

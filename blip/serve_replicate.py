@@ -47,7 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .predictor import Predictor, UsageError
 from .serve import (Job, ServeConfig, Service, create_app as create_base_app, echo_input, image_input, iso_time,
-                    run_app, validate_fields)
+                    refuse_unknown, run_app, validate_fields)
 
 log = logging.getLogger("blip.serve")
 
@@ -56,6 +56,8 @@ VERSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 EVENTS = frozenset({"start", "output", "logs", "completed"})
 COG_VERSION = "0.9.0+blip"   # the Cog protocol generation these schemas follow; "+blip": not Cog itself
 MAX_WAIT_S = 60
+# the body fields of a create request the API (and the Python and Node clients) may send, besides `version`
+CREATE_FIELDS = frozenset({"input", "webhook", "webhook_completed", "webhook_events_filter", "stream"})
 
 
 @dataclass(frozen=True)
@@ -326,6 +328,11 @@ class ReplicateApi:
 
     async def create(self, request: Request, body: dict, version: str) -> JSONResponse:
         """Validate, queue and (with ``Prefer: wait``) wait: both create routes."""
+        refuse_unknown(body, CREATE_FIELDS | ({"version"} if request.url.path == "/v1/predictions" else set()),
+                       "prediction request")
+        if body.get("stream"):
+            raise HTTPException(422, "streaming output (stream: true) is not served: poll the prediction or use "
+                                     "Prefer: wait")
         hooks = self.webhooks.targets(body)   # refused before anything else happens
         wait = prefer_wait(request.headers.get("prefer"))
         inputs = body.get("input", {})
@@ -391,7 +398,11 @@ def add_replicate_api(app: FastAPI, service: Service, cfg: ApiConfig | None = No
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> Response:
-        return problem(e.status_code, e.detail) if is_api(request) else await http_exception_handler(request, e)
+        if not is_api(request):
+            return await http_exception_handler(request, e)
+        response = problem(e.status_code, e.detail)
+        response.headers.update(e.headers or {})   # e.g. a 503's Retry-After
+        return response
 
     @app.exception_handler(UsageError)
     async def unusable(request: Request, e: UsageError) -> JSONResponse:

@@ -23,17 +23,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class ServerUrl(str):
+    """The server's URL; ``pid``: its process id."""
+    pid: int
+
+
 @contextmanager
 def serve_process(args: list[str], env: dict[str, str] | None = None, headers: dict[str, str] | None = None,
-                  startup_s: float = 180) -> Iterator[str]:
-    """Run ``blip serve ARGS --host 127.0.0.1 --port <free port>``; yield its URL once ``/health`` answers 200
-    (sent with ``headers``), then terminate it (SIGKILL if SIGTERM is not enough)."""
+                  startup_s: float = 180) -> Iterator[ServerUrl]:
+    """Run ``blip serve ARGS --host 127.0.0.1 --port <free port>``; yield its URL (with the ``pid``) once ``/health``
+    answers 200 (sent with ``headers``), then terminate it (SIGKILL if SIGTERM is not enough)."""
     port = free_port()
     cmd = [sys.executable, "-m", "blip.cli", "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
     with tempfile.TemporaryFile() as log:   # a file, not a pipe: a full pipe would block the server
         proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
+        url = ServerUrl(f"http://127.0.0.1:{port}")
+        url.pid = proc.pid
 
         def output() -> str:
             log.seek(0)

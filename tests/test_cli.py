@@ -117,6 +117,17 @@ def test_expected_failures_are_one_line_and_exit_2(models, images, fixtures, tmp
         (["caption", cat, "--model", str(corrupt)], "corrupt.pth"),
         (["caption", str(images / "unusual" / "empty.jpg"), "--model", str(models["caption"])], "empty.jpg"),
         (["serve", "--model", str(models["caption"]), "--port", "70000"], "out of range"),
+        (["serve", "--model", str(models["caption"]), "--max-queue", "0"], "--max-queue: must be >= 1, got 0"),
+        (["serve", "--model", str(models["caption"]), "--batch-size", "0"], "--batch-size: must be >= 1"),
+        (["serve", "--model", str(models["caption"]), "--timeout-s", "0"], "--timeout-s: must be > 0"),
+        (["serve", "--model", str(models["caption"]), "--max-wait-ms", "-1"], "--max-wait-ms: must be >= 0"),
+        (["serve", "--model", str(models["caption"]), "--max-pixels", "0"], "--max-pixels: must be >= 1"),
+        (["serve", "--model", str(models["caption"]), "--shutdown-timeout-s", "nan"], "--shutdown-timeout-s"),
+        # a question the tiny OPT's 64 positions cannot hold with the image queries and the new tokens
+        (["ask", cat, " ".join(["word"] * 40), "--model", str(lavis / "blip2_opt" / "checkpoint.pth"), "--llm",
+          str(lavis / "blip2_opt" / "opt_llm")], "the LLM has 64 (max_position_embeddings)"),
+        (["caption", cat, "--model", str(models["caption"]), "--temperature", "2", "--beams", "3"],
+         "sampling with 3 beams is not supported"),
     ]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for argv, needle in cases:

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from blip.data.annotations import path_inside
 from blip.data.skips import DatasetError, SkipCounter
 from blip.data.text import answer_weights, text_cleaner
 from blip.data.webdataset import IMAGE_EXTENSIONS, expand_urls, iter_tar_samples, stable_id
@@ -231,12 +232,11 @@ def _image_path(record: dict, where: str, root: Path) -> str:
     if not isinstance(name, str) or not name.strip():
         raise _BadRow("no_image", f"{where}: no image: the row needs 'image' (or 'file_name'), a path relative to "
                                   f"{root}, found {name!r}; " + _FIX)
-    base = os.path.abspath(root)
-    full = os.path.abspath(os.path.join(base, name))
-    if os.path.commonpath([base, full]) != base:
-        raise _BadRow("image_outside_root", f"{where}: image {name!r} leaves the image root {base}; images must lie "
-                                            "under the file's folder (or data.image_root): move them there or set "
-                                            "data.image_root to a folder that holds them")
+    full = path_inside(root, name)
+    if full is None:
+        raise _BadRow("image_outside_root", f"{where}: image {name!r} leaves the image root {os.path.abspath(root)}; "
+                                            "images must lie under the file's folder (or data.image_root): move them "
+                                            "there or set data.image_root to a folder that holds them")
     if not os.path.isfile(full):
         raise _BadRow("missing_image", f"{where}: image {name!r} not found ({full}); check the path, or set "
                                        "data.image_root to the folder the paths are relative to")

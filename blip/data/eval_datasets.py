@@ -21,9 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .annotations import FIX, JSON_TYPES, AnnotationError, entry_field, image_inside, json_type, unique_ids
+
 
 class MissingDataError(FileNotFoundError):
     """Evaluation data is not where the config says; the message lists every missing path and its source."""
+
+
+class EmptySplitError(ValueError):
+    """An evaluation split has no entries: its score would be a 0 that means nothing."""
 
 
 @dataclass
@@ -97,18 +103,44 @@ def required_files(task: Mapping, split: str, root: str | Path) -> dict[str, tup
 
 
 def _read_json(path: Path) -> Any:
+    """The file's JSON; an object that repeats a key is refused (json.loads would keep the last one silently: a
+    GQA question id given twice would lose a question)."""
+    def unique_keys(pairs: list) -> dict:
+        obj = dict(pairs)
+        if len(obj) < len(pairs):
+            repeated = next(k for i, (k, _) in enumerate(pairs) if any(k == other for other, _ in pairs[:i]))
+            raise AnnotationError(f"{path}: a JSON object repeats the key {repeated!r}; keys (ids) must be unique: "
+                                  "remove the repeat or re-download the file")
+        return obj
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(), object_pairs_hook=unique_keys)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e}); re-download it") from e
+
+
+def _entries(container: Any, key: str | None, path: Path, kind: type = list) -> Any:
+    """The file's list (or object) of entries, at top level or under ``key``, refused when empty: an empty split
+    would print a score of 0 that means nothing."""
+    entries = container if key is None else entry_field(container, key, (kind,), path, "the file")
+    if not isinstance(entries, kind):
+        raise AnnotationError(f"{path}: the file holds a JSON {json_type(entries)}, expected a JSON "
+                              f"{JSON_TYPES[kind]} of entries; {FIX}")
+    if not entries:
+        raise EmptySplitError(f"{path}: no entries{f' under {key!r}' if key else ''}: an empty split has no "
+                              "score; point the task at the right file or re-download it")
+    return entries
 
 
 def coco_references(gt_file: Path) -> dict[int, list[str]]:
     """COCO-format caption file -> image id -> reference captions (every image listed, in file order)."""
     gt = _read_json(gt_file)
-    refs: dict[int, list[str]] = {int(img["id"]): [] for img in gt.get("images", [])}
-    for ann in gt["annotations"]:
-        refs.setdefault(int(ann["image_id"]), []).append(ann["caption"])
+    images = _entries(gt, "images", gt_file) if isinstance(gt, dict) and "images" in gt else []
+    refs: dict[int, list[str]] = {entry_field(img, "id", (int,), gt_file, f"images[{i}]"): []
+                                  for i, img in enumerate(images)}
+    for i, ann in enumerate(_entries(gt, "annotations", gt_file)):
+        where = f"annotations[{i}]"
+        refs.setdefault(entry_field(ann, "image_id", (int,), gt_file, where), []).append(
+            entry_field(ann, "caption", (str,), gt_file, where))
     return refs
 
 
@@ -123,18 +155,32 @@ def read_caption_data(task: Mapping, split: str, root: str | Path) -> CaptionDat
     paths = {k: p for k, (p, _) in files.items()}
     images_root = paths.get("images", Path(root))
     if task["format"] == "coco_karpathy":
-        entries = _read_json(paths["annotation"])
-        ids = [coco_image_id(e["image"]) for e in entries]
-        images = [Path(root) / e["image"] for e in entries]
+        annotation = paths["annotation"]
+        ids, images = [], []
+        for i, e in enumerate(_entries(_read_json(annotation), None, annotation)):
+            name = entry_field(e, "image", (str,), annotation, f"entry {i}")
+            images.append(image_inside(root, name, annotation, f"entry {i}"))
+            try:
+                ids.append(coco_image_id(name))
+            except ValueError:
+                raise AnnotationError(f"{annotation}: entry {i}: image {name!r} does not end in a COCO image id "
+                                      "(COCO_val2014_000000391895.jpg); " + FIX) from None
+        unique_ids(ids, annotation, "image id")
         gt = paths.get("gt")
         return CaptionData(ids, images, coco_references(gt) if gt else None, gt)
     if task["format"] == "nocaps":
-        gt = _read_json(paths["gt"])
-        ids = [int(img["id"]) for img in gt["images"]]
-        images = [images_root / img["file_name"] for img in gt["images"]]
-        domains = {int(img["id"]): img["domain"] for img in gt["images"]}
-        refs = coco_references(paths["gt"]) if gt.get("annotations") else None
-        return CaptionData(ids, images, refs, paths["gt"] if refs else None, domains)
+        gt_file = paths["gt"]
+        gt = _read_json(gt_file)
+        ids, images, domains = [], [], {}
+        for i, img in enumerate(_entries(gt, "images", gt_file)):
+            where = f"images[{i}]"
+            ids.append(entry_field(img, "id", (int,), gt_file, where))
+            images.append(image_inside(images_root, entry_field(img, "file_name", (str,), gt_file, where), gt_file,
+                                       where))
+            domains[ids[-1]] = entry_field(img, "domain", (str,), gt_file, where)
+        unique_ids(ids, gt_file, "image id")
+        refs = coco_references(gt_file) if gt.get("annotations") else None
+        return CaptionData(ids, images, refs, gt_file if refs else None, domains)
     raise ValueError(f"unknown caption format {task['format']!r} (coco_karpathy | nocaps)")
 
 
@@ -151,26 +197,54 @@ def read_vqa_data(task: Mapping, split: str, root: str | Path, max_words: int = 
         answer_list = _read_json(ranking["answer_list"][0]) if ranking else None
     except MissingDataError as e:
         missing = str(e)
-    if task["format"] == "gqa":
-        questions = _read_json(paths["questions"])
+    qfile = paths["questions"]
+    if task["format"] == "gqa":   # {question id: question}: the ids are the object's keys, unique by _read_json
+        questions = _entries(_read_json(qfile), None, qfile, kind=dict)
         qids = list(questions)
-        images = [paths["images"] / f"{questions[q]['imageId']}.jpg" for q in qids]
-        texts = [pre_question(questions[q]["question"], max_words) for q in qids]
-        answers = {q: [questions[q]["answer"]] for q in qids if "answer" in questions[q]} or None
-        return VQAData(qids, images, texts, answers, None, answer_list, missing)
+        images, texts, answers = [], [], {}
+        for q in qids:
+            where = f"question {q!r}"
+            name = f"{entry_field(questions[q], 'imageId', (str,), qfile, where)}.jpg"
+            images.append(image_inside(paths["images"], name, qfile, where))
+            texts.append(pre_question(entry_field(questions[q], "question", (str,), qfile, where), max_words))
+            if "answer" in questions[q]:
+                answers[q] = [entry_field(questions[q], "answer", (str,), qfile, where)]
+        return VQAData(qids, images, texts, answers or None, None, answer_list, missing)
     if task["format"] != "vqa":
         raise ValueError(f"unknown VQA format {task['format']!r} (vqa | gqa)")
-    questions = _read_json(paths["questions"])["questions"]
     pattern = task["splits"][split]["image_pattern"]
-    qids = [q["question_id"] for q in questions]
-    images = [Path(root) / (pattern % q["image_id"]) for q in questions]
-    texts = [pre_question(q["question"], max_words) for q in questions]
+    qids, images, texts = [], [], []
+    for i, q in enumerate(_entries(_read_json(qfile), "questions", qfile)):
+        where = f"questions[{i}]"
+        qids.append(entry_field(q, "question_id", (int, str), qfile, where))
+        images.append(image_inside(root, pattern % entry_field(q, "image_id", (int,), qfile, where), qfile, where))
+        texts.append(pre_question(entry_field(q, "question", (str,), qfile, where), max_words))
+    unique_ids(qids, qfile, "question_id")
     answers = types = None
     if "annotations" in paths:
-        anns = _read_json(paths["annotations"])["annotations"]
-        answers = {a["question_id"]: [x["answer"] for x in a["answers"]] for a in anns}
-        types = {a["question_id"]: a["answer_type"] for a in anns}
+        answers, types = read_vqa_annotations(paths["annotations"])
+        unanswered = [q for q in qids if q not in answers]
+        if unanswered:
+            raise AnnotationError(f"{paths['annotations']}: {len(unanswered)} question(s) of {qfile} have no "
+                                  f"annotation, e.g. question_id {unanswered[0]!r}; use the annotations of the same "
+                                  "split, or re-download them")
     return VQAData(qids, images, texts, answers, types, answer_list, missing)
+
+
+def read_vqa_annotations(path: Path) -> tuple[dict[Any, list[str]], dict[Any, str]]:
+    """The official VQA annotation file -> (question id -> the human answers, question id -> answer type)."""
+    answers, types = {}, {}
+    anns = _entries(_read_json(path), "annotations", path)
+    for i, a in enumerate(anns):
+        where = f"annotations[{i}]"
+        qid = entry_field(a, "question_id", (int, str), path, where)
+        given = entry_field(a, "answers", (list,), path, where)
+        if not given:
+            raise AnnotationError(f"{path}: {where}: 'answers' is empty; a question needs its human answers; {FIX}")
+        answers[qid] = [entry_field(x, "answer", (str,), path, f"{where}.answers[{k}]") for k, x in enumerate(given)]
+        types[qid] = entry_field(a, "answer_type", (str,), path, where)
+    unique_ids([a["question_id"] for a in anns], path, "question_id")
+    return answers, types
 
 
 def read_retrieval_data(task: Mapping, split: str, root: str | Path, max_words: int = 30) -> RetrievalData:
@@ -178,11 +252,20 @@ def read_retrieval_data(task: Mapping, split: str, root: str | Path, max_words: 
     from .text import pre_caption
     files = required_files(task, split, root)
     check_files(files, f"{task['name']} ({split})")
-    entries = _read_json(files["annotation"][0])
+    annotation = files["annotation"][0]
     data = RetrievalData([], [])
-    for entry in entries:
-        captions = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
-        data.images.append(Path(root) / entry["image"])
+    for i, entry in enumerate(_entries(_read_json(annotation), None, annotation)):
+        where = f"entry {i}"
+        captions = entry_field(entry, "caption", (list, str), annotation, where)
+        captions = captions if isinstance(captions, list) else [captions]
+        if not captions:
+            raise AnnotationError(f"{annotation}: {where}: 'caption' is an empty list; {FIX}")
+        bad = next((k for k, c in enumerate(captions) if not isinstance(c, str)), None)
+        if bad is not None:
+            raise AnnotationError(f"{annotation}: {where}: 'caption'[{bad}] is a JSON {json_type(captions[bad])}, "
+                                  f"expected a JSON string; {FIX}")
+        data.images.append(image_inside(root, entry_field(entry, "image", (str,), annotation, where), annotation,
+                                        where))
         data.img2txt.append(list(range(len(data.texts), len(data.texts) + len(captions))))
         data.texts += [pre_caption(c, max_words) for c in captions]
     return data
@@ -194,6 +277,10 @@ def read_nlvr_data(task: Mapping, split: str, root: str | Path, max_words: int =
     files = required_files(task, split, root)
     check_files(files, f"{task['name']} ({split})")
     examples = read_nlvr2(files["annotation"][0], files["images"][0])
+    if not examples:
+        raise EmptySplitError(f"{files['annotation'][0]}: no entries: an empty split has no score; point the task at "
+                              "the right file or re-download it")
+    unique_ids([e.identifier for e in examples], files["annotation"][0], "identifier")
     return NLVRData([e.identifier for e in examples], [e.left for e in examples], [e.right for e in examples],
                     [pre_caption(e.sentence, max_words) for e in examples], [e.label for e in examples])
 

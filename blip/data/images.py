@@ -93,12 +93,14 @@ def _open_source(source: ImageSource) -> tuple[BinaryIO | str, str]:
     return str(path), str(path)
 
 
-def load_image(source: ImageSource, max_pixels: int | None = None) -> Image.Image:
+def load_image(source: ImageSource, max_pixels: int | None = None,
+               limit_name: str = "data.max_image_pixels") -> Image.Image:
     """Decode `source` (path, bytes, binary file object or PIL image) -> upright RGB `PIL.Image.Image`.
 
     Raises ImageDecodeError (a ValueError) naming the file for missing/unreadable paths, empty files, non-images,
     truncated or corrupt data and decompression bombs; ImageTooLargeError (a subclass) when `max_pixels` is given
-    and the header declares more pixels (read from the header, before any pixel is decoded).
+    and the header declares more pixels (read from the header, before any pixel is decoded); `limit_name` is
+    the setting the message names.
     """
     if isinstance(source, Image.Image):
         name = getattr(source, "filename", "") or "<PIL image>"
@@ -113,16 +115,15 @@ def load_image(source: ImageSource, max_pixels: int | None = None) -> Image.Imag
         with Image.open(fp) as img:
             if max_pixels is not None and img.width * img.height > max_pixels:
                 raise ImageTooLargeError(name, f"{img.width}x{img.height} pixels, more than the limit of {max_pixels} "
-                                         "(data.max_image_pixels); downscale the image or raise the limit")
+                                         f"({limit_name}); downscale the image or raise the limit")
             img.load()  # full decode now: truncation must fail here, not later in a worker
             return to_rgb(_upright(img, name))  # exif_transpose returns a copy, detached from the file
     except ImageTooLargeError:
         raise
     except UnidentifiedImageError as e:
-        head = _peek(fp)
         raise ImageDecodeError(
-            name, f"not a recognised image format (starts with {head!r}); often an HTML error page saved by a "
-            "failed download: re-download it or remove it from the annotations"
+            name, f"not a recognised image format ({_content_kind(_peek(fp))}); re-download it or remove it from the "
+            "annotations"
         ) from e  # fmt: skip
     except Image.DecompressionBombError as e:
         raise ImageDecodeError(name, f"too large to decode safely ({e})") from e
@@ -130,6 +131,19 @@ def load_image(source: ImageSource, max_pixels: int | None = None) -> Image.Imag
         raise ImageDecodeError(
             name, f"truncated or corrupt image data ({e}); re-download or re-encode the file, or remove it"
         ) from e
+
+
+def _content_kind(head: bytes) -> str:
+    """What a file's first bytes look like, in words: errors describe a file's content, never echo it (the path
+    may name a file that is not the user's to show)."""
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
+        return "it is an HTML page: often an HTML error page saved by a failed download"
+    if not head:
+        return "nothing could be read from it"
+    if any(byte < 32 and byte not in b"\t\n\r" or byte == 127 for byte in head):   # control bytes: not text
+        return "binary data of an unknown format"
+    return "it holds text, not image data"
 
 
 def _peek(fp: BinaryIO | str, n: int = 16) -> bytes:

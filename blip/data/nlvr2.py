@@ -14,10 +14,12 @@ train-time augmentation (the pair swapped with probability 0.5, "left"/"right" s
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from blip.data.annotations import AnnotationError, entry_field, image_inside
 from blip.data.skips import SkipCounter
 from blip.data.webdataset import stable_id
 
@@ -51,19 +53,26 @@ def read_nlvr2(annotation: str | Path, image_root: str | Path = "") -> list[NLVR
 
 
 def _example(entry: dict, index: int, root: Path, path: Path) -> NLVR2Example:
+    """One entry; its images must lie inside ``root`` (refused by path, before anything is opened)."""
+    where = f"entry {index}"
     try:
+        sentence = entry_field(entry, "sentence", (str,), path, where)
         if "images" in entry:   # BLIP / LAVIS list
             left, right = entry["images"]
             pair = Path(left).name.rsplit("-img", 1)[0]
-            return NLVR2Example(f"{pair}#{index}", root / left, root / right, entry["sentence"],
-                                _label(entry.get("label")))
-        pair = entry["identifier"].rsplit("-", 1)[0]
-        folder = root / str(entry["directory"]) if "directory" in entry else root
-        return NLVR2Example(entry["identifier"], folder / f"{pair}-img0.png", folder / f"{pair}-img1.png",
-                            entry["sentence"], _label(entry.get("label")))
+            return NLVR2Example(f"{pair}#{index}", image_inside(root, left, path, where),
+                                image_inside(root, right, path, where), sentence, _label(entry.get("label")))
+        identifier = entry_field(entry, "identifier", (str,), path, where)
+        pair = identifier.rsplit("-", 1)[0]
+        folder = str(entry["directory"]) if "directory" in entry else ""
+        return NLVR2Example(identifier, image_inside(root, os.path.join(folder, f"{pair}-img0.png"), path, where),
+                            image_inside(root, os.path.join(folder, f"{pair}-img1.png"), path, where), sentence,
+                            _label(entry.get("label")))
+    except AnnotationError:
+        raise
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: entry {index} is not an NLVR2 example ({type(e).__name__}: {e}); expected "
-                         "official fields identifier/sentence/label or BLIP's images/sentence/label") from e
+        raise AnnotationError(f"{path}: {where} is not an NLVR2 example ({type(e).__name__}: {e}); expected "
+                              "official fields identifier/sentence/label or BLIP's images/sentence/label") from e
 
 
 def _label(value) -> bool | None:

@@ -31,7 +31,7 @@ def answer_questions(model: nn.Module, family: Family, p: Mapping, pixels: torch
 
 
 def run_vqa(model: nn.Module, data: VQAData, task: Mapping, ctx: EvalContext) -> tuple[list, dict]:
-    from ..metrics.vqa import exact_match_accuracy, lemmatizer, vqa_accuracy
+    from ..metrics.vqa import answers_by_id, exact_match_accuracy, lemmatizer, vqa_accuracy
     family, p = protocol_for(task, model)
     items = list(zip(range(len(data.images)), data.images))
     lemmatize, why = lemmatizer(task.get("lemmatize", False)) if family != Family.BLIP else (None, None)
@@ -55,10 +55,11 @@ def run_vqa(model: nn.Module, data: VQAData, task: Mapping, ctx: EvalContext) ->
         predictions = [{"questionId": r["question_id"], "prediction": r["answer"]} for r in predictions]
     if data.answers is None or not ctx.is_main:
         return predictions, {}
+    source = f"the {task['name']} predictions"
     if gqa:
-        metrics = exact_match_accuracy({r["questionId"]: r["prediction"] for r in predictions}, data.answers)
+        metrics = exact_match_accuracy(answers_by_id(predictions, source, "questionId", "prediction"), data.answers)
     else:
-        metrics = vqa_accuracy({r["question_id"]: r["answer"] for r in predictions}, data.answers, data.answer_types)
+        metrics = vqa_accuracy(answers_by_id(predictions, source), data.answers, data.answer_types)
     if why:
         metrics["lemmatizer_skipped"] = why
     return predictions, metrics

@@ -3,7 +3,9 @@
 :func:`generate` (:mod:`.decode`) runs the loop; :mod:`.sampling` and :mod:`.beam_search` choose the tokens;
 :mod:`.core` holds the settings, the logits processors and the decoding state.
 """
-from .core import GenerationConfig, apply_repetition_penalty, top_k_filter, top_p_filter
+from .core import (GenerationConfig, apply_repetition_penalty, choose_search, sampling_settings_given, top_k_filter,
+                   top_p_filter)
 from .decode import generate
 
-__all__ = ["GenerationConfig", "apply_repetition_penalty", "generate", "top_k_filter", "top_p_filter"]
+__all__ = ["GenerationConfig", "apply_repetition_penalty", "choose_search", "generate", "sampling_settings_given",
+           "top_k_filter", "top_p_filter"]

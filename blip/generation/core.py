@@ -56,6 +56,39 @@ class GenerationConfig:
                              f"{self.repetition_penalty}")
 
 
+SAMPLING_NEUTRAL = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}   # the values at which a setting changes nothing
+
+
+def sampling_settings_given(temperature: float | None = None, top_p: float | None = None,
+                            top_k: int | None = None) -> list[str]:
+    """The settings that only act when sampling and are set to something other than their neutral value
+    (temperature != 1, top_p < 1, top_k > 0), as ``name=value``; None means not given."""
+    given = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
+    return [f"{name}={value}" for name, value in given.items()
+            if value is not None and value != SAMPLING_NEUTRAL[name]]
+
+
+def choose_search(do_sample: bool | None = None, num_beams: int | None = None, temperature: float | None = None,
+                  top_p: float | None = None, top_k: int | None = None) -> tuple[bool, int | None]:
+    """The one rule every string API, the CLI and the server apply to a caller's settings (None: not given):
+    sampling settings (temperature != 1, top_p < 1, top_k > 0) imply sampling, and sampling uses one beam unless
+    beams are asked for. Returns (do_sample, num_beams); num_beams stays None (the caller's beam-search default)
+    when not sampling and not given.
+
+    Refused with a ValueError instead of silently ignored: sampling settings with ``do_sample=False``, and sampling
+    with ``num_beams`` > 1 (beam sampling is not implemented)."""
+    given = sampling_settings_given(temperature, top_p, top_k)
+    if do_sample is None:
+        do_sample = bool(given)
+    elif not do_sample and given:
+        raise ValueError(f"{', '.join(given)} only act when sampling, but sampling is off (do_sample=False): drop "
+                         "them, or sample")
+    if do_sample and num_beams is not None and num_beams > 1:
+        raise ValueError(f"sampling with {num_beams} beams is not supported: leave num_beams out (sampling uses "
+                         "one) or drop the sampling settings for beam search")
+    return do_sample, (1 if do_sample else num_beams)
+
+
 def apply_repetition_penalty(scores: Tensor, seqs: Tensor, penalty: float, valid: Tensor | None = None) -> Tensor:
     """CTRL penalty on every token of ``seqs`` [N, L] (prompt included), as HF does; ``valid`` [L] or [N, L]
     restricts it to the positions written so far (a preallocated buffer)."""

@@ -73,16 +73,32 @@ def answer_accuracy(prediction: str, gt_answers: Iterable[str]) -> float:
     return sum(scores) / len(scores)
 
 
+def answers_by_id(records: Iterable[Mapping], source: str, id_key: str = "question_id",
+                  answer_key: str = "answer") -> dict[Any, str]:
+    """A prediction set ``[{id_key: ..., answer_key: ...}]`` -> {id: answer}, refusing a repeated id (as a mapping
+    one of the two answers would be dropped silently and the question scored once). source: names the set."""
+    from ..data.annotations import unique_ids
+    records = list(records)
+    unique_ids((r[id_key] for r in records), source, id_key)
+    return {r[id_key]: r[answer_key] for r in records}
+
+
+def _refuse_empty(predictions: Mapping) -> None:
+    if not predictions:
+        raise ValueError("no predictions to score: an empty split has no accuracy (it would read as 0.00)")
+
+
 def vqa_accuracy(predictions: Mapping[Any, str], ground_truth: Mapping[Any, list[str]],
                  answer_types: Mapping[Any, str] | None = None) -> dict:
     """Official VQA accuracy in percent, rounded to 2 decimals as the official tool reports it: {"overall", and with
     ``answer_types`` (question id -> "yes/no" | "number" | "other") "perAnswerType": {type: accuracy}}. Every
     predicted id must have ground truth."""
+    _refuse_empty(predictions)
     missing = [q for q in predictions if q not in ground_truth]
     if missing:
         raise KeyError(f"{len(missing)} predicted question ids have no ground truth, e.g. {missing[:5]}")
     accs = {q: answer_accuracy(predictions[q], ground_truth[q]) for q in predictions}
-    out: dict = {"overall": round(100.0 * sum(accs.values()) / max(len(accs), 1), 2)}
+    out: dict = {"overall": round(100.0 * sum(accs.values()) / len(accs), 2)}
     if answer_types is not None:
         by_type: dict[str, list[float]] = {}
         for q, acc in accs.items():
@@ -93,11 +109,12 @@ def vqa_accuracy(predictions: Mapping[Any, str], ground_truth: Mapping[Any, list
 
 def exact_match_accuracy(predictions: Mapping[Any, str], ground_truth: Mapping[Any, list[str]]) -> dict:
     """GQA accuracy in percent: the normalised prediction equals the (single) answer (LAVIS GQA task)."""
+    _refuse_empty(predictions)
     missing = [q for q in predictions if q not in ground_truth]
     if missing:
         raise KeyError(f"{len(missing)} predicted question ids have no ground truth, e.g. {missing[:5]}")
     hits = [normalize_answer(predictions[q]) == ground_truth[q][0] for q in predictions]
-    return {"overall": 100.0 * sum(hits) / max(len(hits), 1)}
+    return {"overall": 100.0 * sum(hits) / len(hits)}
 
 
 def lemmatizer(setting: bool | str) -> tuple[Callable[[str], str] | None, str | None]:

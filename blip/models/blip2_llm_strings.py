@@ -12,7 +12,7 @@ from typing import Sequence
 
 from torch import Tensor
 
-from .strings import Images, cached, image_batch
+from .strings import Images, cached, image_batch, search_options
 
 
 
@@ -72,11 +72,36 @@ class LanguageInterface:
             out["qformer_attention_mask"] = q.attention_mask.to(device)
         return out
 
+    def max_positions(self) -> int | None:
+        """Positions the decoder-only LLM has for the image queries, the prompt and the new tokens together
+        (``max_position_embeddings``); None for an encoder-decoder (T5's relative positions set no limit)."""
+        return None if self.is_seq2seq else getattr(self.llm.config, "max_position_embeddings", None)
+
+    def check_generation_length(self, prompts: Sequence[str], max_new_tokens: int) -> None:
+        """ValueError naming the limit, before anything runs, when the image queries, a prompt's tokens and
+        ``max_new_tokens`` need more positions than the LLM has."""
+        limit = self.max_positions()
+        if limit is None:
+            return
+        queries = self.qformer.num_queries
+        for prompt, ids in zip(prompts, self.tokenizer(list(prompts))["input_ids"]):
+            if queries + len(ids) + max_new_tokens > limit:
+                shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+                raise ValueError(f"prompt {shown!r} is too long: {queries} image queries + {len(ids)} prompt tokens + "
+                                 f"{max_new_tokens} new tokens = {queries + len(ids) + max_new_tokens} positions, but "
+                                 f"the LLM has {limit} (max_position_embeddings); shorten the question or context "
+                                 "to at most "
+                                 f"{max(limit - queries - max_new_tokens, 0)} tokens or generate fewer new tokens")
+
     def complete(self, images: Images, prompts: Sequence[str], **gen) -> list[str]:
         """The LLM's continuation of each image's prompt, exactly as given (no template, no question cleaning): one
         prompt for every image or one per image. gen: :meth:`generate` options (``num_beams``, ``max_new_tokens``,
-        ``do_sample``, per-row ``generator`` list, ...)."""
+        ``do_sample``, per-row ``generator`` list, ...); sampling settings imply sampling, with one beam
+        (:func:`blip.models.strings.search_options`). A prompt too long for the LLM's positions is refused first
+        (:meth:`check_generation_length`)."""
         prompts = list(prompts)
+        gen = search_options(gen, num_beams=1)
+        self.check_generation_length(prompts, gen.get("max_new_tokens", 20))
         pixels = self.pixel_values(images)
         if len(prompts) == 1 and pixels.shape[0] > 1:
             prompts = prompts * pixels.shape[0]
@@ -96,33 +121,38 @@ class LanguageInterface:
                 **self.config.generation}
 
     def caption(self, images: Images, prompt: str | None = None, **gen) -> list[str]:
-        """Captions with :meth:`caption_defaults` unless given; prompt: default ``config.prompt`` ("a photo of")."""
+        """Captions with :meth:`caption_defaults` unless given; prompt: default ``config.prompt`` ("a photo of").
+        Sampling settings (or ``do_sample``) sample with one beam instead of the default beam search."""
         prompt = self.config.prompt if prompt is None else prompt
-        return self.complete(images, [prompt], **{**self.caption_defaults(), **gen})
+        defaults = self.caption_defaults()
+        return self.complete(images, [prompt], **{**defaults, **search_options(gen, defaults["num_beams"])})
 
     def answer(self, images: Images, questions: str | Sequence[str], prompt: str = "Question: {} Short answer:",
-               *, num_beams: int = 5, max_new_tokens: int = 10, min_new_tokens: int | None = None,
+               *, num_beams: int | None = None, max_new_tokens: int = 10, min_new_tokens: int | None = None,
                length_penalty: float | None = None, **gen) -> list[str]:
         """Open-ended VQA as LAVIS's zero-shot VQA: questions cleaned by BLIP's ``pre_question`` (the
-        ``blip_question`` processor), the BLIP-2 prompt template, 5 beams, 10 new tokens; OPT: length penalty 0, at
-        least 1 new token; T5: length penalty -1, min_length 1 counting the decoder start (0 new tokens)."""
+        ``blip_question`` processor), the BLIP-2 prompt template, 5 beams (one when sampling), 10 new tokens; OPT:
+        length penalty 0, at least 1 new token; T5: length penalty -1, min_length 1 counting the decoder start (0 new
+        tokens)."""
         from ..data.text import pre_question
         questions = [questions] if isinstance(questions, str) else list(questions)
         if min_new_tokens is None:
             min_new_tokens = 0 if self.is_seq2seq else 1
         if length_penalty is None:
             length_penalty = -1.0 if self.is_seq2seq else 0.0
-        return self.complete(images, [prompt.format(pre_question(q)) for q in questions], num_beams=num_beams,
+        gen = search_options({**gen, "num_beams": num_beams}, num_beams=5)
+        return self.complete(images, [prompt.format(pre_question(q)) for q in questions],
                              max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                              length_penalty=length_penalty, **gen)
 
-    def chat(self, images: Images, turns: Sequence[str] | Sequence[Sequence[str]], *, num_beams: int = 5,
+    def chat(self, images: Images, turns: Sequence[str] | Sequence[Sequence[str]], *, num_beams: int | None = None,
              max_new_tokens: int = 30, min_new_tokens: int = 1, **gen) -> list[str]:
-        """Multi-turn answers. turns: [q1, a1, q2, a2, ..., qn] (shared by all images) or one such list per image;
-        the earlier turns are the context: "Question: q1 Answer: a1. Question: q2 Answer: ..."."""
+        """Multi-turn answers (5 beams, one when sampling). turns: [q1, a1, q2, a2, ..., qn] (shared by all images)
+        or one such list per image; the earlier turns are the context: "Question: q1 Answer: a1. Question: q2 ..."."""
         per_image = [turns] if turns and isinstance(turns[0], str) else list(turns)
-        return self.complete(images, [chat_prompt(t) for t in per_image], num_beams=num_beams,
-                             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, **gen)
+        gen = search_options({**gen, "num_beams": num_beams}, num_beams=5)
+        return self.complete(images, [chat_prompt(t) for t in per_image], max_new_tokens=max_new_tokens,
+                             min_new_tokens=min_new_tokens, **gen)
 
 
 def chat_prompt(turns: Sequence[str]) -> str:

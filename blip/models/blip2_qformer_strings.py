@@ -8,15 +8,20 @@ PIL images or a preprocessed tensor [B, 3, H, W].
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
-from .strings import Images, MatchResult, cached, image_batch
+from ..nn.transformer import check_length
+from .strings import Images, MatchResult, cached, image_batch, search_options
 
 
 class QformerStrings:
     """Mixin for :class:`blip.models.blip2_qformer.Blip2Qformer` (uses ``cfg``, ``generate``, ``image_features``,
     ``itm_logits_from_features``, ``itc_similarity_from_features``)."""
+
+    default_num_beams = 3   # beam search's width when the caller gives none (LAVIS's)
 
     def pixel_values(self, images: Images) -> Tensor:
         """Paths / PIL images / a preprocessed tensor -> [B, 3, S, S] (LAVIS eval transform at the model's size)."""
@@ -41,12 +46,18 @@ class QformerStrings:
         itc = self.itc_similarity_from_features(vit, ids, mask)
         return MatchResult(itm_prob=logits.softmax(-1)[:, 1].view(bi, bt), itc_sim=itc)
 
+    def check_generation_length(self, prompts: Sequence[str], max_new_tokens: int) -> None:
+        """ValueError naming the limit when ``[DEC]`` + ``max_new_tokens`` exceed the Q-Former's text positions
+        (it captions without a prompt)."""
+        check_length(1 + max_new_tokens, self.cfg.qformer.text.max_position_embeddings, "[DEC] + max_new_tokens")
+
     @torch.no_grad()
-    def caption(self, images: Images, *, max_new_tokens: int = 29, min_new_tokens: int = 9, num_beams: int = 3,
-                **gen) -> list[str]:
+    def caption(self, images: Images, *, max_new_tokens: int = 29, min_new_tokens: int = 9,
+                num_beams: int | None = None, **gen) -> list[str]:
         """Q-Former captions with LAVIS's ``Blip2Qformer.generate`` defaults (its max_length 30 / min_length 10
-        count the [DEC] token). gen: the other :mod:`blip.models.strings` keywords."""
+        count the [DEC] token; 3 beams, one when sampling). gen: the other :mod:`blip.models.strings` keywords."""
         gen.setdefault("beam_length_convention", "total")
-        ids = self.generate(self.pixel_values(images), num_beams=num_beams, max_new_tokens=max_new_tokens,
-                            min_new_tokens=min_new_tokens, **gen)
+        gen = search_options({**gen, "num_beams": num_beams}, num_beams=self.default_num_beams)
+        ids = self.generate(self.pixel_values(images), max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                            **gen)
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]

@@ -26,7 +26,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .strings import Images, MatchResult, cached, image_batch
+from ..nn.transformer import check_length
+from .strings import Images, MatchResult, cached, image_batch, search_options
 
 BLIP_VOCAB = 30524
 
@@ -55,46 +56,70 @@ class _StringAPI:
 
 
 class CaptionStrings(_StringAPI):
+    default_num_beams = 3   # beam search's width when the caller gives none (BLIP's)
+
+    def check_generation_length(self, prompts: Sequence[str], max_new_tokens: int) -> None:
+        """ValueError naming the limit when ``[DEC] prompt`` + ``max_new_tokens`` exceed the decoder's positions."""
+        from ..data.tokenizer import caption_prompt_ids
+        for prompt in prompts:
+            check_length(caption_prompt_ids(self.tokenizer, prompt, 1).shape[1] + max_new_tokens,
+                         self.cfg.text.max_position_embeddings, "prompt + max_new_tokens")
+
     @torch.no_grad()
     def caption(self, images: Images, prompt: str = "a picture of ", *, max_new_tokens: int = 16,
-                min_new_tokens: int = 1, num_beams: int = 3, do_sample: bool = False, top_p: float = 0.9,
-                temperature: float = 1.0, repetition_penalty: float | None = None, top_k: int = 50,
-                length_penalty: float = 1.0, length_convention: str = "total", strip_prompt: str = "chars",
+                min_new_tokens: int = 1, num_beams: int | None = None, do_sample: bool | None = None,
+                top_p: float | None = None, temperature: float | None = None,
+                repetition_penalty: float | None = None, top_k: int | None = None, length_penalty: float = 1.0,
+                length_convention: str = "total", strip_prompt: str = "chars",
                 generator: torch.Generator | None = None) -> list[str]:
         """One caption per image: up to ``max_new_tokens`` after the prompt (BLIP's max_length 20 / min_length 5
         with its 4-token prompt ``[DEC] a picture of``).
 
-        do_sample: nucleus sampling with ``top_p`` (beams ignored) after ``top_k`` (50: the transformers default BLIP
-        sampled with); repetition_penalty defaults to BLIP's 1.1 when sampling and 1.0 otherwise.
+        Beam search with 3 beams, or nucleus sampling when ``do_sample`` or a sampling setting (temperature != 1,
+        top_p < 1, top_k > 0) is given (:func:`blip.models.strings.search_options`): top_p 0.9 after top_k 50 (the
+        transformers default BLIP sampled with) unless given, one beam; repetition_penalty defaults to BLIP's 1.1
+        when sampling and 1.0 otherwise.
         """
         from ..data.tokenizer import caption_prompt_ids
         if strip_prompt not in ("chars", "tokens"):
             raise ValueError(f"strip_prompt must be 'chars' or 'tokens', got {strip_prompt!r}")
+        search = search_options(dict(do_sample=do_sample, num_beams=num_beams, temperature=temperature, top_p=top_p,
+                                     top_k=top_k), num_beams=self.default_num_beams)
+        sampling = search["do_sample"]
         pixels = self._pixels(images)
         ids = caption_prompt_ids(self.tokenizer, prompt, pixels.shape[0]).to(pixels.device)
         if repetition_penalty is None:
-            repetition_penalty = 1.1 if do_sample else 1.0
+            repetition_penalty = 1.1 if sampling else 1.0
         out = self.generate(pixels, ids, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                            num_beams=1 if do_sample else num_beams, do_sample=do_sample, top_p=top_p,
-                            top_k=top_k if do_sample else 0, temperature=temperature,
-                            repetition_penalty=repetition_penalty, length_penalty=length_penalty,
-                            beam_length_convention=length_convention, generator=generator)
+                            num_beams=search["num_beams"], do_sample=sampling, top_p=search.get("top_p", 0.9),
+                            top_k=search.get("top_k", 50) if sampling else 0,
+                            temperature=search.get("temperature", 1.0), repetition_penalty=repetition_penalty,
+                            length_penalty=length_penalty, beam_length_convention=length_convention,
+                            generator=generator)
         if strip_prompt == "tokens":
             return [t.strip() for t in self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
         return [t[len(prompt):] for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
 class VQAStrings(_StringAPI):
+    default_num_beams = 3   # beam search's width when the caller gives none (BLIP's)
+
+    def check_generation_length(self, prompts: Sequence[str], max_new_tokens: int) -> None:
+        """ValueError naming the limit when ``[DEC]`` + ``max_new_tokens`` exceed the answer decoder's positions
+        (questions are truncated to 35 tokens, as BLIP's VQA does: they never run over)."""
+        check_length(1 + max_new_tokens, self.cfg.text.max_position_embeddings, "[DEC] + max_new_tokens")
+
     @torch.no_grad()
     def answer(self, images: Images, questions: str | Sequence[str], *, method: str = "generate",
                answer_list: Sequence[str] | None = None, k: int = 128, max_new_tokens: int = 9,
-               min_new_tokens: int = 0, num_beams: int = 3, do_sample: bool = False, top_p: float = 0.9,
-               temperature: float = 1.0, repetition_penalty: float = 1.0, mask_question_padding: bool = False,
-               length_convention: str = "total") -> list[str]:
+               min_new_tokens: int = 0, num_beams: int | None = None, do_sample: bool | None = None,
+               top_p: float | None = None, temperature: float | None = None, repetition_penalty: float = 1.0,
+               mask_question_padding: bool = False, length_convention: str = "total") -> list[str]:
         """One answer per (image, question); one image may serve every question. method "generate" (open-ended; the
         defaults are BLIP's max_length 10 / min_length 1, which count [DEC]) or "rank" (choose from ``answer_list``
         with BLIP's ranking over the top-``k`` candidates). Questions are cleaned by BLIP's ``pre_question`` first,
-        as BLIP's VQA datasets do."""
+        as BLIP's VQA datasets do. Generation: 3 beams, or nucleus sampling (top_p 0.9, one beam) when ``do_sample``
+        or a sampling setting is given (:func:`blip.models.strings.search_options`)."""
         from ..data.text import pre_question
         questions = [pre_question(q) for q in ([questions] if isinstance(questions, str) else questions)]
         pixels = self._pixels(images)
@@ -114,11 +139,13 @@ class VQAStrings(_StringAPI):
             return [answer_list[i] for i in ranked.answer_index.tolist()]
         if method != "generate":
             raise ValueError(f"method must be 'generate' or 'rank', got {method!r}")
+        search = search_options(dict(do_sample=do_sample, num_beams=num_beams, temperature=temperature, top_p=top_p),
+                                num_beams=self.default_num_beams)
         out = self.generate(pixels, q_ids, q_mask, mask_question_padding=mask_question_padding,
                             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                            num_beams=1 if do_sample else num_beams, do_sample=do_sample, top_p=top_p,
-                            temperature=temperature, repetition_penalty=repetition_penalty,
-                            beam_length_convention=length_convention)
+                            num_beams=search["num_beams"], do_sample=search["do_sample"],
+                            top_p=search.get("top_p", 0.9), temperature=search.get("temperature", 1.0),
+                            repetition_penalty=repetition_penalty, beam_length_convention=length_convention)
         return self.tokenizer.batch_decode(out, skip_special_tokens=True)
 
 

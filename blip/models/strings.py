@@ -3,7 +3,10 @@
 - images: paths, PIL images, or a preprocessed tensor [B, 3, S, S] / [3, S, S]; :func:`image_batch` makes the
   [B, 3, S, S] batch on the model's device and in its dtype (the family's eval transform at the model's size);
 - generation keywords, with one meaning everywhere: ``max_new_tokens`` / ``min_new_tokens`` count generated tokens
-  (never the prompt), ``num_beams``, ``do_sample``, ``top_p``, ``temperature``, ``repetition_penalty``;
+  (never the prompt), ``num_beams``, ``do_sample``, ``top_p``, ``top_k``, ``temperature``, ``repetition_penalty``;
+  sampling settings imply sampling and sampling uses one beam (:func:`search_options`);
+- ``check_generation_length(prompts, max_new_tokens)``: a ValueError naming the model's position limit, before
+  anything runs, when a prompt and the new tokens would not fit;
 - ``match(images, texts) -> MatchResult``: every image against every text;
 - tokenizers are built on first use (:func:`cached`), so ``import blip`` and building a model stay light.
 """
@@ -16,6 +19,8 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 from torch import Tensor, nn
+
+from ..generation import choose_search
 
 ImageLike = str | os.PathLike | Image.Image
 Images = ImageLike | Sequence[ImageLike] | Tensor
@@ -47,6 +52,16 @@ def image_batch(model: nn.Module, images: Images, image_size: int, kind: str) ->
         transform = image_transform(image_size, train=False, kind=kind)
         batch = torch.stack([transform(load_image(im)) for im in images])
     return batch.to(device=p.device, dtype=p.dtype if p.is_floating_point() else None)
+
+
+def search_options(gen: dict, num_beams: int | None) -> dict:
+    """Generation keywords as the caller gave them (None: not given) with ``do_sample`` and ``num_beams`` decided by
+    :func:`blip.generation.choose_search` (``num_beams``: this API's beam-search default) and the Nones dropped."""
+    do_sample, beams = choose_search(gen.get("do_sample"), gen.get("num_beams"), gen.get("temperature"),
+                                     gen.get("top_p"), gen.get("top_k"))
+    out = {k: v for k, v in gen.items() if v is not None}
+    out.update(do_sample=do_sample, num_beams=beams if beams is not None else num_beams)
+    return out
 
 
 def cached(owner: nn.Module, name: str, build: Callable[[], object]) -> object:

@@ -32,6 +32,7 @@ from blip.train.metrics_log import MetricLogger
 from blip.train.optim import build_optimizer
 from blip.train.precision import PrecisionPolicy
 from blip.train.schedule import IterationSchedule
+from blip.train.settings import validate_settings
 
 log = logging.getLogger("blip.train")
 
@@ -300,6 +301,10 @@ def build_trainer(wrapped: nn.Module, cfg: DictConfig, info: DistInfo, policy: P
 
 
 def run(cfg: DictConfig) -> dict:
+    # every setting typed and in range before any work (blip.train.settings); task=custom's open (null) settings
+    # are checked again once its recipe has filled them
+    finetune = cfg.stage.id == "finetune"
+    validate_settings(cfg, open_nulls=finetune)
     t = cfg.trainer
     owns_group = not torch.distributed.is_initialized()
     info = init_distributed(t.device, t.distributed.backend)
@@ -309,11 +314,12 @@ def run(cfg: DictConfig) -> dict:
     if not info.is_main:
         logging.getLogger().setLevel(logging.WARNING)  # one copy of the INFO lines, from rank 0
     custom = None
-    if cfg.stage.id == "finetune":   # task=custom: the rows and the model pick the recipe (blip.train.custom)
+    if finetune:   # task=custom: the rows and the model pick the recipe (blip.train.custom)
         from blip.data.custom import CustomSource
         from blip.train.custom import resolve_custom
 
         custom = resolve_custom(cfg)
+        validate_settings(cfg)
         model = custom_model(cfg)   # before the run directory: its config.yaml records the resolved settings
     resume_from = find_resume(cfg, Path(cfg.run_dir))
     # rank 0 claims the directory; ranks may resolve ${now:...} a second apart
