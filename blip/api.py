@@ -1,7 +1,8 @@
-"""Public entry points: ``create_model``, ``list_models`` and ``load``.
+"""Public entry points: ``create_model``, ``list_models``, ``list_pretrained`` and ``load``.
 
-``create_model`` / ``list_models`` read the ``(arch, task)`` tables of :mod:`blip.registry`; ``load`` reads the
-source through the table of checkpoint formats (:mod:`blip.convert.formats`) and builds the model its row names.
+``create_model`` / ``list_models`` read the ``(arch, task)`` tables of :mod:`blip.registry`, ``list_pretrained`` the
+named checkpoints of :mod:`blip.zoo`; ``load`` reads the source through the table of checkpoint formats
+(:mod:`blip.convert.formats`) and builds the model its row names.
 """
 from __future__ import annotations
 
@@ -17,7 +18,36 @@ from .finite_weights import check_finite, check_finite_before_first_call
 from .registry import create_model, family, list_models
 from .runs import load_source
 
-__all__ = ["create_model", "list_models", "load", "load_for_evaluation", "load_task_model"]
+__all__ = ["check_device", "create_model", "list_models", "list_pretrained", "load", "load_for_evaluation",
+           "load_task_model"]
+
+
+def list_pretrained() -> list[str]:
+    """The names of the released checkpoints ``blip.load`` knows (:data:`blip.zoo.PRETRAINED`; ``blip models``
+    lists them with their arch, task and source). Their files must already be local: blip never downloads."""
+    from .zoo import PRETRAINED
+    return list(PRETRAINED)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``, checked before anything is loaded: a ValueError saying what to pass instead
+    for a string that names no device, or a device this machine does not have (no CUDA GPU, a GPU index beyond
+    those visible, no MPS)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={str(device)!r} is not a device: use 'cpu', 'cuda', 'cuda:1' or 'mps'") from None
+    if dev.type == "cpu":
+        return dev
+    backend = getattr(torch, dev.type, None) if dev.type != "mps" else torch.backends.mps
+    if not getattr(backend, "is_available", lambda: False)():
+        gpu = "CUDA GPU" if dev.type == "cuda" else f"{dev.type} device"
+        raise ValueError(f"device={str(device)!r}: no {gpu} is visible here; use device='cpu'")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(f"device={str(device)!r}: only {count} {dev.type} device(s) visible (indices 0 to "
+                         f"{count - 1})")
+    return dev
 
 
 def load(source: str | Path, *, arch: str | None = None, task: str | None = None, llm: str | Path | None = None,
@@ -37,7 +67,12 @@ def load(source: str | Path, *, arch: str | None = None, task: str | None = None
     allow_nonfinite: load weights holding NaN / inf (by default a CheckpointError lists them: at load, or where the
         weights stay memory-mapped on a CPU, at the model's first call, which reads them anyway).
     compile: :func:`compile_model` — faster repeated calls (CUDA graphs on GPU) after a warm-up per input shape.
+    device: checked before loading (:func:`check_device`).
+
+    The model tells what its tensor API takes: ``model.preprocess`` (path / PIL image -> [3, S, S], the eval
+    transform at ``model.image_size``), ``model.device`` and ``model.dtype``.
     """
+    check_device(device)
     model = _load(source, arch, task, llm, kwargs)
     if merge:
         from .models.lora import has_lora, merge_lora

@@ -69,29 +69,86 @@ def read_torch_file(path: str | Path) -> object:
 def hf_pretrained(loader, directory: str | Path, **kwargs):
     """``loader.from_pretrained(directory)`` (any transformers class: AutoConfig, AutoTokenizer, AutoModel*...) for a
     local HF directory: never downloads, never runs code shipped in the directory (``trust_remote_code=False``: an
-    ``auto_map`` is refused, even if someone answers "y" on stdin), and errors name the directory."""
+    ``auto_map`` is refused, even if someone answers "y" on stdin), and errors name the directory, and the file where
+    one of its text files is broken (not UTF-8, not JSON, nested too deeply)."""
     directory = Path(directory)
     name = getattr(loader, "__name__", type(loader).__name__)
     try:
         return loader.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False, **kwargs)
-    except (OSError, ValueError, KeyError) as e:  # json.JSONDecodeError is a ValueError
+    except (MemoryError, torch.cuda.OutOfMemoryError):   # the machine's limit, not the directory's fault
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers, tokenizers (a plain Exception) and json fail differently
         if "trust_remote_code" in str(e) or "custom code" in str(e):
             raise CheckpointError(
                 f"{directory}: config.json asks to run code shipped in the directory (auto_map); blip never runs a "
                 "model directory's code. Use a model whose model_type transformers ships") from None
+        broken = _broken_text_file(directory)
+        if broken is not None:
+            raise CheckpointError(f"{broken}; {name} cannot load {directory}: re-download or re-export it") from e
         raise CheckpointError(f"{directory}: {name} cannot load it ({type(e).__name__}: {str(e)[:300]}); check "
                               "config.json and the weight / tokenizer files") from e
+
+
+# the text files of an HF model directory that transformers reads (configs, tokenizers, processors)
+HF_TEXT_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.json",
+                 "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+                 "preprocessor_config.json")
+
+
+def _broken_text_file(directory: Path) -> str | None:
+    """``"<file>: <why>"`` for the first of ``directory``'s :data:`HF_TEXT_FILES` that is not UTF-8 text (or, for a
+    ``.json``, not JSON Python can parse); None when they all read."""
+    for name in HF_TEXT_FILES:
+        path = directory / name
+        if not path.is_file():
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+            return f"{path}: not UTF-8 text ({type(e).__name__}: {e})"
+        problem = _json_value(text)[1] if name.endswith(".json") else None
+        if problem is not None:
+            return f"{path}: not JSON ({problem})"
+    return None
+
+
+def _json_value(text: str) -> tuple[object, str | None]:
+    """``(json.loads(text), None)``, or ``(None, why it is no JSON Python can parse)``: not JSON, or nested deeper
+    than the parser goes (a RecursionError, e.g. 100,000 nested lists in a crafted config)."""
+    try:
+        return json.loads(text), None
+    except RecursionError:
+        return None, "nested deeper than Python's JSON parser goes"
+    except ValueError as e:  # json.JSONDecodeError
+        return None, str(e)
+
+
+def parse_json(text: str, source: str, what: str = "JSON") -> object:
+    """``json.loads(text)``, or a CheckpointError naming ``source`` (see :func:`_json_value`)."""
+    value, problem = _json_value(text)
+    if problem is not None:
+        raise CheckpointError(f"{source}: not readable {what} ({problem}); re-download or re-export it")
+    return value
+
+
+def read_json(path: str | Path, what: str = "JSON") -> object:
+    """A JSON file's value, or a CheckpointError naming the file (unreadable, not UTF-8, not JSON, nested too
+    deeply)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not readable {what} ({type(e).__name__}: {e}); re-download or re-export "
+                              "it") from None
+    return parse_json(text, str(path), what)
 
 
 def read_hf_config_json(directory: str | Path) -> dict:
     """config.json of an HF directory as a dict, or a CheckpointError naming the file."""
     path = Path(directory) / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{directory}: a model directory needs a config.json (HF layout)") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable JSON config ({e}); re-download or re-export it") from None
+    if not path.exists():
+        raise CheckpointError(f"{directory}: a model directory needs a config.json (HF layout)")
+    config = read_json(path, "JSON config")
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(config).__name__}")
     return config
@@ -108,21 +165,39 @@ def unwrap_state_dict(obj: object, path: str | Path = "<memory>") -> StateDict:
     return dict(obj)
 
 
+def _weights_root(directory: Path) -> Path:
+    """The folder whose files ``directory``'s weight files may be: the directory itself, or, for a snapshot of a
+    Hugging Face cache (``models--org--name/snapshots/<revision>/``, files linked to ``../../blobs/<sha>``), its
+    ``models--org--name`` folder."""
+    root = directory.resolve()
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        return root.parent.parent
+    return root
+
+
+def weight_file(directory: Path, name: object, source: Path) -> Path:
+    """``directory / name`` for a weight file named by ``source`` (an index, or the directory itself): a plain file
+    name, and, once links are followed, a file inside :func:`_weights_root` (a map to ``../`` or an absolute path,
+    or a link out of the directory, would read files the directory does not hold)."""
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+        raise CheckpointError(f"{source}: weight_map points outside its directory ({name!r}); the index may be "
+                              "crafted: only file names in the same directory are read")
+    root, target = _weights_root(directory), (directory / name).resolve()
+    if not target.is_relative_to(root):
+        raise CheckpointError(f"{directory / name}: links to {target}, outside {root}; blip reads a model "
+                              "directory's weights from inside it (a Hugging Face cache snapshot: from inside its "
+                              "models--org--name folder): copy the file in instead of linking it")
+    return directory / name
+
+
 def _index_shards(index: Path) -> list[Path]:
-    """The weight files an HF ``*.index.json`` maps to: plain file names inside its own directory only (a map to
-    ``../`` or an absolute path would read files the directory does not hold)."""
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{index}: not an HF weight index ({type(e).__name__}: {e}); re-download it") from None
-    root = index.parent.resolve()
-    for name in names:
-        target = (root / str(name)).resolve()
-        if not isinstance(name, str) or Path(name).is_absolute() or target.parent != root:
-            raise CheckpointError(f"{index}: weight_map points outside its directory ({name!r}); the index may be "
-                                  "crafted: only file names in the same directory are read")
-    return [root / n for n in names]
+    """The weight files an HF ``*.index.json`` maps to (each checked by :func:`weight_file`)."""
+    content = read_json(index, "HF weight index")
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: not an HF weight index (no weight_map object); re-download it")
+    names = list(dict.fromkeys(weight_map.values()))
+    return [weight_file(index.parent, name, index) for name in sorted(names, key=str)]
 
 
 def _read_hf_dir(path: Path) -> StateDict:
@@ -135,7 +210,7 @@ def _read_hf_dir(path: Path) -> StateDict:
             return state
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (path / name).exists():
-            return read_state_dict(path / name)
+            return read_state_dict(weight_file(path, name, path))
     raise CheckpointError(f"{path}: directory without model.safetensors or pytorch_model.bin (is it an HF model dir?)")
 
 
@@ -311,9 +386,12 @@ def _materialise_missing(model: nn.Module) -> None:
 # blip's own safetensors files: weights + the config that rebuilds the model, in the metadata
 
 def write_safetensors(sd: StateDict, path: str | Path, metadata: dict[str, str]) -> Path:
-    """Write ``sd`` (moved to CPU, contiguous; tied aliases stored once) with ``metadata`` to ``path`` atomically."""
+    """Write ``sd`` (moved to CPU, contiguous; tied aliases stored once) with ``metadata`` to ``path`` atomically;
+    ``.safetensors`` is appended to a name without it (readers tell the format by the name). -> the path written."""
     from safetensors.torch import save_file
     path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path.with_name(path.name + ".safetensors")
     seen: set[tuple[int, int]] = set()
     out = {}
     for k, v in sd.items():

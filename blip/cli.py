@@ -57,20 +57,9 @@ def _number_above(low: float, inclusive: bool = False):
     return parse
 
 
-def check_device(device: str) -> None:
-    from .predictor import UsageError
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, mps)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible")
-
-
 def load_predictor(args, need: str):
     """Load ``--model`` with the shared options and check it can do ``need`` (caption / answer / match)."""
+    from .api import check_device
     from .predictor import Predictor
     check_device(args.device)
     extra = {k: v for k, v in (("llm", args.llm), ("vision_weights", args.vision_weights)) if v}
@@ -151,6 +140,8 @@ def cmd_match(args) -> int:
 
 def cmd_caption_dir(args) -> int:
     import logging
+
+    from .api import check_device
     from .caption_dir import CaptionDirJob, default_errors_path
     from .train.distributed import all_reduce_sum_int, barrier, init_distributed
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -355,17 +346,23 @@ def _add_serve(sub) -> None:
 
 def _add_convert(sub) -> None:
     """``blip convert``: a checkpoint -> HF layout or blip safetensors."""
-    p = sub.add_parser("convert", help="convert a checkpoint to HF layout or blip safetensors")
-    p.add_argument("source")
-    p.add_argument("output")
-    p.add_argument("--to", choices=("hf", "safetensors"), default="hf")
-    p.add_argument("--arch", default=None)
-    p.add_argument("--task", default=None)
+    p = sub.add_parser("convert", help="convert a checkpoint to HF layout or blip safetensors",
+                       description="Load SOURCE as blip.load does and write it to OUTPUT: an HF directory "
+                       "(transformers' Blip*/Blip2*/InstructBlip* classes load it) or one .safetensors file with "
+                       "the config in its metadata (blip.load reads it back).")
+    p.add_argument("source", help="checkpoint file, HF directory, zoo name, run directory or LoRA adapter directory")
+    p.add_argument("output", help="--to hf: the directory to write; --to safetensors: the file (.safetensors is "
+                   "appended when the name lacks it)")
+    p.add_argument("--to", choices=("hf", "safetensors"), default="hf", help="output layout (default: hf)")
+    p.add_argument("--arch", default=None, help="architecture, where the checkpoint cannot tell (see `blip models`)")
+    p.add_argument("--task", default=None, help="task, where the checkpoint cannot tell (caption, vqa, retrieval...)")
     p.add_argument("--llm", default=None, help="HF directory of the language model (BLIP-2 files without LLM weights)")
     p.add_argument("--vision-weights", default=None,
                    help="the frozen ViT file, e.g. eva_vit_g.pth (BLIP-2 files saved without it)")
     p.add_argument("--image-token-id", type=int, default=None,
-                   help="HF layout of BLIP-2 LLM models: the LLM vocabulary id that marks the image queries")
+                   help="--to hf of BLIP-2 LLM models: the LLM vocabulary id that marks the image queries (default: "
+                   "the model's own, else the first embedding row past the tokenizer's vocabulary, where HF's "
+                   "processor puts <image>; reported)")
     p.add_argument("--merge", action="store_true",
                    help="fold LoRA adapters into the weights (a LoRA adapter directory, or a run trained with "
                         "model.lora): the export is the plain model")
@@ -449,7 +446,8 @@ def hydra_help_argv(argv: list[str], group: str, example: str) -> list[str]:
 
 def _cli_flags(message: str) -> str:
     """Library keyword arguments in a message -> the CLI flags that set them."""
-    for keyword, flag in (("llm=", "--llm "), ("vision_weights=", "--vision-weights ")):
+    for keyword, flag in (("llm=", "--llm "), ("vision_weights=", "--vision-weights "), ("device=", "--device "),
+                          ("image_token_index=", "--image-token-id ")):
         message = message.replace(keyword, flag)
     return message
 

@@ -6,6 +6,7 @@ blip never downloads. ``blip.load("blip-base-caption")`` looks for the file unde
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,16 +88,48 @@ def cache_dir() -> Path:
     return Path(os.environ.get("BLIP_HOME", Path.home() / ".cache" / "blip"))
 
 
+# an HF hub repository id, "org/name" (HF allows letters, digits, "-", "_", "." in each part)
+HF_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache, by huggingface_hub's rule: ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
+    ``$XDG_CACHE_HOME/huggingface/hub``, else ``~/.cache/huggingface/hub``."""
+    hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if hub:
+        return Path(hub).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def hf_cache_snapshot(repo_id: str) -> Path | None:
+    """The snapshot of HF hub repository ``repo_id`` ("org/name") that the local Hugging Face cache holds: the
+    revision ``refs/main`` names, else its only snapshot; None when the cache does not hold one. Reads the cache
+    folder only (no huggingface_hub call, never a download)."""
+    if not HF_REPO_ID.fullmatch(repo_id) or ".." in repo_id:
+        return None
+    repo = hf_cache_dir() / f"models--{repo_id.replace('/', '--')}"
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        snapshot = repo / "snapshots" / ref.read_text().strip()
+        return snapshot if snapshot.is_dir() and snapshot.parent == repo / "snapshots" else None
+    snapshots = [p for p in (repo / "snapshots").glob("*") if p.is_dir()]
+    return snapshots[0] if len(snapshots) == 1 else None
+
+
 def resolve(name: str) -> Path:
-    """Local path of a named checkpoint (a file for .pth releases, a directory for HF repos)."""
+    """Local path of a named checkpoint (a file for .pth releases, a directory for HF repos: under ``$BLIP_HOME``,
+    or the repository's snapshot in the Hugging Face cache)."""
     if name not in PRETRAINED:
         raise KeyError(f"unknown pretrained name {name!r}; known: {sorted(PRETRAINED)}")
     entry = PRETRAINED[name]
     is_hf = not entry.url.startswith("http")
     local = cache_dir() / (entry.url.replace("/", "--") if is_hf else entry.url.rsplit("/", 1)[-1])
+    if not local.exists() and is_hf:
+        local = hf_cache_snapshot(entry.url) or local
     if not local.exists():
-        how = (f"`huggingface-cli download {entry.url} --local-dir {local}`" if is_hf
-               else f"`wget -P {cache_dir()} {entry.url}`")
+        how = (f"`huggingface-cli download {entry.url} --local-dir {local}` (or into the Hugging Face cache, "
+               f"{hf_cache_dir()})" if is_hf else f"`wget -P {cache_dir()} {entry.url}`")
         raise FileNotFoundError(f"{name}: {local} is not there and blip never downloads. Fetch it with {how}, "
                                 f"or pass the path to blip.load directly.")
     return local

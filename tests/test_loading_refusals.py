@@ -1,12 +1,14 @@
 """blip.load refuses broken weights instead of loading them silently: integer/bool tensors for float parameters,
 NaN/inf values, files missing their last block, metadata that does not describe the tensors (checked before any
-allocation), weight maps pointing outside their directory; head counts of metadata-less files come from the arch."""
+allocation), weight maps pointing outside their directory, config / tokenizer files that are binary, truncated or
+nested too deeply (one line naming the file); head counts of metadata-less files come from the arch."""
 
 from __future__ import annotations
 
 import copy
 import json
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict
@@ -147,3 +149,64 @@ def test_weight_maps_stay_inside_their_directory(tmp_path, tiny_state):
     (model_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": str(outside)}}))
     with pytest.raises(CheckpointError, match="outside its directory"):
         read_state_dict(model_dir)
+
+
+@pytest.fixture(scope="module")
+def hf_blip2_dir(tmp_path_factory) -> Path:
+    """A tiny HF Blip2ForConditionalGeneration directory (save_pretrained; no tokenizer files)."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig
+    opt = OPTConfig(vocab_size=99, hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=4,
+                    max_position_embeddings=64, word_embed_proj_dim=32)
+    config = Blip2Config(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=4, image_size=28, patch_size=14),
+                         qformer_config=dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=4, max_position_embeddings=64),
+                         text_config=opt.to_dict(), num_query_tokens=4, image_token_index=98)
+    directory = tmp_path_factory.mktemp("hf_blip2")
+    torch.manual_seed(0)
+    Blip2ForConditionalGeneration(config).save_pretrained(directory)
+    return directory
+
+
+def deeply_nested(depth: int = 100_000) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize("where", ["whole file", "inside the object"])
+def test_a_deeply_nested_config_json_is_one_line_naming_the_file(tmp_path, hf_blip2_dir, capsys, where):
+    from blip.cli import main
+    directory = tmp_path / "model"
+    shutil.copytree(hf_blip2_dir, directory)
+    config = (directory / "config.json").read_text()
+    (directory / "config.json").write_text(
+        deeply_nested() if where == "whole file" else config.replace("{", '{"extra": ' + deeply_nested() + ",", 1))
+    refusal = rf"{directory}/config\.json: not readable JSON config \(nested deeper than Python's JSON parser goes\)"
+    with pytest.raises(CheckpointError, match=refusal):
+        blip.load(directory)
+    assert main(["caption", "x.jpg", "--model", str(directory), "--device", "cpu"]) == 2   # the CLI: one line, status 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"blip caption: error: {refusal}; re-download or re-export it\n", err), err
+
+
+@pytest.mark.parametrize("name,content", [("tokenizer.json", b"\x89PNG\r\n\x1a\n\xff\xfe binary"),
+                                          ("tokenizer.json", b'{"version": "1.0", "model": '),
+                                          ("tokenizer.json", deeply_nested().encode()),
+                                          ("vocab.txt", b"[PAD]\n\xff\xfe\xfa\n")],
+                         ids=["binary tokenizer.json", "truncated tokenizer.json", "nested tokenizer.json",
+                              "binary vocab.txt"])
+def test_garbage_tokenizer_files_are_one_line_naming_the_file(tmp_path, hf_blip2_dir, name, content):
+    directory = tmp_path / "model"
+    shutil.copytree(hf_blip2_dir, directory)
+    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizerFast"}))
+    (directory / name).write_bytes(content)
+    model = blip.load(directory)   # the LLM tokenizer is read when first used
+    with pytest.raises(CheckpointError, match=rf"^{directory}/{name}: not (UTF-8 text|JSON) \(.*AutoTokenizer cannot "
+                                              rf"load {directory}: re-download or re-export it$"):
+        model.tokenizer
+
+
+def test_a_binary_vocab_file_is_one_line_naming_it(tmp_path):
+    from blip.data.tokenizer import get_tokenizer
+    (tmp_path / "vocab.txt").write_bytes(b"[PAD]\n\xff\xfe\n")
+    with pytest.raises(CheckpointError, match=rf"{tmp_path}/vocab\.txt: not a vocab\.txt \(one UTF-8 token per line"):
+        get_tokenizer("blip", tmp_path / "vocab.txt")

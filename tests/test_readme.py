@@ -81,6 +81,18 @@ def check_python_api(out: str, work: Path) -> None:
     assert all(-1 <= v <= 1 for v in itc) and all(0 <= v <= 1 for v in itm)
 
 
+def check_tensor_api(out: str, work: Path) -> None:
+    """The input's shape, device and dtype; the ITC cosine at tensor level equal to the string API's; the version and
+    the first zoo names."""
+    from importlib.metadata import version
+    shape, scores, names = out.splitlines()
+    found = re.fullmatch(r"\(1, 3, (\d+), (\d+)\) cpu torch\.float32", shape)
+    assert found and found[1] == found[2], shape
+    tensor_level, string_level = scores.split()
+    assert tensor_level == string_level and -1 <= float(tensor_level) <= 1, scores
+    assert names == f"{version('blip')} ['blip-base', 'blip-base-capfilt-large']", names
+
+
 def check_new_rows(out: str, work: Path) -> None:
     """The rows of the fine-tuning example: 512 + 64 captions of the new style, each naming its image."""
     root = work / "data" / "shapes_new_style"
@@ -114,6 +126,7 @@ def check_replicate_client(out: str, work: Path) -> None:
 CHECKS = {
     "# 1. caption a folder (recursive), a text file of paths, or local shards into JSONL": check_labelling,
     "import blip": check_python_api,
+    "# the tensor API, fed as the string API feeds it": check_tensor_api,
     "export BLIP_SERVE_API_TOKEN=": check_replicate_client,
     "import json, pathlib": check_new_rows,
     ".venv/bin/python scripts/train.py task=custom": check_fine_tuning,

@@ -22,8 +22,8 @@ from pathlib import Path
 from torch import nn
 
 from ..checkpoints import (CheckpointError, LoadReport, StateDict, build_empty, check_fits_before_building,
-                           hf_pretrained, load_into, read_state_dict, safetensors_metadata, write_hf_directory,
-                           write_safetensors)
+                           hf_pretrained, load_into, parse_json, read_hf_config_json, read_state_dict,
+                           safetensors_metadata, write_hf_directory, write_safetensors)
 from ..models.blip import ARCHS, TASK_CLASSES, BlipConfig, build
 from ..models.blip_tasks import BlipCaption, BlipRetrieval, BlipVQA
 from ..nn.transformer import TextConfig
@@ -287,7 +287,7 @@ def _saved_metadata(source: str) -> dict:
     if "blip_task" in meta:
         out["task"] = meta["blip_task"]
     if "blip_config" in meta:
-        out["config"] = json.loads(meta["blip_config"])
+        out["config"] = parse_json(meta["blip_config"], source, "blip_config metadata")
     return out
 
 
@@ -322,7 +322,7 @@ def load_hf(directory: str | Path, task: str | None = None, llm=None, **_) -> nn
     """An HF ``BlipFor*`` directory (``save_pretrained``) -> our task model."""
     directory = Path(directory)
     if task is None:
-        archs = json.loads((directory / "config.json").read_text()).get("architectures") or []
+        archs = read_hf_config_json(directory).get("architectures") or []
         task = next((HF_CLASSES[a] for a in archs if a in HF_CLASSES), None)
         if task is None:
             raise CheckpointError(f"{directory}: architectures {archs} name no BLIP task model")

@@ -180,15 +180,21 @@ def export_hf_llm(model: nn.Module, directory: str | Path, image_token_index: in
     ``InstructBlipForConditionalGeneration`` directory (config.json + model.safetensors in fp32, + the LLM tokenizer).
 
     HF 5.x marks the query positions with a placeholder id in ``input_ids``: ``image_token_index`` (default: the id
-    the model was loaded with; real HF checkpoints add ``<image>`` to the vocabulary). The generation eos (OPT "\n")
-    becomes the text config's ``eos_token_id``. HF has one LayerNorm eps for the ViT and ``post_layernorm``: an
+    the model was loaded with, else :func:`spare_image_token_id`, logged). The generation eos (OPT "\n") becomes
+    the text config's ``eos_token_id``. HF has one LayerNorm eps for the ViT and ``post_layernorm``: an
     ``ln_vision`` eps that differs (LAVIS 1e-5 vs EVA 1e-6) is logged (~1e-6 relative effect).
     """
     from transformers import Blip2Config, InstructBlipConfig
     cfg = model.config
     token = image_token_index if image_token_index is not None else cfg.image_token_id
     if token is None:
-        raise ValueError("HF needs an image placeholder id in the LLM vocabulary: pass image_token_index=")
+        token = spare_image_token_id(model)
+        if token is None:
+            raise ValueError("HF marks the image queries with an id of the LLM vocabulary and this model has none "
+                             "to spare (no LLM tokenizer, or no embedding row beyond its vocabulary): pass "
+                             "image_token_index=<id> (an id whose embedding row no text uses)")
+        log.warning("image_token_index=%d: the LLM embedding row after the tokenizer's vocabulary, where HF's "
+                    "Blip2Processor puts <image>", token)
     if cfg.ln_vision_eps != cfg.vision.layer_norm_eps:
         log.warning("HF uses one layer_norm_eps: ln_vision eps %g is exported as %g", cfg.ln_vision_eps,
                     cfg.vision.layer_norm_eps)
@@ -213,6 +219,21 @@ def export_hf_llm(model: nn.Module, directory: str | Path, image_token_index: in
     if model.has_tokenizer():
         model.tokenizer.save_pretrained(str(directory))
     return directory
+
+
+def spare_image_token_id(model: nn.Module) -> int | None:
+    """The id HF's ``Blip2Processor`` / ``InstructBlipProcessor`` give ``<image>`` with this model's LLM tokenizer: the
+    token's own id where the tokenizer has it, else the next id (``len(tokenizer)``, the processor adds the token)
+    when the LLM's embedding has that row spare (HF's released OPT and T5 have rows beyond their vocabulary; the
+    queries' embeddings replace that row's wherever the id appears). None without a tokenizer or a spare row."""
+    if not model.has_tokenizer():
+        return None
+    tokenizer = model.tokenizer
+    name = str(getattr(tokenizer, "image_token", None) or "<image>")
+    if name in tokenizer.get_vocab():
+        return tokenizer.convert_tokens_to_ids(name)
+    free = len(tokenizer)
+    return free if free < model.llm.get_input_embeddings().num_embeddings else None
 
 
 HF_LOADERS = {"Blip2ForImageTextRetrieval": load_hf_retrieval, "Blip2ForConditionalGeneration": load_hf_blip2,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..checkpoints import CheckpointError, StateDict, load_into, safetensors_metadata, write_safetensors
+from ..checkpoints import CheckpointError, StateDict, load_into, parse_json, safetensors_metadata, write_safetensors
 from ..dtypes import dtype_name
 from ..models.blip2 import Blip2LLMConfig, qformer_arch_config, qformer_arch_of_widths
 from ..models.blip2_llm import Blip2LanguageModel, build, create
@@ -87,7 +87,8 @@ def load_ours(sd: StateDict, source: str, arch: str | None = None, task: str | N
     they need ``arch`` (and ``llm=`` when the file has no ``llm.*`` weights)."""
     sd = unwrap_objective(sd)
     meta = safetensors_metadata(source, family="blip2")
-    saved = json.loads(meta["blip_config"]) if "blip_config" in meta and arch is None else None
+    saved = parse_json(meta["blip_config"], source, "blip_config metadata") if "blip_config" in meta and arch is None \
+        else None
     if any(k.startswith("llm_proj.") for k in sd):
         return _load_llm_model(sd, source, saved, meta, arch, task, llm, overrides)
     if llm is not None:

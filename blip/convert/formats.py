@@ -216,16 +216,20 @@ def identify(checkpoint: Checkpoint) -> Format:
 # the reader
 
 def resolve_source(source: str | Path, what: str = "checkpoint") -> Path:
-    """A path, or a ``blip.zoo`` name whose file must be under ``$BLIP_HOME`` (blip never downloads: the error
-    gives its URL)."""
+    """A path, a ``blip.zoo`` name whose file must be under ``$BLIP_HOME``, or an HF hub repository id ("org/name")
+    whose snapshot the local Hugging Face cache holds (blip never downloads: the errors say where to get it)."""
     path = Path(source)
     if path.exists():
         return path
-    from ..zoo import PRETRAINED, resolve
+    from ..zoo import PRETRAINED, hf_cache_dir, hf_cache_snapshot, resolve
     if isinstance(source, str) and source in PRETRAINED:
         return resolve(source)
-    raise CheckpointNotFoundError(f"{what} {str(source)!r}: no such file or directory, and not a blip.zoo name "
-                                  f"(known: {sorted(PRETRAINED)}); blip never downloads: pass a local path")
+    snapshot = hf_cache_snapshot(source) if isinstance(source, str) else None
+    if snapshot is not None:
+        return snapshot
+    raise CheckpointNotFoundError(f"{what} {str(source)!r}: no such file or directory, not a blip.zoo name (known: "
+                                  f"{sorted(PRETRAINED)}) and not a repository in the Hugging Face cache "
+                                  f"({hf_cache_dir()}); blip never downloads: pass a local path")
 
 
 def read_checkpoint(source: str | Path | StateDict | Checkpoint, what: str = "checkpoint") -> Checkpoint:

@@ -29,9 +29,15 @@ _KINDS: dict[str, tuple[dict[str, int], int]] = {
 
 
 def _read_vocab(path: Path) -> dict[str, int]:
-    """vocab.txt (one token per line, id = line number) -> {token: id}."""
-    with open(path, encoding="utf-8") as f:
-        return {line.rstrip("\n"): i for i, line in enumerate(f)}
+    """vocab.txt (one token per line, id = line number) -> {token: id}; a CheckpointError naming a file that is not
+    UTF-8 text."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return {line.rstrip("\n"): i for i, line in enumerate(f)}
+    except ValueError as e:  # UnicodeDecodeError
+        from blip.checkpoints import CheckpointError
+        raise CheckpointError(f"{path}: not a vocab.txt (one UTF-8 token per line: {e}); use bert-base-uncased's "
+                              "vocab.txt") from None
 
 
 def _from_vocab_file(path: Path) -> PreTrainedTokenizerBase:

@@ -31,7 +31,7 @@ from .family import Family
 from .frozen_llm import (CausalStep, LLMSource, Seq2SeqStep, align_padding, causal_logits, load_llm, seq2seq_encode,
                          seq2seq_logits, set_hf_checkpointing)
 from .qformer import FrozenImageEncoder, QFormer, QFormerConfig
-from .structure import DeclaredLayers
+from .structure import InferenceModel
 
 LLM_TASKS = ("stage2", "instruct")
 # the parts an instruction-aware Q-Former has and a stage-2 one lacks (word / position embeddings, text FFN)
@@ -47,12 +47,13 @@ class Blip2LLMOutput:
     query_embeds: Tensor
 
 
-class Blip2LanguageModel(LanguageInterface, DeclaredLayers, nn.Module):
+class Blip2LanguageModel(LanguageInterface, InferenceModel, nn.Module):
     """Stage-2 BLIP-2: ``image_encoder`` (ViT + ln_vision) -> ``qformer`` -> ``llm_proj`` -> ``llm`` (HF, frozen)."""
 
     family = Family.BLIP2_LLM
     vit_path = "image_encoder.visual_encoder"
     checkpointed = ("image_encoder.visual_encoder", "qformer.transformer")
+    dtype_part = "qformer"   # .dtype: the trained part's (the frozen ViT and LLM may be stored in fp16 / bf16)
     compile_decoding = False   # generate()'s default for compile= (blip.load(compile=True) sets it)
 
     instruct = False

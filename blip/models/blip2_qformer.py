@@ -31,7 +31,7 @@ from ..nn.vit import VisionConfig
 from .blip2_qformer_strings import QformerStrings
 from .family import Family
 from .qformer import EVA_VIT_G, FrozenImageEncoder, QFormer, QFormerConfig
-from .structure import DeclaredLayers
+from .structure import InferenceModel
 
 
 
@@ -81,7 +81,7 @@ def query_similarity(image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
     return torch.einsum("iqe,te->itq", image_embeds, text_embeds).amax(dim=-1)
 
 
-class Blip2Qformer(QformerStrings, DeclaredLayers, nn.Module):
+class Blip2Qformer(QformerStrings, InferenceModel, nn.Module):
     """BLIP-2 stage-1 model (LAVIS ``Blip2Qformer``, HF ``Blip2ForImageTextRetrieval`` + the ITG head).
 
     Modules: ``image_encoder`` (``visual_encoder`` + ``ln_vision``), ``qformer`` (``query_tokens`` + transformer with
@@ -91,6 +91,7 @@ class Blip2Qformer(QformerStrings, DeclaredLayers, nn.Module):
     family = Family.BLIP2_QFORMER
     vit_path = "image_encoder.visual_encoder"
     checkpointed = ("image_encoder.visual_encoder", "qformer.transformer")
+    dtype_part = "qformer"   # .dtype: the trained part's (the frozen ViT may be stored in fp16 / bf16)
     compile_decoding = False   # generate()'s default for compile= (blip.load(compile=True) sets it)
 
     def __init__(self, cfg: Blip2QformerConfig):

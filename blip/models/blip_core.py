@@ -15,7 +15,7 @@ from ..generation import GenerationConfig, generate
 from ..nn.transformer import LMHead, TextConfig, TextTransformer, check_length
 from ..nn.vit import VisionConfig, VisionTransformer
 from .family import Family
-from .structure import DeclaredLayers
+from .structure import InferenceModel
 
 
 @dataclass
@@ -51,7 +51,7 @@ def build_vit(cfg: BlipConfig) -> VisionTransformer:
     return VisionTransformer(cfg.vision)
 
 
-class BlipModel(DeclaredLayers, nn.Module):
+class BlipModel(InferenceModel, nn.Module):
     """Base of the BLIP task models: holds ``cfg``; switches gradient checkpointing in every tower at once."""
 
     family = Family.BLIP

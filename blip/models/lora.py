@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..checkpoints import CheckpointError, load_into, read_state_dict, write_safetensors
+from ..checkpoints import CheckpointError, load_into, read_json, read_state_dict, write_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -272,10 +272,7 @@ def read_adapters(directory: str | Path) -> tuple[LoraSettings, str, dict[str, T
     path = directory / ADAPTER_CONFIG
     if not path.is_file():
         raise CheckpointError(f"{directory}: no {ADAPTER_CONFIG}; an adapter directory is written by save_adapters")
-    try:
-        config = json.loads(path.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e}); re-save the adapters") from None
+    config = read_json(path, "adapter settings")
     if not isinstance(config, dict) or config.get("format") != ADAPTER_FORMAT:
         raise CheckpointError(f"{path}: not a blip LoRA directory (format {ADAPTER_FORMAT!r}; peft's own "
                               "PeftModel.save_pretrained layout is not read): re-save it with blip.models.lora."
