@@ -89,12 +89,6 @@ def question_prompt(question: str, context: str | None = None) -> str:
     return f"{context.strip()} {prompt}" if context and context.strip() else prompt
 
 
-def image_size_of(model: nn.Module) -> int:
-    cfg = getattr(model, "cfg", None) or getattr(model, "config")
-    vision = getattr(cfg, "vision", None)
-    return int(vision.image_size if vision is not None else cfg.image_size)
-
-
 class Predictor:
     """Wraps a model from :func:`blip.load`; ``name`` (how the user named the model) is reported with results."""
 
@@ -148,7 +142,7 @@ class Predictor:
     def transform(self):
         """Decoded RGB PIL image -> float32 [3, S, S] at this model's resolution (the eval transform)."""
         from .data.transforms import image_transform
-        return image_transform(image_size_of(self.model), train=False)
+        return image_transform(self.model.image_size, train=False)
 
     @property
     def device(self) -> torch.device:

@@ -32,8 +32,7 @@ def protocol_for(task: Mapping, model: nn.Module) -> tuple[Family, Mapping]:
 def image_preprocess(model: nn.Module):
     """The model's eval transform: bicubic resize to its own image size, CLIP normalisation (BLIP and BLIP-2 alike)."""
     from ..data.transforms import image_transform
-    from ..predictor import image_size_of
-    return image_transform(image_size_of(model), train=False)
+    return image_transform(model.image_size, train=False)
 
 
 def load_pixels(transform, item, index: int) -> tuple[torch.Tensor, int]:

@@ -126,17 +126,3 @@ def resolve_custom(cfg: DictConfig) -> CustomSplits:
     log.info("task=custom: %d %s rows (%s) from %s; recipe %s (%d settings from it: %s)", len(splits.train.rows),
              splits.train.kind, splits.train.path, cfg.init_from, name, len(filled), ", ".join(filled))
     return splits
-
-
-def image_size_of(model) -> int:
-    """The input resolution of a loaded model (BLIP-2: its ViT config; BLIP: its config's image size)."""
-    inner = getattr(model, "model", model)
-    config = getattr(inner, "config", None)
-    vision = getattr(config, "vision", None)
-    if vision is not None:
-        return int(vision.image_size)
-    for module in inner.modules():
-        cfg = getattr(module, "cfg", None)
-        if cfg is not None and hasattr(cfg, "image_size") and hasattr(cfg, "patch_size"):
-            return int(cfg.image_size)
-    raise ValueError(f"cannot tell the input resolution of {type(inner).__name__}: set model.image_size")

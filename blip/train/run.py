@@ -268,13 +268,12 @@ def custom_model(cfg: DictConfig) -> nn.Module:
     """task=custom: the base (init_from) with the recipe applied and its objective around it; the resolution the
     recipe left to the checkpoint is recorded in the config."""
     from blip.runs import custom_objective
-    from blip.train.custom import image_size_of
 
     torch.manual_seed(cfg.seed)  # identical new weights (adapters, new text parts) on every rank
     model = custom_objective(cfg)
     if cfg.model.get("image_size") is None:
         with open_dict(cfg):
-            cfg.model.image_size = image_size_of(model)
+            cfg.model.image_size = int(model.model.image_size)
     return model
 
 
