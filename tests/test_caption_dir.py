@@ -199,6 +199,7 @@ CLI_WITH_HOOK = """
 import os, signal, sys, time
 from blip.cli import main
 from blip.predictor import Predictor
+signal.signal(signal.SIGINT, signal.default_int_handler)   # as in a terminal: a background job inherits SIGINT ignored
 real, calls = Predictor.caption, [0]
 def caption(self, *args, **kwargs):
     calls[0] += 1
