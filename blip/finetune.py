@@ -108,8 +108,6 @@ def finetune_objective(model: nn.Module, kind: str, model_cfg: Mapping) -> nn.Mo
             if model_cfg.get("freeze_llm") is False:   # every weight trains (the papers keep the LLM frozen)
                 model.llm.requires_grad_(True)
                 model.config.llm_train_mode = True
-            if kind == "caption" and "prompt" in settings:   # the caption prompt the model was trained with
-                model.config.prompt = settings["prompt"]
             objective = Blip2Stage2Objective(model, **settings)
         else:
             from .objectives.blip2_stage1 import Blip2Stage1Objective

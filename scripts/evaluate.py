@@ -40,7 +40,8 @@ def evaluate_task(cfg: DictConfig) -> None:
     import torch
 
     from blip.api import load_for_evaluation
-    from blip.evaluation.runner import context_settings, evaluate
+    from blip.convert.formats import read_checkpoint
+    from blip.evaluation.runner import context_settings, evaluate, own_prompt_protocol
     from blip.train.distributed import init_distributed
 
     info = init_distributed(cfg.device)
@@ -57,7 +58,10 @@ def evaluate_task(cfg: DictConfig) -> None:
             run_custom(model, data, cfg.task, cfg.output_dir, device=info.device, batch_size=ctx["batch_size"],
                        autocast_dtype=ctx["autocast_dtype"], label={"checkpoint": label["checkpoint"]})
     else:
-        evaluate(model, cfg.task, cfg.split, cfg.data.root, cfg.output_dir, context_settings(cfg, info), data=data,
+        task = cfg.task
+        if read_checkpoint(str(cfg.checkpoint)).run is not None:   # a training run: the prompt it trained with
+            task = own_prompt_protocol(task, model)
+        evaluate(model, task, cfg.split, cfg.data.root, cfg.output_dir, context_settings(cfg, info), data=data,
                  label=label)
     if info.distributed:
         torch.distributed.barrier()

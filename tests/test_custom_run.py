@@ -256,3 +256,20 @@ def test_a_resumed_custom_run_equals_an_uninterrupted_one(tmp_path, base, rows):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     saved = json.loads((cut / "results.json").read_text())
     assert saved["before"] == json.loads((whole / "results.json").read_text())["before"]   # from the first start
+
+
+def test_a_run_captions_and_is_evaluated_with_the_prompt_it_trained_with(tmp_path, base, rows):
+    """One default prompt per checkpoint: the run records its training prompt; caption-dir / serve use it through
+    the model, and the benchmark evaluation of a run puts it in place of the protocol's "a photo of"."""
+    from hydra import compose as compose_task
+    from blip.evaluation.runner import own_prompt_protocol
+
+    out, run_dir = custom(tmp_path, "prompted", base, rows, ["trainer.max_steps=1", "model.objective.prompt=a",
+                                                             "eval.enabled=false"])
+    model = blip.load(run_dir)
+    assert model.config.prompt == "a"
+    with initialize_config_dir(config_dir=str(CONFIGS / "evaluate"), version_base=None):
+        task = compose_task("evaluate", overrides=["task=caption_coco", "checkpoint=x"]).task
+    own = own_prompt_protocol(task, model)
+    assert own.protocol.blip2_llm.prompt == "a" and task.protocol.blip2_llm.prompt == "a photo of"
+    assert own.protocol.blip2_llm.num_beams == task.protocol.blip2_llm.num_beams   # the rest of the protocol kept

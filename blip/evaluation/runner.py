@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ..data.eval_datasets import read_task_data
-from ..models.family import family_of
+from ..models.family import Family, family_of
 from .sharding import EvalContext, check_manifest, write_json_atomic
 
 log = logging.getLogger("blip.evaluate")
@@ -64,6 +64,17 @@ def evaluate(model: nn.Module, task: Mapping, split: str, data_root: str | Path,
         print(summary_line(task["name"], split, metrics, n, time.perf_counter() - started,
                            output_dir), flush=True)
     return metrics
+
+
+def own_prompt_protocol(task: Mapping, model: nn.Module) -> Mapping:
+    """The task with a BLIP-2 LLM model's own caption prompt (the one it was trained with, which its run records)
+    in place of the protocol's: a training run is evaluated as it captions everywhere else (``caption-dir``,
+    ``serve``), not with LAVIS's "a photo of" when it never saw that prompt. Released checkpoints keep the protocol."""
+    if family_of(model) is not Family.BLIP2_LLM or "blip2_llm" not in task.get("protocol", {}):
+        return task
+    task = OmegaConf.create(OmegaConf.to_container(task) if isinstance(task, DictConfig) else dict(task))
+    task.protocol.blip2_llm.prompt = model.config.prompt
+    return task
 
 
 def summary_line(name: str, split: str, metrics: Mapping, n: int, seconds: float, output_dir: Path) -> str:
@@ -118,5 +129,6 @@ def evaluate_after_training(model: nn.Module | None, cfg: DictConfig, data, run_
     ctx = context_settings(settings, info)
     if alone:
         ctx.update(rank=0, world_size=1)
-    return evaluate(getattr(model, "model", model), cfg.eval_task, cfg.eval.split, cfg.data.get("root") or "data",
+    model = getattr(model, "model", model)
+    return evaluate(model, own_prompt_protocol(cfg.eval_task, model), cfg.eval.split, cfg.data.get("root") or "data",
                     Path(run_dir) / "eval", ctx, data=data, label={"checkpoint": f"{run_dir} (step {step})"})

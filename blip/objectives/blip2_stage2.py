@@ -53,6 +53,7 @@ class Blip2Stage2Objective(DeclaredLayers, nn.Module):
         self.question_prompt = question_prompt
         self.generator = generator
         self.bos_target = bos_target   # LAVIS: without a prompt, the last query position predicts the bos
+        model.config.prompt = prompt   # the model captions with the prompt it is trained with (its run records it)
 
     @property
     def tokenizer(self):
