@@ -31,14 +31,23 @@ def label(attrs: dict) -> str:
     return f"{attrs['color']} {attrs['shape']} {attrs['position']}"
 
 
-def write_rows(root: Path, split: str, n: int, seed: int) -> Path:
+def write_rows(root: Path, split: str, n: int, seed: int, kind: str = "caption") -> Path:
+    """``n`` rendered shapes and their rows in ``root/<split>.jsonl``: captions of the new style, a question with its
+    answers, or an instruction with a response."""
     rng = np.random.default_rng(seed)
     (root / "images").mkdir(parents=True, exist_ok=True)
     lines = []
     for i in range(n):
         image, attrs = render_sample(rng)
         image.save(root / "images" / f"{split}_{i}.png")
-        lines.append(json.dumps({"image": f"images/{split}_{i}.png", "caption": label(attrs)}))
+        row = {"image": f"images/{split}_{i}.png"}
+        if kind == "caption":
+            row.update(caption=label(attrs))
+        elif kind == "vqa":
+            row.update(question="what colour is the shape?", answer=[attrs["color"]] * 3)
+        else:
+            row.update(instruction="name the shape and where it is", response=f"{attrs['shape']} {attrs['position']}")
+        lines.append(json.dumps(row))
     path = root / f"{split}.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -157,29 +166,10 @@ def test_rows_of_a_kind_the_family_cannot_learn_are_refused():
     assert {name for name in RECIPES.values()} == {p.stem for p in (CONFIGS / "recipe").glob("*.yaml")}
 
 
-def write_kind(root: Path, n: int, seed: int, kind: str) -> Path:
-    """Rows of another kind about the same shapes: a question with its answers, or an instruction with a response."""
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i in range(n):
-        image, attrs = render_sample(rng)
-        image.save(root / "images" / f"{kind}_{seed}_{i}.png")
-        row = {"image": f"images/{kind}_{seed}_{i}.png"}
-        if kind == "vqa":
-            row.update(question="what colour is the shape?", answer=[attrs["color"]] * 3)
-        else:
-            row.update(instruction="name the shape and where it is", response=f"{attrs['shape']} {attrs['position']}")
-        lines.append(json.dumps(row))
-    path = root / f"{kind}_{seed}.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 @pytest.mark.parametrize("kind, recipe, metric", [("vqa", "blip2_vqa", "vqa_accuracy"),
                                                   ("instruction", "blip2_instruct", "exact_match")])
 def test_questions_and_instructions_fine_tune_a_question_aware_model(tmp_path, base, kind, recipe, metric):
-    rows = write_kind(tmp_path, 16, 0, kind), write_kind(tmp_path, 4, 1, kind)
+    rows = write_rows(tmp_path, "train", 16, 0, kind), write_rows(tmp_path, "val", 4, 1, kind)
     out, run_dir = custom(tmp_path, kind, base, rows, ["trainer.max_steps=2"])
     saved = json.loads((run_dir / "results.json").read_text())
     assert saved["before"]["kind"] == kind and metric in saved["after"]
