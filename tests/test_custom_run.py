@@ -263,3 +263,21 @@ def test_a_run_captions_and_is_evaluated_with_the_prompt_it_trained_with(tmp_pat
     own = own_prompt_protocol(task, model)
     assert own.protocol.blip2_llm.prompt == "a" and task.protocol.blip2_llm.prompt == "a photo of"
     assert own.protocol.blip2_llm.num_beams == task.protocol.blip2_llm.num_beams   # the rest of the protocol kept
+
+
+def test_a_custom_run_exports_to_hf_layout(tmp_path, base, rows):
+    """`blip convert <run> out --to hf`: HF's own Blip2ForConditionalGeneration gives the run's logits."""
+    from transformers import Blip2ForConditionalGeneration
+    from blip.cli import main
+
+    out, run_dir = custom(tmp_path, "export", base, rows, ["trainer.max_steps=1", "eval.enabled=false"])
+    assert main(["convert", str(run_dir), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    ours = blip.load(run_dir)
+    hf = Blip2ForConditionalGeneration.from_pretrained(tmp_path / "hf", local_files_only=True,
+                                                       trust_remote_code=False).eval()
+    pixels, ids = torch.rand(2, 3, 56, 56), torch.tensor([[2, 5, 6, 7], [2, 8, 9, 10]])
+    nq = hf.config.num_query_tokens
+    placeholders = torch.full((2, nq), hf.config.image_token_index)
+    with torch.no_grad():
+        theirs = hf(pixel_values=pixels, input_ids=torch.cat([placeholders, ids], 1)).logits[:, nq:]
+        torch.testing.assert_close(ours(pixels, ids).logits, theirs, atol=1e-4, rtol=1e-4)
