@@ -117,8 +117,17 @@ def finetune_objective(model: nn.Module, kind: str, model_cfg: Mapping) -> nn.Mo
         from .models.lora import LoraSettings, apply_lora
         adapted = apply_lora(objective, LoraSettings.from_config(lora))
         log.info("LoRA r=%s on %d modules (%s ...)", lora["r"], len(adapted), ", ".join(adapted[:3]))
-    patterns = [re.compile(p) for p in model_cfg.get("freeze") or []]
-    for name, param in objective.named_parameters():
-        if any(p.search(name) for p in patterns):
-            param.requires_grad_(False)
+    freeze_matching(objective, model_cfg.get("freeze"))
     return objective
+
+
+def freeze_matching(model: nn.Module, patterns: list[str] | None) -> list[str]:
+    """``model.freeze``: parameters whose name matches any of the regexes stop training; returns their names."""
+    compiled = [re.compile(p) for p in patterns or []]
+    frozen = [n for n, p in model.named_parameters() if any(r.search(n) for r in compiled)]
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
+    if compiled:
+        log.info("frozen by model.freeze %s: %d parameter tensors", list(patterns), len(frozen))
+    return frozen

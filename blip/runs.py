@@ -10,12 +10,12 @@ into the ``task`` asked for (default "caption").
 from __future__ import annotations
 
 import logging
-import re
 from typing import TYPE_CHECKING
 
 from torch import nn
 
 from .checkpoints import CheckpointError
+from .finetune import freeze_matching
 from .registry import create_model, create_objective
 from .convert.formats import Checkpoint, read_checkpoint
 
@@ -41,13 +41,7 @@ def build_model(model_cfg: DictConfig, **extra) -> nn.Module:
             overrides[key] = model_cfg[key]
     overrides.update({k: v for k, v in extra.items() if v is not None})
     model = create_objective(model_cfg.arch, model_cfg.task, **overrides)
-    patterns = [re.compile(p) for p in model_cfg.get("freeze") or []]
-    frozen = [n for n, p in model.named_parameters() if any(r.search(n) for r in patterns)]
-    for name, param in model.named_parameters():
-        if name in frozen:
-            param.requires_grad_(False)
-    if patterns:
-        log.info("frozen by model.freeze %s: %d parameter tensors", list(model_cfg.freeze), len(frozen))
+    freeze_matching(model, model_cfg.get("freeze"))
     return model
 
 
@@ -66,12 +60,13 @@ def load_source(checkpoint: Checkpoint, *, arch: str | None = None, task: str | 
     return fmt.load(checkpoint, arch=arch, task=task, llm=llm, **options)
 
 
-def custom_objective(cfg: DictConfig) -> nn.Module:
-    """The objective of a ``task=custom`` run, before its own weights: the base (``init_from``) loaded, then the
-    run's recipe and adapters applied (:func:`blip.finetune.finetune_objective`)."""
+def custom_objective(cfg: DictConfig, base: nn.Module | None = None) -> nn.Module:
+    """The objective of a ``task=custom`` run, before its own weights: the base (``init_from``, or ``base`` when the
+    caller already loaded it) with the run's recipe and adapters applied (:func:`blip.finetune.finetune_objective`)."""
     from .finetune import finetune_objective, load_task
-    base = load_source(read_checkpoint(cfg.init_from, "init_from"), task=load_task(cfg.model.family, cfg.data.kind),
-                       llm=cfg.model.get("llm"))
+    if base is None:
+        base = load_source(read_checkpoint(cfg.init_from, "init_from"),
+                           task=load_task(cfg.model.family, cfg.data.kind), llm=cfg.model.get("llm"))
     return finetune_objective(base, cfg.data.kind, cfg.model)
 
 

@@ -281,3 +281,22 @@ def test_a_custom_run_exports_to_hf_layout(tmp_path, base, rows):
     with torch.no_grad():
         theirs = hf(pixel_values=pixels, input_ids=torch.cat([placeholders, ids], 1)).logits[:, nq:]
         torch.testing.assert_close(ours(pixels, ids).logits, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_model_freeze_stops_the_named_parameters_in_both_paths(tmp_path, base, rows):
+    """`model.freeze` regexes: one implementation for the recipe configs (runs.build_model) and task=custom."""
+    from blip.runs import build_model, custom_objective
+    from blip.train.custom import resolve_custom
+
+    cfg = compose_run(tmp_path, "r", ["task=custom", f"data.train={rows[0]}", f"init_from={base}",
+                                      "model.freeze=['^model.llm_proj[.]']"])
+    resolve_custom(cfg)
+    custom_one = custom_objective(cfg)
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        stage2 = compose("train", overrides=["stage='2'", "run_dir=x", "model.freeze=['^model.llm_proj[.]']"])
+    recipe_one = build_model(stage2.model)
+    for objective in (custom_one, recipe_one):
+        flags = {n: p.requires_grad for n, p in objective.named_parameters()}
+        assert [n for n in flags if n.startswith("model.llm_proj.")] and not any(
+            flags[n] for n in flags if n.startswith("model.llm_proj."))
+        assert any(flags[n] for n in flags if n.startswith("model.qformer."))   # the rest still trains

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
 
 from blip.convert.formats import Checkpoint, read_checkpoint
 from blip.data.custom import CustomData, read_custom
@@ -27,25 +28,27 @@ RECIPE_DIR = CONFIGS / "recipe"
 FORMAT_FAMILY = {"hf-blip": Family.BLIP, "blip": Family.BLIP, "blip-original": Family.BLIP,
                  "hf-blip2": Family.BLIP2_LLM, "lavis-blip2-llm": Family.BLIP2_LLM,
                  "lavis-blip2-stage1": Family.BLIP2_QFORMER}
-TRANSFORM = {Family.BLIP: "blip", Family.BLIP2_QFORMER: "blip2", Family.BLIP2_LLM: "blip2"}
 
 
 @dataclass
 class CustomSplits:
     train: CustomData
     val: CustomData | None
+    base: nn.Module | None = None   # the base model, when telling its family meant loading it (training reuses it)
 
 
-def source_family(checkpoint: Checkpoint) -> Family:
-    """The model family a checkpoint holds: from its run's config, its format, or (other formats) its model."""
+def source_family(checkpoint: Checkpoint) -> tuple[Family, nn.Module | None]:
+    """The model family a checkpoint holds: from its run's config or its format, or else from its model (loaded
+    once: the model is returned with it so that it is not read again)."""
     if checkpoint.run is not None:
         run_cfg = OmegaConf.load(checkpoint.run[0])
-        return Family(run_cfg.model.get("family") or family(run_cfg.model.arch))
+        return Family(run_cfg.model.get("family") or family(run_cfg.model.arch)), None
     if checkpoint.format.name in FORMAT_FAMILY:
-        return FORMAT_FAMILY[checkpoint.format.name]
+        return FORMAT_FAMILY[checkpoint.format.name], None
     from blip.models.family import family_of
     from blip.runs import load_source
-    return family_of(load_source(checkpoint))
+    model = load_source(checkpoint)
+    return family_of(model), model
 
 
 def read_splits(cfg: DictConfig) -> CustomSplits:
@@ -107,7 +110,7 @@ def resolve_custom(cfg: DictConfig) -> CustomSplits:
     """Read the splits, pick and apply the recipe (in place on ``cfg``); returns the splits."""
     splits = read_splits(cfg)
     checkpoint = read_checkpoint(cfg.init_from, "init_from")
-    fam = source_family(checkpoint)
+    fam, splits.base = source_family(checkpoint)
     name = recipe_for(fam, splits.train.kind) if cfg.get("recipe", "auto") == "auto" else str(cfg.recipe)
     if not on_gpu(cfg):   # the recipes' bf16 autocast and bf16 frozen towers are for GPUs: fp32 on a CPU
         fill_open(cfg, OmegaConf.create({"trainer": {"precision": "fp32", "frozen_dtype": "fp32"}}))
@@ -118,7 +121,7 @@ def resolve_custom(cfg: DictConfig) -> CustomSplits:
         cfg.init_from = str(checkpoint.path.resolve()) if checkpoint.path is not None else str(cfg.init_from)
         cfg.model.family = fam.value
         cfg.data.kind = splits.train.kind
-        cfg.model.transform = cfg.model.get("transform") or TRANSFORM[fam]
+        cfg.model.transform = cfg.model.get("transform") or ("blip" if fam is Family.BLIP else "blip2")
         if cfg.model.get("arch") is None:
             cfg.model.arch = f"{checkpoint.format.name}:{Path(cfg.init_from).name}"
         if cfg.data.get("max_words") is None:

@@ -264,13 +264,13 @@ def initialised_model(cfg: DictConfig, run_dir: Path, resume_from: Path | None, 
     return model
 
 
-def custom_model(cfg: DictConfig) -> nn.Module:
-    """task=custom: the base (init_from) with the recipe applied and its objective around it; the resolution the
-    recipe left to the checkpoint is recorded in the config."""
+def custom_model(cfg: DictConfig, base: nn.Module | None = None) -> nn.Module:
+    """task=custom: the base (init_from; ``base`` if resolving the recipe already loaded it) with the recipe applied
+    and its objective around it; the resolution the recipe left to the checkpoint is recorded in the config."""
     from blip.runs import custom_objective
 
     torch.manual_seed(cfg.seed)  # identical new weights (adapters, new text parts) on every rank
-    model = custom_objective(cfg)
+    model = custom_objective(cfg, base)
     if cfg.model.get("image_size") is None:
         with open_dict(cfg):
             cfg.model.image_size = int(model.model.image_size)
@@ -319,7 +319,7 @@ def run(cfg: DictConfig) -> dict:
 
         custom = resolve_custom(cfg)
         validate_settings(cfg)
-        model = custom_model(cfg)   # before the run directory: its config.yaml records the resolved settings
+        model = custom_model(cfg, custom.base)   # before the run directory: config.yaml records what it resolved
     resume_from = find_resume(cfg, Path(cfg.run_dir))
     # rank 0 claims the directory; ranks may resolve ${now:...} a second apart
     run_dir = Path(broadcast_str(str(claim_run_dir(cfg, resume_from)) if info.is_main else "", info))
