@@ -12,6 +12,7 @@ import blip
 from blip.convert.blip2_handoff import question_aware
 from blip.models.blip2_finetune import is_question_text_part, set_vit_trainable
 from blip.objectives.blip2_stage2 import Blip2Stage2Objective
+from blip.predictor import Decoding, Predictor
 from blip.runs import build_model
 from blip.train.precision import PrecisionPolicy
 from conftest import FIXTURES
@@ -79,7 +80,7 @@ def test_recipes_compose_with_the_lavis_and_paper_values():
     assert retrieval["eval_task"]["name"] == "retrieval_coco"
     vqa = resolved(recipe_cfg("vqa"))
     assert (vqa["model"]["task"], vqa["model"]["freeze_vit"]) == ("instruct", False)
-    assert vqa["model"]["objective"]["question_prompt"] == "Question: {} Short answer:"
+    assert vqa["model"]["objective"]["question_prompt"] == "Question: {} Answer:"   # BLIP-2 paper Table 8
     instruct = resolved(recipe_cfg("instruct"))   # LAVIS InstructBLIP max_txt_len 128, max_output_txt_len 256
     assert (instruct["model"]["task"], instruct["model"]["freeze_vit"]) == ("instruct", True)
     assert instruct["model"]["objective"] | {} == {"max_txt_len": 128, "max_output_len": 256}
@@ -193,9 +194,37 @@ def test_vqa_loss_is_blips_weighted_answer_loss():
         want = 0.0
         for i, (question, answers, weights) in enumerate(zip(batch["text"], batch["answers"], batch["weights"])):
             for answer, w in zip(answers, weights):
-                want += w * answer_nll(objective.model, pixels[i:i + 1], f"Question: {question} Short answer:",
+                want += w * answer_nll(objective.model, pixels[i:i + 1], f"Question: {question} Answer:",
                                        answer)
     torch.testing.assert_close(got, want / 2, rtol=1e-5, atol=1e-5)
+
+
+def test_a_vqa_run_answers_and_is_evaluated_with_the_template_it_trained_with():
+    """The VQA recipe's template (BLIP-2 paper Table 8) is recorded in the model: answer() uses it, and the benchmark
+    evaluation of the run puts it in place of the protocol's. A caption run leaves question templates alone (its
+    caption prompt replaces only caption prompts)."""
+    from blip.evaluation.runner import own_prompt_protocol
+    from test_recipes import compose_eval
+
+    vqa_task, caption_task = (compose_eval([f"task={t}"]).task for t in ("vqa_v2", "caption_coco"))
+    assert vqa_task.protocol.blip2_llm.prompt == "Question: {} Short answer:"   # LAVIS's zero-shot template
+    _, vqa = built("vqa")
+    _, caption = built("caption")
+    assert vqa.model.config.question_prompt == "Question: {} Answer:"
+    assert own_prompt_protocol(vqa_task, vqa.model).protocol.blip2_llm.prompt == "Question: {} Answer:"
+    assert own_prompt_protocol(vqa_task, caption.model).protocol.blip2_llm.prompt == "Question: {} Short answer:"
+    assert own_prompt_protocol(caption_task, caption.model).protocol.blip2_llm.prompt == "a photo of "
+    seen = {}
+    for model, want in ((vqa.model, "Question: what is it? Answer:"),
+                        (caption.model, "Question: what is it? Short answer:")):
+        model.complete = lambda images, prompts, **kw: seen.update(prompts=prompts) or prompts
+        model.answer(torch.randn(1, 3, 56, 56), "What is it?")
+        assert seen["prompts"] == [want]
+        del model.complete
+    _, own = built("vqa", "model.objective.question_prompt='Q: {} A:'")   # serve / `blip ask` follow a run's template
+    own.model.complete = lambda images, prompts, **kw: seen.update(prompts=prompts) or prompts
+    Predictor(own.model).answer(torch.randn(1, 3, 56, 56), ["what is it?"], Decoding(num_beams=1))
+    assert seen["prompts"] == ["Q: what is it? A:"]
 
 
 def test_vqa_weights_default_to_blips_vqav2_rule():

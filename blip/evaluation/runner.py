@@ -67,13 +67,19 @@ def evaluate(model: nn.Module, task: Mapping, split: str, data_root: str | Path,
 
 
 def own_prompt_protocol(task: Mapping, model: nn.Module) -> Mapping:
-    """The task with a BLIP-2 LLM model's own caption prompt (the one it was trained with, which its run records)
-    in place of the protocol's: a training run is evaluated as it captions everywhere else (``caption-dir``,
-    ``serve``), not with LAVIS's "a photo of" when it never saw that prompt. Released checkpoints keep the protocol."""
+    """The task with a BLIP-2 LLM model's own prompt (the one it was trained with, which its run records) in place of
+    the protocol's: a training run is evaluated as it captions and answers everywhere else (``caption-dir``,
+    ``serve``), not with LAVIS's "a photo of" when it never saw that prompt. A question template (a protocol prompt
+    with "{}": VQA, OK-VQA, GQA) is replaced only by the template a VQA run recorded (``config.question_prompt``),
+    never by a caption prompt. Released checkpoints keep the protocol."""
     if family_of(model) is not Family.BLIP2_LLM or "blip2_llm" not in task.get("protocol", {}):
         return task
+    question = "{}" in str(task["protocol"]["blip2_llm"].get("prompt") or "")
+    own = model.config.question_prompt if question else model.config.prompt
+    if own is None:
+        return task
     task = OmegaConf.create(OmegaConf.to_container(task) if isinstance(task, DictConfig) else dict(task))
-    task.protocol.blip2_llm.prompt = model.config.prompt
+    task.protocol.blip2_llm.prompt = own
     return task
 
 

@@ -19,6 +19,9 @@ from .qformer import CLIP_VIT_L, EVA_VIT_G, QFormerConfig, qformer_config
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
+# LAVIS's zero-shot BLIP-2 VQA template (its eval configs); a VQA run records its own in question_prompt
+LAVIS_QUESTION_PROMPT = "Question: {} Short answer:"
+
 # tiny EVA (image 56 px, patch 14) shared by every tiny BLIP-2 arch
 TINY_VISION = VisionConfig(image_size=56, patch_size=14, width=48, depth=2, heads=4, mlp_dim=209, qkv_bias="qv",
                            final_norm=False, layer_norm_eps=1e-6)
@@ -68,6 +71,7 @@ class Blip2LLMConfig:
     tokenizer: str | Path | None = None   # LLM tokenizer directory (default: ``llm`` when it is a directory)
     eos: str | int | None = None          # "\n" (OPT convention: the id of "\n"), an id, or None: the LLM's eos
     prompt: str = ""                      # default caption prompt
+    question_prompt: str | None = None    # the VQA template a run trained with; None: LAVIS_QUESTION_PROMPT
     generation: dict = field(default_factory=dict)  # this checkpoint's caption defaults (num_beams, min_new_tokens..)
     ln_vision_eps: float = 1e-5           # LAVIS 1e-5; HF post_layernorm uses the vision layer_norm_eps
     frozen_dtype: str | torch.dtype | None = None  # storage dtype of the frozen ViT + LLM ("bf16", "fp16"); None: fp32

@@ -127,14 +127,17 @@ class LanguageInterface:
         defaults = self.caption_defaults()
         return self.complete(images, [prompt], **{**defaults, **search_options(gen, defaults["num_beams"])})
 
-    def answer(self, images: Images, questions: str | Sequence[str], prompt: str = "Question: {} Short answer:",
+    def answer(self, images: Images, questions: str | Sequence[str], prompt: str | None = None,
                *, num_beams: int | None = None, max_new_tokens: int = 10, min_new_tokens: int | None = None,
                length_penalty: float | None = None, **gen) -> list[str]:
         """Open-ended VQA as LAVIS's zero-shot VQA: questions cleaned by BLIP's ``pre_question`` (the
-        ``blip_question`` processor), the BLIP-2 prompt template, 5 beams (one when sampling), 10 new tokens; OPT:
-        length penalty 0, at least 1 new token; T5: length penalty -1, min_length 1 counting the decoder start (0 new
-        tokens)."""
+        ``blip_question`` processor), the prompt template (default: the one a VQA run trained with, else LAVIS's
+        "Question: {} Short answer:"), 5 beams (one when sampling), 10 new tokens; OPT: length penalty 0, at least 1
+        new token; T5: length penalty -1, min_length 1 counting the decoder start (0 new tokens)."""
         from ..data.text import pre_question
+        from .blip2 import LAVIS_QUESTION_PROMPT
+        if prompt is None:
+            prompt = self.config.question_prompt or LAVIS_QUESTION_PROMPT
         questions = [questions] if isinstance(questions, str) else list(questions)
         if min_new_tokens is None:
             min_new_tokens = 0 if self.is_seq2seq else 1

@@ -15,7 +15,8 @@
   InstructBLIP's Q-Former also reads text_input (BERT ids). Inputs and outputs are truncated to ``max_txt_len`` and
   ``max_output_len`` tokens (LAVIS InstructBLIP: 128 and 256).
 - VQA fine-tuning (batches with "answers", the question in "text"): each question, formatted by ``question_prompt``
-  ("Question: {} Short answer:"), is paired with each of its answers as above; BLIP's VQA loss over the LLM:
+  (default: the model's, else LAVIS's "Question: {} Short answer:"; ``task=blip2_vqa``: the paper's "Question: {}
+  Answer:"), is paired with each of its answers as above; BLIP's VQA loss over the LLM:
   ``loss = sum_q sum_k w_qk * NLL(answer_qk) / B`` with the NLL summed over the answer's tokens (eos included) and
   the weights of "weights" (else BLIP's VQAv2 rule, :func:`blip.data.text.answer_weights`). A question-aware
   (InstructBLIP-structured) model's Q-Former reads the formatted question; the image and Q-Former run once per
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 
 from ..data.text import answer_weights
 from ..losses import lm_loss
+from ..models.blip2 import LAVIS_QUESTION_PROMPT
 from ..models.frozen_llm import align_padding
 from ..models.structure import DeclaredLayers
 from .prefix_lm import pad_rows, prefix_lm_batch, split_point, text_pair_batch
@@ -44,16 +46,18 @@ class Blip2Stage2Objective(DeclaredLayers, nn.Module):
 
     def __init__(self, model: nn.Module, prompt: str = "", max_txt_len: int = 32,
                  generator: torch.Generator | None = None, bos_target: bool = False,
-                 question_prompt: str = "Question: {} Short answer:", max_output_len: int | None = None):
+                 question_prompt: str | None = None, max_output_len: int | None = None):
         super().__init__()
         self.model = model
         self.prompt = prompt
         self.max_txt_len = max_txt_len
         self.max_output_len = max_output_len or max_txt_len   # text_output tokens (LAVIS max_output_txt_len)
-        self.question_prompt = question_prompt
+        self.question_prompt = question_prompt or model.config.question_prompt or LAVIS_QUESTION_PROMPT
         self.generator = generator
         self.bos_target = bos_target   # LAVIS: without a prompt, the last query position predicts the bos
         model.config.prompt = prompt   # the model captions with the prompt it is trained with (its run records it)
+        if question_prompt is not None:   # a VQA run: answer() and its evaluation use the template it trained with
+            model.config.question_prompt = question_prompt
 
     @property
     def tokenizer(self):
