@@ -100,3 +100,22 @@ def test_list_pretrained_and_version():
     assert names[:3] == ["blip-base", "blip-base-capfilt-large", "blip-large"]   # the zoo's table, in its order
     assert "hf-blip2-opt-2.7b" in names and len(names) == len(set(names))
     assert blip.__version__ == version("blip") and blip.__version__[0].isdigit()
+
+
+def test_every_zoo_entry_builds_and_needs_known_files():
+    """Each named checkpoint's (arch, task) is a model blip builds (or one tower: vision / text), what it needs is a
+    zoo name or an HF repository id, and a frozen ViT it needs has the width of its arch's ViT (a ViT-L file needs
+    clip_vit_L.pth, not eva_vit_g.pth)."""
+    from blip.models.blip2 import LLM_ARCHS, QFORMER_ARCHS
+    from blip.registry import list_models
+    from blip.zoo import HF_REPO_ID, PRETRAINED
+
+    def vit_width(arch: str) -> int:
+        return (QFORMER_ARCHS.get(arch) or LLM_ARCHS[arch]).vision.width
+
+    buildable = set(list_models())
+    for name, entry in PRETRAINED.items():
+        assert (entry.arch, entry.task) in buildable or entry.task in ("vision", "text"), name
+        assert all(need in PRETRAINED or HF_REPO_ID.fullmatch(need) for need in entry.needs), name
+        vits = [need for need in entry.needs if need in PRETRAINED and PRETRAINED[need].task == "vision"]
+        assert all(vit_width(PRETRAINED[vit].arch) == vit_width(entry.arch) for vit in vits), name

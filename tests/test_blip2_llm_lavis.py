@@ -154,12 +154,13 @@ def test_image_size_follows_a_fine_tuned_vit(tmp_path):
     assert torch.equal(model.image_encoder.visual_encoder.pos_embed, sd["visual_encoder.pos_embed"])
 
 
-def lavis_stage2_layout(proj: str, out_dim: int, instruct: bool = False) -> dict:
+def lavis_stage2_layout(proj: str, out_dim: int, instruct: bool = False, image_width: int = 1408) -> dict:
     """The real-size LAVIS stage-2 / InstructBLIP file layout, written from lavis-and-blip-facts §3.4 (bert-base
-    Q-Former, 32 queries, EVA ViT-g width 1408, cross-attention in even layers), as meta tensors."""
+    Q-Former, 32 queries, cross-attention in even layers reading image features of ``image_width``: EVA ViT-g 1408,
+    CLIP ViT-L 1024), as meta tensors."""
     def t(*shape):
         return torch.empty(shape, device="meta")
-    sd = {"query_tokens": t(1, 32, 768), "ln_vision.weight": t(1408), "ln_vision.bias": t(1408),
+    sd = {"query_tokens": t(1, 32, 768), "ln_vision.weight": t(image_width), "ln_vision.bias": t(image_width),
           "Qformer.bert.embeddings.LayerNorm.weight": t(768), "Qformer.bert.embeddings.LayerNorm.bias": t(768),
           "Qformer.bert.embeddings.position_ids": t(1, 512), f"{proj}.weight": t(out_dim, 768),
           f"{proj}.bias": t(out_dim)}
@@ -173,8 +174,8 @@ def lavis_stage2_layout(proj: str, out_dim: int, instruct: bool = False) -> dict
                    "intermediate_query.dense": (3072, 768), "output_query.dense": (768, 3072)}
         norms = ["attention.output.LayerNorm", "output_query.LayerNorm"]
         if i % 2 == 0:
-            linears.update({"crossattention.self.query": (768, 768), "crossattention.self.key": (768, 1408),
-                            "crossattention.self.value": (768, 1408), "crossattention.output.dense": (768, 768)})
+            linears.update({"crossattention.self.query": (768, 768), "crossattention.self.key": (768, image_width),
+                            "crossattention.self.value": (768, image_width), "crossattention.output.dense": (768, 768)})
             norms.append("crossattention.output.LayerNorm")
         if instruct:
             linears.update({"intermediate.dense": (3072, 768), "output.dense": (768, 3072)})
@@ -186,25 +187,58 @@ def lavis_stage2_layout(proj: str, out_dim: int, instruct: bool = False) -> dict
     return sd
 
 
-@pytest.mark.parametrize("proj,dim,instruct,arch", [
-    ("opt_proj", 2560, False, "blip2_vitg_opt2.7b"), ("opt_proj", 4096, False, "blip2_vitg_opt6.7b"),
-    ("t5_proj", 2048, False, "blip2_vitg_flant5xl"), ("t5_proj", 2048, True, "instructblip_flant5xl"),
-    ("llm_proj", 4096, True, "instructblip_vicuna7b")])
-def test_real_size_lavis_layouts(proj, dim, instruct, arch):
+@pytest.mark.parametrize("proj,dim,instruct,image_width,arch", [
+    ("opt_proj", 2560, False, 1408, "blip2_vitg_opt2.7b"), ("opt_proj", 4096, False, 1408, "blip2_vitg_opt6.7b"),
+    ("t5_proj", 2048, False, 1408, "blip2_vitg_flant5xl"), ("t5_proj", 2048, True, 1408, "instructblip_flant5xl"),
+    ("t5_proj", 4096, False, 1408, "blip2_vitg_flant5xxl"), ("llm_proj", 4096, True, 1408, "instructblip_vicuna7b"),
+    ("t5_proj", 2048, False, 1024, "blip2_vitL_flant5xl")])   # blip2_pretrained_flant5xl_vitL.pth: CLIP ViT-L
+def test_real_size_lavis_layouts(proj, dim, instruct, image_width, arch):
     from blip.convert.blip2_lavis import guess_llm_arch as guess_arch, lavis_llm_to_ours as lavis_to_ours
     from blip.models.blip2_llm import create
-    sd = lavis_stage2_layout(proj, dim, instruct)
-    assert guess_arch(sd) == (arch, "instruct" if instruct else "stage2")
+    sd = lavis_stage2_layout(proj, dim, instruct, image_width)
+    task = "instruct" if instruct else "stage2"
+    assert guess_arch(sd) == (arch, task)
+    # a subset without ln_vision (e.g. a Q-Former-only export): the cross-attention keys tell the ViT
+    assert guess_arch({k: v for k, v in sd.items() if not k.startswith("ln_vision.")}) == (arch, task)
     llm = (dict(model_type="t5", d_model=dim, num_layers=1, num_heads=2, d_kv=8, d_ff=16, vocab_size=8)
            if proj == "t5_proj" else dict(model_type="llama", hidden_size=dim, num_hidden_layers=1,
                                           num_attention_heads=2, intermediate_size=16, vocab_size=8))
     with torch.device("meta"):
-        model = create(arch, "instruct" if instruct else "stage2", llm=llm)
+        model = create(arch, task, llm=llm)
     out, used = lavis_to_ours(sd)
     assert used == set(sd)
     own = {k: v for k, v in model.state_dict().items() if not k.startswith(("llm.", "image_encoder.visual_encoder."))}
     assert set(out) == set(own)
     assert all(out[k].shape == own[k].shape for k in own)
+
+
+def test_the_vit_l_arch_has_lavis_clip_vit_l():
+    """LAVIS's clip_L: OpenAI CLIP ViT-L/14 at 224 px without its last block (23 of 24) and without ln_post, then
+    ln_vision over its 1024 features (LAVIS ``create_clip_vit_L`` + ``LayerNorm(visual_encoder.num_features)``)."""
+    from blip.models.blip2_llm import create
+    with torch.device("meta"):
+        model = create("blip2_vitL_flant5xl", "stage2", llm=dict(model_type="t5", d_model=2048, num_layers=1,
+                                                                 num_heads=2, d_kv=8, d_ff=16, vocab_size=8))
+    vit = model.config.vision
+    assert (vit.width, vit.depth, vit.heads, vit.patch_size, vit.image_size) == (1024, 23, 16, 14, 224)
+    assert len(model.image_encoder.visual_encoder.blocks) == 23
+    assert model.image_encoder.ln_vision.weight.shape == (1024,)
+    from blip.checkpoints import CheckpointError
+    from blip.convert.blip2_parts import add_vision_weights
+    hint = r"vitL\.pth has no visual_encoder.*=<clip_vit_L\.pth> \(or the zoo name 'blip2-clip-vit-l'\)"
+    with pytest.raises(CheckpointError, match=hint):
+        add_vision_weights({}, None, vit, "blip2_pretrained_flant5xl_vitL.pth")   # LAVIS saved it without the ViT
+
+
+def test_an_unknown_image_width_asks_for_the_arch(tmp_path):
+    """A projection to FlanT5-XL's width over image features no known ViT gives (1280): refused, naming the width."""
+    from blip.checkpoints import CheckpointError
+    sd = {"query_tokens": torch.zeros(1, 32, 768), "ln_vision.weight": torch.ones(1280),
+          "ln_vision.bias": torch.zeros(1280), "t5_proj.weight": torch.zeros(2048, 768, dtype=torch.float16),
+          "t5_proj.bias": torch.zeros(2048)}
+    torch.save({"model": sd}, tmp_path / "odd_vit.pth")
+    with pytest.raises(CheckpointError, match=r"odd_vit\.pth.*image features of width 1280\): pass arch="):
+        blip.load(tmp_path / "odd_vit.pth", llm=LAVIS / "blip2_t5" / "t5_llm")
 
 
 def test_captions_from_the_raw_png_files(opt, t5):

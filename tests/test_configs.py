@@ -136,3 +136,25 @@ def test_uniform_itm_negatives_only_in_the_tiny_default():
         if name != "blip2_tiny_qformer":
             objective = compose_cfg(["stage=1", f"model={name}"]).model.objective
             assert objective.get("uniform_negative_epochs", 0.0) == 0.0, name
+
+
+@pytest.mark.parametrize("option", [o for o in options("model") if OmegaConf.load(CONFIGS / "model" / f"{o}.yaml")
+                                    .get("stage1_arch")])
+def test_stage2_models_take_the_vit_and_qformer_of_their_stage1_arch(option):
+    """stage 2 starts from a stage-1 run of ``stage1_arch`` (init_from): every ViT / Q-Former weight of the stage-2
+    model is in that run's model with its shape; ``vision_init`` names the frozen ViT file of that same arch."""
+    import torch
+
+    from blip.models.blip2_llm import create
+    from blip.models.blip2_qformer import Blip2Qformer
+    from blip.models.blip2 import QFORMER_ARCHS
+    from blip.zoo import PRETRAINED
+    model_cfg = OmegaConf.load(CONFIGS / "model" / f"{option}.yaml")
+    tiny_llm = dict(model_type="t5", d_model=8, num_layers=1, num_heads=2, d_kv=4, d_ff=8, vocab_size=8)
+    with torch.device("meta"):
+        stage1 = Blip2Qformer(QFORMER_ARCHS[model_cfg.stage1_arch]).state_dict()
+        stage2 = create(model_cfg.arch, model_cfg.task, llm=tiny_llm).state_dict()
+    handed_off = {k: v.shape for k, v in stage2.items() if k.startswith(("image_encoder.", "qformer."))}
+    assert handed_off and all(k in stage1 and stage1[k].shape == shape for k, shape in handed_off.items())
+    if model_cfg.vision_init in PRETRAINED:
+        assert PRETRAINED[model_cfg.vision_init].arch == model_cfg.stage1_arch

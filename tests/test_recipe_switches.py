@@ -122,6 +122,10 @@ VARIANTS = [
     (["stage=2", "data=blip2_pretrain", "trainer=blip2_stage2"],   # BLIP-2 paper §3.4: 1520 for FlanT5
      "model=blip2_vitg_flant5xl trainer.batch_size=95",
      {"model.arch": "blip2_vitg_flant5xl", "trainer.batch_size": 95, "trainer.max_steps": 80000}),
+    (["stage=2", "data=blip2_pretrain", "trainer=blip2_stage2"],   # the paper's ViT-L FlanT5-XL: ViT-L stage 1 first
+     "model=blip2_vitL_flant5xl trainer.batch_size=95",
+     {"model.arch": "blip2_vitL_flant5xl", "model.vision_init": "blip2-clip-vit-l", "trainer.batch_size": 95,
+      "init_from": "latest:stage1_blip2_vitL_qformer_blip2_pretrain"}),
 ]
 
 

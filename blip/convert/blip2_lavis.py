@@ -11,7 +11,8 @@ Where each part comes from (``model.load_report.origins``):
 our prefix                         LAVIS ``.pth``
 =================================  ================================================================================
 ``image_encoder.visual_encoder``   the file's ``visual_encoder.*`` (full / fine-tuned checkpoints); else the
-                                   ``vision_weights=`` file (``eva_vit_g.pth``): trainable-only files lack it
+                                   ``vision_weights=`` file (``eva_vit_g.pth``, ViT-L: ``clip_vit_L.pth``):
+                                   trainable-only files lack it
 ``image_encoder.ln_vision``        ``ln_vision.*``
 ``qformer``                        ``query_tokens`` + ``Qformer.bert.*``
 ``lm_head`` (stage 1)              ``Qformer.cls.predictions.*``
@@ -34,6 +35,7 @@ from ..checkpoints import CheckpointError, StateDict, load_into
 from ..models import blip2_llm
 from ..models.blip2 import LLM_ARCHS, llm_arch_of_sizes, qformer_arch_config, qformer_arch_of_widths
 from ..models.blip2_qformer import Blip2Qformer
+from ..models.qformer import CLIP_VIT_L, EVA_VIT_G
 from .bert import ours_to_bert
 from .blip2_parts import (LAVIS_ALWAYS_UNUSED, add_vision_weights, lavis_lm_head_to_ours, lavis_qformer_to_ours,
                           lavis_vision_to_ours, load_parts, vision_for_grid)
@@ -152,8 +154,18 @@ def lavis_llm_task(sd: StateDict) -> str:
     return "instruct" if "Qformer.bert.embeddings.word_embeddings.weight" in sd else "stage2"
 
 
-def guess_llm_arch(sd: StateDict) -> tuple[str, str]:
-    """(arch, task) of a LAVIS LLM checkpoint from its key names and shapes."""
+def lavis_image_width(sd: StateDict) -> int | None:
+    """Width of the image features the Q-Former reads (1408: EVA ViT-g, 1024: CLIP ViT-L): ``ln_vision`` normalises
+    them and the cross-attention keys [768, width] project them; None when the file has neither."""
+    if "ln_vision.weight" in sd:
+        return sd["ln_vision.weight"].shape[0]
+    keys = [v for k, v in sd.items() if k.startswith("Qformer.") and k.endswith("crossattention.self.key.weight")]
+    return keys[0].shape[1] if keys else None
+
+
+def guess_llm_arch(sd: StateDict, source: str = "this checkpoint") -> tuple[str, str]:
+    """(arch, task) of a LAVIS LLM checkpoint from its key names and shapes: the LLM's prefix, the width the projection
+    maps to, and the width of the image features (which ViT). source: the file, named in the error."""
     name, task = _llm_name(sd), lavis_llm_task(sd)
     instruct = task == "instruct"
     proj = sd.get(f"{name}_proj.weight")
@@ -162,13 +174,16 @@ def guess_llm_arch(sd: StateDict) -> tuple[str, str]:
         sized = llm_arch_of_sizes({"llm": "llama"}.get(name, name), proj.shape[1], out)
         if sized is not None:
             return sized, task
-    table = {("opt", 2560): "blip2_vitg_opt2.7b", ("opt", 4096): "blip2_vitg_opt6.7b",
-             ("t5", 2048): "instructblip_flant5xl" if instruct else "blip2_vitg_flant5xl",
-             ("t5", 4096): "blip2_vitg_flant5xxl", ("llm", 4096): "instructblip_vicuna7b"}
-    if (name, out) not in table:
-        raise CheckpointError(f"cannot tell the architecture of this {name} checkpoint (projection to {out}): "
-                              "pass arch=")
-    return table[name, out], task
+    image = lavis_image_width(sd)
+    vit_g, vit_l = EVA_VIT_G.width, CLIP_VIT_L.width
+    table = {("opt", 2560, vit_g): "blip2_vitg_opt2.7b", ("opt", 4096, vit_g): "blip2_vitg_opt6.7b",
+             ("t5", 2048, vit_g): "instructblip_flant5xl" if instruct else "blip2_vitg_flant5xl",
+             ("t5", 2048, vit_l): "blip2_vitL_flant5xl", ("t5", 4096, vit_g): "blip2_vitg_flant5xxl",
+             ("llm", 4096, vit_g): "instructblip_vicuna7b"}
+    if (name, out, image) not in table:
+        raise CheckpointError(f"cannot tell the architecture of {source} ({name} projection to {out}, image features "
+                              f"of width {image}): pass arch=")
+    return table[name, out, image], task
 
 
 def lavis_llm_to_ours(sd: StateDict) -> tuple[StateDict, set[str]]:
@@ -191,10 +206,11 @@ def load_lavis_llm(sd: StateDict, source: str, arch: str | None = None, task: st
     """A LAVIS BLIP-2 LLM / InstructBLIP checkpoint -> model.
 
     llm: the HF directory of the frozen LLM (weights unless the file carries them, config, tokenizer).
-    vision_weights: the frozen EVA file (``eva_vit_g.pth``) when the file has no ``visual_encoder.*`` keys.
+    vision_weights: the frozen ViT file (``eva_vit_g.pth``; ViT-L archs: ``clip_vit_L.pth``) when the file has no
+    ``visual_encoder.*`` keys.
     overrides: :class:`blip.models.blip2.Blip2LLMConfig` fields (e.g. ``frozen_dtype="bf16"``).
     """
-    arch, task = arch or guess_llm_arch(sd)[0], task or lavis_llm_task(sd)
+    arch, task = arch or guess_llm_arch(sd, source)[0], task or lavis_llm_task(sd)
     name = _llm_name(sd)
     llm_keys = [k for k in sd if k.startswith(f"{name}_model.")]
     has_llm = any(k[len(name) + 7:] not in LLM_TIED_ALIASES for k in llm_keys)

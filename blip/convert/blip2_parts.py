@@ -73,12 +73,15 @@ def add_vision_weights(out: StateDict, vision_weights: str | Path | StateDict | 
 
     vision_weights: ``eva_vit_g.pth`` / ``clip_vit_L.pth`` (a path, a ``blip.zoo`` name such as "blip2-eva-vit-g", or
     the state dict itself). LAVIS saves only trainable parameters, so its files lack the frozen ViT."""
+    from ..zoo import PRETRAINED, resolve
     if vision_weights is None:
+        from ..models.blip2 import QFORMER_ARCHS
+        same_vit = {arch for arch, cfg in QFORMER_ARCHS.items() if cfg.vision.width == vision.width}
+        files = [f"<{e.url.rsplit('/', 1)[-1]}> (or the zoo name '{name}')" for name, e in PRETRAINED.items()
+                 if e.task == "vision" and e.arch in same_vit]
         raise CheckpointError(f"{source} has no visual_encoder.* weights (LAVIS saves only trainable parameters "
-                              "and the ViT is frozen): pass vision_weights=<eva_vit_g.pth> (or the zoo name "
-                              "'blip2-eva-vit-g')")
+                              f"and the ViT is frozen): pass vision_weights={' or '.join(files) or '<its ViT file>'}")
     if isinstance(vision_weights, str) and not Path(vision_weights).exists():
-        from ..zoo import PRETRAINED, resolve
         if vision_weights in PRETRAINED:   # e.g. "blip2-eva-vit-g" under $BLIP_HOME
             vision_weights = resolve(vision_weights)
     sd = vision_weights if isinstance(vision_weights, dict) else read_state_dict(vision_weights)

@@ -61,11 +61,16 @@ def qformer_arch_config(arch: str, **overrides) -> Blip2QformerConfig:
     return dataclasses.replace(cfg, **overrides)
 
 
+def _llm_qformer(image_width: int = EVA_VIT_G.width) -> QFormerConfig:
+    """The bert-base Q-Former of the real-size LLM archs on image features of this width: stage 1's without its text
+    parts (word embeddings, text FFN), which stage-2 models do not use."""
+    return QFormerConfig(qformer_config(image_width, word_embeddings=False, text_ffn=False))
+
+
 @dataclass
 class Blip2LLMConfig:
     vision: VisionConfig = field(default_factory=lambda: EVA_VIT_G)
-    qformer: QFormerConfig = field(default_factory=lambda: QFormerConfig(qformer_config(
-        word_embeddings=False, text_ffn=False)))
+    qformer: QFormerConfig = field(default_factory=_llm_qformer)
     llm: str | Path | dict | PretrainedConfig | None = None  # HF directory (real archs: llm=...) or a config
     llm_overrides: dict = field(default_factory=dict)  # e.g. LAVIS FlanT5: {"dense_act_fn": "gelu"}
     tokenizer: str | Path | None = None   # LLM tokenizer directory (default: ``llm`` when it is a directory)
@@ -102,6 +107,8 @@ LLM_ARCHS: dict[str, Blip2LLMConfig] = {
     "blip2_vitg_opt6.7b": Blip2LLMConfig(eos="\n"),
     "blip2_vitg_flant5xl": Blip2LLMConfig(llm_overrides=_T5_GELU),
     "blip2_vitg_flant5xxl": Blip2LLMConfig(llm_overrides=_T5_GELU),
+    # the paper's ViT-L row: LAVIS's CLIP ViT-L/14 (the stage-1 blip2_vitL_qformer's) under the Q-Former
+    "blip2_vitL_flant5xl": Blip2LLMConfig(CLIP_VIT_L, _llm_qformer(CLIP_VIT_L.width), llm_overrides=_T5_GELU),
     "instructblip_vicuna7b": Blip2LLMConfig(),
     "instructblip_flant5xl": Blip2LLMConfig(llm_overrides=_T5_GELU),
     "blip2_tiny_opt": Blip2LLMConfig(TINY_VISION, _tiny_llm_qformer(), llm=TINY_OPT, eos="\n"),
