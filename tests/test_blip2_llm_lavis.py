@@ -239,6 +239,11 @@ def test_an_unknown_image_width_asks_for_the_arch(tmp_path):
     torch.save({"model": sd}, tmp_path / "odd_vit.pth")
     with pytest.raises(CheckpointError, match=r"odd_vit\.pth.*image features of width 1280\): pass arch="):
         blip.load(tmp_path / "odd_vit.pth", llm=LAVIS / "blip2_t5" / "t5_llm")
+    stage1 = {k: v for k, v in sd.items() if not k.startswith("t5_")}   # the same widths in a stage-1 file
+    torch.save({"model": stage1}, tmp_path / "odd_stage1.pth")
+    with pytest.raises(CheckpointError, match=r"odd_stage1\.pth: a Q-Former of width 768 on image features of width "
+                                              r"1280; pass arch="):
+        blip.load(tmp_path / "odd_stage1.pth")
 
 
 def test_captions_from_the_raw_png_files(opt, t5):

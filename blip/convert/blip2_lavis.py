@@ -43,15 +43,15 @@ from .blip2_parts import (LAVIS_ALWAYS_UNUSED, add_vision_weights, lavis_lm_head
 LAVIS_HEADS = ("vision_proj.", "text_proj.", "itm_head.")
 
 
-def guess_qformer_arch(sd: StateDict) -> str:
-    """Stage-1 arch from the widths of ``query_tokens`` and ``ln_vision``."""
+def guess_qformer_arch(sd: StateDict, source: str = "this checkpoint") -> str:
+    """Stage-1 arch from the widths of ``query_tokens`` and ``ln_vision``. source: the file, named in the error."""
     if "query_tokens" not in sd or "ln_vision.weight" not in sd:
-        raise CheckpointError("not a LAVIS BLIP-2 stage-1 checkpoint: no query_tokens / ln_vision.weight")
+        raise CheckpointError(f"{source} is not a LAVIS BLIP-2 stage-1 checkpoint: no query_tokens / ln_vision.weight")
     key = (sd["query_tokens"].shape[-1], sd["ln_vision.weight"].shape[0])
     arch = qformer_arch_of_widths(*key)
     if arch is None:
-        raise CheckpointError(f"cannot tell the arch of a Q-Former of width {key[0]} on image features of width "
-                              f"{key[1]}; pass arch=")
+        raise CheckpointError(f"cannot tell the arch of {source}: a Q-Former of width {key[0]} on image features of "
+                              f"width {key[1]}; pass arch=")
     return arch
 
 
@@ -80,7 +80,7 @@ def load_lavis_stage1(sd: StateDict, source: str, arch: str | None = None,
     (``freeze_vit``, ``vit_dtype``...).
     """
     out, used = lavis_stage1_to_ours(sd)
-    cfg = qformer_arch_config(arch or guess_qformer_arch(sd), **overrides)
+    cfg = qformer_arch_config(arch or guess_qformer_arch(sd, source), **overrides)
     cfg = replace(cfg, vision=vision_for_grid(cfg.vision, out.get("image_encoder.visual_encoder.pos_embed")))
     model = Blip2Qformer(cfg)
     parts = ("image_encoder.ln_vision", "qformer", "lm_head", "vision_proj", "text_proj", "itm_head", "temp")
