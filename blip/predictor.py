@@ -83,9 +83,9 @@ class Decoding:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def question_prompt(question: str, context: str | None = None, template: str = "Question: {} Answer:") -> str:
+def question_prompt(question: str, context: str | None = None, template: str | None = None) -> str:
     """The hosted BLIP-2 prompt: ``"[context ]Question: {question} Answer:"``; ``template``: a VQA run's own."""
-    prompt = template.format(question)
+    prompt = (template or "Question: {} Answer:").format(question)
     return f"{context.strip()} {prompt}" if context and context.strip() else prompt
 
 
@@ -97,8 +97,7 @@ class Predictor:
         self.family = family_of(model)
         self.llm = self.family == Family.BLIP2_LLM
         # a VQA run recorded the question template it trained with; other models take the hosted one
-        recorded = getattr(getattr(model, "config", None), "question_prompt", None) if self.llm else None
-        self.template = {"template": recorded} if recorded else {}
+        self.question_template = model.config.question_prompt if self.llm else None
 
     # ---- what the model can do ----------------------------------------------------------------------------------
     @property
@@ -136,7 +135,7 @@ class Predictor:
         if task == "caption":
             prompt = d.prompt or ""
         else:
-            prompt = question_prompt(question or "", context, **self.template) if self.llm else (question or "")
+            prompt = question_prompt(question or "", context, self.question_template) if self.llm else (question or "")
         try:
             self.model.check_generation_length([prompt], d.max_new_tokens)
         except ValueError as e:
@@ -222,7 +221,7 @@ class Predictor:
         gen = self._generation(decoding, "answer", seeds, pixels.shape[0])
         if self.llm:
             contexts = contexts or [None] * len(questions)
-            prompts = [question_prompt(q, c, **self.template) for q, c in zip(questions, contexts)]
+            prompts = [question_prompt(q, c, self.question_template) for q, c in zip(questions, contexts)]
             return self.model.complete(self._pixels(pixels), prompts, **gen)
         # padded question positions masked: each answer is what the question alone gives, whatever its batch
         return self.model.answer(self._pixels(pixels), list(questions), num_beams=gen["num_beams"],

@@ -12,6 +12,7 @@ from typing import Sequence
 
 from torch import Tensor
 
+from .blip2 import LAVIS_QUESTION_PROMPT
 from .strings import Images, cached, image_batch, search_options
 
 
@@ -127,6 +128,11 @@ class LanguageInterface:
         defaults = self.caption_defaults()
         return self.complete(images, [prompt], **{**defaults, **search_options(gen, defaults["num_beams"])})
 
+    @property
+    def question_template(self) -> str:
+        """The VQA template: the one a VQA run trained with (``config.question_prompt``), else LAVIS's."""
+        return self.config.question_prompt or LAVIS_QUESTION_PROMPT
+
     def answer(self, images: Images, questions: str | Sequence[str], prompt: str | None = None,
                *, num_beams: int | None = None, max_new_tokens: int = 10, min_new_tokens: int | None = None,
                length_penalty: float | None = None, **gen) -> list[str]:
@@ -135,9 +141,7 @@ class LanguageInterface:
         "Question: {} Short answer:"), 5 beams (one when sampling), 10 new tokens; OPT: length penalty 0, at least 1
         new token; T5: length penalty -1, min_length 1 counting the decoder start (0 new tokens)."""
         from ..data.text import pre_question
-        from .blip2 import LAVIS_QUESTION_PROMPT
-        if prompt is None:
-            prompt = self.config.question_prompt or LAVIS_QUESTION_PROMPT
+        prompt = self.question_template if prompt is None else prompt
         questions = [questions] if isinstance(questions, str) else list(questions)
         if min_new_tokens is None:
             min_new_tokens = 0 if self.is_seq2seq else 1

@@ -30,7 +30,6 @@ from torch import Tensor, nn
 
 from ..data.text import answer_weights
 from ..losses import lm_loss
-from ..models.blip2 import LAVIS_QUESTION_PROMPT
 from ..models.frozen_llm import align_padding
 from ..models.structure import DeclaredLayers
 from .prefix_lm import pad_rows, prefix_lm_batch, split_point, text_pair_batch
@@ -52,7 +51,6 @@ class Blip2Stage2Objective(DeclaredLayers, nn.Module):
         self.prompt = prompt
         self.max_txt_len = max_txt_len
         self.max_output_len = max_output_len or max_txt_len   # text_output tokens (LAVIS max_output_txt_len)
-        self.question_prompt = question_prompt or model.config.question_prompt or LAVIS_QUESTION_PROMPT
         self.generator = generator
         self.bos_target = bos_target   # LAVIS: without a prompt, the last query position predicts the bos
         model.config.prompt = prompt   # the model captions with the prompt it is trained with (its run records it)
@@ -173,7 +171,7 @@ class Blip2Stage2Objective(DeclaredLayers, nn.Module):
         if len(counts) != len(batch["text"]) or [len(w) for w in weights] != counts:
             raise ValueError(f"VQA batch: {len(batch['text'])} questions, answers per question {counts}, weights per "
                              f"question {[len(w) for w in weights]}: each question needs its answers and weights")
-        questions = [self.question_prompt.format(q) for q in batch["text"]]
+        questions = [self.model.question_template.format(q) for q in batch["text"]]
         inputs = [q for q, n in zip(questions, counts) for _ in range(n)]
         outputs = [a for group in answers for a in group]
         if self.model.is_seq2seq:
